@@ -1,0 +1,30 @@
+"""Strict JAX settings and shared fixtures for the whole suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Implicit rank promotion hides shape bugs (a (N,) bias added to (N, 1)); make it an error.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Compilation makes the first example of a property slow; deadlines would be flaky.
+settings.register_profile(
+    "ci", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", deadline=None, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset_BUSI_with_GT"
+
+
+@pytest.fixture(scope="session")
+def shared_busi() -> Path:
+    """The shared BUSI folder beside the checkout; the test using it is skipped if absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared BUSI data not found at {SHARED_DATA}")
+    return SHARED_DATA

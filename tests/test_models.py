@@ -1,0 +1,245 @@
+"""The U-Net family: presets, shapes, parameter counts, input-size rules, train/eval modes."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax.cli import main
+from unet_jax.models import PRESETS, UNet, create_unet, nearest_valid_sizes, unet_output_size
+from unet_jax.summary import summarize
+
+
+def count(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def abstract_variables(model: UNet, size: int):
+    x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def closed_form_params(features, depth, convs, k, up_k, c_in, classes, bias, batch_norm):
+    """Trainable and non-trainable counts from the layer widths alone.
+
+    conv: k*k*c_in*c_out (+ c_out bias); batch norm: scale and offset trainable, running
+    mean and variance not; up-convolution: up_k*up_k*c_in*c_out + c_out.
+    """
+    trainable = non_trainable = 0
+
+    def block(c_in, c_out):
+        nonlocal trainable, non_trainable
+        for i in range(convs):
+            trainable += k * k * (c_in if i == 0 else c_out) * c_out + (c_out if bias else 0)
+            if batch_norm:
+                trainable += 2 * c_out
+                non_trainable += 2 * c_out
+
+    widths = [features * 2**level for level in range(depth + 1)]
+    previous = c_in
+    for w in widths:  # encoder blocks, then the bottleneck
+        block(previous, w)
+        previous = w
+    for w in reversed(widths[:-1]):
+        trainable += up_k * up_k * previous * w + w  # up-convolution halves the channels
+        block(2 * w, w)  # after concatenation with the skip
+        previous = w
+    trainable += previous * classes + classes  # 1x1 head
+    return trainable, non_trainable
+
+
+# --------------------------------------------------------------------------------------
+# Pinned parameter counts
+# --------------------------------------------------------------------------------------
+def test_seed_preset_reproduces_the_keras_counts():
+    # model.summary() of the report's notebook: 3,145,361 trainable, 4,416 non-trainable.
+    variables = abstract_variables(create_unet("seed"), 256)
+    assert count(variables["params"]) == 3_145_361
+    assert count(variables["batch_stats"]) == 4_416
+    assert closed_form_params(16, 4, 3, 3, 3, 3, 1, True, True) == (3_145_361, 4_416)
+
+
+def test_ronneberger_preset_counts():
+    variables = abstract_variables(create_unet("ronneberger"), 572)
+    assert count(variables["params"]) == 31_030_658
+    assert set(variables) == {"params"}  # no batch norm in 2015
+    assert closed_form_params(64, 4, 2, 3, 2, 1, 2, True, False) == (31_030_658, 0)
+
+
+def test_padded_preset_counts():
+    variables = abstract_variables(create_unet("padded"), 256)
+    assert count(variables["params"]) == 31_036_481
+    assert count(variables["batch_stats"]) == 11_776
+    assert closed_form_params(64, 4, 2, 3, 2, 1, 1, False, True) == (31_036_481, 11_776)
+
+
+# --------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------
+def test_ronneberger_has_23_conv_layers_and_maps_572_to_388():
+    summary = summarize("ronneberger", size=(572, 572))
+    assert summary.conv_layers == 23  # 18 3x3 + 4 up-convolutions + the 1x1 head
+    assert summary.output_shape == (1, 388, 388, 2)
+    shapes = {row.name: row.output_shape for row in summary.layers}
+    # Figure 1 of Ronneberger et al.: 568 after the first block, 28x28x1024 at the bottom,
+    # 56x56x512 after the first up-convolution (cropped skip 64 -> 56).
+    assert shapes["enc1/conv2"] == (1, 568, 568, 64)
+    assert shapes["bottleneck/conv2"] == (1, 28, 28, 1024)
+    assert shapes["up4"] == (1, 56, 56, 512)
+    assert shapes["concat4"] == (1, 56, 56, 1024)
+
+
+@pytest.mark.parametrize(
+    "preset, size, expected",
+    [("ronneberger", 572, 388), ("ronneberger", 252, 68), ("seed", 256, 256), ("seed", 128, 128),
+     ("padded", 256, 256), ("padded", 96, 96)],
+)
+def test_preset_output_shapes(preset, size, expected):
+    model = create_unet(preset)
+    x = jax.ShapeDtypeStruct((2, size, size, model.in_channels), jnp.float32)
+    variables = abstract_variables(model, size)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+    assert out.shape == (2, expected, expected, model.num_classes)
+    assert out.dtype == jnp.float32
+    assert unet_output_size(size, **model._size_spec()) == expected
+
+
+def test_valid_mode_forward_crops_skips_and_computes():
+    # A narrow 2015 network run for real: 188 -> 4 (every valid input loses 184 pixels).
+    model = create_unet("ronneberger", features=2)
+    x = jax.random.normal(jax.random.key(0), (1, 188, 188, 1))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    y = jax.jit(model.apply)(variables, x)
+    assert y.shape == (1, 4, 4, 2)
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_non_square_inputs():
+    model = create_unet("seed", features=4)
+    x = jnp.ones((1, 32, 64, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert model.apply(variables, x).shape == (1, 32, 64, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Input-size rules
+# --------------------------------------------------------------------------------------
+def test_same_mode_refuses_sizes_not_divisible_by_2_to_the_depth():
+    model = create_unet("seed")
+    with pytest.raises(ValueError, match=r"input size 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
+        model.init(jax.random.key(0), jnp.ones((1, 250, 256, 3)))
+
+
+def test_valid_mode_refuses_sizes_that_do_not_pool_evenly():
+    spec = create_unet("ronneberger")._size_spec()
+    assert nearest_valid_sizes(570, **spec) == (556, 572)
+    with pytest.raises(ValueError, match=r"input size 570 .*VALID mode.*nearest valid sizes: 556 or 572"):
+        unet_output_size(570, **spec)
+    with pytest.raises(ValueError, match=r"input size 100 .*nearest valid sizes: 188"):
+        unet_output_size(100, **spec)  # too small: nothing valid below
+
+
+def test_wrong_input_channels_are_refused():
+    with pytest.raises(ValueError, match=r"input must be \(batch, height, width, 3\), got shape \(1, 32, 32, 1\)"):
+        create_unet("seed").init(jax.random.key(0), jnp.ones((1, 32, 32, 1)))
+
+
+def test_unknown_preset_and_field_are_refused():
+    with pytest.raises(ValueError, match=r"unknown preset 'unet\+\+'; expected one of"):
+        create_unet("unet++")
+    with pytest.raises(ValueError, match=r"unknown UNet field\(s\) \['width'\]"):
+        create_unet("seed", width=3)
+
+
+def test_presets_are_keyword_sets_of_one_definition():
+    fields = set(UNet.__dataclass_fields__)
+    for name, kwargs in PRESETS.items():
+        assert set(kwargs) <= fields, name
+        assert isinstance(create_unet(name), UNet)
+
+
+# --------------------------------------------------------------------------------------
+# Train and eval modes
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_seed():
+    model = create_unet("seed", features=4, depth=2)
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    return model, variables, x
+
+
+def test_train_mode_uses_batch_statistics_and_updates_running_averages(small_seed):
+    model, variables, x = small_seed
+    _, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    before = jax.tree.leaves(variables["batch_stats"])
+    after = jax.tree.leaves(updates["batch_stats"])
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_dropout_needs_a_key_in_training_and_is_off_in_evaluation(small_seed):
+    model, variables, x = small_seed
+
+    def train(key):
+        return model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+
+    assert not np.allclose(train(jax.random.key(3)), train(jax.random.key(4)))
+    np.testing.assert_array_equal(train(jax.random.key(3)), train(jax.random.key(3)))
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_bfloat16_compute_stays_close_to_float32(small_seed):
+    model, variables, x = small_seed
+    y32 = model.apply(variables, x)
+    y16 = model.clone(dtype=jnp.bfloat16).apply(variables, x)
+    assert y16.dtype == jnp.float32  # logits come back in float32
+    scale = float(jnp.max(jnp.abs(y32)))
+    assert float(jnp.max(jnp.abs(y16 - y32))) <= 0.05 * scale
+
+
+def test_jitted_forward_does_not_recompile_for_new_data(small_seed):
+    model, variables, x = small_seed
+    forward = jax.jit(lambda v, x: model.apply(v, x))
+    forward(variables, x).block_until_ready()
+    forward(variables, x + 1.0).block_until_ready()
+    forward(jax.tree.map(lambda a: a * 1.5, variables), x).block_until_ready()
+    assert forward._cache_size() == 1
+
+
+def test_layer_names_are_explicit(small_seed):
+    _, variables, _ = small_seed
+    assert set(variables["params"]) == {"enc1", "enc2", "bottleneck", "up2", "up1", "dec2", "dec1", "head"}
+    assert set(variables["params"]["enc1"]) == {"conv1", "conv2", "conv3", "bn1", "bn2", "bn3"}
+
+
+# --------------------------------------------------------------------------------------
+# `unet-jax summary`
+# --------------------------------------------------------------------------------------
+def test_summary_json(capsys):
+    assert main(["summary", "--preset", "seed", "--size", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output_shape"] == [1, 256, 256, 1]
+    assert report["conv_layers"] == 32  # 9 blocks x 3 convs + 4 up-convolutions + head
+    assert report["trainable_params"] == 3_145_361
+    assert report["non_trainable_params"] == 4_416
+    assert sum(layer["trainable_params"] for layer in report["layers"]) == 3_145_361
+
+
+def test_summary_table_lists_every_layer(capsys):
+    assert main(["summary", "--preset", "ronneberger"]) == 0
+    text = capsys.readouterr().out
+    assert "enc1/conv1 (Conv2D)" in text and "(1, 570, 570, 64)" in text
+    assert "up4 (ConvTranspose2D)" in text
+    assert "Convolutional layers: 23" in text
+    assert "Trainable params: 31,030,658" in text
+
+
+def test_summary_rectangular_and_bad_sizes(capsys):
+    assert main(["summary", "--preset", "padded", "--size", "128", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_shape"] == [1, 128, 64, 1]
+    assert main(["summary", "--preset", "seed", "--size", "250"]) == 2
+    assert "nearest valid sizes: 240 or 256" in capsys.readouterr().err

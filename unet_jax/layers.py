@@ -1,0 +1,381 @@
+"""Convolution, max pooling and transposed convolution written on ``jax.lax`` primitives.
+
+All layers are Flax linen modules working on NHWC arrays (batch, height, width, channels).
+Each layer's output shape equals the report's output-size formula, implemented here as
+plain functions so that tests, the model summary and input-size validation share one
+definition:
+
+* convolution and pooling (report, output-size formula):
+  ``n_out = floor((n + 2p - k) / s) + 1``
+* transposed convolution (report, output-size formula):
+  ``n_out = s (n - 1) + k - 2p (+ output padding)``
+
+With asymmetric padding ``(lo, hi)`` the ``2p`` term reads ``lo + hi``.
+
+Parameter layout follows Flax/TensorFlow: ``kernel`` is ``(kh, kw, in_features,
+out_features)`` and ``bias`` is ``(out_features,)`` for both :class:`Conv2D` and
+:class:`ConvTranspose2D`, so a kernel trained in one convention is readable in the other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+__all__ = [
+    "Padding",
+    "Conv2D",
+    "MaxPool2D",
+    "ConvTranspose2D",
+    "conv_output_size",
+    "pool_output_size",
+    "conv_transpose_output_size",
+    "resolve_padding",
+    "resolve_transpose_padding",
+    "he_normal",
+]
+
+# 'SAME', 'VALID', an int p (p on every side), or explicit ((top, bottom), (left, right)).
+Padding = Union[str, int, Sequence[Sequence[int]]]
+PadPairs = tuple[tuple[int, int], tuple[int, int]]
+Initializer = Callable[..., jax.Array]
+
+# Keras' "he_normal": truncated normal, std sqrt(2 / fan_in) (fan_in = kh * kw * c_in).
+he_normal: Initializer = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+# --------------------------------------------------------------------------------------
+# The report's size formulas
+# --------------------------------------------------------------------------------------
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def conv_output_size(n: int, k: int, s: int = 1, p: int | tuple[int, int] = 0) -> int:
+    """Output length of a convolution: ``floor((n + 2p - k) / s) + 1``.
+
+    The report's output-size formula for a convolution with input length ``n``, kernel
+    ``k``, stride ``s`` and zero padding ``p`` on each side. ``p`` may be a ``(lo, hi)``
+    pair, in which case ``2p`` becomes ``lo + hi``.
+
+    Raises:
+      ValueError: if ``k`` or ``s`` is not positive, or the kernel is larger than the
+        padded input (the formula would give a length below 1).
+    """
+    _check_positive("kernel size", k)
+    _check_positive("stride", s)
+    lo, hi = (p, p) if isinstance(p, (int, np.integer)) else p
+    padded = n + lo + hi
+    if padded < k:
+        raise ValueError(
+            f"kernel size {k} is larger than the padded input {padded} "
+            f"(input {n} + padding {lo}+{hi}); expected kernel size <= {padded}"
+        )
+    return (padded - k) // s + 1
+
+
+def pool_output_size(n: int, k: int, s: int | None = None, p: int | tuple[int, int] = 0) -> int:
+    """Output length of max pooling: the same formula as convolution,
+    ``floor((n + 2p - k) / s) + 1``, with window ``k`` and stride ``s`` (default ``k``)."""
+    return conv_output_size(n, k, k if s is None else s, p)
+
+
+def conv_transpose_output_size(
+    n: int, k: int, s: int = 1, p: int | tuple[int, int] = 0, output_padding: int = 0
+) -> int:
+    """Output length of a transposed convolution: ``s (n - 1) + k - 2p + output_padding``.
+
+    The report's transposed-convolution size formula (with PyTorch's ``output_padding``,
+    extra rows/columns added on the bottom/right, to reach the sizes a strided forward
+    convolution maps onto the same input length). ``p`` may be a ``(lo, hi)`` pair.
+    """
+    _check_positive("kernel size", k)
+    _check_positive("stride", s)
+    if not 0 <= output_padding < s:
+        raise ValueError(
+            f"output_padding must satisfy 0 <= output_padding < stride ({s}), "
+            f"got {output_padding}"
+        )
+    lo, hi = (p, p) if isinstance(p, (int, np.integer)) else p
+    out = s * (n - 1) + k - lo - hi + output_padding
+    if out < 1:
+        raise ValueError(
+            f"padding {lo}+{hi} removes the whole output of a transposed convolution "
+            f"(input {n}, kernel {k}, stride {s}); expected lo + hi < {s * (n - 1) + k}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Padding specifications
+# --------------------------------------------------------------------------------------
+def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    try:
+        a, b = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    return int(a), int(b)
+
+
+def _same_pads(n: int, k: int, s: int) -> tuple[int, int]:
+    # TensorFlow/Keras 'SAME': output ceil(n / s), extra padding at the bottom/right.
+    total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
+def resolve_padding(
+    padding: Padding, spatial: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int]
+) -> PadPairs:
+    """Turn a padding specification into explicit ``((top, bottom), (left, right))`` pairs.
+
+    ``'VALID'`` is no padding; ``'SAME'`` follows TensorFlow (output ``ceil(n / s)``, odd
+    totals put the extra row/column at the bottom/right); an int pads every side.
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return (0, 0), (0, 0)
+        if mode == "SAME":
+            return (
+                _same_pads(spatial[0], kernel[0], strides[0]),
+                _same_pads(spatial[1], kernel[1], strides[1]),
+            )
+        raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        return (int(padding), int(padding)), (int(padding), int(padding))
+    try:
+        rows, cols = padding  # type: ignore[misc]
+        pairs = (_pair("padding", rows), _pair("padding", cols))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
+            f"got {padding!r}"
+        ) from None
+    if min(min(p) for p in pairs) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return pairs
+
+
+def resolve_transpose_padding(
+    padding: Padding, kernel: tuple[int, int], strides: tuple[int, int]
+) -> PadPairs:
+    """Explicit ``((top, bottom), (left, right))`` cropping ``p`` of a transposed convolution.
+
+    ``p`` is the ``p`` of ``s (n - 1) + k - 2p``: rows removed from the full output.
+    ``'VALID'`` is ``p = 0`` (the full output ``s (n - 1) + k``). ``'SAME'`` gives an output
+    of exactly ``s * n`` and places the kernel as TensorFlow/Keras and ``jax.lax
+    .conv_transpose`` do (the adjoint of a 'SAME' strided convolution), so Keras weights
+    give Keras outputs.
+    """
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        pairs = []
+        for k, s in zip(kernel, strides):
+            # Padding of the zero-inserted input, as jax.lax.conv_transpose(..., 'SAME').
+            pad_len = k + s - 2
+            pad_a = k - 1 if s > k - 1 else math.ceil(pad_len / 2)
+            pad_b = pad_len - pad_a
+            pairs.append((k - 1 - pad_a, k - 1 - pad_b))
+        return pairs[0], pairs[1]
+    return resolve_padding(padding, (1, 1), kernel, strides)
+
+
+# --------------------------------------------------------------------------------------
+# Input validation shared by the layers
+# --------------------------------------------------------------------------------------
+def _check_input(layer: str, x: jax.Array, in_features: int | None = None) -> None:
+    if x.ndim != 4:
+        raise ValueError(
+            f"{layer}: input must be rank 4 (batch, height, width, channels), "
+            f"got rank {x.ndim} with shape {tuple(x.shape)}"
+        )
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(
+            f"{layer}: input has {x.shape[-1]} channels (shape {tuple(x.shape)}), "
+            f"expected {in_features}"
+        )
+
+
+def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    pair = _pair(name, value)
+    for v in pair:
+        if v < 1:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+class Conv2D(nn.Module):
+    """2-D convolution (cross-correlation, as in every deep-learning framework).
+
+    ``y[b, i, j, o] = bias[o] + sum_{u, v, c} xpad[b, s_h i + u, s_w j + v, c] kernel[u, v, c, o]``
+
+    the report's convolution sum over the receptive field, for every output channel.
+
+    Shapes: ``(N, H, W, C_in) -> (N, H_out, W_out, features)`` with ``H_out =
+    conv_output_size(H, kh, s_h, (top, bottom))``.
+
+    Attributes:
+      features: output channels.
+      kernel_size: ``k`` or ``(kh, kw)``.
+      strides: ``s`` or ``(s_h, s_w)``, positive.
+      padding: ``'SAME'``, ``'VALID'``, an int, or ``((top, bottom), (left, right))``.
+      use_bias: add a learned bias.
+      in_features: optional expected input channel count (checked at call time).
+      dtype: computation dtype (e.g. ``jnp.bfloat16`` for mixed precision); ``None`` keeps
+        the input's dtype promoted with the parameters'.
+      param_dtype: parameter storage dtype.
+      kernel_init: He-normal by default, as the report's Keras notebook.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    use_bias: bool = True
+    in_features: int | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = he_normal
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input(f"Conv2D {self.name!r}", x, self.in_features)
+        _check_positive("features", self.features)
+        kernel = _tuple2("kernel_size", self.kernel_size)
+        strides = _tuple2("strides", self.strides)
+        pads = resolve_padding(self.padding, x.shape[1:3], kernel, strides)
+        for axis in (0, 1):
+            conv_output_size(x.shape[1 + axis], kernel[axis], strides[axis], pads[axis])
+
+        w = self.param("kernel", self.kernel_init, (*kernel, x.shape[-1], self.features), self.param_dtype)
+        b = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=strides,
+            padding=pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=self.precision,
+        )
+        if b is not None:
+            y = y + b.reshape(1, 1, 1, -1)
+        return y
+
+
+class MaxPool2D(nn.Module):
+    """Max pooling: ``y[b, i, j, c] = max_{u < k_h, v < k_w} xpad[b, s_h i + u, s_w j + v, c]``.
+
+    The report's max over each window. Padding is with ``-inf`` so padded positions never
+    win. Overlapping windows (stride smaller than window) are allowed.
+
+    Shapes: ``(N, H, W, C) -> (N, pool_output_size(H, kh, s_h, p), ..., C)``.
+    """
+
+    window: int | Sequence[int] = 2
+    strides: int | Sequence[int] | None = None
+    padding: Padding = "VALID"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input(f"MaxPool2D {self.name!r}", x)
+        window = _tuple2("window", self.window)
+        strides = window if self.strides is None else _tuple2("strides", self.strides)
+        pads = resolve_padding(self.padding, x.shape[1:3], window, strides)
+        for axis in (0, 1):
+            pool_output_size(x.shape[1 + axis], window[axis], strides[axis], pads[axis])
+        init = jnp.array(-jnp.inf, dtype=x.dtype)
+        return jax.lax.reduce_window(
+            x,
+            init,
+            jax.lax.max,
+            window_dimensions=(1, *window, 1),
+            window_strides=(1, *strides, 1),
+            padding=((0, 0), *pads, (0, 0)),
+        )
+
+
+class ConvTranspose2D(nn.Module):
+    """Transposed convolution by zero insertion, then an ordinary convolution.
+
+    Standard definition (PyTorch's ``ConvTranspose2d``; the adjoint of :class:`Conv2D` for
+    the same kernel with its in/out axes swapped): every input pixel scatters a scaled copy
+    of the kernel into the output,
+
+    ``y[b, s_h i + u - p_top, s_w j + v - p_left, o] += x[b, i, j, c] kernel[u, v, c, o]``.
+
+    Implemented as the report describes: insert ``s - 1`` zeros between input pixels
+    (``lhs_dilation``), pad by ``k - 1 - p`` (plus ``output_padding`` at the bottom/right),
+    and correlate with the spatially flipped kernel.
+
+    Shapes: ``(N, H, W, C_in) -> (N, s (H - 1) + k - p_top - p_bottom + output_padding, ...,
+    features)``.
+
+    Attributes:
+      features: output channels.
+      kernel_size, strides: as :class:`Conv2D`.
+      padding: ``p`` of the size formula: ``'VALID'`` (``p = 0``, full output),
+        ``'SAME'`` (output ``s * n``, placed as Keras/TensorFlow), an int, or pairs.
+      output_padding: extra rows/columns at the bottom/right, ``0 <= op < stride``.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = 2
+    strides: int | Sequence[int] = 2
+    padding: Padding = "VALID"
+    output_padding: int | Sequence[int] = 0
+    use_bias: bool = True
+    in_features: int | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = he_normal
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input(f"ConvTranspose2D {self.name!r}", x, self.in_features)
+        _check_positive("features", self.features)
+        kernel = _tuple2("kernel_size", self.kernel_size)
+        strides = _tuple2("strides", self.strides)
+        out_pad = _pair("output_padding", self.output_padding)
+        crop = resolve_transpose_padding(self.padding, kernel, strides)
+        for axis in (0, 1):
+            conv_transpose_output_size(
+                x.shape[1 + axis], kernel[axis], strides[axis], crop[axis], out_pad[axis]
+            )
+
+        w = self.param("kernel", self.kernel_init, (*kernel, x.shape[-1], self.features), self.param_dtype)
+        b = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
+        # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
+        pads = tuple(
+            (k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad)
+        )
+        y = jax.lax.conv_general_dilated(
+            x,
+            jnp.flip(w, axis=(0, 1)),
+            window_strides=(1, 1),
+            padding=pads,
+            lhs_dilation=strides,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=self.precision,
+        )
+        if b is not None:
+            y = y + b.reshape(1, 1, 1, -1)
+        return y

@@ -1,0 +1,345 @@
+"""The U-Net family (Ronneberger, Fischer and Brox 2015) built from :mod:`unet_jax.layers`.
+
+One configurable :class:`UNet`; the named presets in :data:`PRESETS` are keyword sets for
+it, so every variant shares one definition::
+
+    input ─ enc1 ─ pool1 ─ enc2 ─ ... ─ pool{d} ─ bottleneck ─ up{d} ─ concat{d} ─ dec{d} ─ ... ─ dec1 ─ head
+              └──────────── skip (centre-cropped in VALID mode) ────────────┘
+
+Each block is ``convs_per_block`` x (convolution, optional batch norm, ReLU). Features
+double at every level: ``features * 2**level``; the bottleneck has ``features * 2**depth``.
+Every up-convolution halves the channels back before concatenation with its skip. The
+head is a 1x1 convolution producing **logits** (the project convention: sigmoid/softmax
+only in losses, metrics and prediction).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from unet_jax.layers import (
+    Conv2D,
+    ConvTranspose2D,
+    MaxPool2D,
+    conv_output_size,
+    conv_transpose_output_size,
+    pool_output_size,
+)
+
+__all__ = [
+    "UNet",
+    "ConvBlock",
+    "CropConcat",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "PRESET_SIZES",
+    "create_unet",
+    "unet_output_size",
+    "check_input_size",
+    "nearest_valid_sizes",
+]
+
+
+class ConvBlock(nn.Module):
+    """``num_convs`` x (Conv2D k x k, optional BatchNorm, ReLU): ``(N, H, W, C) -> (N, H', W', features)``.
+
+    ``H' = H`` in ``SAME`` mode and ``H - num_convs * (k - 1)`` in ``VALID`` mode.
+    """
+
+    features: int
+    num_convs: int = 2
+    kernel_size: int = 3
+    padding: Literal["SAME", "VALID"] = "SAME"
+    norm: Literal["batch", "none"] = "batch"
+    use_bias: bool = True
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for i in range(1, self.num_convs + 1):
+            x = Conv2D(
+                self.features,
+                self.kernel_size,
+                padding=self.padding,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"conv{i}",
+            )(x)
+            if self.norm == "batch":
+                x = nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"bn{i}",
+                )(x)
+            x = nn.relu(x)
+        return x
+
+
+class CropConcat(nn.Module):
+    """Centre-crop the skip connection to the up-sampled map, then concatenate channels.
+
+    ``(N, Hs, Ws, Cs), (N, H, W, C) -> (N, H, W, Cs + C)`` with ``Hs >= H``; the crop is
+    the one of Ronneberger et al. (2015, Fig. 1, grey arrows) and a no-op in SAME mode.
+    Channel order is ``[up, skip]``, as the notebook's ``concatenate([u, c])``.
+    """
+
+    @nn.compact
+    def __call__(self, skip: jax.Array, up: jax.Array) -> jax.Array:
+        dh, dw = skip.shape[1] - up.shape[1], skip.shape[2] - up.shape[2]
+        if dh < 0 or dw < 0:
+            raise ValueError(
+                f"CropConcat {self.name!r}: skip {tuple(skip.shape)} is smaller than the "
+                f"up-sampled map {tuple(up.shape)}; expected skip height/width >= up's"
+            )
+        top, left = dh // 2, dw // 2
+        skip = skip[:, top : top + up.shape[1], left : left + up.shape[2], :]
+        return jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+
+
+class UNet(nn.Module):
+    """U-Net: ``(N, H, W, in_channels) -> (N, H_out, W_out, num_classes)`` logits.
+
+    ``H_out = H`` in SAME mode; in VALID mode :func:`unet_output_size` (572 -> 388 for the
+    original network). Input sizes that do not pass every pooling step evenly are refused
+    with a ``ValueError`` naming the nearest valid sizes (:func:`check_input_size`).
+
+    Attributes:
+      features: channels of the first level (doubling at each of the ``depth`` levels).
+      depth: number of 2x2 max-pooling steps (and of up-convolutions).
+      convs_per_block: convolutions in every encoder/decoder/bottleneck block.
+      kernel_size: of those convolutions.
+      padding: ``'SAME'`` (output size = input size) or ``'VALID'`` (unpadded, as 2015).
+      norm: ``'batch'`` (BatchNorm after every convolution) or ``'none'``.
+      dropout_rate: dropout after every pooling and every concatenation (the notebook's
+        placement); 0 disables it.
+      up_kernel: kernel of the stride-2 up-convolutions (2 as in 2015, 3 in the notebook).
+      in_channels: input channels (1 grayscale, 3 RGB).
+      num_classes: output channels (1 logit for binary segmentation).
+      use_bias: bias in the block convolutions (redundant before batch norm).
+      bn_momentum, bn_epsilon: batch-norm running-average momentum and epsilon.
+      dtype: computation dtype (``jnp.bfloat16`` for mixed precision); logits are float32.
+      param_dtype: parameter dtype.
+    """
+
+    features: int = 64
+    depth: int = 4
+    convs_per_block: int = 2
+    kernel_size: int = 3
+    padding: Literal["SAME", "VALID"] = "SAME"
+    norm: Literal["batch", "none"] = "batch"
+    dropout_rate: float = 0.0
+    up_kernel: int = 2
+    in_channels: int = 1
+    num_classes: int = 1
+    use_bias: bool = True
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def _block(self, features: int, name: str) -> ConvBlock:
+        return ConvBlock(
+            features,
+            num_convs=self.convs_per_block,
+            kernel_size=self.kernel_size,
+            padding=self.padding,
+            norm=self.norm,
+            use_bias=self.use_bias,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _dropout(self, x: jax.Array, name: str, train: bool) -> jax.Array:
+        if self.dropout_rate == 0.0:
+            return x
+        return nn.Dropout(self.dropout_rate, deterministic=not train, name=name)(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"UNet: input must be (batch, height, width, {self.in_channels}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        check_input_size(x.shape[1:3], self._size_spec())
+
+        skips = []
+        for level in range(1, self.depth + 1):
+            x = self._block(self.features * 2 ** (level - 1), f"enc{level}")(x, train=train)
+            skips.append(x)
+            x = MaxPool2D(2, name=f"pool{level}")(x)
+            x = self._dropout(x, f"drop_pool{level}", train)
+
+        x = self._block(self.features * 2**self.depth, "bottleneck")(x, train=train)
+
+        for level in range(self.depth, 0, -1):
+            features = self.features * 2 ** (level - 1)
+            x = ConvTranspose2D(
+                features,
+                self.up_kernel,
+                strides=2,
+                padding=self.padding if self.padding == "SAME" else "VALID",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"up{level}",
+            )(x)
+            x = CropConcat(name=f"concat{level}")(skips[level - 1], x)
+            x = self._dropout(x, f"drop_concat{level}", train)
+            x = self._block(features, f"dec{level}")(x, train=train)
+
+        logits = Conv2D(
+            self.num_classes,
+            1,
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="head",
+        )(x)
+        return logits.astype(jnp.float32)
+
+    def _size_spec(self) -> dict[str, Any]:
+        return dict(
+            depth=self.depth,
+            convs_per_block=self.convs_per_block,
+            kernel_size=self.kernel_size,
+            padding=self.padding,
+            up_kernel=self.up_kernel,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Input/output sizes from the layer formulas
+# --------------------------------------------------------------------------------------
+def _trace_size(n: int, depth: int, convs_per_block: int, kernel_size: int, padding: str,
+                up_kernel: int) -> int | None:
+    """Output length for input length ``n``, or ``None`` if ``n`` is not accepted.
+
+    Follows one spatial axis through the network with the report's size formulas.
+    Accepted means: every size stays positive and every pooling input is even (so that
+    pooling and the stride-2 up-convolution invert each other and skips line up).
+    """
+    pad = (kernel_size - 1) // 2 if padding == "SAME" else 0
+    if padding == "SAME" and kernel_size % 2 == 0:
+        return None
+    encoder = []
+    try:
+        for _ in range(depth):
+            for _ in range(convs_per_block):
+                n = conv_output_size(n, kernel_size, 1, pad)
+            if n % 2:
+                return None
+            encoder.append(n)
+            n = pool_output_size(n, 2, 2)
+        for _ in range(convs_per_block):
+            n = conv_output_size(n, kernel_size, 1, pad)
+        for skip in reversed(encoder):
+            if padding == "SAME":
+                n = 2 * n  # 'SAME' transposed convolution: s * n
+            else:
+                n = conv_transpose_output_size(n, up_kernel, 2, 0)
+            if n > skip:
+                return None
+            for _ in range(convs_per_block):
+                n = conv_output_size(n, kernel_size, 1, pad)
+    except ValueError:
+        return None
+    return n
+
+
+def unet_output_size(n: int, **spec: Any) -> int:
+    """Output length of a U-Net for input length ``n`` (``spec``: see :func:`check_input_size`)."""
+    out = _trace_size(n, **spec)
+    if out is None:
+        raise ValueError(_size_message(n, spec))
+    return out
+
+
+def nearest_valid_sizes(n: int, *, search: int = 4096, **spec: Any) -> tuple[int | None, int | None]:
+    """The largest accepted size ``<= n`` and the smallest ``>= n`` (``None`` if none)."""
+    below = next((m for m in range(n, 0, -1) if _trace_size(m, **spec) is not None), None)
+    above = next((m for m in range(max(n, 1), n + search) if _trace_size(m, **spec) is not None), None)
+    return below, above
+
+
+def _size_message(n: int, spec: dict[str, Any]) -> str:
+    below, above = nearest_valid_sizes(n, **spec)
+    nearest = " or ".join(str(m) for m in dict.fromkeys((below, above)) if m is not None)
+    if spec["padding"] == "SAME":
+        rule = f"a multiple of 2**depth = {2 ** spec['depth']}"
+    else:
+        rule = "a size whose every pooling input is even (unpadded convolutions shrink it)"
+    return (
+        f"input size {n} cannot pass the {spec['depth']} pooling steps evenly in "
+        f"{spec['padding']} mode; expected {rule}; nearest valid sizes: {nearest or 'none'}"
+    )
+
+
+def check_input_size(hw: tuple[int, int], spec: dict[str, Any]) -> tuple[int, int]:
+    """Validate an input ``(height, width)`` for a U-Net and return its output size.
+
+    ``spec`` holds ``depth``, ``convs_per_block``, ``kernel_size``, ``padding`` and
+    ``up_kernel``. Raises ``ValueError`` with the nearest valid sizes.
+    """
+    return unet_output_size(int(hw[0]), **spec), unet_output_size(int(hw[1]), **spec)
+
+
+# --------------------------------------------------------------------------------------
+# Presets: keyword sets for the one UNet definition
+# --------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # Ronneberger et al. 2015 as the report's section 2.2.1 describes it: 64..1024
+    # features, unpadded 3x3 convolutions + ReLU, 2x2 max pooling, 2x2 up-convolutions
+    # halving the channels, centre-cropped skips, 1x1 head to the paper's 2 classes:
+    # 18 + 4 + 1 = 23 convolutional layers; 572x572 -> 388x388.
+    "ronneberger": dict(
+        features=64, depth=4, convs_per_block=2, kernel_size=3, padding="VALID",
+        norm="none", dropout_rate=0.0, up_kernel=2, in_channels=1, num_classes=2,
+        use_bias=True,
+    ),
+    # The notebook behind the report's numbers (Keras): 16 base features, three 3x3
+    # 'same' conv + BN + ReLU per block, dropout 0.2 after every pooling and
+    # concatenation, 3x3 stride-2 transposed convolutions, 1x1 sigmoid head, RGB input.
+    # Keras BatchNormalization defaults: momentum 0.99, epsilon 1e-3.
+    "seed": dict(
+        features=16, depth=4, convs_per_block=3, kernel_size=3, padding="SAME",
+        norm="batch", dropout_rate=0.2, up_kernel=3, in_channels=3, num_classes=1,
+        use_bias=True, bn_momentum=0.99, bn_epsilon=1e-3,
+    ),
+    # The common modern variant: 64-wide, 'same' padding, conv(no bias) + BN + ReLU,
+    # 2x2 up-convolutions, grayscale input; PyTorch batch-norm defaults.
+    "padded": dict(
+        features=64, depth=4, convs_per_block=2, kernel_size=3, padding="SAME",
+        norm="batch", dropout_rate=0.0, up_kernel=2, in_channels=1, num_classes=1,
+        use_bias=False, bn_momentum=0.9, bn_epsilon=1e-5,
+    ),
+}
+
+DEFAULT_PRESET = "seed"
+
+# The canonical input size of each preset (height = width).
+PRESET_SIZES: dict[str, int] = {"ronneberger": 572, "seed": 256, "padded": 256}
+
+
+def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
+    """A :class:`UNet` from a named preset, with field overrides (e.g. ``dtype``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    unknown = set(overrides) - set(UNet.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+        raise ValueError(f"unknown UNet field(s) {sorted(unknown)} for preset {preset!r}")
+    return UNet(**{**PRESETS[preset], **overrides})
+
