@@ -35,10 +35,8 @@ def _run_summary(args: argparse.Namespace) -> int:
 
 # ---- data commands (unet_jax.data) -------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    try:
-        from unet_jax.data.cli import add_data_commands
-    except ImportError:  # the data package is being built
-        return
+    from unet_jax.data.cli import add_data_commands
+
     add_data_commands(sub)
 # ---- end data commands -------------------------------------------------------------
 

@@ -1,0 +1,156 @@
+"""A compact, quickly loaded cache of a prepared BUSI dataset (``unet-jax data prepare``).
+
+Layout of the cache folder::
+
+    index.json   ids, labels, original sizes, mask files, hashes, duplicate groups, options
+    arrays.npz   images_delta  uint8 (N, H, W, C): horizontal differences (mod 256) of the
+                               images, which deflate ~25% better than raw speckle
+                 masks_bits    uint8 (N, ceil(H*W/8)): np.packbits of the {0,1} masks
+                 original_bits uint8 (sum_i ceil(H0_i*W0_i/8),): the native-size union masks
+
+For the shared data at 256x256 this is about 25 MB and loads in well under a second. The
+folder is written to a temporary sibling and renamed into place: a reader never sees a
+half-written cache, and a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from unet_jax.data.busi import (CLASSES, BusiDataset, Problem, ProgressFn, ReadOptions,
+                                load_busi)
+from unet_jax.data.splits import DUPLICATE_THRESHOLD, duplicate_groups
+
+__all__ = ["CACHE_FORMAT", "load_cache", "prepare", "save_cache"]
+
+CACHE_FORMAT = "unet_jax.busi_cache"
+CACHE_VERSION = 1
+
+
+def _pack_original(masks: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[int]]:
+    parts = [np.packbits(m.reshape(-1)) for m in masks]
+    offsets = np.cumsum([0] + [p.size for p in parts]).tolist()
+    return (np.concatenate(parts) if parts else np.zeros((0,), np.uint8)), offsets
+
+
+def save_cache(dataset: BusiDataset, out: str | os.PathLike, overwrite: bool = False,
+               threshold: int = DUPLICATE_THRESHOLD) -> Path:
+    """Write ``dataset`` as a cache folder at ``out`` (atomically); returns ``out``.
+
+    Raises ValueError if ``out`` exists and not ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output {str(out)!r} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        _write(dataset, tmp, threshold)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old / "x")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "x", out)  # put the previous cache back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(ds: BusiDataset, folder: Path, threshold: int) -> None:
+    n, h, w, c = ds.images_u8.shape
+    # differences along W (mod 256) are exactly invertible with a uint8 cumsum
+    delta = np.diff(ds.images_u8, axis=2, prepend=np.zeros((n, h, 1, c), np.uint8))
+    masks_bits = np.packbits(ds.masks.reshape(n, h * w).astype(bool), axis=1)
+    original_bits, offsets = _pack_original(ds.original_masks)
+    np.savez_compressed(folder / "arrays.npz", images_delta=delta, masks_bits=masks_bits,
+                        original_bits=original_bits)
+    groups = duplicate_groups(ds.hashes, threshold)
+    index = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "classes": list(CLASSES),
+        "shape": [n, h, w, c], "source": ds.root, "options": ds.options,
+        "ids": list(ds.ids), "labels": [int(x) for x in ds.labels],
+        "original_sizes": ds.original_sizes.tolist(),
+        "original_offsets": offsets if ds.original_masks else None,
+        "mask_files": [list(f) for f in ds.mask_files],
+        "hashes": [f"{int(x):016x}" for x in ds.hashes],
+        "duplicate_threshold": threshold,
+        "duplicate_groups": [[ds.ids[i] for i in g] for g in groups],
+        "skipped": [{"path": p.path, "reason": p.reason} for p in ds.skipped],
+    }
+    (folder / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def load_cache(path: str | os.PathLike, original_masks: bool = True) -> BusiDataset:
+    """Read a cache folder written by :func:`save_cache` / :func:`prepare`.
+
+    original_masks: unpack the native-size masks too (costs ~0.2 s on the shared data).
+    Raises ValueError naming the folder if it is not a readable cache.
+    """
+    path = Path(path)
+    try:
+        index = json.loads((path / "index.json").read_text())
+        with np.load(path / "arrays.npz") as z:
+            delta, masks_bits, original_bits = (z["images_delta"], z["masks_bits"],
+                                                z["original_bits"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable data cache: {err}") from err
+    if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
+        raise ValueError(f"{str(path)!r}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache "
+                         f"(found {index.get('format')!r} v{index.get('version')!r})")
+    n, h, w, c = index["shape"]
+    if delta.shape != (n, h, w, c):
+        raise ValueError(f"{str(path)!r}: images have shape {delta.shape}, index says "
+                         f"{(n, h, w, c)}")
+    images = np.cumsum(delta, axis=2, dtype=np.uint8)
+    masks = np.unpackbits(masks_bits, axis=1, count=h * w).reshape(n, h, w, 1)
+    sizes = np.asarray(index["original_sizes"], dtype=np.int32).reshape(n, 2)
+    originals: tuple[np.ndarray, ...] = ()
+    offsets = index.get("original_offsets")
+    if original_masks and offsets is not None:
+        originals = tuple(
+            np.unpackbits(original_bits[offsets[i]:offsets[i + 1]],
+                          count=int(sizes[i, 0] * sizes[i, 1])).reshape(sizes[i, 0], sizes[i, 1])
+            .astype(bool) for i in range(n))
+    return BusiDataset(
+        root=index["source"], ids=tuple(index["ids"]),
+        labels=np.asarray(index["labels"], dtype=np.int32), images_u8=images, masks=masks,
+        original_sizes=sizes, original_masks=originals,
+        mask_files=tuple(tuple(f) for f in index["mask_files"]),
+        hashes=np.asarray([int(x, 16) for x in index["hashes"]], dtype=np.uint64),
+        skipped=tuple(Problem(p["path"], p["reason"]) for p in index["skipped"]),
+        options=dict(index["options"]))
+
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike,
+            options: ReadOptions = ReadOptions(), overwrite: bool = False,
+            threshold: int = DUPLICATE_THRESHOLD,
+            progress: ProgressFn | None = None) -> BusiDataset:
+    """Read ``source`` (BUSI layout) and write its cache to ``out``; returns the dataset.
+
+    Raises DatasetError (a ValueError) listing every problem unless options.on_error="skip";
+    nothing is written then.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the slow read
+        raise ValueError(f"output {str(out)!r} exists; pass --overwrite to replace it")
+    ds = load_busi(source, options, progress)
+    save_cache(ds, out, overwrite=overwrite, threshold=threshold)
+    return ds
