@@ -7,10 +7,14 @@ Measures (best of --repeats):
   cache_mb       size of the `data prepare` cache at 256x256 (target <= 30 MB)
   cache_load_s   loading that cache, with native-size masks (target < 2 s)
   augment_ms     one on-device sampled + augmented batch (jitted, after warm-up)
-The issue's third target (augmentation adds < 5% to a training step on GPU) is a ratio to
-the training step, which this benchmark does not run; it reports augment_ms alone, on
-whatever backend JAX uses (the JSON records it), and the ratio is computed where a train
-step is timed. Writes benchmarks/results/bench_data_<backend>.json.
+  train_step_*   the third target (device-side augmentation adds < 5% to a training step,
+                 on GPU): one jitted step of the `seed` U-Net (Adam, BCE) with the batch
+                 drawn inside it, once without augmentation (gather + /255 only) and once
+                 with the default AugmentConfig; augment_overhead = with / without - 1.
+                 The step is self-contained here (not unet_jax.train) so the number does not
+                 move with the training code. Default: 20 steps on an accelerator, skipped
+                 on a CPU (seconds per step there); --train-steps N forces it.
+Writes benchmarks/results/bench_data_<backend>.json (backend and device recorded).
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 from unet_jax.data import ReadOptions, load_busi  # noqa: E402
-from unet_jax.data.augment import make_sampler, to_device  # noqa: E402
+from unet_jax.data.augment import AugmentConfig, make_sampler, to_device  # noqa: E402
 from unet_jax.data.cache import load_cache, save_cache  # noqa: E402
+from unet_jax.models import create_unet  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -44,13 +51,58 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def train_step_ms(data, n: int, batch: int, config: AugmentConfig | None, steps: int,
+                  repeats: int) -> float:
+    """Best-of-``repeats`` mean time (ms) of one jitted training step of the `seed` U-Net
+    whose batch is sampled (and, with ``config``, augmented) inside the step."""
+    model = create_unet("seed", in_channels=int(data.images.shape[-1]))
+    sample = make_sampler(batch, n, config)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *data.images.shape[1:]),
+                                                        jnp.float32))
+    tx = optax.adam(1e-3)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    @jax.jit
+    def step(state, key, i):
+        params, stats, opt = state
+        b = sample(data, key, i)
+
+        def loss(p):
+            logits, upd = model.apply({"params": p, "batch_stats": stats}, b.images,
+                                      train=True, mutable=["batch_stats"],
+                                      rngs={"dropout": jax.random.fold_in(key, i)})
+            return optax.sigmoid_binary_cross_entropy(logits, b.masks).mean(), upd
+
+        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), upd["batch_stats"], opt), value
+
+    key = jax.random.key(1)
+    idx = [jax.device_put(jnp.int32(i)) for i in range(steps + 1)]
+    state, v = step(state, key, idx[0])  # compile
+    jax.block_until_ready(v)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in idx[1:]:
+            state, v = step(state, key, i)
+        jax.block_until_ready(v)
+        best = min(best, (time.perf_counter() - t0) / steps * 1e3)
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50, help="timed augmentation batches")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="timed training steps per variant (default: 20 on an accelerator, "
+                         "0 = skipped on a CPU)")
     args = ap.parse_args()
+    if args.train_steps is None:
+        args.train_steps = 0 if jax.default_backend() == "cpu" else 20
 
     read_s, ds = best_of(lambda: load_busi(args.data, ReadOptions()), args.repeats)
     tmp = Path(tempfile.mkdtemp())
@@ -73,6 +125,14 @@ def main() -> int:
     jax.block_until_ready(out)
     augment_ms = (time.perf_counter() - t0) / args.steps * 1e3
 
+    plain_ms = aug_ms = overhead = None
+    if args.train_steps > 0:
+        plain_ms = train_step_ms(data, len(ds), args.batch, None, args.train_steps,
+                                 args.repeats)
+        aug_ms = train_step_ms(data, len(ds), args.batch, AugmentConfig(), args.train_steps,
+                               args.repeats)
+        overhead = aug_ms / plain_ms - 1.0
+
     backend = jax.default_backend()
     result = {
         "benchmark": "bench_data", "images": len(ds), "size": [256, 256],
@@ -81,9 +141,11 @@ def main() -> int:
         "cache_load_s": round(load_s, 3), "cache_load_no_original_masks_s": round(
             load_no_orig_s, 3), "cache_load_target_s": 2.0,
         "augment_ms_per_batch": round(augment_ms, 3), "augment_batch": args.batch,
-        "augment_vs_train_step": None,
-        "augment_vs_train_step_note": "needs the training step's time per batch; not timed "
-                                      "here",
+        "train_step_ms_no_augment": None if plain_ms is None else round(plain_ms, 3),
+        "train_step_ms_augment": None if aug_ms is None else round(aug_ms, 3),
+        "augment_overhead": None if overhead is None else round(overhead, 4),
+        "augment_overhead_target": 0.05, "augment_overhead_target_backend": "gpu",
+        "train_steps": args.train_steps, "train_preset": "seed",
         "backend": backend, "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "jax": jax.__version__, "repeats": args.repeats,
@@ -93,8 +155,13 @@ def main() -> int:
           f"{load_no_orig_s:.2f} s without (target < 2 s)")
     print(f"on-device sample + augment, batch {args.batch} on {backend} "
           f"({result['device']}): {augment_ms:.2f} ms/batch")
-    print("augmentation relative to a training step: needs the training step's time, "
-          "which this benchmark does not run")
+    if overhead is None:
+        print("augmentation vs a training step: skipped (CPU; the target is for GPU; "
+              "--train-steps N forces it)")
+    else:
+        print(f"seed U-Net train step, batch {args.batch}: {plain_ms:.1f} ms without, "
+              f"{aug_ms:.1f} ms with augmentation: +{100 * overhead:.1f}% "
+              f"(target < 5% on GPU; this is {backend})")
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_data_{backend}.json"

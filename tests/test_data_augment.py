@@ -91,6 +91,24 @@ def test_uint8_input_and_photometric(ds):
     assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
 
 
+def test_sampler_refuses_data_of_another_size(ds, device_data):
+    # jax would clamp the out-of-range gather indices: silently repeated examples
+    with pytest.raises(ValueError, match=rf"num_examples={len(ds) + 5} but the data holds "
+                                         rf"{len(ds)}"):
+        make_sampler(4, len(ds) + 5)(device_data, jax.random.key(0), 0)
+
+
+def test_no_host_to_device_copy_per_step(sampler, device_data):
+    # the "no per-step host-to-device copies": with the data, key and step already
+    # on the device, drawing a batch must not move anything from the host
+    key = jax.device_put(jax.random.key(0))
+    steps = [jax.device_put(np.int32(s)) for s in range(3)]
+    sampler(device_data, key, steps[0])  # compile outside the guard
+    with jax.transfer_guard_host_to_device("disallow"):
+        for step in steps:
+            jax.block_until_ready(sampler(device_data, key, step))
+
+
 def test_sampler_validates_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         make_sampler(0, 10)

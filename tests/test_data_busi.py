@@ -60,8 +60,32 @@ def test_union_of_masks_and_original_masks(dataset, phantom):
 
 
 def test_mask_modes_all_binary(phantom):
+    # the phantom writes the three mask encodings of the public files
     modes = {Image.open(p).mode for p in phantom.root.rglob("*_mask*.png")}
     assert modes == {"1", "RGB", "RGBA"}
+
+
+def _encode(mask: np.ndarray, mode: str) -> Image.Image:
+    """``mask`` (bool) as a PNG-mode image: lesion white (or max value) on black."""
+    gray = Image.fromarray(mask.astype(np.uint8) * np.uint8(255), mode="L")
+    if mode == "I;16":
+        return Image.fromarray(mask.astype(np.uint16) * np.uint16(65535))
+    if mode == "P":
+        return gray.convert("P")
+    return gray.convert("1") if mode == "1" else gray.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_read_mask_every_mode_gives_the_same_binary_mask(mode, tmp_path):
+    truth = np.zeros((6, 7), bool)
+    truth[1:4, 2:6] = True
+    truth[5, 0] = True
+    path = tmp_path / "m.png"
+    _encode(truth, mode).save(path)  # through a real PNG file, as the reader sees it
+    with Image.open(path) as im:
+        got = read_mask(im)
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, truth)
 
 
 def test_read_mask_rgba_transparent_is_background():
@@ -90,6 +114,10 @@ def test_resized_mask_matches_original_roughly(dataset):
 def test_options_validated():
     with pytest.raises(ValueError, match="channels"):
         ReadOptions(channels=2)
+    with pytest.raises(ValueError, match=r"size must be \(height, width\) or None, got 256"):
+        ReadOptions(size=256)
+    with pytest.raises(ValueError, match="positive entries, got \\(0, 5\\)"):
+        ReadOptions(size=(0, 5))
     with pytest.raises(ValueError, match="on_error"):
         ReadOptions(on_error="ignore")
 
@@ -131,11 +159,43 @@ def test_truncated_mask(bad_copy):
     _expect(bad_copy, "normal (1)_mask.png", "unreadable image")
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "benign 5.png", "benign (7).jpg",
-                                  "malignant (99).png", "benign (1)_mask_x.png"])
-def test_file_matching_no_pattern(bad_copy, name):
+@pytest.mark.parametrize("cut", [1, 12, 20])
+@pytest.mark.parametrize("name", ["benign/benign (2).png", "malignant/malignant (3)_mask.png"])
+def test_png_cut_inside_its_last_bytes_is_truncated(bad_copy, cut, name):
+    # PIL decodes these without complaint (the pixels are complete); only the missing
+    # IEND trailer shows the file was cut short
+    p = bad_copy / name
+    p.write_bytes(p.read_bytes()[:-cut])
+    err = _expect(bad_copy, Path(name).name, "truncated PNG")
+    assert len(err.problems) == 1
+
+
+def test_content_that_is_not_png(bad_copy):
+    p = bad_copy / "benign" / "benign (5).png"
+    Image.open(p).convert("RGB").save(p, format="JPEG")
+    _expect(bad_copy, "benign (5).png", "not a PNG file", "JPEG")
+
+
+def test_16_bit_image_is_refused_not_clipped(bad_copy):
+    p = bad_copy / "benign" / "benign (6).png"
+    Image.fromarray(np.full((SIZE[0], SIZE[1]), 40000, np.uint16)).save(p)
+    _expect(bad_copy, "benign (6).png", "unsupported image mode 'I;16'")
+
+
+NO_PATTERN = "file name matches no pattern"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("notes.txt", NO_PATTERN), ("benign 5.png", NO_PATTERN), ("benign (7).jpg", NO_PATTERN),
+    ("benign (1)_mask_x.png", NO_PATTERN), ("Benign (3).png", NO_PATTERN),
+    # a leading zero would silently share the id of "benign (1)"
+    ("benign (01).png", NO_PATTERN), ("benign (1)_mask_01.png", NO_PATTERN),
+    ("malignant (99).png", "file of class 'malignant' inside the 'benign' folder"),
+])
+def test_file_matching_no_pattern(bad_copy, name, reason):
     (bad_copy / "benign" / name).write_bytes(b"x")
-    _expect(bad_copy, name)
+    err = _expect(bad_copy, name)
+    assert [(Path(p.path).name, reason in p.reason) for p in err.problems] == [(name, True)]
 
 
 def test_orphan_mask_and_extra_without_main(bad_copy):

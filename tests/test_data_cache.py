@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,3 +122,104 @@ def test_cli_prepare_phantom_split(tmp_path, capsys):
     assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "d"),
                  "--skip-bad"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+# ---- outputs never destroy data, and are never half-written -------------------------------
+def test_prepare_refuses_an_output_in_or_around_the_dataset(tmp_path):
+    src = write_phantom(tmp_path / "src", {"benign": 2, "malignant": 1, "normal": 1},
+                        size=(16, 16)).root
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for out in (src, src / "benign", src / "cache", tmp_path):
+        with pytest.raises(ValueError, match="lies inside the dataset folder"):
+            prepare(src, out, ReadOptions(size=(8, 8)), overwrite=True)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+def test_overwrite_replaces_only_a_cache_or_an_empty_folder(phantom, tmp_path):
+    ds = load_busi(phantom.root, ReadOptions(size=(8, 8), keep_original=False))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not empty and not a data cache"):
+        save_cache(ds, precious, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        save_cache(ds, tmp_path / "file", overwrite=True)
+    with pytest.raises(ValueError, match="'.*file' is not a directory"):
+        save_cache(ds, tmp_path / "file" / "c")
+    (tmp_path / "empty").mkdir()
+    save_cache(ds, tmp_path / "empty", overwrite=True)
+    save_cache(ds, tmp_path / "empty", overwrite=True)  # a cache replaces a cache
+    assert load_cache(tmp_path / "empty").ids == ds.ids
+    assert _entries(tmp_path) == ["empty", "file", "precious"]  # no temp folders left
+
+
+def test_outputs_get_the_usual_permissions(phantom, tmp_path):
+    # tempfile.mkdtemp would leave the renamed folder private (0700)
+    umask = os.umask(0)
+    os.umask(umask)
+    ds = load_busi(phantom.root, ReadOptions(size=(8, 8), keep_original=False))
+    for out in (save_cache(ds, tmp_path / "c"),
+                write_phantom(tmp_path / "p", {"benign": 1, "malignant": 1, "normal": 1},
+                              size=(8, 8)).root):
+        assert out.stat().st_mode & 0o777 == 0o777 & ~umask, out
+
+
+def test_damaged_cache_index_is_a_clear_error(phantom, tmp_path):
+    ds = load_busi(phantom.root, ReadOptions(size=(8, 8), keep_original=False))
+    save_cache(ds, tmp_path / "c")
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    del index["labels"]
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"damaged data cache \(KeyError: 'labels'\)"):
+        load_cache(tmp_path / "c")
+    (tmp_path / "c" / "index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a readable data cache"):
+        load_cache(tmp_path / "c")
+
+
+# ---- the phantom generator refuses what would make an invalid or silently wrong dataset ---
+@pytest.mark.parametrize("kwargs, message", [
+    ({"counts": {"benign": 2, "malignant": 1, "normal": 0}}, r"counts\['normal'\] must be"),
+    ({"counts": {"benign": -1, "malignant": 1, "normal": 1}}, r"counts\['benign'\] must be"),
+    ({"counts": {"benign": 1, "malignant": 1, "normal": 1, "cyst": 1}}, "unknown class"),
+    ({"size": (4, 64)}, r"both >= 8 .*got \(4, 64\)"),
+    ({"duplicates": -1}, "duplicates must be >= 0"),
+    ({"duplicates": 50}, "duplicates=50 is more than these counts allow"),
+    ({"multi_mask_fraction": 1.5}, r"multi_mask_fraction must be in \[0, 1\]"),
+])
+def test_phantom_refuses_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        write_phantom(tmp_path / "p", **{"size": (16, 16), **kwargs})
+    assert _entries(tmp_path) == []
+
+
+def test_phantom_overwrite_replaces_only_a_phantom(tmp_path):
+    counts = {"benign": 2, "malignant": 1, "normal": 1}
+    write_phantom(tmp_path / "p", counts, size=(8, 8), seed=1)
+    info = write_phantom(tmp_path / "p", counts, size=(8, 8), seed=2, overwrite=True)
+    assert json.loads((info.root / "phantom.json").read_text())["seed"] == 2
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and not a phantom dataset"):
+        write_phantom(tmp_path / "home", counts, size=(8, 8), overwrite=True)
+    assert (tmp_path / "home" / "notes").read_text() == "keep"
+    assert _entries(tmp_path) == ["home", "p"]
+
+
+def test_smallest_phantom_still_has_a_lesion_in_every_lesion_image(tmp_path):
+    info = write_phantom(tmp_path / "p", {"benign": 12, "malignant": 12, "normal": 2},
+                         size=(8, 8), multi_mask_fraction=0.5)
+    ds = load_busi(info.root, ReadOptions(size=(8, 8)))
+    for i, cls in enumerate(ds.class_names):
+        assert ds.original_masks[i].any() == (cls != "normal"), ds.ids[i]
+
+
+def test_cli_reports_file_system_errors_in_one_line(phantom, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "split", str(phantom.root), "--out",
+                 str(tmp_path / "file" / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unet-jax data: error: ") and "file" in err
+    assert "Traceback" not in err

@@ -55,6 +55,9 @@ def test_duplicate_groups_union_find():
     hashes = [0b0000, 0b0011, 0b1111, 0xFF << 40]
     assert duplicate_groups(hashes, threshold=2) == [(0, 1, 2)]
     assert duplicate_groups(hashes, threshold=1) == []
+    for bad in (-1, 64, 2.5):
+        with pytest.raises(ValueError, match=rf"threshold .* 0..63, got {bad}"):
+            duplicate_groups(hashes, threshold=bad)
 
 
 def test_phantom_duplicates_found(ds):
@@ -87,6 +90,7 @@ def test_stratified_proportions_and_groups(synthetic, seed):
 
 def test_split_on_phantom_keeps_groups(ds):
     groups = duplicate_groups(ds.hashes)
+    assert groups  # the loop below must not be vacuous
     split = stratified_split(ds.ids, ds.labels, groups, seed=0)
     where = _where(split)
     for g in split.duplicate_groups:
@@ -113,6 +117,16 @@ def test_kfold(synthetic):
         kf.fold(5)
     with pytest.raises(ValueError, match="k must be"):
         kfold_split(ids, labels, groups, k=1)
+
+
+def test_kfold_refuses_more_folds_than_units():
+    # 5 images, two of them one duplicate group: 4 units, so a 5th fold would be empty
+    ids = [f"benign ({n})" for n in range(1, 6)]
+    labels = [0] * 5
+    assert all(kfold_split(ids, labels, [(0, 1)], k=4, seed=s).partitions[f"fold_{i}"]
+               for s in range(3) for i in range(4))
+    with pytest.raises(ValueError, match=r"k=5 folds need at least k units.*expected k <= 4"):
+        kfold_split(ids, labels, [(0, 1)], k=5)
 
 
 def test_seed_protocol(synthetic):

@@ -11,7 +11,8 @@ import pytest
 from _data_helpers import make_phantom
 from unet_jax.data import ReadOptions, load_busi
 
-pytest.importorskip("tensorflow_datasets")
+# tensorflow-datasets is a declared dependency: a missing install must fail, not skip
+import tensorflow_datasets  # noqa: E402,F401
 
 
 def test_build_and_read_round_trip(tmp_path):

@@ -131,6 +131,12 @@ def test_maxpool_padding_never_wins_even_for_negative_inputs():
     np.testing.assert_array_equal(y[0, :, :, 0], -np.ones((2, 2)))
 
 
+def test_maxpool_gradient_flows_to_each_window_maximum():
+    x = jnp.array([[1.0, 2.0, 5.0, 0.0], [3.0, 4.0, 1.0, 1.0]])
+    grad = jax.grad(lambda x: MaxPool2D(2).apply({}, x[None, :, :, None]).sum())(x)
+    np.testing.assert_array_equal(grad, [[0, 0, 1, 0], [0, 1, 0, 0]])
+
+
 def test_overlapping_maxpool():
     x = np.arange(16, dtype=np.float32).reshape(4, 4)
     y = MaxPool2D(3, strides=1).apply({}, nhwc(x))  # stride 1 < window 3

@@ -26,7 +26,9 @@ def _run_summary(args: argparse.Namespace) -> int:
     from unet_jax.summary import format_summary, summarize
 
     if args.size is not None and len(args.size) > 2:
-        raise SystemExit(f"--size takes H or H W, got {len(args.size)} values: {args.size}")
+        raise ValueError(f"--size takes H or H W, got {len(args.size)} values: {args.size}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     size = None if args.size is None else (args.size[0], args.size[-1])
     summary = summarize(args.preset, size=size, batch=args.batch)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
@@ -41,11 +43,174 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 # ---- end data commands -------------------------------------------------------------
 
 
+# ---- training, evaluation, prediction ----------------------------------------------
+class _ProgressPrinter:
+    """Renders the loop's progress events as one updating line per epoch on stderr."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.epochs = 0
+
+    def __call__(self, event: dict) -> None:
+        kind = event["kind"]
+        if kind == "read":
+            self._line(f"reading images {event['done']}/{event['total']}", end=event["done"] == event["total"])
+        elif kind == "start":
+            self.epochs = event["epochs"]
+            resumed = f", resuming after epoch {event['resumed_epoch']}" if event["resumed_epoch"] else ""
+            print(f"train {event['train']} / val {event['val']} / test {event['test']} images, "
+                  f"{event['steps_per_epoch']} steps per epoch on {event['devices']} device(s){resumed}",
+                  file=self.stream)
+        elif kind == "step":
+            self._bar(event["epoch"], event["step"] / event["steps_per_epoch"],
+                      f"loss {event['train/loss']:.4f} dice {event['train/dice']:.4f}", end=False)
+        elif kind == "epoch":
+            mark = " *" if event["improved"] else ""
+            self._bar(event["epoch"], 1.0, f"loss {event['train/loss']:.4f} dice {event['train/dice']:.4f} | "
+                      f"val loss {event['val/loss']:.4f} dice {event['val/dice']:.4f} "
+                      f"iou {event['val/iou']:.4f} ({event['epoch_time_s']:.1f}s){mark}", end=True)
+        elif kind == "finishing":
+            print("evaluating the test split at native resolution, writing plots ...", file=self.stream)
+
+    def _bar(self, epoch: int, fraction: float, text: str, end: bool) -> None:
+        filled = int(round(20 * fraction))
+        self._line(f"epoch {epoch:>3}/{self.epochs} [{'#' * filled}{'.' * (20 - filled)}] {text}", end)
+
+    def _line(self, text: str, end: bool) -> None:
+        print("\r" + text, end="\n" if end else "", file=self.stream, flush=True)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a U-Net (config file + key=value overrides)")
+    p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, model.FIELD=VALUE for the model")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from unet_jax.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config(args.config), args.overrides)
+    return _train_and_report(config, args.out)
+
+
+def _train_and_report(config, out: str) -> int:
+    from unet_jax.train import TrainingDiverged, train
+
+    try:
+        result = train(config, out, progress=_ProgressPrinter())
+    except TrainingDiverged as err:
+        print(f"unet-jax train: {err}", file=sys.stderr)
+        return 3
+    print(_results_table(result.run_dir))
+    print(f"run folder: {result.run_dir} ({result.wall_time_s:.1f} s)")
+    return 0
+
+
+def _results_table(run_dir) -> str:
+    from unet_jax.metrics import format_summary
+
+    results = json.loads((run_dir / "results.json").read_text())
+    train_, test = results["train_at_best_epoch"], results["test_training_resolution"]
+    lines = [f"best epoch {results['best_epoch']} of {results['epochs_run']} (monitor {results['monitor']})",
+             "", "            accuracy*   loss      Dice      IoU",
+             f"training    {train_.get('train/pixel_accuracy', float('nan')):.4f}    "
+             f"{train_.get('train/loss', float('nan')):.4f}    {train_.get('train/dice', float('nan')):.4f}    "
+             f"{train_.get('train/iou', float('nan')):.4f}"]
+    if test:
+        lines.append(f"testing     {test['test/pixel_accuracy']:.4f}    {test['test/loss']:.4f}    "
+                     f"{test['test/dice']:.4f}    {test['test/iou']:.4f}")
+    lines.append("* pixel accuracy: what the report's Keras 'accuracy' measured (not IoU)")
+    if "test" in results:
+        report = results["test"]
+        lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
+                  format_summary({**{m: report[m]["summary"] for m in ("dice", "iou", "pixel_accuracy", "precision", "recall", "hd95")},
+                                  "normal_false_positive_rate": report["normal_false_positive"],
+                                  "lesion_empty_prediction_rate": report["lesion_empty_prediction"],
+                                  "counts": report["images"]})]
+    return "\n".join(lines)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train a small U-Net on generated phantom data, evaluate it, write plots")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from unet_jax.config import apply_overrides, demo_config
+
+    return _train_and_report(apply_overrides(demo_config(), args.overrides), args.out)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder in the BUSI layout")
+    p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--data", required=True, help="a folder in the BUSI layout")
+    p.add_argument("--resolution", choices=("native", "training"), default="native")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from unet_jax.evaluate import evaluate_dataset, evaluation_report, load_checkpoint, read_for_evaluation
+    from unet_jax.metrics import format_summary
+
+    loaded = load_checkpoint(args.checkpoint)
+    printer = _ProgressPrinter()
+    dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
+    native = args.resolution == "native"
+    aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta)
+    if args.json:
+        print(json.dumps(evaluation_report(aggregate, rows, native=native, source=str(args.data))))
+    else:
+        print(f"{loaded.step_dir} on {args.data} ({args.resolution} resolution)")
+        print(format_summary(aggregate))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment images: mask and overlay PNGs at each input's size")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.predict import predict_files
+
+    loaded = load_checkpoint(args.checkpoint)
+
+    def report(n: int, total: int, result) -> None:
+        if result.error:
+            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
+        else:
+            print(f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of pixels)")
+
+    results = predict_files(loaded, args.inputs, args.out, threshold=args.threshold, flip_tta=args.tta, progress=report)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_summary(sub)
     _add_data(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_demo(sub)
     return parser
 
 

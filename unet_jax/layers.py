@@ -299,7 +299,9 @@ class MaxPool2D(nn.Module):
         pads = resolve_padding(self.padding, x.shape[1:3], window, strides)
         for axis in (0, 1):
             pool_output_size(x.shape[1 + axis], window[axis], strides[axis], pads[axis])
-        init = jnp.array(-jnp.inf, dtype=x.dtype)
+        # A concrete -inf (not a traced array) lets jax recognise the max monoid and
+        # differentiate it (the gradient flows to each window's arg-max).
+        init = np.array(-np.inf, dtype=x.dtype)
         return jax.lax.reduce_window(
             x,
             init,

@@ -155,6 +155,7 @@ def make_sampler(batch_size: int, num_examples: int,
                  ) -> Callable[[DeviceData, jax.Array, jax.Array | int], Batch]:
     """A jitted ``sample(data, key, step) -> Batch`` drawing batches on device.
 
+    Precondition: ``num_examples == len(data)`` (checked when ``sample`` is traced).
     Epoch ``e = step // (N // batch_size)`` visits a permutation drawn from
     ``fold_in(key_perm, e)`` without replacement (the last N % batch_size examples of each
     permutation are dropped); augmentation uses ``fold_in(key_aug, step)``. config None:
@@ -167,6 +168,12 @@ def make_sampler(batch_size: int, num_examples: int,
 
     @jax.jit
     def sample(data: DeviceData, key: jax.Array, step: jax.Array | int) -> Batch:
+        # Shapes are static under jit, so this runs once per trace. Without it a mismatch
+        # is silent: jax clamps out-of-range gather indices (num_examples too large) or
+        # never visits the tail of the data (too small).
+        if data.images.shape[0] != num_examples:
+            raise ValueError(f"sampler was made for num_examples={num_examples} but the data "
+                             f"holds {data.images.shape[0]} examples")
         step = jnp.asarray(step, dtype=jnp.int32)
         key_perm, key_aug = jax.random.split(key)
         perm = jax.random.permutation(jax.random.fold_in(key_perm, step // steps_per_epoch),

@@ -21,6 +21,7 @@ with ``on_error="skip"``, drops the affected images and reports them in
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from unet_jax.data.splits import DUPLICATE_THRESHOLD, duplicate_groups, image_hash
+from unet_jax.data.splits import (DUPLICATE_THRESHOLD, check_threshold, duplicate_groups,
+                                 image_hash)
 
 __all__ = [
     "CLASSES",
@@ -55,8 +57,19 @@ __all__ = [
 
 CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
 
-# `benign (12).png`, `benign (12)_mask.png`, `benign (12)_mask_1.png`
-_NAME = re.compile(r"^(?P<cls>[a-z]+) \((?P<num>\d+)\)(?P<mask>_mask(?:_(?P<extra>\d+))?)?\.png$")
+# `benign (12).png`, `benign (12)_mask.png`, `benign (12)_mask_1.png`. Numbers have no
+# leading zero: `benign (012).png` would otherwise silently share the id of `benign (12).png`.
+_NAME = re.compile(r"^(?P<cls>[a-z]+) \((?P<num>[1-9]\d*|0)\)"
+                   r"(?P<mask>_mask(?:_(?P<extra>[1-9]\d*|0))?)?\.png$")
+
+# The last chunk of every complete PNG: length 0, type IEND, CRC. PIL decodes a file cut
+# inside its final ~20 bytes without complaint (the pixels are all there), so a truncated
+# copy is only detectable by this trailer.
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+# Image modes that are 8 bits per channel; 16-bit or float images would be clipped
+# silently by the conversion to 8-bit grayscale/RGB.
+_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -123,12 +136,14 @@ class ReadOptions:
     workers: int = 0  # 0: os.cpu_count()
 
     def __post_init__(self) -> None:
+        if self.size is not None and (isinstance(self.size, (int, str)) or len(self.size) != 2):
+            raise ValueError(f"size must be (height, width) or None, got {self.size!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.size is not None:
-            if len(self.size) != 2 or min(self.size) < 1:
+            if min(self.size) < 1:
                 raise ValueError(f"size must be (height, width) with positive entries, "
                                  f"got {self.size}")
             object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
@@ -266,7 +281,7 @@ def scan(path: str | os.PathLike) -> Layout:
             elif m is None:
                 problems.append(Problem(
                     str(entry), f"file name matches no pattern (expected '{cls} (N).png' or "
-                                f"'{cls} (N)_mask[_K].png')"))
+                                f"'{cls} (N)_mask[_K].png', N and K without leading zeros)"))
             elif m["cls"] != cls:
                 problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the "
                                                     f"{cls!r} folder"))
@@ -297,14 +312,36 @@ def scan(path: str | os.PathLike) -> Layout:
 
 # ---- decoding -------------------------------------------------------------------------
 def _open(path: Path) -> Image.Image:
-    """Open and fully decode, so a truncated file fails here and not later."""
+    """Read and fully decode one PNG, so that a bad file fails here and not later.
+
+    Problems: unreadable or undecodable bytes; content that is not PNG (e.g. a JPEG renamed
+    to .png); a file cut short (no IEND trailer, see ``_PNG_IEND``).
+    """
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        if not data:
+            raise _DecodeError(Problem(str(path), "unreadable image: empty file (0 bytes)"))
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.copy() if im.mode != "P" else im.convert("RGBA")
+            fmt = im.format
+            out = im.copy() if im.mode != "P" else im.convert("RGBA")
+    except _DecodeError:
+        raise
+    except UnidentifiedImageError as err:  # its message names the BytesIO object: useless
+        raise _DecodeError(Problem(str(path), "unreadable image: content is not a recognised "
+                                              "image format")) from err
     except Exception as err:  # PIL raises several types for corrupt files
         raise _DecodeError(Problem(str(path), f"unreadable image ({type(err).__name__}: "
                                               f"{err})")) from err
+    if fmt != "PNG":
+        raise _DecodeError(Problem(str(path), f"not a PNG file: its content is {fmt}; "
+                                              f"expected PNG"))
+    # an IEND chunk may legally be followed by junk, so search for it rather than
+    # requiring it at the very end
+    if data.rfind(_PNG_IEND) < 0:
+        raise _DecodeError(Problem(str(path), f"truncated PNG: no IEND chunk in its "
+                                              f"{len(data)} bytes (the file was cut short)"))
+    return out
 
 
 class _DecodeError(Exception):
@@ -344,6 +381,10 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _read(record: ImageRecord, opts: ReadOptions) -> Example:
     image = _open(record.image_path)
+    if image.mode not in _IMAGE_MODES:
+        raise _DecodeError(Problem(str(record.image_path), f"unsupported image mode "
+                                                           f"{image.mode!r}; expected 8-bit "
+                                                           f"{'/'.join(_IMAGE_MODES)}"))
     w0, h0 = image.size
     union = np.zeros((h0, w0), dtype=bool)
     for mp in record.mask_paths:
@@ -484,6 +525,7 @@ def check_dataset(path: str | os.PathLike, threshold: int | None = None,
     sizes: min/max/mean native (height, width) over the readable images.
     """
     threshold = DUPLICATE_THRESHOLD if threshold is None else threshold
+    check_threshold(threshold)  # before the slow read
     layout = scan(path)
     try:  # a small size: only the hashes, sizes and mask files matter here
         ds = load_busi(layout.root, ReadOptions(size=(16, 16), keep_original=False,

@@ -10,7 +10,9 @@ Layout of the cache folder::
 
 For the shared data at 256x256 this is about 25 MB and loads in well under a second. The
 folder is written to a temporary sibling and renamed into place: a reader never sees a
-half-written cache, and a failure leaves nothing behind.
+half-written cache, and a failure leaves nothing behind. ``overwrite`` replaces only an
+empty folder or an existing cache, and :func:`prepare` refuses an output folder that is,
+contains or lies inside its source dataset.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from unet_jax.data._atomic import check_target, new_temp_dir, swap_in
 from unet_jax.data.busi import (CLASSES, BusiDataset, Problem, ProgressFn, ReadOptions,
-                                load_busi)
+                                load_busi, resolve_root)
 from unet_jax.data.splits import DUPLICATE_THRESHOLD, duplicate_groups
 
 __all__ = ["CACHE_FORMAT", "load_cache", "prepare", "save_cache"]
@@ -39,39 +41,30 @@ def _pack_original(masks: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[int]
     return (np.concatenate(parts) if parts else np.zeros((0,), np.uint8)), offsets
 
 
+def _is_cache(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "index.json").read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_cache(dataset: BusiDataset, out: str | os.PathLike, overwrite: bool = False,
                threshold: int = DUPLICATE_THRESHOLD) -> Path:
     """Write ``dataset`` as a cache folder at ``out`` (atomically); returns ``out``.
 
-    Raises ValueError if ``out`` exists and not ``overwrite``.
+    Raises ValueError if ``out`` exists and not ``overwrite``, or if it exists and is
+    neither an empty folder nor a cache (so a mistyped ``out`` never deletes data).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output {str(out)!r} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    check_target(out, overwrite, _is_cache, "data cache")
+    tmp = new_temp_dir(out)
     try:
         _write(dataset, tmp, threshold)
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "x", out)  # put the previous cache back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(ds: BusiDataset, folder: Path, threshold: int) -> None:
@@ -107,6 +100,8 @@ def load_cache(path: str | os.PathLike, original_masks: bool = True) -> BusiData
     path = Path(path)
     try:
         index = json.loads((path / "index.json").read_text())
+        if not isinstance(index, dict):
+            raise ValueError("index.json does not hold a JSON object")
         with np.load(path / "arrays.npz") as z:
             delta, masks_bits, original_bits = (z["images_delta"], z["masks_bits"],
                                                 z["original_bits"])
@@ -115,6 +110,15 @@ def load_cache(path: str | os.PathLike, original_masks: bool = True) -> BusiData
     if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
         raise ValueError(f"{str(path)!r}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache "
                          f"(found {index.get('format')!r} v{index.get('version')!r})")
+    try:
+        return _from_index(path, index, delta, masks_bits, original_bits, original_masks)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r}: damaged data cache "
+                         f"({type(err).__name__}: {err})") from err
+
+
+def _from_index(path: Path, index: dict, delta: np.ndarray, masks_bits: np.ndarray,
+                original_bits: np.ndarray, original_masks: bool) -> BusiDataset:
     n, h, w, c = index["shape"]
     if delta.shape != (n, h, w, c):
         raise ValueError(f"{str(path)!r}: images have shape {delta.shape}, index says "
@@ -146,11 +150,16 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike,
     """Read ``source`` (BUSI layout) and write its cache to ``out``; returns the dataset.
 
     Raises DatasetError (a ValueError) listing every problem unless options.on_error="skip";
-    nothing is written then.
+    nothing is written then. Raises ValueError before reading anything if ``out`` cannot be
+    written (see :func:`save_cache`) or is, contains or lies inside the dataset folder.
     """
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before the slow read
-        raise ValueError(f"output {str(out)!r} exists; pass --overwrite to replace it")
+    root = resolve_root(source).resolve()
+    target = out.resolve()
+    if target == root or target in root.parents or root in target.parents:
+        raise ValueError(f"output {str(out)!r} is, contains or lies inside the dataset "
+                         f"folder {str(root)!r}; expected a folder outside it")
+    check_target(out, overwrite, _is_cache, "data cache")  # fail before the slow read
     ds = load_busi(source, options, progress)
     save_cache(ds, out, overwrite=overwrite, threshold=threshold)
     return ds

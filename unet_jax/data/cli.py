@@ -13,6 +13,7 @@ accepts a cache folder written by ``data prepare``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threshold", type=int, default=None,
                    help="duplicate threshold in pHash bits (default: 10)")
-    p.set_defaults(func=_check)
+    p.set_defaults(func=_os_errors_as_value_errors(_check))
 
     p = sub.add_parser("prepare", help="write a compact cache for training")
     p.add_argument("path")
@@ -42,7 +43,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out bad images (reported) instead of failing")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_prepare)
+    p.set_defaults(func=_os_errors_as_value_errors(_prepare))
 
     p = sub.add_parser("phantom", help="generate a synthetic dataset in the BUSI layout")
     p.add_argument("--out", required=True)
@@ -52,7 +53,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duplicates", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_phantom)
+    p.set_defaults(func=_os_errors_as_value_errors(_phantom))
 
     p = sub.add_parser("split", help="write a duplicate-aware split manifest (JSON)")
     p.add_argument("path", help="dataset folder or cache folder")
@@ -63,7 +64,23 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--threshold", type=int, default=None)
-    p.set_defaults(func=_split)
+    p.set_defaults(func=_os_errors_as_value_errors(_split))
+
+
+def _os_errors_as_value_errors(fn):
+    """Report file-system failures (a parent that is a file, no permission, disk full) as
+    the one-line errors the ``unet-jax`` entry point prints for a ValueError, naming the
+    path, instead of a traceback."""
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except BrokenPipeError:  # output piped into `head`: not a data problem
+            raise
+        except OSError as err:
+            where = f": {err.filename!r}" if err.filename else ""
+            raise ValueError(f"{err.strerror or err}{where}") from err
+    return run
 
 
 def _size(values: list[int]) -> tuple[int, int]:
@@ -149,11 +166,12 @@ def _split(args: argparse.Namespace) -> int:
     from unet_jax.data.busi import ReadOptions, load_busi
     from unet_jax.data.cache import load_cache
 
+    threshold = splits.DUPLICATE_THRESHOLD if args.threshold is None else args.threshold
+    splits.check_threshold(threshold)  # before the slow read
     path = Path(args.path)
     ds = (load_cache(path, original_masks=False) if (path / "index.json").is_file()
           else load_busi(path, ReadOptions(size=(16, 16), keep_original=False),
                          _progress("reading")))
-    threshold = splits.DUPLICATE_THRESHOLD if args.threshold is None else args.threshold
     groups = splits.duplicate_groups(ds.hashes, threshold)
     if args.protocol == "stratified":
         fr = dict(zip(("train", "val", "test"), args.fractions))

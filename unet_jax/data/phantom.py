@@ -9,15 +9,17 @@ RGB, like the public files. Optional near-duplicates (a slightly cropped copy, s
 the other lesion class) exercise duplicate-aware splits.
 
 Everything is a function of ``seed`` (numpy Generator per image), so two calls write
-byte-identical files.
+byte-identical files. The root also holds ``phantom.json`` (the generation parameters, the
+multi-mask ids and the duplicate pairs); the BUSI reader only looks inside the class folders,
+so it ignores that file, and ``overwrite`` uses it to recognise a folder it may replace.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from unet_jax.data._atomic import check_target, new_temp_dir, swap_in
+
 __all__ = ["PhantomInfo", "phantom_image", "write_phantom"]
 
 _MASK_MODES = ("1", "RGB", "RGBA")
+_CLASSES = ("benign", "malignant", "normal")
+MARKER = "phantom.json"
+MARKER_FORMAT = "unet_jax.phantom"
+# Below 8 pixels a lesion can cover no pixel at all: a lesion image with an empty mask.
+MIN_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -160,23 +169,46 @@ def write_phantom(out: str | os.PathLike, counts: Mapping[str, int] | None = Non
     included; size: (H, W) of every image; duplicates: how many lesion images are near-
     duplicates (a cropped copy) of an earlier one; the last slots of each class, alternately,
     and copies filed under "malignant" are copies of benign images.
-    Raises ValueError if ``out`` exists and not ``overwrite``.
+    Preconditions (ValueError otherwise): every class count >= 1 (the reader refuses an
+    empty class folder), both sides of ``size`` >= 8, ``0 <= multi_mask_fraction <= 1``,
+    ``0 <= duplicates`` and no more duplicates than these counts allow; ``out`` does not
+    exist, or ``overwrite`` and it is an empty folder or an earlier phantom (never any
+    other folder).
     """
     counts = dict(counts or {"benign": 12, "malignant": 8, "normal": 4})
+    unknown = sorted(set(counts) - set(_CLASSES))
+    if unknown:
+        raise ValueError(f"counts has unknown class(es) {unknown}; expected {list(_CLASSES)}")
+    for cls in _CLASSES:
+        n = counts.get(cls, 0)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"counts[{cls!r}] must be an integer >= 1 (the reader refuses an "
+                             f"empty class folder), got {n!r}")
+    if len(size) != 2 or min(size) < MIN_SIZE:
+        raise ValueError(f"size must be (height, width) with both >= {MIN_SIZE} (smaller "
+                         f"lesions can vanish), got {tuple(size)}")
+    if not 0.0 <= multi_mask_fraction <= 1.0:
+        raise ValueError(f"multi_mask_fraction must be in [0, 1], got {multi_mask_fraction}")
+    if duplicates < 0:
+        raise ValueError(f"duplicates must be >= 0, got {duplicates}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output {str(out)!r} exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    check_target(out, overwrite, _is_phantom, "phantom dataset (no phantom.json found)")
+    tmp = new_temp_dir(out)
     try:
-        info = _write_into(tmp, counts, size, seed, multi_mask_fraction, duplicates)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        info = _write_into(tmp, counts, (int(size[0]), int(size[1])), seed,
+                           multi_mask_fraction, duplicates)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PhantomInfo(out, info.ids, info.multi_mask, info.duplicates)
+
+
+def _is_phantom(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_into(root: Path, counts: Mapping[str, int], size: tuple[int, int], seed: int,
@@ -217,4 +249,12 @@ def _write_into(root: Path, counts: Mapping[str, int], size: tuple[int, int], se
                 _save_mask(m, folder / f"{id_}{suffix}.png", _MASK_MODES[n_mask % 3])
                 n_mask += 1
             ids[cls].append(id_)
+    if len(dups) != duplicates:
+        # a copy needs an earlier lesion image of a suitable class (see dup_slots)
+        raise ValueError(f"duplicates={duplicates} is more than these counts allow "
+                         f"({len(dups)}: {dict(counts)}); lower it or raise the counts")
+    (root / MARKER).write_text(json.dumps({
+        "format": MARKER_FORMAT, "seed": seed, "counts": {k: int(v) for k, v in counts.items()},
+        "size": list(size), "multi_mask_fraction": multi_mask_fraction,
+        "duplicates": duplicates, "multi_mask": multi, "duplicate_pairs": dups}, indent=1))
     return PhantomInfo(root, {k: tuple(v) for k, v in ids.items()}, tuple(multi), tuple(dups))

@@ -35,6 +35,7 @@ from PIL import Image
 __all__ = [
     "DUPLICATE_THRESHOLD",
     "Split",
+    "check_threshold",
     "duplicate_groups",
     "hamming_distances",
     "image_hash",
@@ -92,12 +93,22 @@ def hamming_distances(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
     return ones.reshape(-1, 1) + ones.reshape(1, -1) - 2 * dot
 
 
+def check_threshold(threshold: int) -> None:
+    """Raise ValueError unless ``threshold`` is a number of hash bits in 0..63."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or not (
+            0 <= threshold < 64):
+        raise ValueError(f"duplicate threshold must be an integer number of bits in 0..63, "
+                         f"got {threshold!r}")
+
+
 def duplicate_groups(hashes: Sequence[int] | np.ndarray,
                      threshold: int = DUPLICATE_THRESHOLD) -> list[tuple[int, ...]]:
     """Groups (>= 2 members) of indices linked by Hamming distance <= threshold.
 
-    Returns sorted tuples of indices, sorted by their first index.
+    threshold: bits, 0 <= threshold < 64. Returns sorted tuples of indices, sorted by their
+    first index.
     """
+    check_threshold(threshold)
     dist = hamming_distances(hashes)
     n = dist.shape[0]
     parent = list(range(n))
@@ -244,10 +255,19 @@ def stratified_split(ids: Sequence[str], labels: Sequence[int],
 
 def kfold_split(ids: Sequence[str], labels: Sequence[int],
                 groups: Sequence[Sequence[int | str]] = (), k: int = 5, seed: int = 0) -> Split:
-    """k stratified, duplicate-aware folds ("fold_0".."fold_{k-1}"); see Split.fold."""
+    """k stratified, duplicate-aware folds ("fold_0".."fold_{k-1}"); see Split.fold.
+
+    Precondition: 2 <= k <= the number of units (duplicate groups plus ungrouped images),
+    so that no fold is empty.
+    """
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
     named = _named_groups(ids, groups)
+    n_units = len(_units(ids, labels, named))
+    if k > n_units:
+        raise ValueError(f"k={k} folds need at least k units, but the {len(ids)} images form "
+                         f"only {n_units} (duplicate groups count as one); expected k <= "
+                         f"{n_units}")
     parts = _partition(ids, labels, named, [1.0 / k] * k, seed)
     return Split("kfold", int(seed), {f"fold_{i}": tuple(p) for i, p in enumerate(parts)},
                  {"k": k}, named)

@@ -1,0 +1,233 @@
+"""One configuration object per run: every hyperparameter of a training run lives here.
+
+A config file is a Python file defining ``get_config() -> TrainConfig`` (the files in
+``experiments/``; variants import the base and override it). Command-line overrides are
+``key=value`` strings; model fields are ``model.FIELD=value``. An unknown key, or a value
+of the wrong type, is an error naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["TrainConfig", "demo_config", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (the run folder saves it as ``config.json``)."""
+
+    # Model: a preset of unet_jax.models and field overrides (e.g. {"dropout_rate": 0.1}).
+    preset: str = "seed"
+    model: dict = dataclasses.field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+
+    # Data. data=None trains on a generated phantom dataset (the embedded default).
+    data: str | None = None
+    cache: str | None = None  # a folder written by `unet-jax data prepare` (faster than PNGs)
+    image_size: int = 256
+    channels: int = 1  # 1 grayscale, 3 RGB as the notebook
+    classes: Literal["all", "lesion"] = "all"  # lesion: benign + malignant only (the notebook)
+    split: Literal["stratified", "seed"] = "stratified"  # seed: the notebook's 80/20 protocol
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    manifest: str | None = None  # reuse a split manifest (JSON) instead of making one
+    phantom_images: int = 120  # size of the generated dataset when data is None
+
+    # Augmentation (unet_jax.data.AugmentConfig); augment=False trains on the images as read.
+    augment: bool = True
+    hflip: float = 0.5
+    max_rotation_deg: float = 10.0
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.1
+    contrast_min: float = 0.9
+    contrast_max: float = 1.1
+    gamma_min: float = 0.8
+    gamma_max: float = 1.25
+
+    # Loss.
+    loss: Literal["bce", "dice", "bce_dice"] = "bce_dice"
+    pos_weight: float | None = None
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+    # Optimisation.
+    optimizer: Literal["adam", "adamw"] = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4  # adamw only
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    batch_size: int = 32
+    epochs: int = 75
+    grad_clip_norm: float | None = None
+
+    # Early stopping on the validation split (never the test split).
+    patience: int | None = 20  # epochs without improvement; None disables early stopping
+    monitor: Literal["val/loss", "val/dice", "val/iou"] = "val/loss"
+    restore_best: bool = True
+
+    # Evaluation.
+    threshold: float = 0.5
+    eval_batch_size: int = 32
+
+    # Run.
+    seed: int = 0
+    steps_per_dispatch: int = 0  # training steps per jitted call; 0: auto (an epoch on GPU/TPU, 1 on CPU)
+    checkpoint_every: int = 1  # epochs
+    plots: bool = True
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host launch)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("image_size", self.image_size >= 1, "a positive integer"),
+            ("channels", self.channels in (1, 3), "1 or 3"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "a positive integer"),
+            ("epochs", self.epochs >= 1, "a positive integer"),
+            ("learning_rate", self.learning_rate > 0, "a positive number"),
+            ("val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1)"),
+            ("test_fraction", 0 <= self.test_fraction < 1, "a fraction in [0, 1)"),
+            ("val_fraction + test_fraction", self.val_fraction + self.test_fraction < 1, "below 1"),
+            ("threshold", 0 < self.threshold < 1, "in (0, 1)"),
+            ("patience", self.patience is None or self.patience >= 1, "None or a positive integer"),
+            ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                value = getattr(self, name, None) if "+" not in name else self.val_fraction + self.test_fraction
+                raise ValueError(f"config {name} = {value!r}: expected {expected}")
+        for name in ("dtype", "classes", "split", "loss", "optimizer", "schedule", "monitor"):
+            allowed = typing.get_args(_field_types()[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config {name} = {getattr(self, name)!r}: expected one of {list(allowed)}")
+
+
+def demo_config() -> TrainConfig:
+    """The README's main job: a small U-Net on generated phantom data, minutes on 2 CPU cores."""
+    return TrainConfig(
+        preset="seed", model={"features": 8, "dropout_rate": 0.1}, image_size=64, channels=1,
+        phantom_images=160, loss="bce_dice", batch_size=16, epochs=25, patience=8,
+        monitor="val/dice", schedule="cosine", warmup_epochs=1.0, learning_rate=3e-3,
+    )
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A TrainConfig from a dict (e.g. a run's saved ``config.json``); unknown keys are errors."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys: {sorted(fields)}")
+    return TrainConfig(**values)
+
+
+def load_config(path: str | os.PathLike | None) -> TrainConfig:
+    """The ``get_config()`` of a Python config file, or of a run's ``config.json``; None: defaults."""
+    if path is None:
+        return TrainConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; expected a .py file with get_config() or a config.json")
+    if path.suffix == ".json":
+        return config_from_dict(json.loads(path.read_text()), source=str(path))
+    spec = importlib.util.spec_from_file_location(f"unet_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"{str(path)!r}: get_config() returned {type(config).__name__}; expected TrainConfig")
+    return config
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word: a string
+    if value is None or text in ("None", "none", "null"):
+        allowed = typing.get_args(annotation)
+        if annotation is not Any and type(None) not in allowed:
+            raise ValueError(f"override {key}={text!r}: {key} cannot be None")
+        return None
+    return _coerce(key, text, value, annotation)
+
+
+def _coerce(key: str, text: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"override {key}={text!r}: expected one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, text, value, option)
+            except ValueError:
+                continue
+        raise ValueError(f"override {key}={text!r}: expected {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ValueError(f"override {key}={text!r}: expected true or false")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is str:
+        return str(value) if not isinstance(value, str) else value
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if annotation is Any:
+        return value
+    raise ValueError(f"override {key}={text!r}: expected {getattr(annotation, '__name__', annotation)}")
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """``config`` with ``key=value`` overrides; ``model.FIELD=value`` sets a UNet field."""
+    from unet_jax.models import UNet  # local: config stays importable without flax
+
+    types_ = _field_types()
+    changes: dict[str, Any] = {}
+    model = dict(config.model)
+    unet_fields = {n: f for n, f in UNet.__dataclass_fields__.items() if n not in ("parent", "name")}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("model."):
+            field = key[len("model."):]
+            if field not in unet_fields:
+                raise ValueError(f"override {item!r}: unknown model field {field!r}; known: {sorted(unet_fields)}")
+            model[field] = _parse_value(key, text, typing.get_type_hints(UNet).get(field, Any))
+            continue
+        if key not in types_:
+            raise ValueError(f"override {item!r}: unknown config key {key!r}; known keys: {sorted(types_)}")
+        changes[key] = _parse_value(key, text, types_[key])
+    if model != config.model:
+        changes["model"] = model
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,504 @@
+"""Per-image segmentation metrics, their aggregation, and the empty-mask conventions.
+
+Host-side NumPy: evaluation runs one image at a time at its native resolution (the
+prediction is brought back with :func:`resize_mask`). Masks are boolean ``(H, W)``:
+``A`` the prediction, ``B`` the ground truth, with pixel counts
+``tp = |A ∩ B|``, ``fp = |A \\ B|``, ``fn = |B \\ A|``, ``tn`` the rest::
+
+    Dice            2|A ∩ B| / (|A| + |B|)      = 2 tp / (2 tp + fp + fn)
+    IoU             |A ∩ B| / |A ∪ B|           = tp / (tp + fp + fn)          (the report's definition)
+    pixel accuracy  (tp + tn) / (H W)           (what the notebook's Keras "accuracy" measured)
+    precision       tp / (tp + fp)
+    recall          tp / (tp + fn)
+    HD95            max(P95 d(∂A -> ∂B), P95 d(∂B -> ∂A))   in pixels (Euclidean)
+
+Empty masks: the one convention
+-------------------------------
+A ratio whose denominator is 0 is **1 when both masks are empty** (the prediction is
+exactly right: a normal image predicted empty) **and 0 otherwise** (a missed lesion or a
+false alarm is a failure and never scores a perfect value). Distances between an empty
+and a non-empty mask do not exist: HD95 is NaN there, and NaNs are left out of means with
+the number left out reported (``n_excluded``).
+
+=========================  ======  =====  =========  ======  ========  =====
+case (prediction A, gt B)   Dice    IoU   precision  recall  pixel acc  HD95
+=========================  ======  =====  =========  ======  ========  =====
+A = ∅, B = ∅ (correct)        1      1        1         1       1        0
+A ≠ ∅, B = ∅ (false alarm)    0      0        0         0     formula   NaN
+A = ∅, B ≠ ∅ (missed)         0      0        0         0     formula   NaN
+A ≠ ∅, B ≠ ∅                formula formula formula  formula  formula  formula
+=========================  ======  =====  =========  ======  ========  =====
+
+(In the false-alarm row precision is ``0 / fp = 0`` by the formula; recall is ``0/0``;
+in the missed row recall is ``0 / fn = 0`` and precision ``0/0``.) A consequence worth
+knowing: on normal images Dice, IoU, precision and recall all equal ``1 - normal false
+positive rate``.
+
+How this compares: Dice and IoU follow MONAI's ``DiceMetric(ignore_empty=False)`` /
+``MeanIoU(ignore_empty=False)`` (1 if both empty, else the formula, which gives 0).
+MONAI's default ``ignore_empty=True`` and nnU-Net instead return NaN when the ground truth
+is empty (nnU-Net: when ``tp + fp + fn = 0``) and drop those images; we keep them, because
+predicting nothing on a normal image is the correct answer and a model must earn it.
+For precision/recall MONAI's confusion-matrix metrics return NaN on ``0/0`` and
+scikit-learn 0 (with a warning); ours is 0 except in the both-empty case. HD95 follows
+MONAI's ``HausdorffDistanceMetric(percentile=95, directed=False)``: boundaries are the
+foreground pixels with a 4-neighbour outside the mask (outside the image counts as
+outside), distances run boundary to boundary, and the symmetric value is the larger of the
+two directed 95th percentiles (NumPy's linear interpolation). MONAI warns and returns
+inf/NaN when one mask is empty; we return NaN, and 0 when both are empty.
+
+The distance transform is exact Euclidean (Felzenszwalb and Huttenlocher 2012: the
+distance along each column, then the 1-D squared transform along each row), vectorised
+in NumPy, on the bounding box of both masks only; no SciPy needed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METRICS",
+    "CLASSES",
+    "LESION_CLASSES",
+    "sigmoid",
+    "threshold",
+    "binarize",
+    "resize_mask",
+    "confusion",
+    "scores_from_confusion",
+    "boundary",
+    "squared_edt",
+    "surface_distances",
+    "hd95",
+    "dice",
+    "iou",
+    "pixel_accuracy",
+    "precision",
+    "recall",
+    "image_metrics",
+    "bootstrap_ci",
+    "summarize",
+    "aggregate",
+    "format_summary",
+    "to_jsonable",
+]
+
+# The per-image metrics, in report order.
+METRICS: tuple[str, ...] = ("dice", "iou", "pixel_accuracy", "precision", "recall", "hd95")
+CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
+LESION_CLASSES: tuple[str, ...] = ("benign", "malignant")
+
+
+# --------------------------------------------------------------------------------------
+# Probabilities, thresholds, resizing
+# --------------------------------------------------------------------------------------
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable ``1 / (1 + e^-x)`` in float32 (no overflow warning for large ``|x|``)."""
+    x = np.asarray(logits, np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def threshold(prob: np.ndarray, t: float = 0.5) -> np.ndarray:
+    """Boolean mask ``prob > t``: the one thresholding rule of the project (the same as
+    :func:`unet_jax.losses.batch_confusion`)."""
+    return np.asarray(prob) > t
+
+
+def binarize(mask: np.ndarray) -> np.ndarray:
+    """A ground-truth mask of any integer/bool/float encoding ({0,1}, {0,255}) as bool ``mask > 0``,
+    with a trailing channel axis of 1 dropped."""
+    return _as_2d(np.asarray(mask), "mask") > 0
+
+
+def _as_2d(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be (H, W) or (H, W, 1), got shape {a.shape}")
+    return a
+
+
+def resize_mask(
+    mask_or_prob: np.ndarray, size: tuple[int, int], t: float | None = 0.5
+) -> np.ndarray:
+    """Resize a probability map (or a mask) to ``size = (height, width)``.
+
+    Bilinear interpolation of the *probabilities* (PIL, float32 ``'F'`` images: pixel
+    centres aligned as ``align_corners=False``, with a widened filter when shrinking so
+    no pixel is skipped), then ``> t``. Interpolating probabilities and thresholding
+    afterwards gives smooth, sub-pixel-placed boundaries; resizing an already thresholded
+    mask with nearest neighbour would give blocky ones. A boolean/integer mask is treated
+    as probabilities 0/1 (``mask > 0``), so the result is the mask resized with a smooth
+    boundary. ``t=None`` returns the resized float32 probabilities instead of a mask.
+
+    ``(h, w)`` or ``(h, w, 1)`` in, ``(height, width)`` out (bool, or float32 if ``t`` is None).
+    """
+    from PIL import Image
+
+    a = _as_2d(np.asarray(mask_or_prob), "mask_or_prob")
+    if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
+        a = a > 0
+    a = a.astype(np.float32)
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive (height, width), got {size}")
+    if a.shape != (height, width):
+        image = Image.fromarray(np.ascontiguousarray(a))  # float32 (H, W) -> mode 'F'
+        a = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    return a if t is None else a > t
+
+
+# --------------------------------------------------------------------------------------
+# Confusion counts and the empty-mask convention (NumPy or jax arrays)
+# --------------------------------------------------------------------------------------
+def confusion(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:
+    """``(tp, fp, fn, tn)`` pixel counts of two boolean ``(H, W)`` masks."""
+    pred, gt = _pair(pred, gt)
+    tp = int(np.count_nonzero(pred & gt))
+    fp = int(np.count_nonzero(pred & ~gt))
+    fn = int(np.count_nonzero(~pred & gt))
+    return tp, fp, fn, pred.size - tp - fp - fn
+
+
+def _pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred = _as_2d(np.asarray(pred), "pred").astype(bool)
+    gt = _as_2d(np.asarray(gt), "gt").astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"prediction {pred.shape} and ground truth {gt.shape} differ in size; bring the "
+            "prediction to the mask's resolution first (resize_mask)"
+        )
+    return pred, gt
+
+
+def scores_from_confusion(tp: Any, fp: Any, fn: Any, tn: Any) -> dict[str, Any]:
+    """Dice, IoU, pixel accuracy, precision and recall from counts, with the module's
+    empty-mask convention (``0/0`` is 1 when both masks are empty, else 0).
+
+    Works elementwise on Python numbers, NumPy arrays and jax arrays (also under
+    ``jax.jit``, e.g. on the ``(N,)`` counts of :func:`unet_jax.losses.batch_confusion`),
+    returning the same kind: one place for the rule, on host and on device.
+    """
+    xp = _array_module(tp, fp, fn, tn)
+    tp, fp, fn, tn = (xp.asarray(v, dtype=xp.float64 if xp is np else xp.float32) for v in (tp, fp, fn, tn))
+    both_empty = (tp + fp + fn) == 0
+    empty_value = xp.where(both_empty, 1.0, 0.0)
+
+    def ratio(num: Any, den: Any) -> Any:
+        # where() evaluates both branches: divide by max(den, 1) so 0/0 never warns.
+        return xp.where(den > 0, num / xp.maximum(den, 1.0), empty_value)
+
+    out = {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "pixel_accuracy": ratio(tp + tn, tp + fp + fn + tn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+    }
+    if xp is np and all(np.ndim(v) == 0 for v in out.values()):
+        return {k: float(v) for k, v in out.items()}
+    return out
+
+
+def _array_module(*values: Any) -> Any:
+    """``jax.numpy`` if any value is a jax array (tracers included), else NumPy. Looks jax up
+    in ``sys.modules``: if it was never imported, nothing can be a jax array."""
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(v, jax.Array) for v in values):
+        return jax.numpy
+    return np
+
+
+# --------------------------------------------------------------------------------------
+# Boundaries and exact Euclidean distance transform
+# --------------------------------------------------------------------------------------
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Foreground pixels with at least one 4-neighbour outside the mask (the image border
+    counts as outside): ``mask & ~erosion(mask)``, as MONAI's ``get_mask_edges``."""
+    m = np.asarray(mask, bool)
+    interior = np.zeros_like(m)
+    interior[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return m & ~interior
+
+
+def _squared_edt_rows(g: np.ndarray) -> np.ndarray:
+    """1-D squared distance transform of every row: ``f[r, q] = min_p (q - p)^2 + g[r, p]``.
+
+    The lower envelope of the parabolas ``(q - p)^2 + g[p]`` (Felzenszwalb and
+    Huttenlocher 2012, algorithm DT1), run on all rows at once: the loop is over the row
+    positions, each step a vectorised operation over rows, with the rows that need more
+    envelope pops than others masked. ``g`` must be finite (use a large value for
+    "no feature"); exact for integer inputs below 2**52.
+    """
+    rows_n, n = g.shape
+    rows = np.arange(rows_n)
+    v = np.zeros((rows_n, n), np.int64)  # vertex positions of the envelope's parabolas
+    z = np.empty((rows_n, n + 1))  # boundaries between envelope parabolas
+    z[:, 0], z[:, 1] = -np.inf, np.inf
+    k = np.zeros(rows_n, np.int64)
+    for q in range(1, n):
+        gq = g[:, q] + q * q
+        while True:
+            vk = v[rows, k]
+            s = (gq - (g[rows, vk] + vk * vk)) / (2.0 * (q - vk))
+            pop = s <= z[rows, k]  # never at k = 0, where z = -inf
+            if not pop.any():
+                break
+            k -= pop
+        k += 1
+        v[rows, k] = q
+        z[rows, k] = s
+        z[rows, k + 1] = np.inf
+    out = np.empty_like(g)
+    k[:] = 0
+    for q in range(n):
+        while True:
+            step = z[rows, k + 1] < q
+            if not step.any():
+                break
+            k += step
+        vk = v[rows, k]
+        out[:, q] = (q - vk) ** 2 + g[rows, vk]
+    return out
+
+
+def _column_distance(features: np.ndarray, big: float) -> np.ndarray:
+    """Distance along each column to the nearest feature in that column (``big`` if none):
+    ``min(i - last feature at or above i, next feature at or below i - i)``, from running
+    maxima/minima of feature indices, without a Python loop."""
+    h = features.shape[0]
+    i = np.arange(h, dtype=np.float64)[:, None]
+    above = np.maximum.accumulate(np.where(features, i, -np.inf), axis=0)
+    below = np.minimum.accumulate(np.where(features, i, np.inf)[::-1], axis=0)[::-1]
+    d = np.minimum(i - above, below - i)
+    return np.where(np.isfinite(d), d, big)
+
+
+def squared_edt(features: np.ndarray) -> np.ndarray:
+    """Exact squared Euclidean distance from every pixel to the nearest ``True`` pixel of
+    ``features`` (2-D bool), as float64 integers. Separable: the squared distance along
+    each column to its nearest feature, ``g``, then the 1-D transform
+    ``min_p (q - p)^2 + g[p]`` along each row. Pixels with no feature anywhere in the image
+    get a value larger than any real squared distance (``> H^2 + W^2``)."""
+    f = np.asarray(features, bool)
+    h, w = f.shape
+    big = float(4 * (h * h + w * w) + 1)
+    d = _column_distance(f, math.sqrt(big))
+    return _squared_edt_rows(d * d)
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (pixels) from each boundary pixel of ``pred`` to the nearest boundary pixel
+    of ``gt``, and from ``gt``'s to ``pred``'s. Both masks must be non-empty.
+
+    Computed on the bounding box of both masks: every boundary pixel lies inside it, and
+    a distance between two pixels does not depend on the rest of the image.
+    """
+    pred, gt = _pair(pred, gt)
+    if not pred.any() or not gt.any():
+        raise ValueError("surface distances need two non-empty masks")
+    ys, xs = np.nonzero(pred | gt)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    # Boundaries on the full image: cropping first would turn crop edges into borders.
+    bp, bg = boundary(pred)[box], boundary(gt)[box]
+    d_pg = np.sqrt(squared_edt(bg)[bp])
+    d_gp = np.sqrt(squared_edt(bp)[bg])
+    return d_pg, d_gp
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in pixels:
+    ``max(P95 d(∂A -> ∂B), P95 d(∂B -> ∂A))``; 0 if both masks are empty, NaN if exactly
+    one is (see the module's convention table)."""
+    pred, gt = _pair(pred, gt)
+    a, b = pred.any(), gt.any()
+    if not a and not b:
+        return 0.0
+    if a != b:
+        return math.nan
+    d_pg, d_gp = surface_distances(pred, gt)
+    return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+
+
+# --------------------------------------------------------------------------------------
+# Per-image metrics
+# --------------------------------------------------------------------------------------
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """``2|A ∩ B| / (|A| + |B|)``; 1 if both empty."""
+    return scores_from_confusion(*confusion(pred, gt))["dice"]
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """``|A ∩ B| / |A ∪ B|`` (the report's IoU); 1 if both empty."""
+    return scores_from_confusion(*confusion(pred, gt))["iou"]
+
+
+def pixel_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Share of pixels classified correctly, ``(tp + tn) / (H W)``."""
+    return scores_from_confusion(*confusion(pred, gt))["pixel_accuracy"]
+
+
+def precision(pred: np.ndarray, gt: np.ndarray) -> float:
+    """``tp / (tp + fp)``; 1 if both empty, 0 if only the prediction is."""
+    return scores_from_confusion(*confusion(pred, gt))["precision"]
+
+
+def recall(pred: np.ndarray, gt: np.ndarray) -> float:
+    """``tp / (tp + fn)``; 1 if both empty, 0 if only the ground truth is."""
+    return scores_from_confusion(*confusion(pred, gt))["recall"]
+
+
+def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float | int]:
+    """All metrics of one image: the :data:`METRICS` as floats, plus the counts
+    ``tp, fp, fn, tn``, ``pred_area`` and ``gt_area`` (ints) for aggregation.
+
+    ``pred`` and ``gt`` are boolean (or {0,1}) ``(H, W)`` / ``(H, W, 1)`` masks of one size.
+    """
+    pred, gt = _pair(pred, gt)
+    tp, fp, fn, tn = confusion(pred, gt)
+    row: dict[str, float | int] = dict(scores_from_confusion(tp, fp, fn, tn))
+    row["hd95"] = hd95(pred, gt)
+    row.update(tp=tp, fp=fp, fn=fn, tn=tn, pred_area=tp + fp, gt_area=tp + fn)
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, seed: int | Sequence[int] = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean: resample the values with
+    replacement ``n_boot`` times (all at once, an ``(n_boot, n)`` index array), and take
+    the ``(1 - level)/2`` and ``(1 + level)/2`` quantiles of the resampled means.
+    Deterministic for a seed; ``(nan, nan)`` for no values."""
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(
+    values: Iterable[float], n_boot: int = 1000, seed: int | Sequence[int] = 0, level: float = 0.95
+) -> dict[str, float | int]:
+    """``mean``, ``std`` (sample, ``ddof=1``; 0 for one value), bootstrap ``ci_low`` /
+    ``ci_high``, ``n`` (values used) and ``n_excluded`` (NaNs left out) of one metric."""
+    x = np.asarray(list(values), np.float64)
+    finite = x[~np.isnan(x)]
+    n = int(finite.size)
+    lo, hi = bootstrap_ci(finite, n_boot=n_boot, seed=seed, level=level)
+    return {
+        "mean": float(finite.mean()) if n else math.nan,
+        "std": float(finite.std(ddof=1)) if n > 1 else (0.0 if n == 1 else math.nan),
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": n,
+        "n_excluded": int(x.size - n),
+    }
+
+
+def aggregate(
+    rows: Sequence[Mapping[str, Any]],
+    classes: Sequence[str] = CLASSES,
+    lesion_classes: Sequence[str] = LESION_CLASSES,
+    normal_class: str = "normal",
+    metrics: Sequence[str] = METRICS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Aggregate per-image rows (from :func:`image_metrics`, each with a ``"class"`` key).
+
+    Groups: ``"overall"`` (every row), ``"lesion"`` (rows whose class is in
+    ``lesion_classes``) and one per class in ``classes``. Returns::
+
+        {metric: {group: summarize(...)} for metric in metrics,
+         "normal_false_positive_rate": {"rate", "count", "n", "ci_low", "ci_high"},
+         "lesion_empty_prediction_rate": {"rate", "count", "n", "ci_low", "ci_high"},
+         "counts": {group: number of images}}
+
+    ``normal_false_positive_rate`` is the share of ``normal_class`` images with at least one
+    predicted positive pixel; ``lesion_empty_prediction_rate`` the share of lesion images
+    predicted entirely empty (missed). Rates are NaN with ``n = 0`` when the group is
+    absent. Every (metric, group) bootstrap has its own seeded stream, so adding a metric
+    does not change the others' intervals.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {"overall": list(rows)}
+    groups["lesion"] = [r for r in rows if r.get("class") in lesion_classes]
+    for c in classes:
+        groups[c] = [r for r in rows if r.get("class") == c]
+
+    out: dict[str, Any] = {}
+    for mi, metric in enumerate(metrics):
+        out[metric] = {
+            g: summarize([r[metric] for r in members], n_boot=n_boot, seed=(seed, mi, gi), level=level)
+            for gi, (g, members) in enumerate(groups.items())
+        }
+
+    def rate(flags: list[bool], stream: int) -> dict[str, float | int]:
+        s = summarize(np.asarray(flags, np.float64), n_boot=n_boot, seed=(seed, stream), level=level)
+        return {"rate": s["mean"], "count": int(sum(flags)), "n": s["n"],
+                "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+
+    normal = [r for r in rows if r.get("class") == normal_class]
+    out["normal_false_positive_rate"] = rate([_pred_area(r) > 0 for r in normal], 10_000)
+    out["lesion_empty_prediction_rate"] = rate([_pred_area(r) == 0 for r in groups["lesion"]], 10_001)
+    out["counts"] = {g: len(members) for g, members in groups.items()}
+    return out
+
+
+def _pred_area(row: Mapping[str, Any]) -> int:
+    if "pred_area" in row:
+        return int(row["pred_area"])
+    if "tp" in row and "fp" in row:
+        return int(row["tp"]) + int(row["fp"])
+    raise KeyError("row needs 'pred_area' (or 'tp' and 'fp'), as image_metrics() returns")
+
+
+def format_summary(agg: Mapping[str, Any], metrics: Sequence[str] = METRICS, digits: int = 4) -> str:
+    """A plain-text table of :func:`aggregate`'s result: one line per metric, one column
+    per group, ``mean [ci_low, ci_high]``; then the two rates. For logs and the CLI."""
+    groups = list(agg["counts"])
+    header = ["metric"] + [f"{g} (n={agg['counts'][g]})" for g in groups]
+    lines = [header]
+    for m in metrics:
+        if m not in agg:
+            continue
+        cells = [m]
+        for g in groups:
+            s = agg[m][g]
+            cells.append("-" if s["n"] == 0 else
+                         f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+    for key in ("normal_false_positive_rate", "lesion_empty_prediction_rate"):
+        r = agg.get(key)
+        if r is not None and r["n"]:
+            text.append(f"{key}: {r['rate']:.{digits}f} ({r['count']}/{r['n']})")
+    return "\n".join(text)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by ``None`` and NumPy scalars by Python ones,
+    so that ``json.dumps(..., allow_nan=False)`` accepts it (strict JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj

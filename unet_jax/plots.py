@@ -1,0 +1,254 @@
+"""Figures: training curves, prediction grids, and mask overlays.
+
+matplotlib is imported inside the plotting functions (``import unet_jax`` stays light) and
+used through ``matplotlib.figure.Figure`` with the Agg canvas, never ``pyplot``: no global
+figure state, no backend selection, safe in threads and on headless machines.
+:func:`overlay` and :func:`write_png` need only NumPy and PIL.
+
+Every file is written atomically: to a temporary file in the target folder, then
+``os.replace`` onto the final name, so a killed run never leaves a truncated PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GT_COLOR",
+    "PRED_COLOR",
+    "plot_training_curves",
+    "prediction_grid",
+    "overlay",
+    "write_png",
+]
+
+GT_COLOR: tuple[int, int, int] = (0, 200, 0)  # green: ground truth
+PRED_COLOR: tuple[int, int, int] = (230, 0, 0)  # red: prediction
+
+# The panels of the training-curve figure: (metric key, title), drawn when present.
+# "accuracy" is the notebook's Keras name for what we log as pixel_accuracy.
+_CURVE_PANELS: tuple[tuple[str, str], ...] = (
+    ("loss", "Loss"),
+    ("pixel_accuracy", "Accuracy (pixel accuracy)"),
+    ("accuracy", "Accuracy"),
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` array (or a bool mask, as 0/255) as a PNG,
+    atomically. Returns the path."""
+    from PIL import Image
+
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        raise ValueError(f"write_png expects uint8 or bool, got {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    image = Image.fromarray(np.ascontiguousarray(a))
+    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` image, uint8 or float in [0, 1] -> uint8 RGB."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    return (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _as_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.shape != shape:
+        raise ValueError(f"mask of shape {m.shape} does not match the image's {shape}")
+    return m > (0.5 if np.issubdtype(m.dtype, np.floating) else 0)
+
+
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = PRED_COLOR,
+    alpha: float = 0.4,
+    outline: bool = False,
+) -> np.ndarray:
+    """The image with ``mask`` painted in ``color``: uint8 ``(H, W, 3)``.
+
+    Inside the mask ``out = (1 - alpha) image + alpha color`` (rounded); outside it the
+    image is unchanged. ``outline=True`` also draws the mask's boundary pixels in the solid
+    colour, which keeps small lesions visible. ``image``: ``(H, W)``, ``(H, W, 1)`` or
+    ``(H, W, 3)``, uint8 or float in [0, 1]; ``mask``: ``(H, W)`` bool / {0,1} / probabilities
+    (``> 0.5``).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    rgb = _to_rgb_uint8(image)
+    m = _as_mask(mask, rgb.shape[:2])
+    out = rgb.copy()
+    tint = np.asarray(color, np.float32)
+    out[m] = np.round((1.0 - alpha) * rgb[m].astype(np.float32) + alpha * tint).astype(np.uint8)
+    if outline:
+        from unet_jax.metrics import boundary
+
+        out[boundary(m)] = np.asarray(color, np.uint8)
+    return out
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of ``key``, skipping epochs where it is missing, None or NaN."""
+    xs, ys = [], []
+    for i, row in enumerate(history):
+        v = row.get(key)
+        if v is None:
+            continue
+        v = float(v)
+        if math.isnan(v):
+            continue
+        xs.append(float(row.get("epoch", i + 1)))
+        ys.append(v)
+    return xs, ys
+
+
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """The report's training figures: one panel per metric, train and validation curves.
+
+    ``history`` is one dict per epoch with keys ``"train/<metric>"`` and ``"val/<metric>"``
+    (and optionally ``"epoch"``; else 1, 2, ...). Panels, in order, for the metrics present:
+    loss, accuracy (pixel accuracy; the notebook's Keras "accuracy"), Dice, IoU. The epoch
+    with the lowest validation loss, the one early stopping restores, is marked by a dashed
+    line. Writes a PNG atomically and returns its path; ``ValueError`` if nothing to plot.
+    """
+    from matplotlib.figure import Figure
+
+    panels = []
+    for key, label in _CURVE_PANELS:
+        curves = [(split, *_series(history, f"{split}/{key}")) for split in ("train", "val")]
+        curves = [c for c in curves if c[1]]
+        if curves:
+            panels.append((label, curves))
+    if not panels:
+        raise ValueError(
+            "plot_training_curves: no 'train/<metric>' or 'val/<metric>' values for any of "
+            f"{[k for k, _ in _CURVE_PANELS]} in the history"
+        )
+    best_x, best_y = _series(history, "val/loss")
+    best_epoch = best_x[int(np.argmin(best_y))] if best_y else None
+
+    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    styles = {"train": dict(color="tab:blue", label="train"),
+              "val": dict(color="tab:orange", label="validation")}
+    for ax, (label, curves) in zip(axes, panels):
+        for split, xs, ys in curves:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, **styles[split])
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8,
+                       label=f"best val loss (epoch {best_epoch:g})")
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, path, dpi)
+
+
+def prediction_grid(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    path: str | os.PathLike,
+    titles: Sequence[str] | None = None,
+    max_items: int = 16,
+    ncols: int = 4,
+    dpi: int = 100,
+) -> Path:
+    """A PNG grid of images with the ground truth (green) and the prediction (red).
+
+    Each cell shows the image with the prediction as a translucent red overlay, and both
+    masks' outlines as contours (green ground truth, red prediction), so overlap and
+    misses read at a glance. Items may differ in size (native resolution); the first
+    ``max_items`` are drawn. ``images``: ``(H, W[, C])`` uint8 or float in [0, 1];
+    ``masks`` / ``preds``: ``(H, W[, 1])`` bool, {0,1} or probabilities. Returns the path.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    n = min(len(images), max_items)
+    if n == 0:
+        raise ValueError("prediction_grid: no images")
+    if len(masks) < n or len(preds) < n:
+        raise ValueError(
+            f"prediction_grid: {len(images)} images but {len(masks)} masks and {len(preds)} predictions"
+        )
+    if titles is not None and len(titles) < n:
+        raise ValueError(f"prediction_grid: {len(titles)} titles for {n} items")
+    cols = min(ncols, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.0 * cols, 3.1 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    gt_rgb, pred_rgb = (tuple(c / 255 for c in col) for col in (GT_COLOR, PRED_COLOR))
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        rgb = _to_rgb_uint8(images[i])
+        gt = _as_mask(masks[i], rgb.shape[:2])
+        pred = _as_mask(preds[i], rgb.shape[:2])
+        ax.imshow(overlay(rgb, pred, PRED_COLOR, alpha=0.25), interpolation="nearest")
+        # contour() of a constant field warns "no contour levels": skip empty / full masks.
+        for m, col in ((gt, gt_rgb), (pred, pred_rgb)):
+            if m.any() and not m.all():
+                ax.contour(m.astype(np.float32), levels=[0.5], colors=[col], linewidths=1.2)
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize="small")
+    fig.legend(
+        handles=[Line2D([], [], color=gt_rgb, label="ground truth"),
+                 Line2D([], [], color=pred_rgb, label="prediction")],
+        loc="outside lower center", ncols=2, fontsize="small",
+    )
+    return _save_figure(fig, path, dpi)

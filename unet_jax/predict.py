@@ -1,0 +1,100 @@
+"""Segment new images with a trained checkpoint: a mask PNG at each input's original size,
+and an overlay PNG (prediction in red over the image).
+
+Each input is preprocessed exactly as the training data (grayscale or RGB, bilinear resize
+to the training size, /255); the probabilities are resized back (bilinear, then the
+threshold). A bad input file is reported and skipped; the others are still predicted.
+Outputs are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unet_jax import metrics as M
+from unet_jax.evaluate import LoadedModel, predict_probabilities
+
+__all__ = ["PredictionResult", "predict_files", "preprocess"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionResult:
+    input: str
+    mask: str | None = None
+    overlay: str | None = None
+    lesion_fraction: float | None = None
+    error: str | None = None
+
+
+def preprocess(image: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """PIL image -> uint8 (H, W, channels) at ``size`` = (H, W), as the BUSI reader does."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image, np.uint8).reshape(size[0], size[1], channels)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image") from None
+
+
+def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  threshold: float | None = None, flip_tta: bool = False,
+                  progress: Callable[[int, int, PredictionResult], None] | None = None) -> list[PredictionResult]:
+    """Predict every input; write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png``.
+
+    Returns one result per input, in order; unreadable inputs have ``error`` set.
+    """
+    from unet_jax.plots import overlay
+
+    t = loaded.config.threshold if threshold is None else threshold
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[PredictionResult] = []
+    stems: dict[str, int] = {}
+    for n, raw in enumerate(inputs, start=1):
+        path = Path(raw)
+        try:
+            image = _load(path)
+        except ValueError as err:
+            results.append(PredictionResult(str(path), error=str(err)))
+            if progress is not None:
+                progress(n, len(inputs), results[-1])
+            continue
+        x = preprocess(image, loaded.input_size, loaded.config.channels)
+        prob = predict_probabilities(loaded, x[None], batch_size=1, flip_tta=flip_tta)[0]
+        mask = M.resize_mask(prob, (image.size[1], image.size[0]), t=t)
+        stem = path.stem if path.stem not in stems else f"{path.stem}_{stems[path.stem]}"
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
+        _save_png(overlay(np.asarray(image.convert("RGB")), mask, color=(255, 0, 0)), overlay_path)
+        results.append(PredictionResult(str(path), str(mask_path), str(overlay_path), float(mask.mean())))
+        if progress is not None:
+            progress(n, len(inputs), results[-1])
+    return results

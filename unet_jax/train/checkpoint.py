@@ -1,0 +1,138 @@
+"""Orbax checkpoints: ``latest`` (to resume) and ``best`` (by the monitored validation metric).
+
+Each checkpoint holds the training state (step, parameters, batch statistics, optimiser
+state) and a JSON ``meta`` item (the run's config, the loop's counters and history), so a
+checkpoint folder is enough to rebuild the model for evaluation or prediction. Orbax
+writes to a temporary folder and renames it when complete: a run killed while saving leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from unet_jax.train.state import TrainState
+
+__all__ = ["CheckpointStore", "find_checkpoint", "read_meta", "restore_variables"]
+
+LATEST, BEST = "latest", "best"
+
+
+def _state_tree(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+
+
+class CheckpointStore:
+    """``run_dir/checkpoints/{latest,best}/<step>/{state,meta}``, one of each kept."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        root = Path(run_dir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+        self._managers = {name: ocp.CheckpointManager(root / name, options=options) for name in (LATEST, BEST)}
+
+    def save(self, which: str, state: TrainState, meta: dict[str, Any]) -> None:
+        manager = self._managers[which]
+        step = int(jax.device_get(state.step))
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+    def latest_step(self, which: str = LATEST) -> int | None:
+        return self._managers[which].latest_step()
+
+    def restore(self, which: str, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """Restore into the structure (and shardings) of ``state``; returns (state, meta)."""
+        manager = self._managers[which]
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"no {which!r} checkpoint in {manager.directory}")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
+        tree = restored["state"]
+        state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                              opt_state=tree["opt_state"])
+        return state, dict(restored["meta"])
+
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.close()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The step folder for ``path``: a run folder (its best, else latest checkpoint), a
+    ``checkpoints/{best,latest}`` folder, or a step folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; expected a run folder or a checkpoint folder")
+    candidates = []
+    if (path / "meta").is_dir():
+        return path
+    for base in (path / "checkpoints" / BEST, path / "checkpoints" / LATEST, path):
+        steps = sorted((p for p in base.glob("*") if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir()),
+                       key=lambda p: int(p.name))
+        if steps:
+            candidates.append(steps[-1])
+            break
+    if not candidates:
+        raise ValueError(
+            f"no checkpoint found in {str(path)!r}; expected a run folder with checkpoints/best or "
+            f"checkpoints/latest, or a checkpoint step folder"
+        )
+    return candidates[0]
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    files = [p for p in (step_dir / "meta").iterdir() if p.is_file() and not p.name.startswith(".")]
+    for f in files:
+        try:
+            return json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    raise ValueError(f"checkpoint {str(step_dir)!r} has no readable meta JSON")
+
+
+def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dict[str, Any]:
+    """Parameters and batch statistics of a checkpoint, checked against
+    ``abstract_variables`` (the model's ``init`` shapes); a different architecture is a
+    ``ValueError`` naming what differs."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
+    wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
+    _check_same_structure(saved, wanted, step_dir)
+    return saved
+
+
+def _check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+    have, need = shapes(saved), shapes(wanted)
+    if have == need:
+        return
+    missing = sorted(set(need) - set(have))
+    extra = sorted(set(have) - set(need))
+    differ = sorted(k for k in set(have) & set(need) if have[k] != need[k])
+    details = []
+    if missing:
+        details.append(f"missing {missing[:3]}")
+    if extra:
+        details.append(f"unexpected {extra[:3]}")
+    if differ:
+        k = differ[0]
+        details.append(f"{len(differ)} shape(s) differ, e.g. {k}: checkpoint {have[k]} vs model {need[k]}")
+    raise ValueError(
+        f"checkpoint {str(step_dir)!r} was saved from a different architecture: " + "; ".join(details)
+    )

@@ -1,0 +1,417 @@
+"""The training loop: data on the device, epochs of scanned steps, validation, early
+stopping, checkpoints, logs, and the final test evaluation.
+
+A run is a folder: ``config.json``, ``split.json`` (the manifest), ``environment.json``
+(versions, devices, wall time), ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/{latest,
+best}``, ``plots/``, ``results.json``. Running the same command on the same folder resumes
+from ``checkpoints/latest``; batches, augmentation and dropout are pure functions of the
+run seed and the step, so the resumed run is the same run (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unet_jax.config import TrainConfig, config_to_dict
+from unet_jax.data import (
+    AugmentConfig,
+    BusiDataset,
+    DeviceData,
+    ReadOptions,
+    Split,
+    duplicate_groups,
+    load_busi,
+    load_cache,
+    make_sampler,
+    read_manifest,
+    seed_protocol,
+    stratified_split,
+    write_manifest,
+    write_phantom,
+)
+from unet_jax.losses import get_loss
+from unet_jax.models import create_unet
+from unet_jax.train.checkpoint import BEST, LATEST, CheckpointStore
+from unet_jax.train.logs import MetricsLog
+from unet_jax.train.state import TrainState, create_train_state, make_optimizer
+from unet_jax.train.steps import (
+    default_steps_per_dispatch,
+    evaluate_device_data,
+    make_mesh,
+    metrics_to_host,
+    train_steps,
+)
+
+__all__ = ["TrainingDiverged", "RunResult", "train", "build_model", "load_run_data", "make_split",
+           "augment_config", "environment"]
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    stopped_early: bool
+    test: dict[str, float]
+    wall_time_s: float
+
+
+# --------------------------------------------------------------------------------------
+# Pieces a run is made of (also used by evaluation and prediction)
+# --------------------------------------------------------------------------------------
+def build_model(config: TrainConfig) -> Any:
+    """The run's UNet: preset + overrides, the data's channels, the compute dtype."""
+    return create_unet(config.preset, **{"in_channels": config.channels, **config.model,
+                                         "dtype": None if config.dtype == "float32" else config.dtype})
+
+
+def augment_config(config: TrainConfig) -> AugmentConfig | None:
+    if not config.augment:
+        return None
+    return AugmentConfig(
+        hflip=config.hflip, vflip=0.0, max_rotation_deg=config.max_rotation_deg,
+        scale=(config.scale_min, config.scale_max), brightness=config.brightness,
+        contrast=(config.contrast_min, config.contrast_max), gamma=(config.gamma_min, config.gamma_max),
+    )
+
+
+def load_run_data(config: TrainConfig, run_dir: Path, progress: Progress | None = None) -> BusiDataset:
+    """The dataset at the training size: a prepared cache, a BUSI folder, or phantom data."""
+    size = (config.image_size, config.image_size)
+    if config.cache is not None:
+        dataset = load_cache(config.cache)
+        shape = dataset.images_u8.shape[1:]
+        if tuple(shape) != (*size, config.channels):
+            raise ValueError(
+                f"cache {config.cache!r} holds images of shape {tuple(shape)}; the config expects "
+                f"{(*size, config.channels)} (image_size={config.image_size}, channels={config.channels})"
+            )
+        return dataset
+    source = config.data
+    if source is None:
+        source = run_dir / "phantom"
+        if not source.exists():
+            n = config.phantom_images
+            counts = {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3}
+            write_phantom(source, counts=counts, size=size, seed=config.seed)
+    elif not Path(source).exists():
+        raise ValueError(f"data folder {source!r} does not exist; expected a folder in the BUSI layout")
+    on_progress = None
+    if progress is not None:
+        def on_progress(done: int, total: int) -> None:
+            progress({"kind": "read", "done": done, "total": total})
+    return load_busi(source, ReadOptions(size=size, channels=config.channels), on_progress)
+
+
+def make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
+    """The run's split: a given manifest, the notebook's protocol, or a duplicate-aware one.
+
+    Validation always comes out of the training data, never out of the test split.
+    """
+    if config.manifest is not None:
+        split = read_manifest(config.manifest)
+        dataset.index_of([i for part in split.partitions.values() for i in part])  # all ids present
+        return split
+    ids, labels = list(dataset.ids), [int(x) for x in dataset.labels]
+    if config.classes == "lesion":
+        keep = [k for k, lab in enumerate(labels) if lab in (0, 1)]
+        ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        hashes = dataset.hashes[keep]
+    else:
+        hashes = dataset.hashes
+    if config.split == "seed":
+        base = seed_protocol(ids, labels, seed=config.split_seed)
+        train_ids = list(base["train"])
+        by_id = dict(zip(ids, labels))
+        inner = stratified_split(train_ids, [by_id[i] for i in train_ids], (),
+                                 {"train": 1 - config.val_fraction, "val": config.val_fraction},
+                                 seed=config.split_seed)
+        return Split("seed", config.split_seed,
+                     {"train": inner["train"], "val": inner["val"], "test": base["test"]},
+                     {**base.params, "val_fraction_of_train": config.val_fraction})
+    groups = duplicate_groups(hashes)
+    fractions = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
+                 "test": config.test_fraction}
+    return stratified_split(ids, labels, groups, fractions, seed=config.split_seed)
+
+
+def environment(mesh: Mesh) -> dict[str, Any]:
+    import flax
+    import optax
+
+    devices = mesh.devices.flatten().tolist()
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d.device_kind) for d in devices],
+        "num_devices": len(devices),
+        "process_count": jax.process_count(),
+        "host": platform.node(),
+    }
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    # Multi-host: every process holds the same (small) arrays; build global ones from them.
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]), tree)
+
+
+def _device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> DeviceData:
+    idx = dataset.index_of(ids)
+    host = DeviceData(images=dataset.images_u8[idx], masks=dataset.masks[idx].astype(np.uint8),
+                      labels=dataset.labels[idx].astype(np.int32))
+    return _replicate(host, mesh)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Early stopping bookkeeping (plain data, saved in every checkpoint)
+# --------------------------------------------------------------------------------------
+def _improved(config: TrainConfig, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if config.monitor == "val/loss" else value > best
+
+
+def _check_finite(record: dict[str, Any], epoch: int, run_dir: Path) -> None:
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch}: {bad}; the last good checkpoint is kept in "
+            f"{run_dir / 'checkpoints' / LATEST} (try a lower learning_rate or grad_clip_norm=1.0)"
+        )
+
+
+_MODEL_KEYS = ("preset", "model", "channels", "image_size", "dtype")
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    current = config_to_dict(config)
+    differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+    if differ:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(
+            f"run folder {str(run_dir)!r} holds a checkpoint of a different configuration ({details}); "
+            f"resume with the same config, or choose a new --out folder"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None = None,
+          mesh: Mesh | None = None) -> RunResult:
+    """Train, validate, early-stop, checkpoint and evaluate on the test split.
+
+    Resumes from ``run_dir/checkpoints/latest`` when it exists (same config required).
+    ``progress`` receives plain dicts (``kind``: read, start, step, epoch, done); the
+    library never prints.
+    """
+    started = time.time()
+    if config.distributed:
+        jax.distributed.initialize()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    emit = progress or (lambda event: None)
+    mesh = mesh or make_mesh()
+    n_dev = mesh.devices.size
+    if config.batch_size % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
+                         f"expected a multiple of {n_dev}")
+
+    dataset = load_run_data(config, run_dir, emit)
+    split = make_split(config, dataset)
+    write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
+    _write_json(run_dir / "config.json", config_to_dict(config))
+
+    n_train = len(split["train"])
+    if n_train < config.batch_size:
+        raise ValueError(f"the training split has {n_train} images, fewer than batch_size "
+                         f"{config.batch_size}; expected batch_size <= {n_train}")
+    steps_per_epoch = n_train // config.batch_size
+    chunk = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
+
+    model = build_model(config)
+    loss_fn = get_loss(config.loss, **_loss_kwargs(config))
+    tx = make_optimizer(config, steps_per_epoch)
+    root_key = jax.random.key(config.seed)
+    init_key, data_key, dropout_key = jax.random.split(root_key, 3)
+    state = create_train_state(model, tx, init_key, (1, config.image_size, config.image_size, config.channels))
+    state = _replicate(state, mesh)
+    train_data = _device_data(dataset, split["train"], mesh)
+    val_data = _device_data(dataset, split["val"], mesh)
+    sample = make_sampler(config.batch_size, n_train, augment_config(config))
+
+    store = CheckpointStore(run_dir)
+    loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
+    if store.latest_step() is not None:
+        state, meta = store.restore(LATEST, state)
+        _check_resumable(meta["config"], config, run_dir)
+        loop = meta["loop"]
+    log = MetricsLog(run_dir, resume_epochs=loop["epoch"])
+    emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "resumed_epoch": loop["epoch"],
+          "train": n_train, "val": len(split["val"]), "test": len(split.partitions.get("test", ())),
+          "devices": n_dev})
+
+    evaluate = lambda st, data: metrics_to_host(  # noqa: E731
+        evaluate_device_data(st, data, batch_size=config.eval_batch_size, loss_fn=loss_fn,
+                             threshold=config.threshold, mesh=mesh), "val/")
+    try:
+        while loop["epoch"] < config.epochs and not loop["stopped_early"]:
+            epoch = loop["epoch"] + 1
+            epoch_start = time.time()
+            totals = None
+            done = 0
+            while done < steps_per_epoch:
+                n = min(chunk, steps_per_epoch - done)
+                start = jax.numpy.asarray((epoch - 1) * steps_per_epoch + done, jax.numpy.int32)
+                state, metrics = train_steps(state, train_data, data_key, dropout_key, start, num_steps=n,
+                                             sample=sample, loss_fn=loss_fn, threshold=config.threshold, mesh=mesh)
+                totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
+                done += n
+                if progress is not None and done < steps_per_epoch:
+                    live = metrics_to_host(totals, "train/")
+                    emit({"kind": "step", "epoch": epoch, "step": done, "steps_per_epoch": steps_per_epoch, **live})
+            record = {"epoch": epoch, "step": epoch * steps_per_epoch, **metrics_to_host(totals, "train/"),
+                      **evaluate(state, val_data)}
+            record["lr"] = float(make_optimizer_schedule_value(config, steps_per_epoch, epoch * steps_per_epoch))
+            record["epoch_time_s"] = time.time() - epoch_start
+            _check_finite(record, epoch, run_dir)
+
+            value = record[config.monitor]
+            improved = _improved(config, value, loop["best_value"])
+            loop = {**loop, "epoch": epoch, "history": loop["history"] + [record]}
+            if improved:
+                loop.update(best_value=value, best_epoch=epoch, bad_epochs=0)
+            else:
+                loop["bad_epochs"] += 1
+            if config.patience is not None and loop["bad_epochs"] >= config.patience:
+                loop["stopped_early"] = True
+            log.write(record, record["step"])
+            meta = {"config": config_to_dict(config), "loop": loop}
+            if improved:
+                store.save(BEST, state, meta)
+            if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or epoch == config.epochs:
+                store.save(LATEST, state, meta)
+            emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
+    finally:
+        log.close()
+
+    if config.restore_best and store.latest_step(BEST) is not None:
+        state, _ = store.restore(BEST, state)
+    test = {}
+    if split.partitions.get("test"):
+        test_data = _device_data(dataset, split["test"], mesh)
+        test = {k.replace("val/", "test/"): v for k, v in evaluate(state, test_data).items()}
+    store.close()
+    emit({"kind": "finishing"})
+    _finish_run(config, model, state, dataset, split, loop, test, run_dir)
+    wall = time.time() - started
+    env = {**environment(mesh), "wall_time_s": wall}
+    _write_json(run_dir / "environment.json", env)
+    result = RunResult(run_dir, loop["history"], loop["best_epoch"], loop["stopped_early"], test, wall)
+    emit({"kind": "done", "best_epoch": loop["best_epoch"], "stopped_early": loop["stopped_early"], **test,
+          "wall_time_s": wall})
+    return result
+
+
+def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: BusiDataset, split: Split,
+                loop: dict[str, Any], test: dict[str, float], run_dir: Path) -> None:
+    """results.json (the report's columns beside Dice and IoU, native-resolution test
+    metrics), per-image test rows, and the plots."""
+    from unet_jax.evaluate import LoadedModel, evaluate_dataset, evaluation_report, predict_probabilities
+    from unet_jax import metrics as M
+
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    loaded = LoadedModel(model, variables, config, run_dir)
+    best = loop["history"][loop["best_epoch"] - 1] if loop["best_epoch"] else {}
+    results: dict[str, Any] = {
+        "best_epoch": loop["best_epoch"],
+        "epochs_run": loop["epoch"],
+        "stopped_early": loop["stopped_early"],
+        "monitor": config.monitor,
+        "train_at_best_epoch": {k: v for k, v in best.items() if k.startswith("train/")},
+        "val_at_best_epoch": {k: v for k, v in best.items() if k.startswith("val/")},
+        "test_training_resolution": test,
+    }
+    test_ids = split.partitions.get("test", ())
+    if test_ids:
+        test_ds = dataset.subset(list(test_ids))
+        native = bool(test_ds.original_masks)
+        aggregate, rows = evaluate_dataset(loaded, test_ds, native=native)
+        report = evaluation_report(aggregate, rows, native=native, source="test split")
+        predictions = run_dir / "predictions"
+        predictions.mkdir(exist_ok=True)
+        _write_json(predictions / "test_per_image.json", report.pop("per_image"))
+        results["test"] = report
+        if config.plots:
+            from unet_jax.plots import prediction_grid
+
+            show = min(len(test_ds), 16)
+            probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size)
+            gts = [test_ds.original_masks[i] if native else test_ds.masks[i, :, :, 0] for i in range(show)]
+            preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
+            images = [_native_image(test_ds, i, g.shape) for i, g in enumerate(gts)]
+            prediction_grid(images, gts, preds, run_dir / "plots" / "test_predictions.png",
+                            titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])])
+    if config.plots and loop["history"]:
+        from unet_jax.plots import plot_training_curves
+
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset)
+    _write_json(run_dir / "results.json", results)
+
+
+def _native_image(dataset: BusiDataset, i: int, shape: tuple[int, int]) -> np.ndarray:
+    """The training-size image brought to ``shape`` for display (the native file may be gone)."""
+    from PIL import Image
+
+    image = dataset.images_u8[i]
+    if image.shape[:2] == tuple(shape):
+        return image
+    mode = "L" if image.shape[-1] == 1 else "RGB"
+    pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode)
+    return np.asarray(pil.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
+def _loss_kwargs(config: TrainConfig) -> dict[str, Any]:
+    if config.loss == "bce":
+        return {"pos_weight": config.pos_weight}
+    if config.loss == "bce_dice":
+        return {"pos_weight": config.pos_weight, "bce_weight": config.bce_weight, "dice_weight": config.dice_weight}
+    return {}
+
+
+def make_optimizer_schedule_value(config: TrainConfig, steps_per_epoch: int, step: int) -> float:
+    from unet_jax.train.state import make_schedule
+
+    return float(make_schedule(config, steps_per_epoch)(step))
