@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dataclasses
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,3 +30,17 @@ def shared_busi() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared BUSI data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One finished TINY run (with plots), shared by the training and CLI tests:
+    (run folder, RunResult, the progress events it emitted)."""
+    from _train_helpers import TINY
+
+    from unet_jax.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    events: list[dict] = []
+    result = train(dataclasses.replace(TINY, plots=True), run_dir, progress=events.append)
+    return run_dir, result, events

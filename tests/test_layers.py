@@ -131,6 +131,18 @@ def test_maxpool_padding_never_wins_even_for_negative_inputs():
     np.testing.assert_array_equal(y[0, :, :, 0], -np.ones((2, 2)))
 
 
+def test_maxpool_on_integers_pads_with_the_dtype_minimum():
+    # -inf has no int32 representation; the smallest int32 plays its role: padding never
+    # wins, even against negative inputs (or an input equal to that minimum itself).
+    low = np.iinfo(np.int32).min
+    x = jnp.array([[-5, -1, -7], [-3, -2, low], [-9, -8, -6]], jnp.int32)[None, :, :, None]
+    y = MaxPool2D(2, strides=2, padding=1).apply({}, x)
+    assert y.dtype == jnp.int32
+    # Padded with one row/column of iinfo.min on every side: windows of 1, 2 or 4 pixels.
+    np.testing.assert_array_equal(y[0, :, :, 0], [[-5, -1], [-3, -2]])
+    np.testing.assert_array_equal(MaxPool2D(3).apply({}, x)[0, :, :, 0], [[-1]])
+
+
 def test_maxpool_gradient_flows_to_each_window_maximum():
     x = jnp.array([[1.0, 2.0, 5.0, 0.0], [3.0, 4.0, 1.0, 1.0]])
     grad = jax.grad(lambda x: MaxPool2D(2).apply({}, x[None, :, :, None]).sum())(x)
@@ -303,8 +315,15 @@ def test_he_normal_init_scale():
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", [Conv2D(2, 3), MaxPool2D(2), ConvTranspose2D(2, 2)])
 def test_wrong_rank_is_refused(layer):
-    with pytest.raises(ValueError, match=r"rank 4 .*got rank 3 with shape \(8, 8, 1\)"):
+    # On its own a layer has no name: the message starts "Conv2D: ", never "Conv2D None: ".
+    kind = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^{kind}: input must be rank 4 .*got rank 3 with shape \(8, 8, 1\)"):
         layer.init(jax.random.key(0), jnp.ones((8, 8, 1)))
+
+
+def test_errors_name_the_layer_when_it_has_a_name():
+    with pytest.raises(ValueError, match=r"^Conv2D 'enc1': input must be rank 4"):
+        Conv2D(2, 3, name="enc1").init(jax.random.key(0), jnp.ones((8, 8, 1)))
 
 
 @pytest.mark.parametrize("cls", [Conv2D, ConvTranspose2D])
@@ -334,6 +353,12 @@ def test_bad_padding_and_output_padding_are_refused():
         Conv2D(1, 3, padding=-1).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
     with pytest.raises(ValueError, match=r"output_padding must satisfy 0 <= output_padding < stride \(2\), got 2"):
         ConvTranspose2D(1, 3, strides=2, output_padding=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+
+
+def test_reference_convolution_refuses_a_channel_mismatch():
+    # A ValueError (an assert would vanish under python -O) naming both channel counts.
+    with pytest.raises(ValueError, match=r"input has 2 channels .*expects C_in = 3"):
+        reference.conv2d(np.ones((4, 4, 2)), np.ones((3, 3, 3, 1)))
 
 
 def test_size_formulas_refuse_impossible_arguments():

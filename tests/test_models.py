@@ -8,14 +8,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from unet_jax.cli import main
-from unet_jax.models import PRESETS, UNet, create_unet, nearest_valid_sizes, unet_output_size
+from unet_jax.models import (
+    PRESETS,
+    CropConcat,
+    UNet,
+    check_input_size,
+    create_unet,
+    nearest_valid_sizes,
+    unet_output_size,
+)
 from unet_jax.summary import summarize
 
 
 def count(tree) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def init_key(seed: int) -> jax.Array:
+    """A key for ``model.init`` that is cheap to compile.
+
+    The default threefry hash is compiled once per differently shaped parameter, and on a
+    CPU that dominates a U-Net's init (tens of seconds); 'rbg' (XLA's RngBitGenerator)
+    compiles in a fraction of it. These tests need random weights, not a particular stream.
+    """
+    return jax.random.key(seed, impl="rbg")
 
 
 def abstract_variables(model: UNet, size: int):
@@ -110,37 +129,62 @@ def test_preset_output_shapes(preset, size, expected):
 
 def test_valid_mode_forward_crops_skips_and_computes():
     # A narrow 2015 network run for real: 188 -> 4 (every valid input loses 184 pixels).
+    # init_with_output runs the same forward pass as apply, in one compilation, not two.
     model = create_unet("ronneberger", features=2)
     x = jax.random.normal(jax.random.key(0), (1, 188, 188, 1))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
-    y = jax.jit(model.apply)(variables, x)
+    y, _ = jax.jit(model.init_with_output)(init_key(1), x)
     assert y.shape == (1, 4, 4, 2)
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_non_square_inputs():
     model = create_unet("seed", features=4)
-    x = jnp.ones((1, 32, 64, 3))
-    variables = model.init(jax.random.key(0), x)
-    assert model.apply(variables, x).shape == (1, 32, 64, 1)
+    y, _ = jax.jit(model.init_with_output)(init_key(0), jnp.ones((1, 32, 64, 3)))
+    assert y.shape == (1, 32, 64, 1)
+
+
+def test_crop_concat_takes_the_centre_of_the_skip_and_puts_up_first():
+    # A 6x6 skip against a 2x2 up-sampled map: (6 - 2) / 2 = 2 rows and columns are cut
+    # on every side (Ronneberger et al. Fig. 1), so the centre skip[2:4, 2:4] remains.
+    # Channels are [up, skip], the notebook's concatenate([u, c]).
+    skip = jnp.arange(36, dtype=jnp.float32).reshape(1, 6, 6, 1)
+    up = jnp.array([[-1.0, -2.0], [-3.0, -4.0]]).reshape(1, 2, 2, 1)
+    out = CropConcat().apply({}, skip, up)
+    expected = jnp.concatenate([up, skip[:, 2:4, 2:4]], axis=-1)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out[0, :, :, 1], [[14, 15], [20, 21]])
 
 
 # --------------------------------------------------------------------------------------
 # Input-size rules
 # --------------------------------------------------------------------------------------
 def test_same_mode_refuses_sizes_not_divisible_by_2_to_the_depth():
+    # The message names the wrong axis: height 250 here, width 250 below.
     model = create_unet("seed")
-    with pytest.raises(ValueError, match=r"input size 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
+    with pytest.raises(ValueError, match=r"input height 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
         model.init(jax.random.key(0), jnp.ones((1, 250, 256, 3)))
+    with pytest.raises(ValueError, match=r"input width 250 .*nearest valid sizes: 240 or 256"):
+        model.init(jax.random.key(0), jnp.ones((1, 256, 250, 3)))
 
 
 def test_valid_mode_refuses_sizes_that_do_not_pool_evenly():
     spec = create_unet("ronneberger")._size_spec()
     assert nearest_valid_sizes(570, **spec) == (556, 572)
-    with pytest.raises(ValueError, match=r"input size 570 .*VALID mode.*nearest valid sizes: 556 or 572"):
-        unet_output_size(570, **spec)
-    with pytest.raises(ValueError, match=r"input size 100 .*nearest valid sizes: 188"):
-        unet_output_size(100, **spec)  # too small: nothing valid below
+    assert check_input_size((572, 188), spec) == (388, 4)
+    with pytest.raises(ValueError, match=r"input height 570 .*VALID mode.*nearest valid sizes: 556 or 572"):
+        check_input_size((570, 572), spec)
+    with pytest.raises(ValueError, match=r"input width 100 .*nearest valid sizes: 188"):
+        check_input_size((572, 100), spec)  # too small: nothing valid below
+    with pytest.raises(ValueError, match=r"input size 570 .*nearest valid sizes: 556 or 572"):
+        unet_output_size(570, **spec)  # one length on its own: no axis to name
+
+
+@pytest.mark.parametrize("hw, axis, value", [((0, 256), "height", 0), ((256, -16), "width", -16)])
+def test_non_positive_sizes_are_refused_as_such(hw, axis, value):
+    # Not "cannot pass the pooling steps": a size below 1 is no size at all.
+    spec = create_unet("seed")._size_spec()
+    with pytest.raises(ValueError, match=rf"input {axis} must be a positive integer, got {value}; smallest valid size: 16"):
+        check_input_size(hw, spec)
 
 
 def test_wrong_input_channels_are_refused():
@@ -169,7 +213,7 @@ def test_presets_are_keyword_sets_of_one_definition():
 def small_seed():
     model = create_unet("seed", features=4, depth=2)
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(init_key(1), x)
     return model, variables, x
 
 
@@ -179,6 +223,39 @@ def test_train_mode_uses_batch_statistics_and_updates_running_averages(small_see
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_seed_preset_drops_out_after_every_pooling_and_concatenation():
+    # The notebook: Dropout(0.2) right after each MaxPooling2D and each concatenate.
+    model = create_unet("seed")
+    assert model.dropout_rate == 0.2
+    rates = {}
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout):
+            rates[context.module.name] = context.module.rate
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+        summary = summarize("seed", size=(32, 32))
+    names = [row.name for row in summary.layers]
+    kinds = {row.name: row.kind for row in summary.layers}
+    for level in range(1, 5):
+        for layer, dropout in ((f"pool{level}", f"drop_pool{level}"), (f"concat{level}", f"drop_concat{level}")):
+            assert kinds[dropout] == "Dropout"
+            assert names.index(dropout) == names.index(layer) + 1  # directly after it
+            assert rates[dropout] == 0.2
+    assert len(rates) == 8
+
+
+def test_dropout_rate_zero_makes_training_independent_of_the_key(small_seed):
+    model, variables, x = small_seed
+    model = model.clone(dropout_rate=0.0)
+
+    def train(key):
+        return model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+
+    np.testing.assert_array_equal(train(jax.random.key(3)), train(jax.random.key(4)))
 
 
 def test_dropout_needs_a_key_in_training_and_is_off_in_evaluation(small_seed):
@@ -242,4 +319,7 @@ def test_summary_rectangular_and_bad_sizes(capsys):
     assert main(["summary", "--preset", "padded", "--size", "128", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["output_shape"] == [1, 128, 64, 1]
     assert main(["summary", "--preset", "seed", "--size", "250"]) == 2
-    assert "nearest valid sizes: 240 or 256" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "input height 250" in err and "nearest valid sizes: 240 or 256" in err
+    assert main(["summary", "--preset", "seed", "--size", "256", "0"]) == 2
+    assert "input width must be a positive integer, got 0" in capsys.readouterr().err

@@ -47,8 +47,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 class _ProgressPrinter:
     """Renders the loop's progress events as one updating line per epoch on stderr."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.epochs = 0
 
     def __call__(self, event: dict) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -151,7 +152,12 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         return config_from_dict(json.loads(path.read_text()), source=str(path))
     spec = importlib.util.spec_from_file_location(f"unet_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    # Variants import their base config from the same folder.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
     config = module.get_config()

@@ -5,10 +5,15 @@ Each layer's output shape equals the report's output-size formula, implemented h
 plain functions so that tests, the model summary and input-size validation share one
 definition:
 
-* convolution and pooling (report, output-size formula):
-  ``n_out = floor((n + 2p - k) / s) + 1``
-* transposed convolution (report, output-size formula):
-  ``n_out = s (n - 1) + k - 2p (+ output padding)``
+* convolution and pooling (the report's output-size formula for a convolutional or
+  pooling layer): ``n_out = floor((n + 2p - k) / s) + 1``
+* transposed convolution (the report's output size of a transposed convolution, the
+  layer of its equation [16]): ``n_out = s (n - 1) + k - 2p (+ output padding)``
+
+Equation numbers: the report's text is not in this repository, so the only number cited
+is [16] (the transposed convolution, whose printed equation is garbled; the layers use the
+standard definition, see :class:`ConvTranspose2D`). The other formulas are named by what
+they compute rather than by a number we cannot check.
 
 With asymmetric padding ``(lo, hi)`` the ``2p`` term reads ``lo + hi``.
 
@@ -61,9 +66,10 @@ def _check_positive(name: str, value: int) -> None:
 def conv_output_size(n: int, k: int, s: int = 1, p: int | tuple[int, int] = 0) -> int:
     """Output length of a convolution: ``floor((n + 2p - k) / s) + 1``.
 
-    The report's output-size formula for a convolution with input length ``n``, kernel
-    ``k``, stride ``s`` and zero padding ``p`` on each side. ``p`` may be a ``(lo, hi)``
-    pair, in which case ``2p`` becomes ``lo + hi``.
+    Implements the report's output-size formula for a convolutional layer (its equation
+    number is not cited: the report's text is not in the repository), with input length
+    ``n``, kernel ``k``, stride ``s`` and zero padding ``p`` on each side. ``p`` may be a
+    ``(lo, hi)`` pair, in which case ``2p`` becomes ``lo + hi``.
 
     Raises:
       ValueError: if ``k`` or ``s`` is not positive, or the kernel is larger than the
@@ -82,8 +88,12 @@ def conv_output_size(n: int, k: int, s: int = 1, p: int | tuple[int, int] = 0) -
 
 
 def pool_output_size(n: int, k: int, s: int | None = None, p: int | tuple[int, int] = 0) -> int:
-    """Output length of max pooling: the same formula as convolution,
-    ``floor((n + 2p - k) / s) + 1``, with window ``k`` and stride ``s`` (default ``k``)."""
+    """Output length of max pooling: ``floor((n + 2p - k) / s) + 1``.
+
+    Implements the report's output-size formula for a pooling layer, which is the
+    convolution formula (:func:`conv_output_size`) with window ``k`` in place of the
+    kernel and stride ``s`` (default ``k``: non-overlapping windows).
+    """
     return conv_output_size(n, k, k if s is None else s, p)
 
 
@@ -92,9 +102,13 @@ def conv_transpose_output_size(
 ) -> int:
     """Output length of a transposed convolution: ``s (n - 1) + k - 2p + output_padding``.
 
-    The report's transposed-convolution size formula (with PyTorch's ``output_padding``,
-    extra rows/columns added on the bottom/right, to reach the sizes a strided forward
-    convolution maps onto the same input length). ``p`` may be a ``(lo, hi)`` pair.
+    Implements the report's output-size formula for a transposed convolution, the layer of
+    the report's equation [16]. That equation is garbled in the report; the size here is
+    the one of the standard definition (PyTorch's ``ConvTranspose2d``), which
+    :class:`ConvTranspose2D` and :func:`unet_jax.reference.conv_transpose2d` implement.
+    ``output_padding`` (PyTorch's, not in the report) adds rows/columns at the
+    bottom/right to reach the sizes a strided forward convolution maps onto the same
+    input length. ``p`` may be a ``(lo, hi)`` pair.
     """
     _check_positive("kernel size", k)
     _check_positive("stride", s)
@@ -193,6 +207,33 @@ def resolve_transpose_padding(
 # --------------------------------------------------------------------------------------
 # Input validation shared by the layers
 # --------------------------------------------------------------------------------------
+def _layer_label(kind: str, name: str | None) -> str:
+    """``"Conv2D 'enc1'"`` inside a parent module, plain ``"Conv2D"`` on its own.
+
+    A layer used on its own has ``name=None``; printing ``Conv2D None`` would read as if
+    the layer were missing.
+    """
+    return f"{kind} {name!r}" if name else kind
+
+
+def _max_identity(dtype: Any) -> np.ndarray:
+    """The smallest value of ``dtype``: the identity of ``max`` and the pooling pad value.
+
+    ``-inf`` for floating dtypes, ``iinfo(dtype).min`` for integers (``-inf`` has no
+    integer representation), ``False`` for booleans. Returned as a concrete NumPy scalar,
+    not a traced array, so that ``jax.lax.reduce_window`` recognises the max monoid and
+    can differentiate it (the gradient flows to each window's arg-max).
+    """
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.array(-np.inf, dtype=dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return np.array(jnp.iinfo(dtype).min, dtype=dtype)
+    if dtype == np.bool_:
+        return np.array(False)
+    raise ValueError(f"MaxPool2D: input dtype must be floating, integer or bool, got {dtype}")
+
+
 def _check_input(layer: str, x: jax.Array, in_features: int | None = None) -> None:
     if x.ndim != 4:
         raise ValueError(
@@ -254,7 +295,7 @@ class Conv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(f"Conv2D {self.name!r}", x, self.in_features)
+        _check_input(_layer_label("Conv2D", self.name), x, self.in_features)
         _check_positive("features", self.features)
         kernel = _tuple2("kernel_size", self.kernel_size)
         strides = _tuple2("strides", self.strides)
@@ -281,8 +322,9 @@ class Conv2D(nn.Module):
 class MaxPool2D(nn.Module):
     """Max pooling: ``y[b, i, j, c] = max_{u < k_h, v < k_w} xpad[b, s_h i + u, s_w j + v, c]``.
 
-    The report's max over each window. Padding is with ``-inf`` so padded positions never
-    win. Overlapping windows (stride smaller than window) are allowed.
+    The report's max over each window. Padding is with the dtype's smallest value (``-inf``
+    for floats, ``iinfo(dtype).min`` for integers) so padded positions never win.
+    Overlapping windows (stride smaller than window) are allowed.
 
     Shapes: ``(N, H, W, C) -> (N, pool_output_size(H, kh, s_h, p), ..., C)``.
     """
@@ -293,18 +335,15 @@ class MaxPool2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(f"MaxPool2D {self.name!r}", x)
+        _check_input(_layer_label("MaxPool2D", self.name), x)
         window = _tuple2("window", self.window)
         strides = window if self.strides is None else _tuple2("strides", self.strides)
         pads = resolve_padding(self.padding, x.shape[1:3], window, strides)
         for axis in (0, 1):
             pool_output_size(x.shape[1 + axis], window[axis], strides[axis], pads[axis])
-        # A concrete -inf (not a traced array) lets jax recognise the max monoid and
-        # differentiate it (the gradient flows to each window's arg-max).
-        init = np.array(-np.inf, dtype=x.dtype)
         return jax.lax.reduce_window(
             x,
-            init,
+            _max_identity(x.dtype),
             jax.lax.max,
             window_dimensions=(1, *window, 1),
             window_strides=(1, *strides, 1),
@@ -351,7 +390,7 @@ class ConvTranspose2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(f"ConvTranspose2D {self.name!r}", x, self.in_features)
+        _check_input(_layer_label("ConvTranspose2D", self.name), x, self.in_features)
         _check_positive("features", self.features)
         kernel = _tuple2("kernel_size", self.kernel_size)
         strides = _tuple2("strides", self.strides)

@@ -47,7 +47,12 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), 
     x, squeeze = _as_hwc(x)
     w = _as_kernel(w)
     kh, kw, c_in, c_out = w.shape
-    assert x.shape[2] == c_in, "channel mismatch"
+    if x.shape[2] != c_in:
+        # A ValueError, not an assert: asserts vanish under ``python -O``.
+        raise ValueError(
+            f"conv2d: input has {x.shape[2]} channels (shape {x.shape}), but the kernel "
+            f"of shape {w.shape} expects C_in = {c_in}"
+        )
     xp = pad(x, pads)
     out_h = (xp.shape[0] - kh) // stride + 1
     out_w = (xp.shape[1] - kw) // stride + 1

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from unet_jax.layers import (
@@ -98,9 +99,10 @@ class CropConcat(nn.Module):
     def __call__(self, skip: jax.Array, up: jax.Array) -> jax.Array:
         dh, dw = skip.shape[1] - up.shape[1], skip.shape[2] - up.shape[2]
         if dh < 0 or dw < 0:
+            label = f"CropConcat {self.name!r}" if self.name else "CropConcat"  # not "None"
             raise ValueError(
-                f"CropConcat {self.name!r}: skip {tuple(skip.shape)} is smaller than the "
-                f"up-sampled map {tuple(up.shape)}; expected skip height/width >= up's"
+                f"{label}: skip {tuple(skip.shape)} is smaller than the up-sampled map "
+                f"{tuple(up.shape)}; expected skip height/width >= up's"
             )
         top, left = dh // 2, dw // 2
         skip = skip[:, top : top + up.shape[1], left : left + up.shape[2], :]
@@ -260,11 +262,22 @@ def _trace_size(n: int, depth: int, convs_per_block: int, kernel_size: int, padd
     return n
 
 
-def unet_output_size(n: int, **spec: Any) -> int:
-    """Output length of a U-Net for input length ``n`` (``spec``: see :func:`check_input_size`)."""
-    out = _trace_size(n, **spec)
+def unet_output_size(n: int, *, axis: str = "size", **spec: Any) -> int:
+    """Output length of a U-Net for input length ``n`` (``spec``: see :func:`check_input_size`).
+
+    ``axis`` (``'height'``, ``'width'``) names the length in the error message, so that a
+    refused ``(H, W)`` says which of the two is wrong.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        # Checked first: the pooling rule below would call 0 "uneven", hiding the real error.
+        _, smallest = nearest_valid_sizes(1, **spec)
+        raise ValueError(
+            f"input {axis} must be a positive integer, got {n!r}; "
+            f"smallest valid size: {smallest if smallest is not None else 'none'}"
+        )
+    out = _trace_size(int(n), **spec)
     if out is None:
-        raise ValueError(_size_message(n, spec))
+        raise ValueError(_size_message(int(n), spec, axis))
     return out
 
 
@@ -275,7 +288,7 @@ def nearest_valid_sizes(n: int, *, search: int = 4096, **spec: Any) -> tuple[int
     return below, above
 
 
-def _size_message(n: int, spec: dict[str, Any]) -> str:
+def _size_message(n: int, spec: dict[str, Any], axis: str = "size") -> str:
     below, above = nearest_valid_sizes(n, **spec)
     nearest = " or ".join(str(m) for m in dict.fromkeys((below, above)) if m is not None)
     if spec["padding"] == "SAME":
@@ -283,7 +296,7 @@ def _size_message(n: int, spec: dict[str, Any]) -> str:
     else:
         rule = "a size whose every pooling input is even (unpadded convolutions shrink it)"
     return (
-        f"input size {n} cannot pass the {spec['depth']} pooling steps evenly in "
+        f"input {axis} {n} cannot pass the {spec['depth']} pooling steps evenly in "
         f"{spec['padding']} mode; expected {rule}; nearest valid sizes: {nearest or 'none'}"
     )
 
@@ -292,9 +305,12 @@ def check_input_size(hw: tuple[int, int], spec: dict[str, Any]) -> tuple[int, in
     """Validate an input ``(height, width)`` for a U-Net and return its output size.
 
     ``spec`` holds ``depth``, ``convs_per_block``, ``kernel_size``, ``padding`` and
-    ``up_kernel``. Raises ``ValueError`` with the nearest valid sizes.
+    ``up_kernel``. Raises ``ValueError`` naming the axis (``input height 250 ...`` or
+    ``input width 250 ...``): non-positive sizes as such, others with the nearest valid
+    sizes.
     """
-    return unet_output_size(int(hw[0]), **spec), unet_output_size(int(hw[1]), **spec)
+    height, width = (int(n) for n in hw)
+    return unet_output_size(height, axis="height", **spec), unet_output_size(width, axis="width", **spec)
 
 
 # --------------------------------------------------------------------------------------

@@ -211,12 +211,23 @@ def _check_finite(record: dict[str, Any], epoch: int, run_dir: Path) -> None:
         )
 
 
-_MODEL_KEYS = ("preset", "model", "channels", "image_size", "dtype")
+def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse, before any work, to resume a run folder with another configuration."""
+    from unet_jax.train.checkpoint import find_checkpoint, read_meta
+
+    latest = run_dir / "checkpoints" / LATEST
+    if latest.is_dir() and any(latest.iterdir()):
+        _check_resumable(read_meta(find_checkpoint(latest))["config"], config, run_dir)
+
+
+# Keys that do not change what is computed: a resumed run may set them differently.
+_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "checkpoint_every", "distributed"})
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
     current = config_to_dict(config)
-    differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+    differ = {k: (saved.get(k), current[k]) for k in current
+              if saved.get(k) != current[k] and k not in _FREE_ON_RESUME}
     if differ:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ValueError(
@@ -248,6 +259,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
                          f"expected a multiple of {n_dev}")
 
+    _check_run_folder(config, run_dir)
     dataset = load_run_data(config, run_dir, emit)
     split = make_split(config, dataset)
     write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))

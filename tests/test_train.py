@@ -1,0 +1,274 @@
+"""Training: the pure steps, the loop, checkpoints and resumption, logs, data parallelism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from unet_jax.config import TrainConfig
+from unet_jax.data import AugmentConfig, DeviceData, make_sampler
+from unet_jax.losses import get_loss
+from unet_jax.models import create_unet
+from unet_jax.train import TrainingDiverged, train
+from unet_jax.train.checkpoint import CheckpointStore, find_checkpoint, read_meta
+from unet_jax.train.logs import read_jsonl
+from unet_jax.train.state import create_train_state, make_optimizer
+from unet_jax.train.steps import make_mesh, train_step, train_steps
+
+from _train_helpers import TINY
+
+
+def tiny_state(config: TrainConfig = TINY, steps_per_epoch: int = 5, tx=None, size: int = 32):
+    model = create_unet(config.preset, in_channels=1, **config.model)
+    tx = make_optimizer(config, steps_per_epoch) if tx is None else tx
+    return create_train_state(model, tx, jax.random.key(0), (1, size, size, 1))
+
+
+# The step tests need only a U-Net, not a good one: one level, 16x16 images.
+SHALLOW = dataclasses.replace(TINY, model={"features": 4, "depth": 1})
+
+
+def random_device_data(n: int = 16, size: int = 16) -> DeviceData:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    centres = rng.integers(size // 4, size - size // 4, (n, 2))
+    masks = ((yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2 < (size / 5) ** 2)
+    images = np.clip(120 + 40 * rng.standard_normal((n, size, size)) - 80 * masks, 0, 255)
+    return DeviceData(images=jnp.asarray(images[..., None], jnp.uint8), masks=jnp.asarray(masks[..., None], jnp.uint8),
+                      labels=jnp.zeros(n, jnp.int32))
+
+
+# --------------------------------------------------------------------------------------
+# The pure steps
+# --------------------------------------------------------------------------------------
+def test_one_step_lowers_the_loss():
+    state = tiny_state(dataclasses.replace(SHALLOW, model={"features": 4, "depth": 1, "dropout_rate": 0.0}), size=16)
+    data = random_device_data()
+    batch = make_sampler(8, 16, None)(data, jax.random.key(1), 0)
+    loss_fn = get_loss("bce_dice")
+
+    def loss_on_batch(state):
+        logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch.images,
+                                   train=True, mutable=["batch_stats"])
+        return float(loss_fn(logits, batch.masks))
+
+    before = loss_on_batch(state)
+    after_state, metrics = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=loss_fn))(state, batch)
+    assert loss_on_batch(after_state) < before
+    assert float(metrics["loss"][0] / metrics["loss"][1]) == pytest.approx(before, rel=1e-5)
+    assert int(after_state.step) == 1
+
+
+def test_scanned_steps_equal_single_steps_and_never_recompile():
+    data = random_device_data()
+    sample = make_sampler(4, 16, AugmentConfig())
+    loss_fn = get_loss("bce_dice")
+    mesh = make_mesh()
+    run = lambda state, start, n: train_steps(  # noqa: E731
+        state, data, jax.random.key(3), jax.random.key(4), jnp.asarray(start, jnp.int32), num_steps=n,
+        sample=sample, loss_fn=loss_fn, threshold=0.5, mesh=mesh)
+
+    # Plain SGD: Adam would scale the rounding noise in the gradients of the conv biases
+    # before batch norm (mathematically zero) up to the learning rate.
+    sgd = optax.sgd(0.05)
+    one_by_one = tiny_state(SHALLOW, tx=sgd, size=16)
+    totals = []
+    for step in range(3):
+        one_by_one, metrics = run(one_by_one, step, 1)
+        totals.append(metrics)
+    compiled = train_steps._cache_size()
+    scanned, scanned_totals = run(tiny_state(SHALLOW, tx=sgd, size=16), 0, 3)
+
+    # The same batches, dropout masks and updates whichever way the steps are dispatched.
+    leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))  # noqa: E731
+    for a, b in zip(leaves(one_by_one), leaves(scanned)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(scanned_totals["loss"][0]) == pytest.approx(sum(float(m["loss"][0]) for m in totals), rel=1e-4)
+    # New step numbers and new states reuse the compiled single-step program.
+    run(one_by_one, 7, 1)
+    assert train_steps._cache_size() == compiled + 1  # + the 3-step scan, nothing else
+
+
+# --------------------------------------------------------------------------------------
+# The loop: a reference run shared by the tests below
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_run(trained_run):
+    return trained_run
+
+
+def params_of(run_dir: Path):
+    store = CheckpointStore(run_dir)
+    state, meta = store.restore("latest", tiny_state())
+    store.close()
+    return state, meta
+
+
+def test_run_folder_holds_everything(reference_run):
+    run_dir, result, events = reference_run
+    for name in ("config.json", "split.json", "environment.json", "metrics.jsonl", "results.json",
+                 "plots/training_curves.png", "plots/test_predictions.png", "predictions/test_per_image.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text())["image_size"] == 32
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["backend"] == "cpu" and environment["wall_time_s"] > 0 and environment["jax"] == jax.__version__
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert {"train/loss", "val/loss", "val/dice", "val/iou", "val/pixel_accuracy"} <= set(history[0])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test"]["resolution"] == "native"
+    assert set(results["test"]["dice"]) >= {"mean", "benign", "malignant", "normal", "lesion"}
+    assert 0 <= results["test"]["normal_false_positive_rate"] <= 1
+    assert [e["kind"] for e in events][-1] == "done"
+    assert result.best_epoch in (1, 2, 3)
+
+
+def test_validation_and_test_splits_are_disjoint_from_training(reference_run):
+    run_dir, _, _ = reference_run
+    split = json.loads((run_dir / "split.json").read_text())
+    parts = {name: set(ids) for name, ids in split["partitions"].items()}
+    assert parts["train"].isdisjoint(parts["val"]) and parts["train"].isdisjoint(parts["test"])
+    assert parts["val"].isdisjoint(parts["test"])
+
+
+def test_tensorboard_can_read_the_event_file(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, _ = reference_run
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    assert {"train/loss", "val/dice"} <= set(accumulator.Tags()["scalars"])
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    values = [e.value for e in accumulator.Scalars("val/dice")]
+    np.testing.assert_allclose(values, [r["val/dice"] for r in history], rtol=1e-6)
+    assert [e.step for e in accumulator.Scalars("val/dice")] == [r["step"] for r in history]
+
+
+class Killed(Exception):
+    """Stands for the process being killed at that moment."""
+
+
+def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_path):
+    run_dir, _, _ = reference_run
+
+    def killer(event):
+        if event["kind"] == "step" and event["epoch"] == 3:
+            raise Killed  # in the middle of epoch 3, after epoch 2's checkpoint
+
+    with pytest.raises(Killed):
+        train(TINY, tmp_path, progress=killer)
+    resumed_events = []
+    train(TINY, tmp_path, progress=resumed_events.append)
+    start = next(e for e in resumed_events if e["kind"] == "start")
+    assert start["resumed_epoch"] == 2
+
+    reference, _ = params_of(run_dir)
+    restarted, _ = params_of(tmp_path)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(restarted)):
+        np.testing.assert_array_equal(a, b)  # bitwise, on CPU with the same seed
+    untimed = lambda path: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in read_jsonl(path)]  # noqa: E731
+    assert untimed(tmp_path / "metrics.jsonl") == untimed(run_dir / "metrics.jsonl")
+
+
+def test_resuming_with_another_configuration_is_refused(reference_run, tmp_path):
+    run_dir, _, _ = reference_run
+    with pytest.raises(ValueError, match=r"holds a checkpoint of a different configuration \(learning_rate: 0.003 -> 0.01"):
+        train(dataclasses.replace(TINY, learning_rate=1e-2), run_dir)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import unet_jax.train.loop as loop
+
+    real = loop.metrics_to_host
+    calls = {"train": 0}
+
+    def poisoned(metrics, prefix=""):
+        values = real(metrics, prefix)
+        if prefix == "train/":
+            calls["train"] += 1
+            if calls["train"] >= 2:  # the second epoch's training loss
+                values["train/loss"] = float("nan")
+        return values
+
+    monkeypatch.setattr(loop, "metrics_to_host", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch 2: \{'train/loss': nan\}"):
+        train(dataclasses.replace(TINY, epochs=2), tmp_path)
+    meta = read_meta(find_checkpoint(tmp_path / "checkpoints" / "latest"))
+    assert meta["loop"]["epoch"] == 1
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+    config = dataclasses.replace(TINY, epochs=4, patience=1, monitor="val/loss", learning_rate=0.3)
+    result = train(config, tmp_path)
+    history = result.history
+    best = min(range(len(history)), key=lambda i: history[i]["val/loss"]) + 1
+    assert result.best_epoch == best
+    if result.stopped_early:
+        assert len(history) == best + 1  # stopped after one epoch without improvement
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_epoch"] == best
+    assert results["val_at_best_epoch"]["val/loss"] == pytest.approx(history[best - 1]["val/loss"])
+
+
+# --------------------------------------------------------------------------------------
+# Data parallelism: 4 simulated CPU devices give the result of 1
+# --------------------------------------------------------------------------------------
+def test_four_devices_equal_one_device():
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np, optax
+        assert jax.device_count() == 4, jax.devices()
+        import sys; sys.path.insert(0, 'tests')
+        from test_train import SHALLOW, tiny_state, random_device_data
+        from unet_jax.data import AugmentConfig, make_sampler
+        from unet_jax.losses import get_loss
+        from unet_jax.train.steps import make_mesh, train_steps
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        data = random_device_data()
+        sample = make_sampler(8, 16, AugmentConfig())
+        results = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = make_mesh(devices)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            # Plain SGD: Adam would scale up the rounding noise of the (mathematically
+            # zero) gradients of the conv biases before batch norm.
+            state = jax.device_put(tiny_state(SHALLOW, tx=optax.sgd(0.05), size=16), replicated)
+            placed = jax.device_put(data, replicated)
+            for step in range(2):
+                state, metrics = train_steps(state, placed, jax.random.key(3), jax.random.key(4), jnp.int32(step),
+                                             num_steps=1, sample=sample, loss_fn=get_loss("bce_dice"),
+                                             threshold=0.5, mesh=mesh)
+            results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(metrics["loss"][0])))
+            assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
+        (p1, b1, l1), (p4, b4, l4) = results
+        for a, b in zip(jax.tree.leaves((p1, b1)), jax.tree.leaves((p4, b4))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert abs(l1 - l4) <= 1e-5 * abs(l1), (l1, l4)
+        print("ok", l1, l4)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
+
+
+def test_batch_size_must_divide_over_devices(tmp_path):
+    three_devices = SimpleNamespace(devices=np.zeros(3))  # the check reads only the mesh's size
+    with pytest.raises(ValueError, match=r"batch_size 4 is not divisible by the 3 devices; expected a multiple of 3"):
+        train(TINY, tmp_path, mesh=three_devices)
