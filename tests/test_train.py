@@ -71,6 +71,18 @@ def test_one_step_lowers_the_loss():
     assert int(after_state.step) == 1
 
 
+def test_bfloat16_training_step_keeps_float32_parameters():
+    config = dataclasses.replace(SHALLOW, dtype="bfloat16")
+    from unet_jax.train.loop import build_model
+
+    model = build_model(dataclasses.replace(config, channels=1))
+    state = create_train_state(model, optax.adam(1e-3), jax.random.key(0, impl="rbg"), (1, 16, 16, 1))
+    batch = make_sampler(8, 16, None)(random_device_data(), jax.random.key(1), 0)
+    state, metrics = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=get_loss("bce_dice")))(state, batch)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(float(metrics["loss"][0]))
+
+
 def test_scanned_steps_equal_single_steps_and_never_recompile():
     data = random_device_data()
     sample = make_sampler(4, 16, AugmentConfig())

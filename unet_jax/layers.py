@@ -258,6 +258,14 @@ def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
+def _kernel_and_bias(layer: Any, kernel: tuple[int, int], x: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """The ``(kh, kw, in, out)`` kernel and ``(out,)`` bias of a (transposed) convolution,
+    and the input, all cast to the layer's computation dtype."""
+    w = layer.param("kernel", layer.kernel_init, (*kernel, x.shape[-1], layer.features), layer.param_dtype)
+    b = layer.param("bias", layer.bias_init, (layer.features,), layer.param_dtype) if layer.use_bias else None
+    return nn.dtypes.promote_dtype(x, w, b, dtype=layer.dtype)
+
+
 class Conv2D(nn.Module):
     """2-D convolution (cross-correlation, as in every deep-learning framework).
 
@@ -303,9 +311,7 @@ class Conv2D(nn.Module):
         for axis in (0, 1):
             conv_output_size(x.shape[1 + axis], kernel[axis], strides[axis], pads[axis])
 
-        w = self.param("kernel", self.kernel_init, (*kernel, x.shape[-1], self.features), self.param_dtype)
-        b = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
+        x, w, b = _kernel_and_bias(self, kernel, x)
         y = jax.lax.conv_general_dilated(
             x,
             w,
@@ -314,9 +320,7 @@ class Conv2D(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=self.precision,
         )
-        if b is not None:
-            y = y + b.reshape(1, 1, 1, -1)
-        return y
+        return y if b is None else y + b.reshape(1, 1, 1, -1)
 
 
 class MaxPool2D(nn.Module):
@@ -401,9 +405,7 @@ class ConvTranspose2D(nn.Module):
                 x.shape[1 + axis], kernel[axis], strides[axis], crop[axis], out_pad[axis]
             )
 
-        w = self.param("kernel", self.kernel_init, (*kernel, x.shape[-1], self.features), self.param_dtype)
-        b = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
+        x, w, b = _kernel_and_bias(self, kernel, x)
         # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
         pads = tuple(
             (k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad)
@@ -417,6 +419,4 @@ class ConvTranspose2D(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=self.precision,
         )
-        if b is not None:
-            y = y + b.reshape(1, 1, 1, -1)
-        return y
+        return y if b is None else y + b.reshape(1, 1, 1, -1)
