@@ -81,7 +81,11 @@ def test_demo_end_to_end(tmp_path, capsys):
 def test_evaluate_json(trained_run, capsys):
     run_dir, _, _ = trained_run
     assert main(["evaluate", "--checkpoint", str(run_dir), "--data", str(run_dir / "phantom"), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # progress on stderr (stdout stays one JSON object): reading, then evaluating
+    assert f"reading images {TINY.phantom_images}/{TINY.phantom_images}" in captured.err
+    assert f"evaluating images {TINY.phantom_images}/{TINY.phantom_images}" in captured.err
     for metric in ("dice", "iou", "pixel_accuracy"):
         assert set(report[metric]) >= {"mean", "benign", "malignant", "normal"}
         assert 0 <= report[metric]["mean"] <= 1
@@ -150,3 +154,115 @@ def test_resume_after_finishing_trains_nothing_more(trained_run, tmp_path):
     again = train(dataclasses.replace(TINY, plots=True), run_dir, progress=events.append)
     assert not [e for e in events if e["kind"] == "epoch"]
     assert again.history == result.history
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: a clear error naming the value and what was expected
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["split=seed"], r"config split = 'seed' with classes = 'all': .*expected classes = 'lesion'"),
+    (["hflip=1.5"], r"config hflip = 1.5: expected a probability in \[0, 1\]"),
+    (["scale_min=1.2", "scale_max=1.1"], r"config scale_min = 1.2: expected above 0 and at most scale_max"),
+    (["gamma_min=0"], r"config gamma_min = 0.0: expected above 0 and at most gamma_max"),
+    (["pos_weight=-1"], r"config pos_weight = -1.0: expected None or a positive number"),
+    (["loss=dice", "pos_weight=2"], r"config pos_weight = 2.0 with loss = 'dice'"),
+    (["bce_weight=0", "dice_weight=0"], r"config bce_weight = 0 and dice_weight = 0"),
+    (["warmup_epochs=-1"], r"config warmup_epochs = -1.0: expected a number of epochs >= 0"),
+    (["grad_clip_norm=0"], r"config grad_clip_norm = 0.0: expected None or a positive number"),
+])
+def test_invalid_values_and_combinations_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(), overrides)
+    # valid neighbours: the notebook's protocol, early stopping off while monitoring Dice
+    apply_overrides(TrainConfig(), ["split=seed", "classes=lesion", "monitor=val/dice", "patience=None"])
+
+
+def test_cache_of_another_size_is_a_clear_error(trained_run, tmp_path, capsys):
+    from unet_jax.data import ReadOptions
+    from unet_jax.data.cache import prepare
+
+    run_dir, _, _ = trained_run
+    prepare(run_dir / "phantom", tmp_path / "cache16", ReadOptions(size=(16, 16), channels=1))
+    assert main(["train", "--out", str(tmp_path / "run"), f"cache={tmp_path / 'cache16'}", "image_size=32"]) == 2
+    assert ("holds images of shape (16, 16, 1); the config expects (32, 32, 1) (image_size=32, channels=1)"
+            in capsys.readouterr().err)
+
+
+def test_threshold_outside_0_1_is_refused(trained_run, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    image = next((run_dir / "phantom" / "benign").glob("*).png"))
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--threshold", "1.5", "--data", str(run_dir / "phantom")]) == 2
+    assert "threshold 1.5: expected a probability in (0, 1)" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0", str(image), "--out", str(tmp_path / "p")]) == 2
+    assert "threshold 0.0: expected a probability in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()  # refused before anything is written
+
+
+def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    good = next((run_dir / "phantom" / "benign").glob("*).png"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 24), 40000, np.uint16)).save(deep)  # 16-bit: would be clipped to white
+    assert Image.open(deep).mode.startswith("I")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run_dir), str(tmp_path), str(text), str(deep), str(good),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: is a folder; expected an image file" in err
+    assert f"{text}: unreadable image" in err
+    assert f"{deep}: unsupported image mode" in err and "expected 8-bit" in err
+    assert "3 of 4 input(s) could not be read" in err
+    assert sorted(p.name for p in out.iterdir()) == [f"{good.stem}_mask.png", f"{good.stem}_overlay.png"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
+    import shutil
+
+    from unet_jax.train.checkpoint import find_checkpoint
+
+    run_dir, _, _ = trained_run
+    step = find_checkpoint(run_dir)
+    copy = tmp_path / "checkpoints" / "best" / step.name
+    shutil.copytree(step, copy)
+    biggest = max((p for p in (copy / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:64])  # a disk that filled up, a copy cut short
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(run_dir / "phantom")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(copy)!r} could not be read" in err and "Traceback" not in err
+
+
+def test_an_output_that_is_a_file_is_a_clear_error(trained_run, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file\n")
+    assert main(["train", "--out", str(taken), "epochs=1"]) == 2
+    assert f"run folder {str(taken)!r} is a file; expected a folder" in capsys.readouterr().err
+    image = next((run_dir / "phantom" / "benign").glob("*).png"))
+    assert main(["predict", "--checkpoint", str(run_dir), str(image), "--out", str(taken)]) == 2
+    assert f"output {str(taken)!r} is a file; expected a folder" in capsys.readouterr().err
+    assert taken.read_text() == "someone's file\n"
+
+
+def test_evaluation_is_at_the_native_size_unless_asked_otherwise(trained_run, tmp_path):
+    # The phantom of the run is generated at the training size; these images are not.
+    from unet_jax.data import write_phantom
+    from unet_jax.evaluate import evaluate_dataset, load_checkpoint, read_for_evaluation
+
+    run_dir, _, _ = trained_run
+    write_phantom(tmp_path / "busi", counts={"benign": 1, "malignant": 1, "normal": 1}, size=(40, 48), seed=3)
+    loaded = load_checkpoint(run_dir)
+    dataset = read_for_evaluation(loaded, tmp_path / "busi")
+    pixels = lambda rows: {r["tp"] + r["fp"] + r["fn"] + r["tn"] for r in rows}  # noqa: E731
+    _, native = evaluate_dataset(loaded, dataset, n_boot=10)
+    _, training = evaluate_dataset(loaded, dataset, native=False, n_boot=10)
+    assert pixels(native) == {40 * 48} and pixels(training) == {32 * 32}
+    assert [r["gt_area"] for r in native] == [int(m.sum()) for m in dataset.original_masks]
+
+
+def test_output_names_never_collide():
+    from unet_jax.predict import _unique_stem
+
+    used: set[str] = set()
+    assert [_unique_stem(s, used) for s in ("x", "x_1", "x", "x")] == ["x", "x_1", "x_2", "x_3"]

@@ -228,11 +228,28 @@ def test_early_stopping_restores_the_best_epoch(tmp_path):
     history = result.history
     best = min(range(len(history)), key=lambda i: history[i]["val/loss"]) + 1
     assert result.best_epoch == best
-    if result.stopped_early:
-        assert len(history) == best + 1  # stopped after one epoch without improvement
+    assert result.stopped_early and len(history) == best + 1  # one epoch without improvement, then stop
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["best_epoch"] == best
     assert results["val_at_best_epoch"]["val/loss"] == pytest.approx(history[best - 1]["val/loss"])
+
+    # The test split was evaluated with the best epoch's weights, not the last epoch's.
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.train.loop import load_run_data
+
+    split = json.loads((tmp_path / "split.json").read_text())["partitions"]
+    test_set = load_run_data(config, tmp_path).subset(split["test"])
+    images, masks = jnp.asarray(test_set.images_u8, jnp.float32) / 255.0, jnp.asarray(test_set.masks, jnp.float32)
+    loss_fn = get_loss(config.loss)
+
+    def test_loss(which):
+        loaded = load_checkpoint(tmp_path / "checkpoints" / which)
+        logits = loaded.model.apply(loaded.variables, images, train=False)
+        return float(np.mean([loss_fn(logits[i : i + 1], masks[i : i + 1]) for i in range(len(images))]))
+
+    reported = results["test_training_resolution"]["test/loss"]
+    assert test_loss("best") == pytest.approx(reported, rel=1e-5)
+    assert test_loss("latest") != pytest.approx(reported, rel=1e-3)
 
 
 # --------------------------------------------------------------------------------------
@@ -284,3 +301,60 @@ def test_batch_size_must_divide_over_devices(tmp_path):
     three_devices = SimpleNamespace(devices=np.zeros(3))  # the check reads only the mesh's size
     with pytest.raises(ValueError, match=r"batch_size 4 is not divisible by the 3 devices; expected a multiple of 3"):
         train(TINY, tmp_path, mesh=three_devices)
+
+
+# --------------------------------------------------------------------------------------
+# Killed at any point: half-written checkpoints and logs
+# --------------------------------------------------------------------------------------
+def test_a_step_best_already_holds_is_saved_again(tmp_path):
+    # Killed between saving `best` and `latest` (or with checkpoint_every > 1), the resumed
+    # run repeats the epoch and saves `best` at a step it already holds.
+    state = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: tiny_state(SHALLOW, size=16)))  # nothing compiled
+    store = CheckpointStore(tmp_path)
+    store.save("best", state, {"loop": {"epoch": 1}})
+    store.close()
+    store = CheckpointStore(tmp_path)
+    store.save("best", state, {"loop": {"epoch": 1, "again": True}})
+    assert store.restore("best", state)[1]["loop"]["again"] is True
+    store.close()
+
+
+def test_a_save_interrupted_before_the_first_checkpoint_does_not_block_the_rerun(tmp_path):
+    from unet_jax.train.loop import _check_run_folder
+
+    half = tmp_path / "checkpoints" / "latest" / "5.orbax-checkpoint-tmp-1712345678"
+    (half / "state").mkdir(parents=True)
+    _check_run_folder(TINY, tmp_path)  # nothing complete to resume from: start afresh
+    CheckpointStore(tmp_path).close()
+    assert not half.exists()  # the half-written folder is cleared away
+
+
+def test_a_damaged_latest_checkpoint_is_a_clear_error(reference_run, tmp_path):
+    import shutil
+
+    run_dir, _, _ = reference_run
+    shutil.copytree(run_dir / "checkpoints" / "latest", tmp_path / "checkpoints" / "latest")
+    step = find_checkpoint(tmp_path / "checkpoints" / "latest")
+    biggest = max((p for p in (step / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:64])
+    store = CheckpointStore(tmp_path)
+    target = jax.eval_shape(tiny_state)  # shapes only: nothing to compile
+    with pytest.raises(ValueError, match=rf"checkpoint '{step}' could not be read \(.*\); expected a complete checkpoint"):
+        store.restore("latest", target)
+    store.close()
+
+
+def test_metrics_log_drops_a_line_cut_short_and_refuses_a_bad_one(tmp_path):
+    from unet_jax.train.logs import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val/dice": 0.5}\n{"epoch": 2, "val/dice": 0.6}\n{"epoch": 3, "val/di')
+    assert [r["epoch"] for r in read_jsonl(path)] == [1, 2]
+    log = MetricsLog(tmp_path, resume_epochs=2)
+    log.write({"epoch": 3, "val/dice": 0.7}, step=30)
+    log.close()
+    assert [r["val/dice"] for r in read_jsonl(path)] == [0.5, 0.6, 0.7]
+    assert path.read_text().endswith("}\n") and not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON .*; expected one JSON object per line"):
+        read_jsonl(path)

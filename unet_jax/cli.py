@@ -53,8 +53,9 @@ class _ProgressPrinter:
 
     def __call__(self, event: dict) -> None:
         kind = event["kind"]
-        if kind == "read":
-            self._line(f"reading images {event['done']}/{event['total']}", end=event["done"] == event["total"])
+        if kind in ("read", "evaluate"):
+            verb = "reading" if kind == "read" else "evaluating"
+            self._line(f"{verb} images {event['done']}/{event['total']}", end=event["done"] == event["total"])
         elif kind == "start":
             self.epochs = event["epochs"]
             resumed = f", resuming after epoch {event['resumed_epoch']}" if event["resumed_epoch"] else ""
@@ -150,21 +151,25 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
     p.add_argument("--data", required=True, help="a folder in the BUSI layout")
     p.add_argument("--resolution", choices=("native", "training"), default="native")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import evaluate_dataset, evaluation_report, load_checkpoint, read_for_evaluation
+    from unet_jax.evaluate import (evaluate_dataset, evaluation_report, load_checkpoint, read_for_evaluation,
+                                   resolve_threshold)
     from unet_jax.metrics import format_summary
 
     loaded = load_checkpoint(args.checkpoint)
+    resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read
     printer = _ProgressPrinter()
     dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
     native = args.resolution == "native"
-    aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta)
+    aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta,
+                                       progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
     if args.json:
         print(json.dumps(evaluation_report(aggregate, rows, native=native, source=str(args.data))))
     else:
@@ -178,7 +183,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.set_defaults(func=_run_predict)
 

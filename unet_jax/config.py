@@ -104,6 +104,19 @@ class TrainConfig:
             ("patience", self.patience is None or self.patience >= 1, "None or a positive integer"),
             ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
+            ("phantom_images", self.phantom_images >= 1, "a positive integer"),
+            ("hflip", 0 <= self.hflip <= 1, "a probability in [0, 1]"),
+            ("max_rotation_deg", self.max_rotation_deg >= 0, "a number of degrees >= 0"),
+            ("scale_min", 0 < self.scale_min <= self.scale_max, "above 0 and at most scale_max"),
+            ("brightness", self.brightness >= 0, "a number >= 0"),
+            ("contrast_min", 0 < self.contrast_min <= self.contrast_max, "above 0 and at most contrast_max"),
+            ("gamma_min", 0 < self.gamma_min <= self.gamma_max, "above 0 and at most gamma_max"),
+            ("pos_weight", self.pos_weight is None or self.pos_weight > 0, "None or a positive number"),
+            ("bce_weight", self.bce_weight >= 0, "a number >= 0"),
+            ("dice_weight", self.dice_weight >= 0, "a number >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, "a number of epochs >= 0"),
+            ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "None or a positive number"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -113,6 +126,16 @@ class TrainConfig:
             allowed = typing.get_args(_field_types()[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config {name} = {getattr(self, name)!r}: expected one of {list(allowed)}")
+        # Combinations that would silently do something other than what they say.
+        if self.split == "seed" and self.classes != "lesion" and self.manifest is None:
+            raise ValueError(f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
+                             f"splits benign and malignant images only; expected classes = 'lesion' "
+                             f"(or split = 'stratified' to keep the normal images)")
+        if self.loss == "bce_dice" and self.bce_weight == 0 and self.dice_weight == 0:
+            raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight")
+        if self.loss == "dice" and self.pos_weight is not None:
+            raise ValueError(f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
+                             f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None")
 
 
 def demo_config() -> TrainConfig:

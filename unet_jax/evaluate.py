@@ -23,7 +23,8 @@ from unet_jax import metrics as M
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.data import BusiDataset, ReadOptions, load_busi
 
-__all__ = ["LoadedModel", "load_checkpoint", "predict_probabilities", "evaluate_dataset", "evaluation_report"]
+__all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities", "evaluate_dataset",
+           "evaluation_report", "read_for_evaluation"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,15 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
     return LoadedModel(model, variables, config, step_dir)
 
 
+def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
+    """``threshold``, or the checkpoint's own when None; a value outside (0, 1) is an error
+    (at 0 or 1 every pixel, or none, would be predicted a lesion)."""
+    t = loaded.config.threshold if threshold is None else threshold
+    if not (isinstance(t, (int, float)) and 0 < t < 1):
+        raise ValueError(f"threshold {t!r}: expected a probability in (0, 1), e.g. 0.5")
+    return float(t)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "flip"))
 def _probabilities(model: Any, variables: dict[str, Any], images_u8: jax.Array, flip: bool) -> jax.Array:
     x = images_u8.astype(jnp.float32) / 255.0
@@ -99,7 +109,7 @@ def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = T
     native=True compares at each image's original size with its original (union) mask;
     False at the training size with the resized mask.
     """
-    t = loaded.config.threshold if threshold is None else threshold
+    t = resolve_threshold(loaded, threshold)
     if native and not dataset.original_masks:
         raise ValueError("native-resolution evaluation needs the original masks; read the data with keep_original=True")
     probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, flip_tta)

@@ -153,14 +153,17 @@ def plot_training_curves(
     path: str | os.PathLike,
     title: str | None = None,
     dpi: int = 100,
+    best_epoch: int | None = None,
+    monitor: str = "val/loss",
 ) -> Path:
     """The report's training figures: one panel per metric, train and validation curves.
 
     ``history`` is one dict per epoch with keys ``"train/<metric>"`` and ``"val/<metric>"``
     (and optionally ``"epoch"``; else 1, 2, ...). Panels, in order, for the metrics present:
     loss, accuracy (pixel accuracy; the notebook's Keras "accuracy"), Dice, IoU. The epoch
-    with the lowest validation loss, the one early stopping restores, is marked by a dashed
-    line. Writes a PNG atomically and returns its path; ``ValueError`` if nothing to plot.
+    early stopping restores is marked by a dashed line: ``best_epoch`` when given (with the
+    ``monitor`` it was chosen by), else the epoch with the lowest validation loss. Writes a
+    PNG atomically and returns its path; ``ValueError`` if nothing to plot.
     """
     from matplotlib.figure import Figure
 
@@ -175,8 +178,11 @@ def plot_training_curves(
             "plot_training_curves: no 'train/<metric>' or 'val/<metric>' values for any of "
             f"{[k for k, _ in _CURVE_PANELS]} in the history"
         )
-    best_x, best_y = _series(history, "val/loss")
-    best_epoch = best_x[int(np.argmin(best_y))] if best_y else None
+    if best_epoch is None:
+        best_x, best_y = _series(history, "val/loss")
+        best_epoch = best_x[int(np.argmin(best_y))] if best_y else None
+        monitor = "val/loss"
+    best_label = f"best {monitor.replace('val/', 'val ')} (epoch {best_epoch:g})" if best_epoch is not None else ""
 
     fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -186,8 +192,7 @@ def plot_training_curves(
         for split, xs, ys in curves:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, **styles[split])
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8,
-                       label=f"best val loss (epoch {best_epoch:g})")
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=best_label)
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

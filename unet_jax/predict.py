@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import metrics as M
-from unet_jax.evaluate import LoadedModel, predict_probabilities
+from unet_jax.data.busi import _IMAGE_MODES
+from unet_jax.evaluate import LoadedModel, predict_probabilities, resolve_threshold
 
 __all__ = ["PredictionResult", "predict_files", "preprocess"]
 
@@ -53,14 +54,29 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def _load(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected an image file (pass its images, e.g. {path / '*.png'})")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            image = im.copy()
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except Exception as err:  # PIL raises several types for corrupt files
         raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image") from None
+    if image.mode not in _IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
+        raise ValueError(f"{path}: unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(_IMAGE_MODES)}")
+    return image
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_1``, ``stem_2``... when inputs from several folders share a name."""
+    candidate, n = stem, 0
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    used.add(candidate)
+    return candidate
 
 
 def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -72,11 +88,13 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
     """
     from unet_jax.plots import overlay
 
-    t = loaded.config.threshold if threshold is None else threshold
+    t = resolve_threshold(loaded, threshold)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {str(out_dir)!r} is a file; expected a folder (created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictionResult] = []
-    stems: dict[str, int] = {}
+    used: set[str] = set()
     for n, raw in enumerate(inputs, start=1):
         path = Path(raw)
         try:
@@ -89,8 +107,7 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
         x = preprocess(image, loaded.input_size, loaded.config.channels)
         prob = predict_probabilities(loaded, x[None], batch_size=1, flip_tta=flip_tta)[0]
         mask = M.resize_mask(prob, (image.size[1], image.size[0]), t=t)
-        stem = path.stem if path.stem not in stems else f"{path.stem}_{stems[path.stem]}"
-        stems[path.stem] = stems.get(path.stem, 0) + 1
+        stem = _unique_stem(path.stem, used)
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
         _save_png(overlay(np.asarray(image.convert("RGB")), mask, color=(255, 0, 0)), overlay_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ import orbax.checkpoint as ocp
 
 from unet_jax.train.state import TrainState
 
-__all__ = ["CheckpointStore", "find_checkpoint", "read_meta", "restore_variables"]
+__all__ = ["CheckpointStore", "find_checkpoint", "finished_steps", "read_meta", "restore_variables"]
 
 LATEST, BEST = "latest", "best"
+_TMP_MARK = ".orbax-checkpoint-tmp-"
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -33,12 +35,22 @@ class CheckpointStore:
 
     def __init__(self, run_dir: str | os.PathLike):
         root = Path(run_dir).resolve() / "checkpoints"
+        # A run killed while saving leaves a half-written `<step>.orbax-checkpoint-tmp-*`
+        # folder; remove it now (orbax's own cleanup option runs in a background thread).
+        if jax.process_index() == 0:
+            for tmp in root.glob(f"*/*{_TMP_MARK}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
         self._managers = {name: ocp.CheckpointManager(root / name, options=options) for name in (LATEST, BEST)}
 
     def save(self, which: str, state: TrainState, meta: dict[str, Any]) -> None:
         manager = self._managers[which]
         step = int(jax.device_get(state.step))
+        if step in manager.all_steps():
+            # A resumed run repeats the epochs after its `latest` checkpoint, and may reach
+            # a step that `best` already holds (the run was killed between the two saves,
+            # or checkpoint_every > 1): replace it rather than fail.
+            manager.delete(step)
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)),
@@ -56,9 +68,12 @@ class CheckpointStore:
         if step is None:
             raise ValueError(f"no {which!r} checkpoint in {manager.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            )
+        except Exception as err:  # orbax/tensorstore raise several types for damaged files
+            raise _unreadable(Path(manager.directory) / str(step), err) from err
         tree = restored["state"]
         state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
                               opt_state=tree["opt_state"])
@@ -67,6 +82,25 @@ class CheckpointStore:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+
+
+def _unreadable(step_dir: Path, err: Exception) -> ValueError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ValueError(
+        f"checkpoint {str(step_dir)!r} could not be read ({type(err).__name__}: {first[:200]}); "
+        f"expected a complete checkpoint written by `unet-jax train`: delete that folder to fall back "
+        f"on another checkpoint, or train again into a new --out folder"
+    )
+
+
+def finished_steps(folder: str | os.PathLike) -> list[Path]:
+    """The complete step folders of ``folder`` (``checkpoints/latest`` or ``best``), oldest
+    first; orbax's temporary folders of an interrupted save are not among them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir()),
+                  key=lambda p: int(p.name))
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -79,8 +113,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if (path / "meta").is_dir():
         return path
     for base in (path / "checkpoints" / BEST, path / "checkpoints" / LATEST, path):
-        steps = sorted((p for p in base.glob("*") if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir()),
-                       key=lambda p: int(p.name))
+        steps = finished_steps(base)
         if steps:
             candidates.append(steps[-1])
             break
@@ -106,8 +139,11 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
     """Parameters and batch statistics of a checkpoint, checked against
     ``abstract_variables`` (the model's ``init`` shapes); a different architecture is a
     ``ValueError`` naming what differs."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as err:  # orbax/tensorstore raise several types for damaged files
+        raise _unreadable(step_dir, err) from err
     saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
     wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
     _check_same_structure(saved, wanted, step_dir)

@@ -110,22 +110,27 @@ class MetricsLog:
     """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard scalars side by side.
 
     On resume the log is cut back to the epochs the checkpoint has seen, so the file of a
-    resumed run equals that of an uninterrupted one.
+    resumed run equals that of an uninterrupted one. Every write replaces the whole file
+    (temporary file, then rename: a few kB), so a killed run never leaves half a line.
     """
 
     def __init__(self, run_dir: str | os.PathLike, resume_epochs: int = 0):
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
-        kept = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= resume_epochs] if resume_epochs else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
+                       if r.get("epoch", 0) <= resume_epochs] if resume_epochs else []
+        self._flush()
         self.tensorboard = TensorBoardWriter(run_dir / "tensorboard")
+
+    def _flush(self) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(self._lines))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any], step: int) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        self._lines.append(json.dumps(clean) + "\n")
+        self._flush()
         self.tensorboard.scalars(step, {k: v for k, v in record.items() if "/" in k})
 
     def close(self) -> None:
@@ -133,7 +138,21 @@ class MetricsLog:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short (no newline, not valid JSON:
+    a writer killed mid-line) is left out; a bad line anywhere else is a ValueError."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # an unfinished last line
+            raise ValueError(f"{str(path)!r} line {n} is not valid JSON ({err}); expected one JSON object per line") from None
+    return records

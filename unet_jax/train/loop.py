@@ -213,11 +213,16 @@ def _check_finite(record: dict[str, Any], epoch: int, run_dir: Path) -> None:
 
 def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
     """Refuse, before any work, to resume a run folder with another configuration."""
-    from unet_jax.train.checkpoint import find_checkpoint, read_meta
+    from unet_jax.train.checkpoint import finished_steps, read_meta
 
-    latest = run_dir / "checkpoints" / LATEST
-    if latest.is_dir() and any(latest.iterdir()):
-        _check_resumable(read_meta(find_checkpoint(latest))["config"], config, run_dir)
+    # Only complete checkpoints: a run killed during its first save leaves nothing but
+    # orbax's temporary folder there, and starts again from scratch.
+    steps = finished_steps(run_dir / "checkpoints" / LATEST)
+    if steps:
+        meta = read_meta(steps[-1])
+        if "config" not in meta:
+            raise ValueError(f"checkpoint {str(steps[-1])!r} has no saved config; expected one written by `unet-jax train`")
+        _check_resumable(meta["config"], config, run_dir)
 
 
 # Keys that do not change what is computed: a resumed run may set them differently.
@@ -226,6 +231,8 @@ _FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
     current = config_to_dict(config)
+    # A key added to TrainConfig after the run was saved counts as its default.
+    saved = {**config_to_dict(TrainConfig()), **saved}
     differ = {k: (saved.get(k), current[k]) for k in current
               if saved.get(k) != current[k] and k not in _FREE_ON_RESUME}
     if differ:
@@ -251,6 +258,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     if config.distributed:
         jax.distributed.initialize()
     run_dir = Path(run_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
     run_dir.mkdir(parents=True, exist_ok=True)
     emit = progress or (lambda event: None)
     mesh = mesh or make_mesh()
@@ -402,7 +411,8 @@ def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: Bus
         from unet_jax.plots import plot_training_curves
 
         (run_dir / "plots").mkdir(exist_ok=True)
-        plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset)
+        plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset,
+                             best_epoch=loop["best_epoch"], monitor=config.monitor)
     _write_json(run_dir / "results.json", results)
 
 
