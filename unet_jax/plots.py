@@ -194,6 +194,9 @@ def plot_training_curves(
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=best_label)
         ax.set_title(label)
+        values = [y for _, _, ys in curves for y in ys if y > 0]
+        if label.lower().startswith("loss") and values and max(values) > 100 * min(values):
+            ax.set_yscale("log")  # an early validation spike (batch-norm warm-up) flattens the rest
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
