@@ -118,8 +118,6 @@ def test_sampler_validates_batch_size():
 
 @pytest.mark.parametrize("use_grain", [True, False])
 def test_host_batches(ds, use_grain):
-    if use_grain:
-        pytest.importorskip("grain")
     batches = list(host_batches(ds, 5, seed=1, num_epochs=2, use_grain=use_grain))
     per_epoch = len(ds) // 5
     assert len(batches) == 2 * per_epoch
