@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import metrics as M
-from unet_jax.data.busi import _IMAGE_MODES
+from unet_jax.data.busi import IMAGE_MODES, preprocess_image
 from unet_jax.evaluate import LoadedModel, predict_probabilities, resolve_threshold
 
-__all__ = ["PredictionResult", "predict_files", "preprocess"]
+__all__ = ["PredictionResult", "predict_files"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +32,6 @@ class PredictionResult:
     overlay: str | None = None
     lesion_fraction: float | None = None
     error: str | None = None
-
-
-def preprocess(image: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
-    """PIL image -> uint8 (H, W, channels) at ``size`` = (H, W), as the BUSI reader does."""
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(image, np.uint8).reshape(size[0], size[1], channels)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -64,8 +56,8 @@ def _load(path: Path) -> Image.Image:
         raise ValueError(f"{path}: no such file") from None
     except Exception as err:  # PIL raises several types for corrupt files
         raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image") from None
-    if image.mode not in _IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
-        raise ValueError(f"{path}: unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(_IMAGE_MODES)}")
+    if image.mode not in IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
+        raise ValueError(f"{path}: unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(IMAGE_MODES)}")
     return image
 
 
@@ -104,7 +96,7 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
             if progress is not None:
                 progress(n, len(inputs), results[-1])
             continue
-        x = preprocess(image, loaded.input_size, loaded.config.channels)
+        x = preprocess_image(image, loaded.input_size, loaded.config.channels)
         prob = predict_probabilities(loaded, x[None], batch_size=1, flip_tta=flip_tta)[0]
         mask = M.resize_mask(prob, (image.size[1], image.size[0]), t=t)
         stem = _unique_stem(path.stem, used)

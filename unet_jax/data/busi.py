@@ -38,6 +38,8 @@ from unet_jax.data.splits import (DUPLICATE_THRESHOLD, check_threshold, duplicat
 
 __all__ = [
     "CLASSES",
+    "IMAGE_MODES",
+    "preprocess_image",
     "BusiDataset",
     "CheckReport",
     "DatasetError",
@@ -69,7 +71,7 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 # Image modes that are 8 bits per channel; 16-bit or float images would be clipped
 # silently by the conversion to 8-bit grayscale/RGB.
-_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -379,12 +381,22 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (out >= 128).astype(np.uint8)
 
 
+def preprocess_image(image: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """The preprocessing of every image, for training and for prediction alike:
+    grayscale (ITU-R 601 luma) or RGB, then bilinear resize to ``size`` = (H, W).
+    Returns uint8 (H, W, channels); dividing by 255 happens on the device."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).reshape(size[0], size[1], channels)
+
+
 def _read(record: ImageRecord, opts: ReadOptions) -> Example:
     image = _open(record.image_path)
-    if image.mode not in _IMAGE_MODES:
+    if image.mode not in IMAGE_MODES:
         raise _DecodeError(Problem(str(record.image_path), f"unsupported image mode "
                                                            f"{image.mode!r}; expected 8-bit "
-                                                           f"{'/'.join(_IMAGE_MODES)}"))
+                                                           f"{'/'.join(IMAGE_MODES)}"))
     w0, h0 = image.size
     union = np.zeros((h0, w0), dtype=bool)
     for mp in record.mask_paths:
@@ -393,13 +405,9 @@ def _read(record: ImageRecord, opts: ReadOptions) -> Example:
             raise _DecodeError(Problem(str(mp), f"mask size {m.size[0]}x{m.size[1]} (WxH) "
                                                 f"differs from its image's {w0}x{h0}"))
         union |= read_mask(m)
-    gray = image.convert("L")
-    phash = image_hash(np.asarray(gray))
-    image = gray if opts.channels == 1 else image.convert("RGB")
+    phash = image_hash(np.asarray(image.convert("L")))
     size = (h0, w0) if opts.size is None else opts.size
-    if (h0, w0) != size:
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    arr = np.asarray(image, dtype=np.uint8).reshape(size[0], size[1], opts.channels)
+    arr = preprocess_image(image, size, opts.channels)
     mask = _resize_mask(union, size)[:, :, None]
     return Example(
         id=record.id, class_name=record.class_name, label=record.label, image_u8=arr,
