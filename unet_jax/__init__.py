@@ -8,7 +8,7 @@ from unet_jax.layers import (
     conv_transpose_output_size,
     pool_output_size,
 )
-from unet_jax.models import DEFAULT_PRESET, PRESETS, UNet, create_unet
+from unet_jax.models import DEFAULT_PRESET, PRESETS, UNet, create_model, create_unet, model_names
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,7 @@ __all__ = [
     "PRESETS",
     "UNet",
     "create_unet",
+    "create_model",
+    "model_names",
     "__version__",
 ]

@@ -11,10 +11,11 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
-    from unet_jax.models import PRESETS, DEFAULT_PRESET
+    from unet_jax.models import DEFAULT_PRESET, model_names
 
+    names = sorted(n for members in model_names().values() for n in members)
     p = sub.add_parser("summary", help="layer-by-layer shapes and parameter counts of a preset")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=names)
     p.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
                    help="input height [width]; default: the preset's canonical size")
     p.add_argument("--batch", type=int, default=1)
@@ -64,14 +65,21 @@ class _ProgressPrinter:
                   file=self.stream)
         elif kind == "step":
             self._bar(event["epoch"], event["step"] / event["steps_per_epoch"],
-                      f"loss {event['train/loss']:.4f} dice {event['train/dice']:.4f}", end=False)
+                      self._scores(event, "train/", ("loss", "dice", "accuracy")), end=False)
         elif kind == "epoch":
             mark = " *" if event["improved"] else ""
-            self._bar(event["epoch"], 1.0, f"loss {event['train/loss']:.4f} dice {event['train/dice']:.4f} | "
-                      f"val loss {event['val/loss']:.4f} dice {event['val/dice']:.4f} "
-                      f"iou {event['val/iou']:.4f} ({event['epoch_time_s']:.1f}s){mark}", end=True)
+            self._bar(event["epoch"], 1.0, f"{self._scores(event, 'train/', ('loss', 'dice', 'accuracy'))} | val "
+                      f"{self._scores(event, 'val/', ('loss', 'dice', 'iou', 'accuracy'))} "
+                      f"({event['epoch_time_s']:.1f}s){mark}", end=True)
+        elif kind == "init_from":
+            print(f"initialised {event['parameters_copied']} parameter arrays from {event['path']}", file=self.stream)
         elif kind == "finishing":
             print("evaluating the test split at native resolution, writing plots ...", file=self.stream)
+
+    @staticmethod
+    def _scores(event: dict, prefix: str, names: tuple[str, ...]) -> str:
+        # What the model's heads give: Dice for a segmenter, accuracy for a classifier.
+        return " ".join(f"{n} {event[prefix + n]:.4f}" for n in names if prefix + n in event)
 
     def _bar(self, epoch: int, fraction: float, text: str, end: bool) -> None:
         filled = int(round(20 * fraction))
@@ -120,9 +128,16 @@ def _results_table(run_dir) -> str:
              f"{train_.get('train/loss', float('nan')):.4f}    {train_.get('train/dice', float('nan')):.4f}    "
              f"{train_.get('train/iou', float('nan')):.4f}"]
     if test:
-        lines.append(f"testing     {test['test/pixel_accuracy']:.4f}    {test['test/loss']:.4f}    "
-                     f"{test['test/dice']:.4f}    {test['test/iou']:.4f}")
+        lines.append(f"testing     {test.get('test/pixel_accuracy', float('nan')):.4f}    {test['test/loss']:.4f}    "
+                     f"{test.get('test/dice', float('nan')):.4f}    {test.get('test/iou', float('nan')):.4f}")
     lines.append("* pixel accuracy: what the report's Keras 'accuracy' measured (not IoU)")
+    if results.get("prompted"):
+        lines.append(f"PROMPTED: {results['prompted']}; not comparable with unprompted segmentation")
+    if "test_classification" in results:
+        c = results["test_classification"]
+        recall = ", ".join(f"{k} {v:.3f}" for k, v in c["per_class_recall"].items())
+        lines += ["", f"test classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
+                  f"malignant-vs-rest AUC {c['malignant_vs_rest_auc']:.4f}", f"  recall: {recall}"]
     if "test" in results:
         report = results["test"]
         lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
@@ -208,6 +223,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert an official PyTorch checkpoint (SAM, torchvision ResNet) to Flax msgpack")
+    p.add_argument("checkpoint", help="the .pth file (read without PyTorch; nothing is downloaded)")
+    p.add_argument("--out", required=True, help="the .msgpack file to write (then init_from=FILE)")
+    p.add_argument("--preset", default=None,
+                   help="target preset (sam_vit_b, sam_vit_l, sam_vit_h, resnet34_unet, ...); "
+                        "default: a SAM preset inferred from the shapes")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="input channels of the runs that start from it (ResNet: 1 sums the RGB stem)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from unet_jax.train.init_from import convert_checkpoint
+
+    out, preset, count = convert_checkpoint(args.checkpoint, args.out, args.preset, args.channels)
+    print(f"{args.checkpoint} -> {out} ({preset}, {count:,} parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_demo(sub)
+    _add_convert(sub)
     return parser
 
 

@@ -27,10 +27,15 @@ __all__ = ["TrainConfig", "demo_config", "load_config", "apply_overrides", "conf
 class TrainConfig:
     """Everything that defines a training run (the run folder saves it as ``config.json``)."""
 
-    # Model: a preset of unet_jax.models and field overrides (e.g. {"dropout_rate": 0.1}).
+    # Model: a preset of unet_jax.models (any family: seed, padded, resnet34_unet,
+    # resnet18_classifier, sam_vit_b, ...) and field overrides (e.g. {"dropout_rate": 0.1}).
     preset: str = "seed"
     model: dict = dataclasses.field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # Parameters to start from: a converted .msgpack (unet-jax convert), an official PyTorch
+    # .pth (SAM or a torchvision ResNet, converted on the fly), or a run / checkpoint folder.
+    init_from: str | None = None
+    freeze: tuple[str, ...] = ()  # top-level parameter groups kept fixed (e.g. SAM's image_encoder)
 
     # Data. data=None trains on a generated phantom dataset (the embedded default).
     data: str | None = None
@@ -62,6 +67,12 @@ class TrainConfig:
     pos_weight: float | None = None
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    # Models with a classification output: cross-entropy on benign/malignant/normal. A
+    # classifier's loss is the cross-entropy; a two-headed model adds class_weight x it.
+    class_weight: float = 0.0
+    # Box-prompted models (SAM): boxes from the ground-truth masks, each corner moved by up
+    # to box_jitter x the image side during training (MedSAM's perturbation); none at eval.
+    box_jitter: float = 0.05
 
     # Optimisation.
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -75,7 +86,7 @@ class TrainConfig:
 
     # Early stopping on the validation split (never the test split).
     patience: int | None = 20  # epochs without improvement; None disables early stopping
-    monitor: Literal["val/loss", "val/dice", "val/iou"] = "val/loss"
+    monitor: Literal["val/loss", "val/dice", "val/iou", "val/accuracy"] = "val/loss"
     restore_best: bool = True
 
     # Evaluation.
@@ -90,6 +101,8 @@ class TrainConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host launch)
 
     def __post_init__(self) -> None:
+        # A JSON round trip (config.json) gives a list; keep one canonical form.
+        object.__setattr__(self, "freeze", tuple(self.freeze))
         checks = [
             ("image_size", self.image_size >= 1, "a positive integer"),
             ("channels", self.channels in (1, 3), "1 or 3"),
@@ -117,6 +130,9 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, "a number of epochs >= 0"),
             ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "None or a positive number"),
+            ("class_weight", self.class_weight >= 0, "a number >= 0"),
+            ("box_jitter", 0 <= self.box_jitter < 0.5, "a fraction of the image side in [0, 0.5)"),
+            ("freeze", all(isinstance(n, str) and n for n in self.freeze), "a tuple of parameter group names"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -230,29 +246,44 @@ def _coerce(key: str, text: str, value: Any, annotation: Any) -> Any:
         return str(value) if not isinstance(value, str) else value
     if annotation is dict and isinstance(value, dict):
         return value
+    if origin is tuple:
+        # freeze=image_encoder,prompt_encoder (bare words) or a Python tuple/list literal.
+        items = [w.strip() for w in value.split(",") if w.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            element = args[0] if args else Any
+            return tuple(_coerce(key, text, item, element) for item in items)
+        raise ValueError(f"override {key}={text!r}: expected comma-separated values")
     if annotation is Any:
         return value
     raise ValueError(f"override {key}={text!r}: expected {getattr(annotation, '__name__', annotation)}")
 
 
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """``config`` with ``key=value`` overrides; ``model.FIELD=value`` sets a UNet field."""
-    from unet_jax.models import UNet  # local: config stays importable without flax
+    """``config`` with ``key=value`` overrides; ``model.FIELD=value`` sets a field of the
+    preset's model (the preset as overridden in the same list)."""
+    from unet_jax.models import create_model, model_fields  # local: config stays importable without flax
 
     types_ = _field_types()
     changes: dict[str, Any] = {}
     model = dict(config.model)
-    unet_fields = {n: f for n, f in UNet.__dataclass_fields__.items() if n not in ("parent", "name")}
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        key = key.strip()
+        pairs.append((item, key.strip(), text))
+    model_items = [(item, key, text) for item, key, text in pairs if key.startswith("model.")]
+    if model_items:
+        preset = next((t for _, k, t in reversed(pairs) if k == "preset"), config.preset)
+        fields = model_fields(preset)
+        hints = typing.get_type_hints(type(create_model(preset)))
+    for item, key, text in model_items:
+        field = key[len("model."):]
+        if field not in fields:
+            raise ValueError(f"override {item!r}: unknown model field {field!r} of preset {preset!r}; known: {sorted(fields)}")
+        model[field] = _parse_value(key, text, hints.get(field, Any))
+    for item, key, text in pairs:
         if key.startswith("model."):
-            field = key[len("model."):]
-            if field not in unet_fields:
-                raise ValueError(f"override {item!r}: unknown model field {field!r}; known: {sorted(unet_fields)}")
-            model[field] = _parse_value(key, text, typing.get_type_hints(UNet).get(field, Any))
             continue
         if key not in types_:
             raise ValueError(f"override {item!r}: unknown config key {key!r}; known keys: {sorted(types_)}")

@@ -22,9 +22,11 @@ import numpy as np
 from unet_jax import metrics as M
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.data import BusiDataset, ReadOptions, load_busi
+from unet_jax.models import needs_box_prompts
 
-__all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities", "evaluate_dataset",
-           "evaluation_report", "read_for_evaluation"]
+__all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities",
+           "predict_class_probabilities", "evaluate_dataset", "evaluate_classification", "evaluation_report",
+           "read_for_evaluation"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +60,11 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
     for key, value in (expect or {}).items():
         if getattr(config, key) != value:
             raise ValueError(f"checkpoint {str(step_dir)!r} holds {key}={getattr(config, key)!r}; expected {key}={value!r}")
+    from unet_jax.train.state import init_variables
+
     model = build_model(config)
     shape = (1, config.image_size, config.image_size, config.channels)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     variables = restore_variables(step_dir, abstract)
     return LoadedModel(model, variables, config, step_dir)
 
@@ -74,31 +78,69 @@ def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
     return float(t)
 
 
+def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None) -> Any:
+    from unet_jax.train.steps import split_outputs
+
+    extra = () if boxes is None else (boxes,)
+    return split_outputs(model.apply(variables, x, *extra, train=False))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "flip"))
-def _probabilities(model: Any, variables: dict[str, Any], images_u8: jax.Array, flip: bool) -> jax.Array:
+def _probabilities(model: Any, variables: dict[str, Any], images_u8: jax.Array, boxes: jax.Array | None,
+                   flip: bool) -> tuple[jax.Array | None, jax.Array | None]:
     x = images_u8.astype(jnp.float32) / 255.0
-    logits = model.apply(variables, x, train=False)
-    prob = jax.nn.sigmoid(logits[..., 0])
-    if flip:  # test-time augmentation: average with the mirrored image's prediction
-        mirrored = model.apply(variables, x[:, :, ::-1], train=False)
+    mask_logits, class_logits = _outputs(model, variables, x, boxes)
+    prob = None if mask_logits is None else jax.nn.sigmoid(mask_logits[..., 0])
+    if flip and prob is not None:  # test-time augmentation: average with the mirrored image's prediction
+        width = x.shape[2]
+        mirrored_boxes = None if boxes is None else jnp.stack(
+            [width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=-1)
+        mirrored, _ = _outputs(model, variables, x[:, :, ::-1], mirrored_boxes)
         prob = 0.5 * (prob + jax.nn.sigmoid(mirrored[..., 0])[:, :, ::-1])
-    return prob
+    return prob, (None if class_logits is None else jax.nn.softmax(class_logits, axis=-1))
+
+
+def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
+             flip_tta: bool, which: int) -> np.ndarray:
+    n = images_u8.shape[0]
+    if needs_box_prompts(loaded.model) and boxes is None:
+        raise ValueError(f"{loaded.config.preset} is box-prompted: expected boxes (N, 4) with the images")
+    parts = []
+    for start in range(0, n, batch_size):
+        chunk = images_u8[start : start + batch_size]
+        box_chunk = None if boxes is None else np.asarray(boxes[start : start + batch_size], np.float32)
+        pad = batch_size - chunk.shape[0]
+        if pad:  # every batch reuses one compiled program
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+            if box_chunk is not None:
+                box_chunk = np.concatenate([box_chunk, np.repeat(box_chunk[:1], pad, axis=0)])
+        out = _probabilities(loaded.model, loaded.variables, jnp.asarray(chunk),
+                             None if box_chunk is None else jnp.asarray(box_chunk), flip_tta)[which]
+        if out is None:
+            head = "mask" if which == 0 else "class"
+            raise ValueError(f"{loaded.config.preset} has no {head} head; expected a "
+                             f"{'segmentation' if which == 0 else 'classification'} model")
+        parts.append(np.asarray(out)[: batch_size - pad])
+    return np.concatenate(parts) if parts else np.empty((0,), np.float32)
 
 
 def predict_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batch_size: int = 16,
-                          flip_tta: bool = False) -> np.ndarray:
+                          flip_tta: bool = False, boxes: np.ndarray | None = None) -> np.ndarray:
     """Foreground probabilities (N, H, W) float32 for uint8 images (N, H, W, C) at the
-    training size. The last batch is padded so every batch reuses one compiled program."""
-    n = images_u8.shape[0]
-    out = np.empty(images_u8.shape[:3], np.float32)
-    for start in range(0, n, batch_size):
-        chunk = images_u8[start : start + batch_size]
-        pad = batch_size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-        prob = np.asarray(_probabilities(loaded.model, loaded.variables, jnp.asarray(chunk), flip_tta))
-        out[start : start + batch_size] = prob[: batch_size - pad]
-    return out
+    training size. Box-prompted models need ``boxes`` (N, 4) xyxy in those pixels."""
+    return _batched(loaded, images_u8, boxes, batch_size, flip_tta, 0)
+
+
+def predict_class_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Class probabilities (N, K) (softmax; benign, malignant, normal) of a model with a class head."""
+    return _batched(loaded, images_u8, None, batch_size, False, 1)
+
+
+def prompt_boxes(dataset: BusiDataset) -> np.ndarray:
+    """Box prompts (N, 4) from the dataset's masks at the training size (no jitter)."""
+    from unet_jax.data.prompts import boxes_from_masks
+
+    return np.asarray(boxes_from_masks(jnp.asarray(dataset.masks, jnp.float32)))
 
 
 def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = True,
@@ -112,7 +154,12 @@ def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = T
     t = resolve_threshold(loaded, threshold)
     if native and not dataset.original_masks:
         raise ValueError("native-resolution evaluation needs the original masks; read the data with keep_original=True")
-    probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, flip_tta)
+    boxes = None
+    if needs_box_prompts(loaded.model):
+        # Prompted from the ground truth: only images with a lesion have a box to give.
+        dataset = dataset.subset([i for i, m in zip(dataset.ids, dataset.masks) if m.any()])
+        boxes = prompt_boxes(dataset)
+    probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, flip_tta, boxes)
     rows = []
     for i, prob in enumerate(probs):
         if native:
@@ -126,6 +173,13 @@ def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = T
         if progress is not None:
             progress(i + 1, len(probs))
     return M.aggregate(rows, n_boot=n_boot, seed=loaded.config.seed), rows
+
+
+def evaluate_classification(loaded: LoadedModel, dataset: BusiDataset) -> dict[str, Any]:
+    """Image classification metrics (unet_jax.metrics.classification_metrics) of a model
+    with a class head on ``dataset``: accuracy, loss, per-class recall, malignant-vs-rest AUC."""
+    probs = predict_class_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size)
+    return M.to_jsonable(M.classification_metrics(np.asarray(dataset.labels), probs))
 
 
 def evaluation_report(aggregate: dict[str, Any], rows: list[dict[str, Any]], *, native: bool,

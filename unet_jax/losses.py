@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "softmax_cross_entropy",
     "binary_cross_entropy",
     "soft_dice_loss",
     "bce_dice_loss",
@@ -164,6 +165,19 @@ def bce_dice_loss(
     bce = binary_cross_entropy(logits, masks, pos_weight=pos_weight)
     dice = soft_dice_loss(logits, masks, smooth=smooth)
     return bce_weight * bce + dice_weight * dice
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example categorical cross-entropy ``-log softmax(logits)[label]``: (B, K), (B,) -> (B,).
+
+    The loss of the report's classifier rows (Keras ``sparse_categorical_crossentropy``),
+    computed with a log-sum-exp so that large logits do not overflow.
+    """
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"softmax_cross_entropy: logits (B, K) and labels (B,) expected, got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
 
 
 def batch_confusion(

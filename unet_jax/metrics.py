@@ -62,6 +62,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "roc_auc",
+    "classification_metrics",
     "METRICS",
     "CLASSES",
     "LESION_CLASSES",
@@ -502,3 +504,64 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
+
+
+# --------------------------------------------------------------------------------------
+# Image classification (benign / malignant / normal)
+# --------------------------------------------------------------------------------------
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve by the Mann-Whitney rank statistic (ties count one half).
+
+    ``scores`` (N,) real, ``positive`` (N,) bool. NaN when either class is absent (the
+    area is undefined, not 0.5).
+    """
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties (1-based).
+    start = 0
+    while start < len(scores):
+        stop = start
+        while stop + 1 < len(scores) and sorted_scores[stop + 1] == sorted_scores[start]:
+            stop += 1
+        ranks[order[start : stop + 1]] = 0.5 * (start + stop) + 1.0
+        start = stop + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
+                           positive_class: str = "malignant") -> dict[str, Any]:
+    """Image-level metrics of class probabilities ``probs`` (N, K) against ``labels`` (N,).
+
+    Returns ``accuracy`` (argmax), ``loss`` (mean cross-entropy, the report's "loss"
+    column for its classifier rows), ``per_class_recall`` (NaN for a class with no
+    image), ``confusion_matrix`` (rows: true class, columns: predicted), and
+    ``{positive_class}_vs_rest_auc`` (ROC AUC of ``probs[:, positive]``), with ``n``.
+    """
+    labels = np.asarray(labels, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or probs.shape[1] != len(classes):
+        raise ValueError(f"classification_metrics: probs (N, {len(classes)}) and labels (N,) expected, "
+                         f"got {probs.shape} and {labels.shape}")
+    predicted = probs.argmax(axis=1)
+    k = len(classes)
+    matrix = np.zeros((k, k), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    recall = {c: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else float("nan"))
+              for i, c in enumerate(classes)}
+    picked = probs[np.arange(len(labels)), labels]
+    positive = classes.index(positive_class)
+    return {
+        "n": int(len(labels)),
+        "accuracy": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
+        "loss": float(np.mean(-np.log(np.clip(picked, 1e-12, 1.0)))) if len(labels) else float("nan"),
+        "per_class_recall": recall,
+        "confusion_matrix": matrix.tolist(),
+        "classes": list(classes),
+        f"{positive_class}_vs_rest_auc": roc_auc(probs[:, positive], labels == positive),
+    }

@@ -16,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from unet_jax.layers import Conv2D, ConvTranspose2D
-from unet_jax.models import PRESET_SIZES, create_unet
+from unet_jax.models import PRESET_SIZES, create_model, needs_box_prompts
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "summarize_module", "format_summary"]
 
@@ -91,14 +91,19 @@ def summarize_module(model: nn.Module, input_shape: tuple[int, ...], name: str =
         return method_name == "__call__"
 
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    # Box-prompted models (SAM) take a (N, 4) box per image as their second input.
+    extra = (jax.ShapeDtypeStruct((input_shape[0], 4), jnp.float32),) if needs_box_prompts(model) else ()
+    variables = jax.eval_shape(lambda x, *e: model.init(jax.random.key(0), x, *e, train=False), x, *extra)
     out, state = jax.eval_shape(
-        lambda v, x: model.apply(
-            v, x, train=False, capture_intermediates=record, mutable=["intermediates"]
+        lambda v, x, *e: model.apply(
+            v, x, *e, train=False, capture_intermediates=record, mutable=["intermediates"]
         ),
         variables,
         x,
+        *extra,
     )
+    if isinstance(out, dict):  # a mask head and a class head: the mask's shape
+        out = out["mask"]
     params = variables.get("params", {})
     stats = {k: v for k, v in variables.items() if k != "params"}
 
@@ -129,10 +134,12 @@ def summarize_module(model: nn.Module, input_shape: tuple[int, ...], name: str =
 
 
 def summarize(preset: str, size: tuple[int, int] | None = None, batch: int = 1, **overrides: Any) -> ModelSummary:
-    """Summary of a named preset at ``size`` (default: the preset's canonical size)."""
-    model = create_unet(preset, **overrides)
+    """Summary of a named preset (any family) at ``size`` (default: the preset's canonical
+    size: its PRESET_SIZES entry, SAM's encoder size, else 256)."""
+    model = create_model(preset, **overrides)
     if size is None:
-        size = (PRESET_SIZES[preset], PRESET_SIZES[preset])
+        side = PRESET_SIZES.get(preset) or getattr(model, "image_size", None) or 256
+        size = (side, side)
     return summarize_module(model, (batch, *size, model.in_channels), name=preset)
 
 
@@ -149,7 +156,7 @@ def format_summary(summary: ModelSummary) -> str:
 
     total = summary.trainable_params + summary.non_trainable_params
     return "\n".join([
-        f'Model: "unet/{summary.preset}"  input {summary.input_shape}',
+        f'Model: "{summary.preset}"  input {summary.input_shape}',
         rule, fmt(header), "=" * len(rule),
         *(fmt(line) for line in lines),
         "=" * len(rule),

@@ -132,6 +132,9 @@ class UNet(nn.Module):
       bn_momentum, bn_epsilon: batch-norm running-average momentum and epsilon.
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); logits are float32.
       param_dtype: parameter dtype.
+      class_head: if > 0, also classify the image from the bottleneck (global average
+        pooling + a dense layer named ``class_head``); the model then returns
+        ``{"mask": (N, H_out, W_out, num_classes), "class": (N, class_head)}`` logits.
     """
 
     features: int = 64
@@ -149,6 +152,7 @@ class UNet(nn.Module):
     bn_epsilon: float = 1e-3
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    class_head: int = 0
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -187,6 +191,12 @@ class UNet(nn.Module):
             x = self._dropout(x, f"drop_pool{level}", train)
 
         x = self._block(self.features * 2**self.depth, "bottleneck")(x, train=train)
+        class_logits = None
+        if self.class_head > 0:
+            # The bottleneck sees the whole image at 1/2**depth resolution: the natural
+            # place for an image-level benign/malignant/normal decision.
+            pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            class_logits = nn.Dense(self.class_head, param_dtype=self.param_dtype, name="class_head")(pooled)
 
         for level in range(self.depth, 0, -1):
             features = self.features * 2 ** (level - 1)
@@ -211,6 +221,8 @@ class UNet(nn.Module):
             param_dtype=self.param_dtype,
             name="head",
         )(x)
+        if class_logits is not None:
+            return {"mask": logits.astype(jnp.float32), "class": class_logits.astype(jnp.float32)}
         return logits.astype(jnp.float32)
 
     def _size_spec(self) -> dict[str, Any]:

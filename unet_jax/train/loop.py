@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -42,11 +43,12 @@ from unet_jax.data import (
     write_phantom,
 )
 from unet_jax.losses import get_loss
-from unet_jax.models import create_unet
+from unet_jax.models import create_model, needs_box_prompts
 from unet_jax.train.checkpoint import BEST, LATEST, CheckpointStore
 from unet_jax.train.logs import MetricsLog
-from unet_jax.train.state import TrainState, create_train_state, make_optimizer, make_schedule
+from unet_jax.train.state import TrainState, create_train_state, init_variables, make_optimizer, make_schedule
 from unet_jax.train.steps import (
+    apply_model,
     default_steps_per_dispatch,
     evaluate_device_data,
     make_mesh,
@@ -78,9 +80,41 @@ class RunResult:
 # Pieces a run is made of (also used by evaluation and prediction)
 # --------------------------------------------------------------------------------------
 def build_model(config: TrainConfig) -> Any:
-    """The run's UNet: preset + overrides, the data's channels, the compute dtype."""
-    return create_unet(config.preset, **{"in_channels": config.channels, **config.model,
-                                         "dtype": None if config.dtype == "float32" else config.dtype})
+    """The run's model: preset + overrides, the data's channels, the compute dtype."""
+    return create_model(config.preset, **{"in_channels": config.channels, **config.model,
+                                          "dtype": None if config.dtype == "float32" else config.dtype})
+
+
+def model_heads(model: Any, config: TrainConfig) -> tuple[bool, bool]:
+    """``(has_mask_head, has_class_head)`` of ``model``, traced abstractly (no FLOPs)."""
+    from unet_jax.train.state import TrainState
+
+    shape = (1, config.image_size, config.image_size, config.channels)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+
+    def outputs(variables: dict[str, Any], x: jax.Array, m: jax.Array) -> Any:
+        probe = TrainState(step=0, apply_fn=model.apply, params=variables["params"], tx=None, opt_state=None,
+                           batch_stats=variables.get("batch_stats", {}), box_prompts=needs_box_prompts(model))
+        return apply_model(probe, probe.params, x, m, train=False)[0]
+
+    zeros = jax.ShapeDtypeStruct(shape, jnp.float32)
+    masks = jax.ShapeDtypeStruct((*shape[:3], 1), jnp.float32)
+    mask_logits, class_logits = jax.eval_shape(outputs, variables, zeros, masks)
+    return mask_logits is not None, class_logits is not None
+
+
+def check_model_config(config: TrainConfig, heads: tuple[bool, bool]) -> None:
+    """Refuse configurations whose monitor or loss the model's heads cannot give."""
+    has_mask, has_class = heads
+    if not has_mask and config.monitor in ("val/dice", "val/iou"):
+        raise ValueError(f"config monitor = {config.monitor!r} with preset {config.preset!r}, a classifier "
+                         f"(no mask head); expected monitor = 'val/loss' or 'val/accuracy'")
+    if not has_class and config.monitor == "val/accuracy":
+        raise ValueError(f"config monitor = 'val/accuracy' with preset {config.preset!r}, which has no class "
+                         f"head; expected 'val/loss', 'val/dice' or 'val/iou' (or model.class_head=3)")
+    if has_mask and has_class and config.class_weight == 0:
+        raise ValueError(f"preset {config.preset!r} with a class head and class_weight = 0: the head would never "
+                         f"be trained; expected class_weight > 0 (e.g. 0.1)")
 
 
 def augment_config(config: TrainConfig) -> AugmentConfig | None:
@@ -124,8 +158,15 @@ def load_run_data(config: TrainConfig, run_dir: Path, progress: Progress | None 
 def make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
     """The run's split: a given manifest, the notebook's protocol, or a duplicate-aware one.
 
-    Validation always comes out of the training data, never out of the test split.
+    Validation always comes out of the training data, never out of the test split. A
+    box-prompted model gets the same split as the other models, less the normal images
+    (:func:`split_for_lesions_only`).
     """
+    split = _make_split(config, dataset)
+    return _lesions_only(split, dataset) if split_for_lesions_only(config) else split
+
+
+def _make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
     if config.manifest is not None:
         split = read_manifest(config.manifest)
         dataset.index_of([i for part in split.partitions.values() for i in part])  # all ids present
@@ -151,6 +192,20 @@ def make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
     fractions = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
                  "test": config.test_fraction}
     return stratified_split(ids, labels, groups, fractions, seed=config.split_seed)
+
+
+def split_for_lesions_only(config: TrainConfig) -> bool:
+    """Box-prompted models (SAM) are prompted from the ground truth: they train and are
+    evaluated on lesion images only (a normal image has no box to give)."""
+    from unet_jax.models import model_family
+
+    return model_family(config.preset) == "sam"
+
+
+def _lesions_only(split: Split, dataset: BusiDataset) -> Split:
+    label_of = dict(zip(dataset.ids, (int(x) for x in dataset.labels)))
+    parts = {name: tuple(i for i in ids if label_of[i] in (0, 1)) for name, ids in split.partitions.items()}
+    return Split(split.protocol, split.seed, parts, {**split.params, "lesions_only": True}, split.duplicate_groups)
 
 
 def environment(mesh: Mesh) -> dict[str, Any]:
@@ -230,7 +285,7 @@ _FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
-    current = config_to_dict(config)
+    current = json.loads(json.dumps(config_to_dict(config)))  # tuples as the saved JSON lists
     # A key added to TrainConfig after the run was saved counts as its default.
     saved = {**config_to_dict(TrainConfig()), **saved}
     differ = {k: (saved.get(k), current[k]) for k in current
@@ -269,6 +324,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                          f"expected a multiple of {n_dev}")
 
     _check_run_folder(config, run_dir)
+    model = build_model(config)
+    check_model_config(config, model_heads(model, config))
     dataset = load_run_data(config, run_dir, emit)
     split = make_split(config, dataset)
     write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
@@ -281,7 +338,6 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     steps_per_epoch = n_train // config.batch_size
     chunk = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
 
-    model = build_model(config)
     loss_fn = get_loss(config.loss, **_loss_kwargs(config))
     tx = make_optimizer(config, steps_per_epoch)
     schedule = make_schedule(config, steps_per_epoch)  # the optimiser's, logged as "lr"
@@ -290,13 +346,21 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     # takes ~6x longer (14 s vs 2.4 s on 2 CPU cores). Its bits may differ between
     # backends; a run is reproducible on the same kind of device.
     init_key = jax.random.key(config.seed, impl="rbg")
-    state = create_train_state(model, tx, init_key, (1, config.image_size, config.image_size, config.channels))
+    state = create_train_state(model, tx, init_key, (1, config.image_size, config.image_size, config.channels),
+                               frozen=config.freeze)
+    store = CheckpointStore(run_dir)
+    if config.init_from is not None and store.latest_step() is None:
+        from unet_jax.train.init_from import load_initial_variables
+
+        variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                              opt_state=tx.init(variables["params"]))
+        emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
     state = _replicate(state, mesh)
     train_data = _device_data(dataset, split["train"], mesh)
     val_data = _device_data(dataset, split["val"], mesh)
     sample = make_sampler(config.batch_size, n_train, augment_config(config))
 
-    store = CheckpointStore(run_dir)
     loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if store.latest_step() is not None:
         state, meta = store.restore(LATEST, state)
@@ -309,7 +373,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
 
     evaluate = lambda st, data: metrics_to_host(  # noqa: E731
         evaluate_device_data(st, data, batch_size=config.eval_batch_size, loss_fn=loss_fn,
-                             threshold=config.threshold, mesh=mesh), "val/")
+                             threshold=config.threshold, mesh=mesh, class_weight=config.class_weight), "val/")
     try:
         while loop["epoch"] < config.epochs and not loop["stopped_early"]:
             epoch = loop["epoch"] + 1
@@ -320,7 +384,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                 n = min(chunk, steps_per_epoch - done)
                 start = jax.numpy.asarray((epoch - 1) * steps_per_epoch + done, jax.numpy.int32)
                 state, metrics = train_steps(state, train_data, data_key, dropout_key, start, num_steps=n,
-                                             sample=sample, loss_fn=loss_fn, threshold=config.threshold, mesh=mesh)
+                                             sample=sample, loss_fn=loss_fn, threshold=config.threshold, mesh=mesh,
+                                             class_weight=config.class_weight, box_jitter=config.box_jitter)
                 totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
                 done += n
                 if progress is not None and done < steps_per_epoch:
@@ -357,6 +422,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     if split.partitions.get("test"):
         test_data = _device_data(dataset, split["test"], mesh)
         test = {k.replace("val/", "test/"): v for k, v in evaluate(state, test_data).items()}
+        if "test/dice" in test:
+            # The report's loss column is pixel BCE, whatever loss a run trains with.
+            bce = evaluate_device_data(state, test_data, batch_size=config.eval_batch_size, loss_fn=get_loss("bce"),
+                                       threshold=config.threshold, mesh=mesh)
+            test["test/bce"] = metrics_to_host(bce)["loss"]
     store.close()
     emit({"kind": "finishing"})
     _finish_run(config, model, state, dataset, split, loop, test, run_dir)
@@ -373,13 +443,28 @@ def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: Bus
                 loop: dict[str, Any], test: dict[str, float], run_dir: Path) -> None:
     """results.json (the report's columns beside Dice and IoU, native-resolution test
     metrics), per-image test rows, and the plots."""
-    from unet_jax.evaluate import LoadedModel, evaluate_dataset, evaluation_report, predict_probabilities
+    from unet_jax.evaluate import (
+        LoadedModel,
+        evaluate_classification,
+        evaluate_dataset,
+        evaluation_report,
+        predict_probabilities,
+        prompt_boxes,
+    )
     from unet_jax import metrics as M
 
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     loaded = LoadedModel(model, variables, config, run_dir)
+    has_mask, has_class = model_heads(model, config)
     best = loop["history"][loop["best_epoch"] - 1] if loop["best_epoch"] else {}
+    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     results: dict[str, Any] = {
+        "model": config.preset,
+        "parameters": {"trainable": count(state.params), "non_trainable": count(state.batch_stats),
+                       "frozen": count({k: v for k, v in state.params.items() if k in config.freeze})},
+        "init_from": config.init_from,
+        "prompted": ("boxes from the ground-truth masks (lesion images only)"
+                     if needs_box_prompts(model) else None),
         "best_epoch": loop["best_epoch"],
         "epochs_run": loop["epoch"],
         "stopped_early": loop["stopped_early"],
@@ -389,7 +474,9 @@ def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: Bus
         "test_training_resolution": test,
     }
     test_ids = split.partitions.get("test", ())
-    if test_ids:
+    if test_ids and has_class:
+        results["test_classification"] = evaluate_classification(loaded, dataset.subset(list(test_ids)))
+    if test_ids and has_mask:
         test_ds = dataset.subset(list(test_ids))
         native = bool(test_ds.original_masks)
         aggregate, rows = evaluate_dataset(loaded, test_ds, native=native)
@@ -402,7 +489,8 @@ def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: Bus
             from unet_jax.plots import prediction_grid
 
             show = min(len(test_ds), 16)
-            probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size)
+            boxes = prompt_boxes(test_ds.subset(list(range(show)))) if needs_box_prompts(model) else None
+            probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size, boxes=boxes)
             gts = [test_ds.original_masks[i] if native else test_ds.masks[i, :, :, 0] for i in range(show)]
             preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
             images = [_native_image(test_ds, i, g.shape) for i, g in enumerate(gts)]

@@ -7,17 +7,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 from unet_jax.config import TrainConfig
 
-__all__ = ["TrainState", "make_optimizer", "make_schedule", "create_train_state"]
+__all__ = ["TrainState", "make_optimizer", "make_schedule", "init_variables", "create_train_state"]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the batch-norm running statistics (empty without norm)."""
+    """Flax's TrainState plus the batch-norm running statistics (empty without norm).
+
+    Static (not saved, rebuilt from the config): ``box_prompts``, whether the model takes
+    box prompts (SAM); ``frozen``, the top-level parameter groups that get no gradient.
+    """
 
     batch_stats: Any = None
+    box_prompts: bool = struct.field(pytree_node=False, default=False)
+    frozen: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -43,18 +50,49 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
         tx = optax.adamw(schedule, eps=1e-7, weight_decay=config.weight_decay)
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.freeze:
+        # Frozen groups get no update at all: no weight decay, no optimiser state.
+        frozen = set(config.freeze)
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: {k: ("frozen" if k in frozen else "train") for k in params},
+        )
     return tx
 
 
+def init_variables(model: Any, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``model.init`` on zeros of ``input_shape`` (N, H, W, C) (and whole-image boxes for
+    box-prompted models), jitted: one compiled program instead of hundreds of eager ops."""
+    from unet_jax.models import needs_box_prompts
+
+    def init(key: jax.Array) -> dict[str, Any]:
+        x = jnp.zeros(input_shape, jnp.float32)
+        if needs_box_prompts(model):
+            boxes = jnp.zeros((input_shape[0], 4), jnp.float32)
+            return model.init(key, x, boxes, train=False)
+        return model.init(key, x, train=False)
+
+    return jax.jit(init)(key)
+
+
 def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Array,
-                       input_shape: tuple[int, ...]) -> TrainState:
-    """Initialise parameters for inputs of ``input_shape`` (N, H, W, C)."""
-    # Jitted: one compiled program instead of hundreds of eagerly dispatched operations.
-    init = jax.jit(lambda key: model.init(key, jnp.zeros(input_shape, jnp.float32), train=False))
-    variables = init(key)
+                       input_shape: tuple[int, ...], frozen: tuple[str, ...] = ()) -> TrainState:
+    """Initialise parameters for inputs of ``input_shape`` (N, H, W, C).
+
+    ``frozen``: top-level parameter groups to keep fixed (they must exist).
+    """
+    from unet_jax.models import needs_box_prompts
+
+    variables = init_variables(model, key, input_shape)
+    unknown = sorted(set(frozen) - set(variables["params"]))
+    if unknown:
+        raise ValueError(f"freeze {unknown}: no such parameter group in {type(model).__name__}; "
+                         f"expected some of {sorted(variables['params'])}")
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
+        box_prompts=needs_box_prompts(model),
+        frozen=tuple(frozen),
     )

@@ -21,13 +21,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unet_jax.data.augment import Batch, DeviceData
-from unet_jax.losses import batch_confusion
+from unet_jax.data.prompts import boxes_from_masks
+from unet_jax.losses import batch_confusion, softmax_cross_entropy
 from unet_jax.metrics import scores_from_confusion
 from unet_jax.train.state import TrainState
 
 __all__ = [
     "Metrics",
     "LossFn",
+    "split_outputs",
+    "apply_model",
     "make_mesh",
     "batch_metrics",
     "train_step",
@@ -57,20 +60,64 @@ def _shard_batch(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
 
 
-def batch_metrics(logits: jax.Array, masks: jax.Array, per_image_loss: jax.Array,
-                  threshold: float, weights: jax.Array | None = None) -> Metrics:
-    """Sums and counts of loss, Dice, IoU and pixel accuracy over a batch.
+Outputs = tuple[jax.Array | None, jax.Array | None]
 
-    logits, masks: (B, H, W, 1); per_image_loss, weights: (B,). Dice and IoU are per image
-    (an empty prediction of an empty mask scores 1, see unet_jax.metrics); pixel accuracy
-    counts pixels, as Keras' "accuracy" did.
+
+def split_outputs(out: Any) -> Outputs:
+    """``(mask_logits (B, H, W, K) or None, class_logits (B, K) or None)`` of a model's output
+    (an array of rank 4 or 2, or ``{"mask": ..., "class": ...}``; see unet_jax.models)."""
+    if isinstance(out, dict):
+        return out.get("mask"), out.get("class")
+    if out.ndim == 4:
+        return out, None
+    if out.ndim == 2:
+        return None, out
+    raise ValueError(f"model output of shape {tuple(out.shape)}: expected (B, H, W, K) mask logits, "
+                     f"(B, K) class logits, or a dict of both")
+
+
+def apply_model(state: TrainState, params: Any, images: jax.Array, masks: jax.Array, *, train: bool,
+                key: jax.Array | None = None, box_jitter: float = 0.0) -> tuple[Outputs, Any]:
+    """The model on a batch: ``((mask_logits, class_logits), batch-norm updates)``.
+
+    Box-prompted models (``state.box_prompts``) get boxes from ``masks`` (jittered in
+    training, see unet_jax.data.prompts); ``key`` drives dropout and the jitter.
     """
-    weights = jnp.ones(logits.shape[:1], jnp.float32) if weights is None else weights
-    scores = scores_from_confusion(*batch_confusion(logits, masks, threshold))
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    extra = ()
+    if state.box_prompts:
+        jitter_key = None if key is None else jax.random.fold_in(key, 1)
+        extra = (boxes_from_masks(masks, jitter=box_jitter if train else 0.0, key=jitter_key),)
+    if not train:
+        return split_outputs(state.apply_fn(variables, images, *extra, train=False)), {}
+    out, updates = state.apply_fn(variables, images, *extra, train=True, rngs={"dropout": key},
+                                  mutable=["batch_stats"])
+    return split_outputs(out), updates
+
+
+def batch_metrics(outputs: Outputs, masks: jax.Array, labels: jax.Array, per_image_loss: jax.Array,
+                  threshold: float, weights: jax.Array | None = None) -> Metrics:
+    """Sums and counts of the loss and of what the model's heads allow: Dice, IoU and
+    pixel accuracy of mask logits, accuracy of class logits.
+
+    outputs: (mask logits (B, H, W, 1) or None, class logits (B, K) or None); masks (B, H,
+    W, 1); labels, per_image_loss, weights: (B,). Dice and IoU are per image (an empty
+    prediction of an empty mask scores 1, see unet_jax.metrics); pixel accuracy counts
+    pixels, as Keras' "accuracy" did.
+    """
+    mask_logits, class_logits = outputs
+    weights = jnp.ones(per_image_loss.shape, jnp.float32) if weights is None else weights
     count = jnp.sum(weights)
     metrics = {"loss": (jnp.sum(per_image_loss * weights), count)}
-    for name in ("dice", "iou", "pixel_accuracy"):
-        metrics[name] = (jnp.sum(scores[name] * weights), count)
+    if mask_logits is not None:
+        scores = scores_from_confusion(*batch_confusion(mask_logits, masks, threshold))
+        for name in ("dice", "iou", "pixel_accuracy"):
+            metrics[name] = (jnp.sum(scores[name] * weights), count)
+    if class_logits is not None:
+        correct = (jnp.argmax(class_logits, axis=-1) == labels).astype(jnp.float32)
+        metrics["accuracy"] = (jnp.sum(correct * weights), count)
+        ce = softmax_cross_entropy(class_logits, labels)
+        metrics["class_loss"] = (jnp.sum(ce * weights), count)
     return metrics
 
 
@@ -79,69 +126,107 @@ def _per_image(loss_fn: LossFn, logits: jax.Array, masks: jax.Array) -> jax.Arra
     return jax.vmap(lambda l, m: loss_fn(l[None], m[None]))(logits, masks)
 
 
-def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, loss_fn: LossFn,
-               threshold: float = 0.5) -> tuple[TrainState, Metrics]:
-    """One optimiser step on ``batch`` (images (B, H, W, C), masks (B, H, W, 1)).
+def _class_term(outputs: Outputs, class_weight: float) -> float:
+    """The weight of the cross-entropy: 1 for a classifier, class_weight beside a mask head."""
+    mask_logits, class_logits = outputs
+    if class_logits is None:
+        return 0.0
+    return 1.0 if mask_logits is None else class_weight
 
-    Dropout draws from ``fold_in(dropout_key, state.step)``, so a resumed run repeats it.
+
+def _total_loss(outputs: Outputs, masks: jax.Array, labels: jax.Array, loss_fn: LossFn,
+                class_weight: float, per_image: bool) -> jax.Array:
+    """The training objective: the segmentation loss (batch value, or per image) plus the
+    weighted cross-entropy of the class head."""
+    mask_logits, class_logits = outputs
+    batch = masks.shape[0]
+    total = jnp.zeros((batch,) if per_image else (), jnp.float32)
+    if mask_logits is not None:
+        total = total + (_per_image(loss_fn, mask_logits, masks) if per_image else loss_fn(mask_logits, masks))
+    weight = _class_term(outputs, class_weight)
+    if weight:
+        ce = softmax_cross_entropy(class_logits, labels)
+        total = total + weight * (ce if per_image else jnp.mean(ce))
+    return total
+
+
+def _frozen_stopped(state: TrainState, params: Any) -> Any:
+    # stop_gradient, not only a zero update: XLA then skips the frozen groups' backward pass.
+    return {k: (jax.lax.stop_gradient(v) if k in state.frozen else v) for k, v in params.items()}
+
+
+def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, loss_fn: LossFn,
+               threshold: float = 0.5, class_weight: float = 0.0,
+               box_jitter: float = 0.0) -> tuple[TrainState, Metrics]:
+    """One optimiser step on ``batch`` (images (B, H, W, C), masks (B, H, W, 1), labels (B,)).
+
+    Dropout (and box jitter) draw from ``fold_in(dropout_key, state.step)``, so a resumed
+    run repeats them. ``class_weight`` weighs the cross-entropy of a second (class) head.
     """
     key = jax.random.fold_in(dropout_key, state.step)
 
-    def objective(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch.images,
-            train=True,
-            rngs={"dropout": key},
-            mutable=["batch_stats"],
-        )
-        return loss_fn(logits, batch.masks), (logits, updates)
+    def objective(params: Any) -> tuple[jax.Array, tuple[Outputs, Any]]:
+        outputs, updates = apply_model(state, _frozen_stopped(state, params), batch.images, batch.masks,
+                                       train=True, key=key, box_jitter=box_jitter)
+        return _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False), (outputs, updates)
 
-    (_, (logits, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (_, (outputs, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    per_image = _per_image(loss_fn, jax.lax.stop_gradient(logits), batch.masks)
-    return state, batch_metrics(logits, batch.masks, per_image, threshold)
+    outputs = jax.lax.stop_gradient(outputs)
+    per_image = _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, True)
+    return state, batch_metrics(outputs, batch.masks, batch.labels, per_image, threshold)
 
 
-def eval_step(state: TrainState, images: jax.Array, masks: jax.Array, weights: jax.Array, *,
-              loss_fn: LossFn, threshold: float = 0.5) -> Metrics:
-    """Metrics of the model in inference mode (running batch-norm statistics, no dropout).
+def eval_step(state: TrainState, images: jax.Array, masks: jax.Array, weights: jax.Array,
+              labels: jax.Array | None = None, *, loss_fn: LossFn, threshold: float = 0.5,
+              class_weight: float = 0.0) -> Metrics:
+    """Metrics of the model in inference mode (running batch-norm statistics, no dropout,
+    boxes without jitter).
 
-    weights (B,): 1 for real examples, 0 for padding that fills the last batch.
+    weights (B,): 1 for real examples, 0 for padding that fills the last batch; labels
+    (B,) are needed by models with a class head.
     """
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
-    per_image = _per_image(loss_fn, logits, masks)
-    return batch_metrics(logits, masks, per_image, threshold, weights)
+    outputs, _ = apply_model(state, state.params, images, masks, train=False)
+    if labels is None:
+        if outputs[1] is not None:
+            raise ValueError("eval_step: the model has a class head; expected labels (B,)")
+        labels = jnp.zeros(weights.shape, jnp.int32)
+    per_image = _total_loss(outputs, masks, labels, loss_fn, class_weight, True)
+    return batch_metrics(outputs, masks, labels, per_image, threshold, weights)
 
 
 def add_metrics(a: Metrics, b: Metrics) -> Metrics:
     return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in a}
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "sample", "loss_fn", "threshold", "mesh"),
+@functools.partial(jax.jit, static_argnames=("num_steps", "sample", "loss_fn", "threshold", "mesh",
+                                             "class_weight", "box_jitter"),
                    donate_argnames=("state",))
 def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, dropout_key: jax.Array,
                 start_step: jax.Array, *, num_steps: int, sample: Callable[..., Batch], loss_fn: LossFn,
-                threshold: float, mesh: Mesh | None) -> tuple[TrainState, Metrics]:
+                threshold: float, mesh: Mesh | None, class_weight: float = 0.0,
+                box_jitter: float = 0.0) -> tuple[TrainState, Metrics]:
     """``num_steps`` training steps in one dispatch (a ``lax.scan``), batches drawn on device.
 
     ``sample(data, data_key, step) -> Batch`` (unet_jax.data.make_sampler) makes each batch
     a pure function of the step, so nothing crosses to the host inside an epoch.
     """
 
+    options = {"class_weight": class_weight, "box_jitter": box_jitter}
+
     def body(carry: tuple[TrainState, Metrics], step: jax.Array) -> tuple[tuple[TrainState, Metrics], None]:
         state, totals = carry
         batch = _shard_batch(sample(data, data_key, step), mesh)
-        state, metrics = train_step(state, batch, dropout_key, loss_fn=loss_fn, threshold=threshold)
+        state, metrics = train_step(state, batch, dropout_key, loss_fn=loss_fn, threshold=threshold, **options)
         return (state, add_metrics(totals, metrics)), None
 
     if num_steps == 1:
         # No loop: XLA:CPU runs convolutions inside a while loop several times slower.
         batch = _shard_batch(sample(data, data_key, start_step), mesh)
-        return train_step(state, batch, dropout_key, loss_fn=loss_fn, threshold=threshold)
+        return train_step(state, batch, dropout_key, loss_fn=loss_fn, threshold=threshold, **options)
     steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
     zero = jax.eval_shape(lambda: train_step(state, sample(data, data_key, 0), dropout_key,
-                                             loss_fn=loss_fn, threshold=threshold)[1])
+                                             loss_fn=loss_fn, threshold=threshold, **options)[1])
     totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     (state, totals), _ = jax.lax.scan(body, (state, totals), steps)
     return state, totals
@@ -153,9 +238,9 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
     return 1 if jax.default_backend() == "cpu" else steps_per_epoch
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "loss_fn", "threshold", "mesh"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "loss_fn", "threshold", "mesh", "class_weight"))
 def evaluate_device_data(state: TrainState, data: DeviceData, *, batch_size: int, loss_fn: LossFn,
-                         threshold: float, mesh: Mesh | None) -> Metrics:
+                         threshold: float, mesh: Mesh | None, class_weight: float = 0.0) -> Metrics:
     """Metrics over a whole device-resident split, in fixed-size batches (one dispatch).
 
     The split is padded to a multiple of ``batch_size`` with zero-weight copies of its
@@ -171,19 +256,15 @@ def evaluate_device_data(state: TrainState, data: DeviceData, *, batch_size: int
         idx, w = xs
         images = data.images[idx].astype(jnp.float32) / 255.0
         masks = data.masks[idx].astype(jnp.float32)
-        images, masks, w = _shard_batch((images, masks, w), mesh)
-        metrics = eval_step(state, images, masks, w, loss_fn=loss_fn, threshold=threshold)
-        return add_metrics(totals, metrics), None
+        images, masks, labels, w = _shard_batch((images, masks, data.labels[idx], w), mesh)
+        metrics = eval_step(state, images, masks, w, labels, loss_fn=loss_fn, threshold=threshold,
+                            class_weight=class_weight)
+        return metrics if totals is None else add_metrics(totals, metrics), None
 
-    shape = jax.eval_shape(lambda: body(_empty_metrics(), (index[0], weights[0]))[0])
+    shape = jax.eval_shape(lambda: body(None, (index[0], weights[0]))[0])
     totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
     totals, _ = jax.lax.scan(body, totals, (index, weights))
     return totals
-
-
-def _empty_metrics() -> Metrics:
-    zero = jnp.zeros((), jnp.float32)
-    return {k: (zero, zero) for k in ("loss", "dice", "iou", "pixel_accuracy")}
 
 
 def metrics_to_host(metrics: Metrics, prefix: str = "") -> dict[str, float]:

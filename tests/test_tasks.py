@@ -1,0 +1,280 @@
+"""The other rows of the report's table through the same pipeline: the model registry,
+classification (a ResNet classifier, a class head on the U-Net's bottleneck), frozen
+parameter groups, starting from existing parameters, box prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from unet_jax.data import make_sampler
+from unet_jax.data.prompts import boxes_from_masks
+from unet_jax.losses import get_loss, softmax_cross_entropy
+from unet_jax.metrics import classification_metrics, roc_auc
+from unet_jax.models import create_model, model_family, model_names, needs_box_prompts
+from unet_jax.train import train
+from unet_jax.train.init_from import overlay_variables
+from unet_jax.train.state import create_train_state, make_optimizer
+from unet_jax.train.steps import train_step
+
+from _train_helpers import TINY
+from test_train import random_device_data
+
+TINY_LOSS = get_loss("bce_dice")
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+def test_every_family_is_reachable_by_name():
+    names = model_names()
+    assert {"seed", "padded", "ronneberger"} <= set(names["unet"])
+    assert {"resnet18_unet", "resnet34_unet", "resnet18_classifier", "resnet34_classifier"} <= set(names["resnet"])
+    assert {"sam_vit_b", "sam_vit_l", "sam_vit_h"} <= set(names["sam"])
+    assert model_family("resnet34_unet") == "resnet" and model_family("padded") == "unet"
+    assert needs_box_prompts(create_model("sam_vit_b")) and not needs_box_prompts(create_model("seed"))
+    with pytest.raises(ValueError, match="unknown model preset 'resnet50'.*resnet34_unet"):
+        create_model("resnet50")
+
+
+def test_model_overrides_follow_the_preset_named_in_the_same_list():
+    config = apply_overrides(TrainConfig(), ["preset=resnet34_unet", "model.decoder_channels=(128,64,32,16,8)"])
+    assert config.preset == "resnet34_unet" and config.model == {"decoder_channels": (128, 64, 32, 16, 8)}
+    with pytest.raises(ValueError, match="unknown model field 'features' of preset 'resnet34_unet'"):
+        apply_overrides(TrainConfig(), ["preset=resnet34_unet", "model.features=8"])
+
+
+def test_freeze_override_and_json_round_trip():
+    config = apply_overrides(TrainConfig(), ["freeze=image_encoder,prompt_encoder", "monitor=val/accuracy"])
+    assert config.freeze == ("image_encoder", "prompt_encoder")
+    again = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
+    assert again == config
+
+
+# --------------------------------------------------------------------------------------
+# Losses and metrics of classification
+# --------------------------------------------------------------------------------------
+def test_softmax_cross_entropy_is_minus_log_softmax_of_the_label():
+    logits = jnp.asarray([[2.0, 0.0, -1.0], [1000.0, 0.0, 0.0]])
+    labels = jnp.asarray([1, 0])
+    expected = [-(0.0 - np.log(np.exp(2.0) + 1.0 + np.exp(-1.0))), 0.0]
+    np.testing.assert_allclose(np.asarray(softmax_cross_entropy(logits, labels)), expected, rtol=1e-6, atol=1e-6)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=2, max_size=30))
+def test_roc_auc_equals_the_fraction_of_correctly_ordered_pairs(pairs):
+    scores = np.asarray([s for s, _ in pairs], float)
+    positive = np.asarray([p for _, p in pairs])
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        assert np.isnan(roc_auc(scores, positive))
+        return
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert roc_auc(scores, positive) == pytest.approx(brute)
+
+
+def test_classification_metrics_closed_form():
+    labels = np.asarray([0, 0, 1, 1, 2, 2])
+    probs = np.asarray([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .1, .8], [.6, .2, .2]])
+    m = classification_metrics(labels, probs)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class_recall"] == pytest.approx({"benign": 0.5, "malignant": 1.0, "normal": 0.5})
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["loss"] == pytest.approx(-np.mean(np.log([.8, .2, .8, .6, .8, .2])))
+    # malignant scores: positives .8 .6 against negatives .1 .7 .1 .2 -> 7 of 8 pairs ordered
+    assert m["malignant_vs_rest_auc"] == pytest.approx(7 / 8)
+
+
+# --------------------------------------------------------------------------------------
+# Box prompts
+# --------------------------------------------------------------------------------------
+def test_boxes_are_the_tight_extent_and_the_whole_image_when_empty():
+    masks = np.zeros((2, 10, 12, 1), np.float32)
+    masks[0, 2:5, 3:9] = 1
+    boxes = np.asarray(boxes_from_masks(jnp.asarray(masks)))
+    np.testing.assert_array_equal(boxes, [[3, 2, 8, 4], [0, 0, 11, 9]])
+
+
+def test_jittered_boxes_stay_inside_the_image_and_are_reproducible():
+    masks = np.zeros((64, 20, 20, 1), np.float32)
+    masks[:, 5:15, 6:12] = 1
+    a = np.asarray(boxes_from_masks(jnp.asarray(masks), jitter=0.2, key=jax.random.key(0)))
+    b = np.asarray(boxes_from_masks(jnp.asarray(masks), jitter=0.2, key=jax.random.key(0)))
+    np.testing.assert_array_equal(a, b)
+    assert (a >= 0).all() and (a <= 19).all()
+    assert (a[:, 2] >= a[:, 0]).all() and (a[:, 3] >= a[:, 1]).all()
+    assert np.abs(a - [6, 5, 11, 14]).max() <= 0.2 * 20 + 1e-5 and a.std(axis=0).min() > 0
+
+
+# --------------------------------------------------------------------------------------
+# Training other heads, frozen groups, initial parameters
+# --------------------------------------------------------------------------------------
+def _labelled(n: int = 16, size: int = 32):
+    data = random_device_data(n, size)
+    return dataclasses.replace(data, labels=jnp.asarray(np.arange(n) % 3, jnp.int32))
+
+
+def test_a_classifier_step_lowers_its_cross_entropy():
+    model = create_model("resnet18_classifier", in_channels=1)
+    state = create_train_state(model, optax.adam(1e-3), jax.random.key(0, impl="rbg"), (1, 32, 32, 1))
+    batch = make_sampler(16, 16, None)(_labelled(), jax.random.key(1), 0)
+    step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=None))
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"][0] / metrics["loss"][1]))
+        assert set(metrics) == {"loss", "accuracy", "class_loss"}  # no Dice for a classifier
+    assert losses[-1] < losses[0]
+
+
+def test_frozen_groups_do_not_move_even_with_weight_decay():
+    config = dataclasses.replace(TINY, model={"features": 4, "depth": 1, "class_head": 3}, optimizer="adamw",
+                                 weight_decay=0.5, freeze=("enc1", "class_head"), class_weight=1.0)
+    model = create_model("seed", in_channels=1, **config.model)
+    state = create_train_state(model, make_optimizer(config, 5), jax.random.key(0, impl="rbg"), (1, 16, 16, 1),
+                               frozen=config.freeze)
+    batch = make_sampler(8, 16, None)(_labelled(16, 16), jax.random.key(1), 0)
+    before = jax.device_get(state.params)
+    after, _ = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))(state, batch)
+    after = jax.device_get(after.params)
+    for group in before:
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[group]), jax.tree.leaves(after[group])))
+        assert same == (group in config.freeze), group
+    with pytest.raises(ValueError, match=r"freeze \['encoder'\]: no such parameter group.*enc1"):
+        create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl="rbg"), (1, 16, 16, 1), frozen=("encoder",))
+
+
+def test_overlay_grafts_a_subtree_and_names_a_wrong_shape():
+    target = {"params": {"encoder": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}}, "head": {"bias": np.zeros(1)}},
+              "batch_stats": {}}
+    source = {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4))}}}
+    merged, copied = overlay_variables(target, source, "x.msgpack")
+    assert copied == 1 and merged["params"]["encoder"]["conv1"]["kernel"].sum() == 36
+    assert target["params"]["encoder"]["conv1"]["kernel"].sum() == 0  # the target is not modified
+    with pytest.raises(ValueError, match=r"x.msgpack.*encoder/conv1/kernel has shape \(3, 3, 1, 8\).*\(3, 3, 1, 4\)"):
+        overlay_variables(target, {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 8))}}}, "x.msgpack")
+    with pytest.raises(ValueError, match="match no part of the model"):
+        overlay_variables(target, {"params": {"fc": {"kernel": np.ones(2)}}}, "x.msgpack")
+
+
+def test_classifier_and_class_head_runs_end_to_end(tmp_path):
+    # A narrow ResNet-18: the full width's 11 M parameters would only slow the test.
+    classifier = dataclasses.replace(TINY, preset="resnet18_classifier", model={"widths": (8, 16, 32, 64)}, epochs=1,
+                                     monitor="val/accuracy")
+    train(classifier, tmp_path / "classifier")
+    results = json.loads((tmp_path / "classifier" / "results.json").read_text())
+    assert "test" not in results  # no mask head: no segmentation rows
+    c = results["test_classification"]
+    assert set(c) >= {"accuracy", "loss", "per_class_recall", "malignant_vs_rest_auc", "confusion_matrix"}
+    assert sum(map(sum, c["confusion_matrix"])) == c["n"] > 0
+    from unet_jax.evaluate import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "classifier").variables["params"]
+    assert results["parameters"]["trainable"] == sum(np.size(x) for x in jax.tree.leaves(saved))
+
+    headed = dataclasses.replace(TINY, model={**TINY.model, "class_head": 3}, class_weight=0.5, epochs=1)
+    train(headed, tmp_path / "headed")
+    results = json.loads((tmp_path / "headed" / "results.json").read_text())
+    assert "test" in results and "test_classification" in results
+    assert results["test_training_resolution"]["test/bce"] > 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(preset="resnet18_classifier", model={}, monitor="val/dice"), "a classifier.*expected monitor"),
+    (dict(monitor="val/accuracy"), "no class head"),
+    (dict(model={"features": 4, "depth": 2, "class_head": 3}), "class_weight = 0"),
+])
+def test_heads_and_config_must_agree(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        train(dataclasses.replace(TINY, **changes), tmp_path / "run")
+    assert not (tmp_path / "run" / "split.json").exists()  # refused before any work
+
+
+def test_init_from_a_run_starts_from_its_parameters(trained_run, tmp_path):
+    run_dir, _, _ = trained_run
+    events = []
+    config = dataclasses.replace(TINY, init_from=str(run_dir), epochs=1, learning_rate=1e-12, augment=False)
+    train(config, tmp_path / "again", progress=events.append)
+    assert any(e["kind"] == "init_from" and e["parameters_copied"] > 0 for e in events)
+    from unet_jax.evaluate import load_checkpoint
+
+    start, now = load_checkpoint(run_dir).variables["params"], load_checkpoint(tmp_path / "again").variables["params"]
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(now)):
+        np.testing.assert_allclose(a, b, atol=1e-6)  # a learning rate of 1e-12 cannot move them
+
+
+def test_sam_decoder_fine_tuning_through_the_training_loop(tmp_path):
+    """Box-prompted SAM (the reduced preset) through the same loop: lesion images only,
+    boxes from the masks, the image and prompt encoders frozen, the decoder trained."""
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.train.loop import build_model
+    from unet_jax.train.state import init_variables
+
+    config = dataclasses.replace(TINY, preset="sam_tiny", model={}, epochs=1, freeze=("image_encoder", "prompt_encoder"),
+                                 learning_rate=1e-3, monitor="val/dice")
+    train(config, tmp_path / "sam")
+    results = json.loads((tmp_path / "sam" / "results.json").read_text())
+    assert results["prompted"].startswith("boxes from the ground-truth masks")
+    counts = json.loads((tmp_path / "sam" / "split.json").read_text())["counts"]
+    assert all(c.get("normal", 0) == 0 and sum(c.values()) > 0 for c in counts.values())  # no box for a normal image
+    per_image = json.loads((tmp_path / "sam" / "predictions" / "test_per_image.json").read_text())
+    assert per_image and all(row["class"] in ("benign", "malignant") for row in per_image)
+    assert results["parameters"]["frozen"] > 0
+
+    start = init_variables(build_model(config), jax.random.key(config.seed, impl="rbg"),
+                           (1, config.image_size, config.image_size, config.channels))["params"]
+    end = load_checkpoint(tmp_path / "sam").variables["params"]
+    for group in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start[group]), jax.tree.leaves(end[group])))
+        assert same == (group != "mask_decoder"), group
+
+
+def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, capsys):
+    """`unet-jax convert` on a file torch.save wrote, then init_from: the U-Net's encoder
+    holds the torchvision weights (the RGB stem summed for a grayscale input)."""
+    import torch
+
+    from test_resnet import R18, TorchResNet, randomised
+    from unet_jax.cli import main
+    from unet_jax.train.init_from import read_source_variables
+    from unet_jax.train.loop import build_model
+    from unet_jax.train.state import init_variables
+
+    torch_model = randomised(TorchResNet(R18, num_classes=1000), seed=3)
+    torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")
+    assert main(["convert", str(tmp_path / "resnet18.pth"), "--preset", "resnet18_unet", "--channels", "1",
+                 "--out", str(tmp_path / "resnet18.msgpack")]) == 0
+    assert "resnet18_unet" in capsys.readouterr().out
+
+    config = dataclasses.replace(TINY, preset="resnet18_unet", model={}, init_from=str(tmp_path / "resnet18.msgpack"))
+    fresh = init_variables(build_model(config), jax.random.key(0), (1, 32, 32, 1))
+    merged, copied = overlay_variables(jax.device_get(fresh), read_source_variables(config, config.init_from), "x")
+    stem = torch_model.conv1.weight.detach().numpy().sum(axis=1, keepdims=True).transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(merged["params"]["encoder"]["conv1"]["kernel"], stem, rtol=1e-6)
+    mean = torch_model.bn1.running_mean.numpy()
+    np.testing.assert_array_equal(merged["batch_stats"]["encoder"]["bn1"]["mean"], mean)
+    assert copied == 20 + 20 * 4  # 20 convolution kernels, 20 batch norms x (scale, bias, mean, var)
+    # The decoder is not in the file: it keeps its initial values.
+    decoder = [k for k in merged["params"] if k.startswith("decoder")]
+    assert decoder and all(np.array_equal(a, b) for k in decoder
+                           for a, b in zip(jax.tree.leaves(merged["params"][k]), jax.tree.leaves(fresh["params"][k])))
+
+
+def test_convert_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    from unet_jax.cli import main
+
+    bad = tmp_path / "sam_vit_b_01ec64.pth"
+    bad.write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert main(["convert", str(bad), "--out", str(tmp_path / "sam.msgpack")]) == 2
+    err = capsys.readouterr().err
+    assert "sam_vit_b_01ec64.pth" in err and not (tmp_path / "sam.msgpack").exists()
+    assert not list(tmp_path.glob(".sam.msgpack*"))  # nothing half-written

@@ -1,0 +1,46 @@
+"""Segment Anything (Kirillov et al. 2023, "Segment Anything", ICCV) in Flax linen, NHWC.
+
+A faithful port of the reference PyTorch package ``segment_anything`` (image encoder,
+prompt encoder, mask decoder), its presets, a training-loop-facing
+:class:`SamSegmenter`, and conversion of the official checkpoints.
+"""
+
+from unet_jax.models.sam.convert import (
+    SamCheckpointError,
+    convert_sam_checkpoint,
+    infer_sam_preset,
+    load_sam_params,
+    sam_params_from_state_dict,
+)
+from unet_jax.models.sam.image_encoder import ImageEncoderViT
+from unet_jax.models.sam.mask_decoder import MaskDecoder, TwoWayTransformer
+from unet_jax.models.sam.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
+from unet_jax.models.sam.sam import (
+    SAM_PRESETS,
+    Sam,
+    SamSegmenter,
+    create_sam,
+    postprocess_masks,
+    resize_bilinear,
+    sam_init_params,
+)
+
+__all__ = [
+    "SAM_PRESETS",
+    "ImageEncoderViT",
+    "MaskDecoder",
+    "PositionEmbeddingRandom",
+    "PromptEncoder",
+    "Sam",
+    "SamCheckpointError",
+    "SamSegmenter",
+    "TwoWayTransformer",
+    "convert_sam_checkpoint",
+    "create_sam",
+    "infer_sam_preset",
+    "load_sam_params",
+    "postprocess_masks",
+    "resize_bilinear",
+    "sam_init_params",
+    "sam_params_from_state_dict",
+]

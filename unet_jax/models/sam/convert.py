@@ -1,0 +1,285 @@
+"""Official Segment Anything checkpoints (PyTorch state dicts) -> Flax params, and back to disk.
+
+The Flax modules mirror the PyTorch attribute names, so every Flax parameter path maps to
+one state-dict key by a fixed rule:
+
+* module ``name_N`` (a ``ModuleList``/``Sequential`` element) -> ``name.N``
+  (``image_encoder/blocks_3/attn/qkv`` -> ``image_encoder.blocks.3.attn.qkv``);
+* ``Dense`` ``kernel`` ``(in, out)`` <- ``weight`` ``(out, in)`` transposed;
+* ``Conv2D`` ``kernel`` ``(kh, kw, in, out)`` <- ``weight`` ``(out, in, kh, kw)`` (OIHW ->
+  HWIO);
+* ``ConvTranspose2D`` ``kernel`` ``(kh, kw, in, out)`` <- ``weight`` ``(in, out, kh, kw)``
+  (``mask_decoder.output_upscaling.*``; :class:`unet_jax.layers.ConvTranspose2D` scatters
+  ``x[i] * kernel[u]`` to ``y[s i + u]`` exactly as PyTorch, so no flip);
+* ``LayerNorm`` ``scale`` <- ``weight``; ``Embed`` ``embedding`` <- ``weight``;
+* ``bias``, ``pos_embed``, ``rel_pos_h``/``rel_pos_w`` and
+  ``positional_encoding_gaussian_matrix`` keep their names and layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization, traverse_util
+
+from unet_jax.models.sam.sam import SAM_PRESETS, Sam, _SamBase, sam_init_params
+
+__all__ = [
+    "SamCheckpointError",
+    "sam_params_from_state_dict",
+    "infer_sam_preset",
+    "convert_sam_checkpoint",
+    "load_sam_params",
+    "flax_path_to_torch_key",
+]
+
+_TOP = ("image_encoder", "prompt_encoder", "mask_decoder")
+_MAX_LISTED = 20
+
+
+class SamCheckpointError(ValueError):
+    """A SAM state dict or converted params file that does not fit the expected model."""
+
+
+def _list(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, if the caller passes one
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def flax_path_to_torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
+    """``(state-dict key, layout)`` of one Flax parameter path; layout is one of
+    ``"linear"``, ``"conv"``, ``"conv_transpose"``, ``"same"``."""
+    *mods, leaf = path
+    segs: list[str] = []
+    for m in mods:
+        match = re.fullmatch(r"(.+)_(\d+)", m)
+        segs.extend([match[1], match[2]] if match else [m])
+    if leaf == "kernel":
+        if ndim == 2:
+            kind = "linear"
+        elif any(m.startswith("output_upscaling") for m in mods):
+            kind = "conv_transpose"
+        else:
+            kind = "conv"
+        leaf_name = "weight"
+    elif leaf in ("scale", "embedding"):
+        kind, leaf_name = "same", "weight"
+    else:
+        kind, leaf_name = "same", leaf
+    return ".".join([*segs, leaf_name]), kind
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "linear":
+        return (shape[1], shape[0])
+    if kind == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    if kind == "conv_transpose":
+        return (shape[2], shape[3], shape[0], shape[1])
+    return tuple(shape)
+
+
+def _to_flax(kind: str, arr: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return arr.T
+    if kind == "conv":
+        return arr.transpose(2, 3, 1, 0)
+    if kind == "conv_transpose":
+        return arr.transpose(2, 3, 0, 1)
+    return arr
+
+
+def _resolve(preset_or_module: Any) -> tuple[_SamBase, str]:
+    if isinstance(preset_or_module, _SamBase):
+        return preset_or_module, type(preset_or_module).__name__
+    if isinstance(preset_or_module, str):
+        if preset_or_module not in SAM_PRESETS:
+            raise ValueError(
+                f"unknown SAM preset {preset_or_module!r}; expected one of {sorted(SAM_PRESETS)}"
+            )
+        return Sam(**SAM_PRESETS[preset_or_module]), f"preset {preset_or_module!r}"
+    if isinstance(preset_or_module, Mapping):
+        return Sam(**dict(preset_or_module)), "the given settings"
+    raise TypeError(
+        f"preset_or_module must be a SAM preset name, a settings dict or a Sam/SamSegmenter, "
+        f"got {type(preset_or_module).__name__}"
+    )
+
+
+def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>") -> str:
+    """The :data:`SAM_PRESETS` name whose image encoder (embed dim, depth, patch size)
+    matches the state dict's shapes (e.g. embed dim 1024, 24 blocks -> ``sam_vit_l``).
+
+    Raises:
+      SamCheckpointError: not a SAM state dict, or no preset has these shapes.
+    """
+    key = "image_encoder.patch_embed.proj.weight"
+    if key not in state_dict:
+        raise SamCheckpointError(
+            f"{source}: not a SAM state dict: no {key!r} (found {len(state_dict)} keys, e.g. "
+            f"{_list(sorted(state_dict)[:5])})"
+        )
+    shape = tuple(_to_numpy(state_dict[key]).shape)
+    embed, patch = shape[0], shape[-1]
+    blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
+    depth = len(blocks)
+    for name, spec in SAM_PRESETS.items():
+        if (spec["encoder_embed_dim"], spec["encoder_depth"], spec["patch_size"]) == (
+            embed, depth, patch
+        ):
+            return name
+    known = ", ".join(
+        f"{n} (embed dim {s['encoder_embed_dim']}, depth {s['encoder_depth']}, patch "
+        f"{s['patch_size']})" for n, s in SAM_PRESETS.items()
+    )
+    raise SamCheckpointError(
+        f"{source}: no SAM preset matches the checkpoint's image encoder (embed dim {embed}, "
+        f"depth {depth}, patch {patch}); known presets: {known}"
+    )
+
+
+def _expected(module: _SamBase) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    shapes = jax.eval_shape(lambda: sam_init_params(module))
+    flat = traverse_util.flatten_dict(shapes)
+    out = {}
+    for path, leaf in flat.items():
+        key, kind = flax_path_to_torch_key(path, len(leaf.shape))
+        out[key] = (path, kind, tuple(leaf.shape))
+    return out
+
+
+def sam_params_from_state_dict(
+    state_dict: Mapping[str, Any], preset_or_module: Any, *, source: str = "<state_dict>"
+) -> dict[str, Any]:
+    """Convert an official SAM state dict (``sam.state_dict()`` or the released ``.pth``
+    contents, as numpy arrays) to the Flax params tree.
+
+    Args:
+      state_dict: key -> array (torch tensors are accepted too).
+      preset_or_module: a :data:`SAM_PRESETS` name, a settings dict, or a
+        :class:`Sam`/:class:`SamSegmenter` whose tree to fill.
+      source: name of the file it came from, for error messages.
+
+    Returns:
+      ``{'image_encoder': ..., 'prompt_encoder': ..., 'mask_decoder': ...}`` of float32
+      numpy arrays (use as ``{'params': params}``).
+
+    Raises:
+      SamCheckpointError: missing keys, unexpected keys or shape mismatches (all listed,
+        with expected vs found shapes, and the preset the checkpoint's shapes suggest).
+    """
+    module, label = _resolve(preset_or_module)
+    expected = _expected(module)
+    problems = []
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = []
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    for key, (path, kind, shape) in expected.items():
+        if key not in state_dict:
+            continue
+        arr = _to_numpy(state_dict[key])
+        want = _torch_shape(kind, shape)
+        if tuple(arr.shape) != want:
+            mismatched.append(f"{key}: expected {want}, found {tuple(arr.shape)}")
+            continue
+        converted[path] = np.ascontiguousarray(_to_flax(kind, arr), dtype=np.float32)
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_list(sorted(mismatched))}")
+    if problems:
+        hint = ""
+        try:
+            guess = infer_sam_preset(state_dict, source)
+        except SamCheckpointError:
+            guess = None
+        if guess is not None and f"preset {guess!r}" != label:
+            spec = SAM_PRESETS[guess]
+            hint = (
+                f"; the checkpoint's shapes match preset {guess!r} (image encoder embed dim "
+                f"{spec['encoder_embed_dim']}, depth {spec['encoder_depth']})"
+            )
+        raise SamCheckpointError(
+            f"{source}: state dict does not fit SAM {label}: " + "; ".join(problems) + hint
+        )
+    return traverse_util.unflatten_dict(converted)
+
+
+def convert_sam_checkpoint(
+    pth_path: str | os.PathLike, out_path: str | os.PathLike, preset: str | None = None
+) -> Path:
+    """Convert an official ``.pth`` checkpoint (read without torch) to a Flax
+    ``.msgpack`` params file, written atomically (temp file in the same folder, then
+    ``os.replace``). ``preset`` ``None`` infers it from the shapes. Returns ``out_path``.
+
+    Raises:
+      TorchCheckpointError: the file is not a readable torch checkpoint.
+      SamCheckpointError: it is not a SAM state dict of a known (or the given) preset.
+    """
+    from unet_jax.models.pth import read_torch_checkpoint
+
+    pth_path = Path(pth_path)
+    out = Path(out_path)
+    state_dict = read_torch_checkpoint(pth_path)
+    source = str(pth_path)
+    if preset is None:
+        preset = infer_sam_preset(state_dict, source)
+    params = sam_params_from_state_dict(state_dict, preset, source=source)
+    data = serialization.msgpack_serialize(params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return out
+
+
+def load_sam_params(path: str | os.PathLike) -> dict[str, Any]:
+    """Read params written by :func:`convert_sam_checkpoint`.
+
+    Raises:
+      FileNotFoundError: no such file (the message names it).
+      SamCheckpointError: the file is truncated, corrupt, or not SAM params.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM params file not found: {path}")
+    data = path.read_bytes()
+    try:
+        params = serialization.msgpack_restore(data)
+    except Exception as err:  # msgpack raises several unrelated types
+        raise SamCheckpointError(
+            f"{path}: not a readable SAM params file (truncated or corrupt msgpack: {err})"
+        ) from err
+    if not isinstance(params, dict) or set(params) != set(_TOP):
+        found = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise SamCheckpointError(
+            f"{path}: not SAM params: expected top-level keys {list(_TOP)}, found {found}"
+        )
+    return params

@@ -1,0 +1,174 @@
+"""Starting a run from existing parameters (``config.init_from``).
+
+Sources:
+
+* a ``.pth`` file written by PyTorch: the official Segment Anything checkpoints for the
+  ``sam_*`` presets, a torchvision ResNet for the ``resnet*`` presets (read without
+  PyTorch by :mod:`unet_jax.models.pth`, converted on the fly);
+* a ``.msgpack`` file of Flax variables (``unet-jax convert`` writes one);
+* a run folder or checkpoint folder of this project.
+
+The source tree is laid over the freshly initialised variables: every source leaf must
+land on a target leaf of the same shape (a ResNet encoder's weights land in the
+U-Net's encoder subtree); what the source lacks (a new decoder) keeps its initial
+values. A source that matches nothing, or a shape that differs, is an error naming the
+file and the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_jax.config import TrainConfig
+
+__all__ = ["read_source_variables", "overlay_variables", "load_initial_variables", "convert_checkpoint"]
+
+
+def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, Any]:
+    """``{"params": ..., "batch_stats": ...}`` (batch_stats may be absent) read from ``path``."""
+    from unet_jax.models import model_family
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"init_from {str(path)!r} does not exist; expected a .pth, a .msgpack, or a run folder")
+    if path.is_dir():
+        from unet_jax.evaluate import load_checkpoint
+
+        return dict(load_checkpoint(path).variables)
+    if path.suffix == ".msgpack":
+        from flax import serialization
+
+        try:
+            tree = serialization.msgpack_restore(path.read_bytes())
+        except Exception as error:  # msgpack raises several unrelated types for bad bytes
+            raise ValueError(f"init_from {str(path)!r} is not a readable msgpack file of Flax variables "
+                             f"({type(error).__name__}: {error}); expected one written by `unet-jax convert`") from None
+        return dict(tree) if "params" in tree else {"params": tree}
+    if path.suffix in (".pth", ".pt", ".bin"):
+        from unet_jax.models.pth import read_torch_checkpoint
+
+        state_dict = read_torch_checkpoint(path)
+        family = model_family(config.preset)
+        if family == "sam":
+            from unet_jax.models.sam import sam_params_from_state_dict
+
+            return {"params": sam_params_from_state_dict(state_dict, config.preset, source=str(path))}
+        if family == "resnet":
+            from unet_jax.models.resnet import resnet_params_from_torchvision
+
+            return dict(resnet_params_from_torchvision(state_dict, in_channels=config.channels))
+        raise ValueError(f"init_from {str(path)!r}: a PyTorch checkpoint cannot initialise preset "
+                         f"{config.preset!r}; expected a sam_* or resnet* preset")
+    raise ValueError(f"init_from {str(path)!r}: unknown file type {path.suffix!r}; expected .pth, .msgpack "
+                     f"or a run folder")
+
+
+def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _graft_point(target: Mapping[str, Any], source: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """Where ``source`` fits in ``target``: the root, or one subtree (e.g. ``encoder``)."""
+    if set(source) <= set(target):
+        return ()
+    for key, child in target.items():
+        if isinstance(child, Mapping):
+            found = _graft_point(child, source)
+            if found is not None:
+                return (key,) + found
+    return None
+
+
+def overlay_variables(target: dict[str, Any], source: Mapping[str, Any], origin: str) -> tuple[dict[str, Any], int]:
+    """``target`` with every leaf of ``source`` laid over it; returns (variables, leaves copied)."""
+    import jax
+
+    result = jax.tree.map(lambda x: x, dict(target))  # a copy we may edit
+    copied = 0
+    for collection, tree in source.items():
+        if collection not in result or not tree:
+            continue
+        point = _graft_point(result[collection], tree)
+        if point is None:
+            raise ValueError(f"init_from {origin!r}: its {collection} (top-level groups {sorted(tree)[:8]}) match no "
+                             f"part of the model (groups {sorted(result[collection])}); expected a checkpoint of "
+                             f"the same architecture")
+        node = result[collection]
+        for key in point:
+            node = node[key]
+        for path, value in _leaves(tree).items():
+            parent = node
+            for key in path[:-1]:
+                if key not in parent:
+                    raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart "
+                                     f"in the model")
+                parent = parent[key]
+            if path[-1] not in parent:
+                raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart "
+                                 f"in the model")
+            old = parent[path[-1]]
+            if tuple(np.shape(old)) != tuple(np.shape(value)):
+                raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has shape "
+                                 f"{tuple(np.shape(value))}; the model expects {tuple(np.shape(old))}")
+            parent[path[-1]] = np.asarray(value, dtype=np.asarray(old).dtype if hasattr(old, "dtype") else None)
+            copied += 1
+    if copied == 0:
+        raise ValueError(f"init_from {origin!r} holds no parameters for this model")
+    return result, copied
+
+
+def load_initial_variables(config: TrainConfig, variables: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The run's initial variables: ``variables`` overlaid with ``config.init_from``."""
+    assert config.init_from is not None
+    source = read_source_variables(config, config.init_from)
+    return overlay_variables(variables, source, str(config.init_from))
+
+
+def convert_checkpoint(pth: str | Path, out: str | Path, preset: str | None = None,
+                       channels: int = 3) -> tuple[Path, str, int]:
+    """An official PyTorch checkpoint written as Flax variables to ``out`` (``.msgpack``),
+    atomically (nothing half-written). ``preset`` None: a SAM checkpoint whose preset is
+    inferred from its shapes. ``channels``: the input channels of the runs that will start
+    from it (a ResNet's RGB stem is summed for 1). Returns (path written, preset, number
+    of parameters)."""
+    import os
+    import tempfile
+
+    import jax
+    from flax import serialization
+
+    from unet_jax.models import model_family
+
+    out = Path(out)
+    if out.suffix != ".msgpack":
+        raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")
+    if preset is None or model_family(preset) == "sam":
+        from unet_jax.models.pth import read_torch_checkpoint
+        from unet_jax.models.sam import infer_sam_preset, sam_params_from_state_dict
+
+        state_dict = read_torch_checkpoint(pth)
+        preset = preset or infer_sam_preset(state_dict, str(pth))
+        variables = {"params": sam_params_from_state_dict(state_dict, preset, source=str(pth))}
+    else:
+        variables = read_source_variables(TrainConfig(preset=preset, channels=channels), pth)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out, preset, int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
