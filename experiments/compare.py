@@ -1,6 +1,7 @@
 """The report's comparison table, measured: U-Net (seed and best), ResNet-34 U-Net, the
 classifier reading of the report's ResNet row, a class head on the U-Net's bottleneck and,
-when its official weights are supplied, box-prompted SAM with a fine-tuned mask decoder.
+when its official weights are supplied, box-prompted SAM as released and with a
+fine-tuned mask decoder.
 Every model trains and is evaluated on one duplicate-aware split (written once, then
 passed to every run as its manifest), and one table prints the report's columns
 (accuracy, loss) beside Dice, IoU, HD95, the normal false-positive rate, parameters,
@@ -97,6 +98,9 @@ def entries(profile: str, sam_checkpoint: str | None, data: dict[str, Any]) -> l
                           "not run: official weights not supplied (--sam-checkpoint sam_vit_b_01ec64.pth); "
                           "an untrained SAM's numbers are not SAM's"))
     else:
+        rows.append(Entry("sam_vit_b_zero_shot", "SAM ViT-B as released (PROMPTED)",
+                          dataclasses.replace(sam, epochs=0, freeze=()),
+                          "boxes from ground-truth masks, lesion images only, no training"))
         rows.append(Entry("sam_vit_b", "SAM ViT-B, decoder fine-tuned (PROMPTED)", sam,
                           "boxes from ground-truth masks, lesion images only, image encoder frozen"))
     return rows

@@ -29,9 +29,10 @@ def test_every_row_is_a_valid_config_and_sam_without_weights_is_not_run(compare)
         sam = rows[-1]
         assert sam.config is None and "not run" in sam.note and "weights" in sam.note
         assert len({(r.config.split, r.config.split_seed, r.config.classes) for r in rows[:-1]}) == 1  # one split
-    with_weights = compare.entries("full", "sam_vit_b_01ec64.pth", {})[-1]
+    zero_shot, with_weights = compare.entries("full", "sam_vit_b_01ec64.pth", {})[-2:]
     assert with_weights.config.init_from == "sam_vit_b_01ec64.pth" and "PROMPTED" in with_weights.label
     assert with_weights.config.freeze == ("image_encoder", "prompt_encoder")
+    assert zero_shot.config.epochs == 0 and "PROMPTED" in zero_shot.label
 
 
 def test_one_command_trains_on_one_split_and_prints_one_table(compare, tmp_path, capsys):

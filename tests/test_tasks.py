@@ -237,6 +237,15 @@ def test_sam_decoder_fine_tuning_through_the_training_loop(tmp_path):
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start[group]), jax.tree.leaves(end[group])))
         assert same == (group != "mask_decoder"), group
 
+    # epochs = 0: the parameters of init_from evaluated as they are (SAM as released).
+    as_is = dataclasses.replace(config, epochs=0, init_from=str(tmp_path / "sam"))
+    train(as_is, tmp_path / "as_is")
+    again = json.loads((tmp_path / "as_is" / "results.json").read_text())
+    assert again["epochs_run"] == 0 and again["best_epoch"] is None
+    assert again["test"]["dice"]["mean"] == pytest.approx(results["test"]["dice"]["mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="epochs = 0 evaluates the parameters of init_from"):
+        dataclasses.replace(config, epochs=0)
+
 
 def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, capsys):
     """`unet-jax convert` on a file torch.save wrote, then init_from: the U-Net's encoder

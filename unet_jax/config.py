@@ -108,7 +108,7 @@ class TrainConfig:
             ("channels", self.channels in (1, 3), "1 or 3"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
             ("eval_batch_size", self.eval_batch_size >= 1, "a positive integer"),
-            ("epochs", self.epochs >= 1, "a positive integer"),
+            ("epochs", self.epochs >= 0, "a positive integer (0: evaluate init_from as it is)"),
             ("learning_rate", self.learning_rate > 0, "a positive number"),
             ("val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1)"),
             ("test_fraction", 0 <= self.test_fraction < 1, "a fraction in [0, 1)"),
@@ -147,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
                              f"splits benign and malignant images only; expected classes = 'lesion' "
                              f"(or split = 'stratified' to keep the normal images)")
+        if self.epochs == 0 and self.init_from is None:
+            raise ValueError("config epochs = 0 evaluates the parameters of init_from without training; "
+                             "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1")
         if self.loss == "bce_dice" and self.bce_weight == 0 and self.dice_weight == 0:
             raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight")
         if self.loss == "dice" and self.pos_weight is not None:

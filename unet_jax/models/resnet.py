@@ -435,13 +435,9 @@ RESNET_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 
 def create_resnet(name: str, **overrides: Any) -> nn.Module:
     """A model from :data:`RESNET_PRESETS` (e.g. ``"resnet34_unet"``) with field overrides."""
-    if name not in RESNET_PRESETS:
-        raise ValueError(f"unknown ResNet preset {name!r}; expected one of {sorted(RESNET_PRESETS)}")
-    cls, kwargs = RESNET_PRESETS[name]
-    unknown = set(overrides) - set(cls.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)} for preset {name!r}")
-    return cls(**{**kwargs, **overrides})
+    from unet_jax.models._presets import from_preset
+
+    return from_preset("ResNet", RESNET_PRESETS, name, overrides)
 
 
 # --------------------------------------------------------------------------------------

@@ -364,10 +364,7 @@ PRESET_SIZES: dict[str, int] = {"ronneberger": 572, "seed": 256, "padded": 256}
 
 def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
     """A :class:`UNet` from a named preset, with field overrides (e.g. ``dtype``)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    unknown = set(overrides) - set(UNet.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-        raise ValueError(f"unknown UNet field(s) {sorted(unknown)} for preset {preset!r}")
-    return UNet(**{**PRESETS[preset], **overrides})
+    from unet_jax.models._presets import from_preset
+
+    return from_preset("", PRESETS, preset, overrides, UNet)
 

@@ -416,6 +416,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     finally:
         log.close()
 
+    if config.epochs == 0 and store.latest_step() is None:
+        # Nothing to train (e.g. SAM used as released): the run's checkpoint is init_from's.
+        store.save(LATEST, state, {"config": config_to_dict(config), "loop": loop})
     if config.restore_best and store.latest_step(BEST) is not None:
         state, _ = store.restore(BEST, state)
     test = {}

@@ -327,12 +327,9 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
 def create_sam(name: str = "sam_vit_b", **overrides: Any) -> SamSegmenter:
     """A :class:`SamSegmenter` from a :data:`SAM_PRESETS` name with field overrides
     (e.g. ``in_channels=3``, ``dtype=jnp.bfloat16``)."""
-    if name not in SAM_PRESETS:
-        raise ValueError(f"unknown SAM preset {name!r}; expected one of {sorted(SAM_PRESETS)}")
-    unknown = set(overrides) - set(SamSegmenter.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-        raise ValueError(f"unknown SamSegmenter field(s) {sorted(unknown)} for preset {name!r}")
-    return SamSegmenter(**{**SAM_PRESETS[name], **overrides})
+    from unet_jax.models._presets import from_preset
+
+    return from_preset("SAM", SAM_PRESETS, name, overrides, SamSegmenter)
 
 
 def sam_init_params(module: _SamBase, rng: jax.Array | None = None) -> dict[str, Any]:
