@@ -335,13 +335,14 @@ def test_segmenter_init_tree_and_rgb(preset_tiny):
     seg = create_sam("sam_tiny", in_channels=3)
     images = jnp.zeros((1, 32, 32, 3))
     box = jnp.array([[1.0, 2.0, 20.0, 30.0]])
-    # A plain init (boxes only) has the three top-level submodules; sam_init_params
-    # creates the full tree, the same as the converter fills.
+    # A plain init (boxes only, as the training loop does) creates the full tree, the
+    # same as sam_init_params and as the converter fills: a checkpoint maps one to one.
     variables = jax.eval_shape(seg.init, jax.random.PRNGKey(0), images, box)
     assert set(variables["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
     full = jax.eval_shape(lambda: sam_init_params(seg))
     params = preset_tiny[1]
     assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(params)
     assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(full),
                                                   jax.tree_util.tree_leaves(params)))
     out = jax.eval_shape(partial(seg.apply, train=True), {"params": params}, images, box)

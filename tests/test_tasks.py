@@ -246,6 +246,11 @@ def test_sam_decoder_fine_tuning_through_the_training_loop(tmp_path):
     with pytest.raises(ValueError, match="epochs = 0 evaluates the parameters of init_from"):
         dataclasses.replace(config, epochs=0)
 
+    from unet_jax.cli import main
+
+    assert main(["predict", "--checkpoint", str(tmp_path / "sam"), "any.png", "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()  # refused before writing anything
+
 
 def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, capsys):
     """`unet-jax convert` on a file torch.save wrote, then init_from: the U-Net's encoder
@@ -287,3 +292,24 @@ def test_convert_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sam_vit_b_01ec64.pth" in err and not (tmp_path / "sam.msgpack").exists()
     assert not list(tmp_path.glob(".sam.msgpack*"))  # nothing half-written
+
+
+def test_sam_as_released_from_an_official_format_checkpoint(tmp_path):
+    """A state dict torch.save wrote in the official layout -> init_from=FILE.pth -> SAM
+    evaluated as it is (epochs=0), every parameter taken from the file."""
+    import torch
+
+    from test_sam import randomised_torch_sam, torch_state_numpy
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.models.sam import SAM_PRESETS, sam_params_from_state_dict
+
+    torch_model = randomised_torch_sam(SAM_PRESETS["sam_tiny"], seed=5)
+    torch.save(torch_model.state_dict(), tmp_path / "sam_tiny.pth")
+    config = dataclasses.replace(TINY, preset="sam_tiny", model={}, epochs=0, init_from=str(tmp_path / "sam_tiny.pth"))
+    train(config, tmp_path / "run")
+    loaded = load_checkpoint(tmp_path / "run").variables["params"]
+    expected = sam_params_from_state_dict(torch_state_numpy(torch_model), "sam_tiny")
+    assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"]["images"]["normal"] == 0

@@ -80,7 +80,13 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
     """
     from unet_jax.plots import overlay
 
+    from unet_jax.models import needs_box_prompts
+
     t = resolve_threshold(loaded, threshold)
+    if needs_box_prompts(loaded.model):
+        raise ValueError(f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
+                         f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
+                         f"ground-truth masks)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {str(out_dir)!r} is a file; expected a folder (created if missing)")

@@ -112,7 +112,10 @@ def summarize_module(model: nn.Module, input_shape: tuple[int, ...], name: str =
     for path in paths:
         if any(other[: len(path)] == path and other != path for other in paths):
             continue  # a container (block): its leaves are listed instead
-        output = _subtree(state["intermediates"], path)["__call__"][0]
+        calls = _subtree(state["intermediates"], path).get("__call__")
+        if calls is None:
+            continue  # only its other methods ran (e.g. SAM's positional encoding): no output to show
+        output = calls[0]
         rows.append(
             LayerRow(
                 name="/".join(path),

@@ -282,6 +282,14 @@ class SamSegmenter(_SamBase):
         s = self.image_size
         x = resize_bilinear(x * 255.0, (s, s))
         emb = self.encode_image(self.preprocess(x))
+        if self.is_initializing():
+            # The released checkpoints hold the point and mask prompt parameters too:
+            # create them, so that a checkpoint maps onto this tree one to one (the
+            # traced work is unused and XLA drops it).
+            m = 4 * self.image_embedding_size
+            points = (jnp.zeros((b, 1, 2), jnp.float32), jnp.ones((b, 1), jnp.int32))
+            self.decode(emb, points, jnp.zeros((b, 4), jnp.float32), jnp.zeros((b, m, m, 1), jnp.float32),
+                        multimask_output=True)
         if boxes is not None:
             if boxes.shape != (b, 4):
                 raise ValueError(f"SamSegmenter: boxes must be (B, 4) = ({b}, 4), got {boxes.shape}")
