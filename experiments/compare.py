@@ -216,18 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = {k: v for k, v in (("data", args.data), ("cache", args.cache)) if v is not None}
-    plan = [dataclasses.replace(e, config=None if e.config is None else apply_overrides(e.config, args.set))
-            for e in entries(args.profile, args.sam_checkpoint, data)]
+    plan = entries(args.profile, args.sam_checkpoint, data)
     known = {e.key for e in plan}
     if args.only is not None and set(args.only) - known:
         raise SystemExit(f"--only {sorted(set(args.only) - known)}: unknown row(s); expected some of {sorted(known)}")
+    # Rows not run stay in the table as what they are; --set changes the rows that run.
+    plan = [e if e.config is None else dataclasses.replace(e, config=apply_overrides(e.config, args.set))
+            for e in plan if e.config is None or args.only is None or e.key in args.only]
     split = shared_split(next(e.config for e in plan if e.config is not None), out)
     rows, skipped = [], []
     for entry in plan:
         if entry.config is None:  # said in the table whatever --only selects
             skipped.append(entry)
-            continue
-        if args.only is not None and entry.key not in args.only:
             continue
         config = dataclasses.replace(entry.config, manifest=str(split), plots=True)
         if config.cache is not None and config.image_size != 256:

@@ -36,24 +36,26 @@ def test_every_row_is_a_valid_config_and_sam_without_weights_is_not_run(compare)
 
 
 def test_one_command_trains_on_one_split_and_prints_one_table(compare, tmp_path, capsys):
+    """The row with both heads (U-Net + class head), narrowed, through the whole command."""
     from unet_jax.data.phantom import write_phantom
 
     data = tmp_path / "data"
     write_phantom(data, {"benign": 14, "malignant": 10, "normal": 6}, size=(48, 48), seed=0)
     out = tmp_path / "compare"
-    compare.main(["--out", str(out), "--profile", "cpu", "--data", str(data), "--only", "unet_seed",
-                  "resnet18_classifier", "--set", "epochs=1", "image_size=32", "batch_size=4", "eval_batch_size=8",
-                  ])
-    table = capsys.readouterr().out
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    assert any(line.startswith("| U-Net seed") for line in lines)
-    assert any(line.startswith("| ResNet-18 classifier") for line in lines)
+    compare.main(["--out", str(out), "--profile", "cpu", "--data", str(data), "--only", "unet_class_head",
+                  "--set", "epochs=1", "image_size=32", "batch_size=4", "eval_batch_size=8", "model.features=4",
+                  "model.depth=2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    row = next(line for line in lines if line.startswith("| U-Net + bottleneck class head"))
+    assert "-" not in row.split("|")[2:10]  # accuracy, loss, Dice, IoU, HD95, normal FP, class acc, AUC
     assert any("SAM ViT-B" in line and "not run" in line for line in lines)
     assert any(line.startswith("| U-Net (the report) | 0.9451") for line in lines)
-    for key in ("unet_seed", "resnet18_classifier"):  # every run reads the one split
-        assert json.loads((out / key / "config.json").read_text())["manifest"] == str(out / "split.json")
-        assert json.loads((out / key / "split.json").read_text())["partitions"] == \
-            json.loads((out / "split.json").read_text())["partitions"]
-    rows = json.loads((out / "compare.json").read_text())["rows"]
-    assert all(r["inference_images_per_s"] > 0 and r["parameters"] > 0 for r in rows)
-    assert rows[0]["dice"] is not None and rows[1]["class_accuracy"] is not None
+    assert json.loads((out / "unet_class_head" / "config.json").read_text())["manifest"] == str(out / "split.json")
+    assert json.loads((out / "unet_class_head" / "split.json").read_text())["partitions"] == \
+        json.loads((out / "split.json").read_text())["partitions"]
+    results = json.loads((out / "unet_class_head" / "results.json").read_text())
+    assert "test" in results and "test_classification" in results
+    assert results["test_training_resolution"]["test/bce"] > 0
+    (row_json,) = json.loads((out / "compare.json").read_text())["rows"]
+    assert row_json["inference_images_per_s"] > 0 and row_json["parameters"] == sum(results["parameters"][k] for k in
+                                                                                   ("trainable", "non_trainable"))

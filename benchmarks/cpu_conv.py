@@ -1,0 +1,136 @@
+"""Why the seed U-Net's CPU inference trails PyTorch: its convolutions, one shape at a time,
+and the XLA:CPU flags that could change that.
+
+    python benchmarks/cpu_conv.py layers   # every 3x3 convolution shape of the seed preset at 256x256
+    python benchmarks/cpu_conv.py flags    # seed inference under each candidate XLA_FLAGS value
+
+``layers``: for each (spatial size, in -> out channels) of the seed U-Net, a jitted
+``lax.conv_general_dilated`` against PyTorch's ``nn.Conv2d`` (channels-last, no grad,
+same threads), batch 8, float32, median of 5 windows after warm-up; GFLOP/s from the
+analytic count ``2 * B * H * W * 9 * C_in * C_out``. ``flags``: the seed preset's
+inference (batch 8, 256x256, float32) in a fresh process per flag value, so that every
+XLA_FLAGS value compiles its own program. Prints one JSON object per line; ``--out``
+writes them all to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The seed preset's 3x3 convolutions at 256x256 (spatial side, in channels, out channels);
+# the transposed convolutions are timed as part of the whole model in `flags`.
+SEED_SHAPES = ((256, 3, 16), (256, 16, 16), (256, 32, 16), (128, 16, 32), (128, 32, 32), (128, 64, 32),
+               (64, 32, 64), (64, 64, 64), (64, 128, 64), (32, 64, 128), (32, 128, 128), (32, 256, 128),
+               (16, 128, 256), (16, 256, 256))
+
+# XLA:CPU options that could route convolutions to another library or change codegen.
+FLAG_CANDIDATES = (
+    ("default", ""),
+    ("ynn-convolution", "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"),
+    ("xnn-graph-greedy", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
+    ("onednn-custom-call", "--xla_cpu_experimental_onednn_custom_call=true"),
+    ("vector-width-512", "--xla_cpu_prefer_vector_width=512"),
+    ("no-xnnpack", "--xla_cpu_use_xnnpack=false"),
+)
+
+
+def _median_ms(run, windows: int = 5, calls: int = 3) -> float:
+    run(), run()  # compile and warm up
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(times)
+
+
+def layers(batch: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from jax import lax
+
+    rows = []
+    for side, c_in, c_out in SEED_SHAPES:
+        x, w = jnp.ones((batch, side, side, c_in)), jnp.ones((3, 3, c_in, c_out))
+        conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        jax_ms = _median_ms(lambda: conv(x, w).block_until_ready())
+        xt = torch.ones(batch, c_in, side, side).to(memory_format=torch.channels_last)
+        layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch_ms = _median_ms(lambda: layer(xt))
+        gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
+        rows.append({"shape": f"{side}x{side} {c_in}->{c_out}", "gflop": round(gflop, 3),
+                     "jax_ms": round(jax_ms, 2), "torch_ms": round(torch_ms, 2),
+                     "jax_gflops": round(gflop / jax_ms * 1e3, 1), "torch_gflops": round(gflop / torch_ms * 1e3, 1),
+                     "jax_over_torch": round(torch_ms / jax_ms, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def seed_inference(batch: int) -> dict:
+    """One flag setting (this process's XLA_FLAGS): seed preset inference images/s."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from unet_jax.models import create_model
+
+    model = create_model("seed", in_channels=3)
+    x = jnp.asarray(np.random.default_rng(0).random((batch, 256, 256, 3), np.float32))
+    variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    ms = _median_ms(lambda: apply(variables, x).block_until_ready())
+    return {"images_per_s": round(batch / ms * 1e3, 2)}
+
+
+def flags(batch: int) -> list[dict]:
+    rows = []
+    for label, value in FLAG_CANDIDATES:
+        env = {**os.environ, "XLA_FLAGS": value}
+        done = subprocess.run([sys.executable, __file__, "_one", "--batch", str(batch)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            row = {"flags": label, "xla_flags": value, "error": done.stderr.strip().splitlines()[-1:]}
+        else:
+            row = {"flags": label, "xla_flags": value, **json.loads(done.stdout.strip().splitlines()[-1])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("layers", "flags", "_one"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default=None, help="write the rows and the machine to this JSON file")
+    args = parser.parse_args()
+    if args.mode == "_one":
+        print(json.dumps(seed_inference(args.batch)))
+        return 0
+    rows = layers(args.batch) if args.mode == "layers" else flags(args.batch)
+    if args.out:
+        import jax
+        import torch
+
+        Path(args.out).write_text(json.dumps({
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
