@@ -393,6 +393,7 @@ class Evil:
         (Evil((_side_effect, ("ran",))), f"{__name__}._side_effect"),
         (np.float32(1.5), "numpy"),
         ({1, 2}, "set'"),  # builtins.set (pickled as __builtin__.set)
+        (collections.defaultdict(int), "collections.defaultdict"),  # only OrderedDict is allowed
     ],
 )
 def test_disallowed_classes_are_refused(tmp_path, value, refused):
@@ -436,3 +437,11 @@ def test_tensor_outside_its_storage_is_refused(tmp_path):
     path = _rewrite(src, tmp_path / "oob.pth", shrink)
     msg = _error(path)
     assert "expected it to lie inside its storage" in msg
+
+    # One element short: the last element (index 5) lies just outside a 5-element storage.
+    def one_short(name, data):
+        if name.endswith("data.pkl"):
+            return data.replace(b"cpuq\x06K\x06t", b"cpuq\x06K\x05t")
+        return data[:20] if "/data/" in name else data
+
+    assert "expected it to lie inside its storage" in _error(_rewrite(src, tmp_path / "short1.pth", one_short))

@@ -378,6 +378,14 @@ def test_presets_and_overrides():
         create_resnet("resnet34_unet", classes=2)
 
 
+def test_stem_for_other_channel_counts_copies_rgb_cyclically_scaled(resnet18):
+    """smp's rule for n != 1, 3 input channels: channel i takes RGB channel i % 3, x 3/n."""
+    _, state = resnet18
+    kernel = resnet_params_from_torchvision(state, in_channels=4)["params"]["conv1"]["kernel"]
+    want = (state["conv1.weight"][:, [0, 1, 2, 0]] * 3 / 4).transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(kernel, want, rtol=1e-6)
+
+
 def test_converter_lists_missing_unexpected_and_mismatched_keys(resnet18):
     state = dict(resnet18[1])
     del state["layer2.0.downsample.1.running_var"]

@@ -291,44 +291,50 @@ def test_sam_forward_parity_end_to_end(tiny_pair, multimask):
 # --------------------------------------------------------------------------------------
 # The segmenter wrapper
 # --------------------------------------------------------------------------------------
-def test_segmenter_matches_torch_pipeline(tiny_pair):
-    tmodel, _, variables = tiny_pair
-    seg = create_sam("sam_tiny", encoder_window_size=3)
-    assert SamSegmenter.box_prompts is True and "box_prompts" not in SamSegmenter.__dataclass_fields__
-    assert set(variables["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
-    rng = np.random.default_rng(6)
-    b, h = 2, 40
-    images = rng.uniform(0, 1, (b, h, h, 1)).astype(np.float32)
-    boxes = np.array([[4.0, 6.0, 30.0, 25.0], [10.0, 2.0, 38.0, 36.0]], np.float32)
-    logits = japply(seg, variables, jnp.asarray(images), jnp.asarray(boxes))
-    assert logits.shape == (b, h, h, 1) and logits.dtype == jnp.float32
-    assert np.isfinite(np.asarray(logits)).all()
-    no_box = jax.eval_shape(seg.apply, variables, jnp.asarray(images))
-    assert no_box.shape == (b, h, h, 1)
-
-    # The same pipeline with the reference modules.
+def _torch_segmenter(tmodel, images: np.ndarray, boxes: np.ndarray, multimask: bool) -> np.ndarray:
+    """The segmenter's pipeline written with the reference modules: (B, h, w, 1) images in
+    [0, 1] stretched to s x s, boxes scaled per axis, the best-IoU mask when multimask."""
     s = 64
+    b, h, w, _ = images.shape
     with torch.no_grad():
         x = torch.from_numpy(nchw(images)).repeat(1, 3, 1, 1) * 255.0
         x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False)
         emb = tmodel.image_encoder(torch.stack([tmodel.preprocess(im) for im in x]))
+        scale = np.asarray([s / w, s / h, s / w, s / h], np.float32)
         want = []
         for i in range(b):
-            sparse, dense = tmodel.prompt_encoder(
-                points=None, boxes=torch.from_numpy(boxes[i : i + 1] * s / h), masks=None
-            )
-            low, _ = tmodel.mask_decoder(
+            sparse, dense = tmodel.prompt_encoder(points=None, boxes=torch.from_numpy(boxes[i : i + 1] * scale),
+                                                  masks=None)
+            low, iou = tmodel.mask_decoder(
                 image_embeddings=emb[i : i + 1], image_pe=tmodel.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                multimask_output=False,
+                multimask_output=multimask,
             )
-            want.append(tmodel.postprocess_masks(low, (s, s), (h, h)))
-        want = torch.cat(want).numpy()
-    assert rel_err(nchw(logits), want) < TOL
+            if multimask:
+                best = int(torch.argmax(iou[0]))
+                low = low[:, best : best + 1]
+            want.append(tmodel.postprocess_masks(low, (s, s), (h, w)))
+        return torch.cat(want).numpy()
 
-    # multimask_output=True keeps the mask with the best predicted IoU: still one channel.
-    multi = create_sam("sam_tiny", encoder_window_size=3, multimask_output=True)
-    assert jax.eval_shape(multi.apply, variables, jnp.asarray(images), jnp.asarray(boxes)).shape == (b, h, h, 1)
+
+@pytest.mark.parametrize("shape, multimask", [((40, 40), False), ((40, 56), True)])
+def test_segmenter_matches_torch_pipeline(tiny_pair, shape, multimask):
+    """Square and stretched (non-square) inputs, boxes scaled per axis; with
+    multimask_output the mask of the highest predicted IoU."""
+    tmodel, _, variables = tiny_pair
+    seg = create_sam("sam_tiny", encoder_window_size=3, multimask_output=multimask)
+    assert SamSegmenter.box_prompts is True and "box_prompts" not in SamSegmenter.__dataclass_fields__
+    assert set(variables["params"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    rng = np.random.default_rng(6)
+    b, (h, w) = 2, shape
+    images = rng.uniform(0, 1, (b, h, w, 1)).astype(np.float32)
+    boxes = np.array([[4.0, 6.0, 30.0, 25.0], [10.0, 2.0, 38.0, 36.0]], np.float32)
+    logits = japply(seg, variables, jnp.asarray(images), jnp.asarray(boxes))
+    assert logits.shape == (b, h, w, 1) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    assert rel_err(nchw(logits), _torch_segmenter(tmodel, images, boxes, multimask)) < TOL
+    no_box = jax.eval_shape(seg.apply, variables, jnp.asarray(images))
+    assert no_box.shape == (b, h, w, 1)
 
 
 def test_segmenter_init_tree_and_rgb(preset_tiny):

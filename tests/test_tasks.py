@@ -92,6 +92,10 @@ def test_classification_metrics_closed_form():
     assert m["loss"] == pytest.approx(-np.mean(np.log([.8, .2, .8, .6, .8, .2])))
     # malignant scores: positives .8 .6 against negatives .1 .7 .1 .2 -> 7 of 8 pairs ordered
     assert m["malignant_vs_rest_auc"] == pytest.approx(7 / 8)
+    # A class with no image has no recall (NaN, not 0); tiny probabilities are not clipped away.
+    m = classification_metrics(np.asarray([0, 1]), np.asarray([[.9, .05, .05], [.5, 1e-9, .5 - 1e-9]]))
+    assert np.isnan(m["per_class_recall"]["normal"])
+    assert m["loss"] == pytest.approx(np.mean([-np.log(.9), -np.log(1e-9)]))
 
 
 # --------------------------------------------------------------------------------------
@@ -113,6 +117,45 @@ def test_jittered_boxes_stay_inside_the_image_and_are_reproducible():
     assert (a >= 0).all() and (a <= 19).all()
     assert (a[:, 2] >= a[:, 0]).all() and (a[:, 3] >= a[:, 1]).all()
     assert np.abs(a - [6, 5, 11, 14]).max() <= 0.2 * 20 + 1e-5 and a.std(axis=0).min() > 0
+
+
+def test_jitter_is_two_sided_scaled_by_the_longer_side_and_clipped_per_axis():
+    corner = np.zeros((512, 20, 40, 1), np.float32)
+    corner[:, 0:3, 35:40] = 1  # x 35..39, y 0..2 of a 20 x 40 image
+    a = np.asarray(boxes_from_masks(jnp.asarray(corner), jitter=0.25, key=jax.random.key(0)))
+    assert a[:, [0, 2]].max() == 39 and a[:, [1, 3]].min() == 0  # both clips hit; x stops at W - 1
+    assert a[:, [1, 3]].max() <= 19
+    centred = np.zeros((512, 20, 40, 1), np.float32)
+    centred[:, 8:12, 10:30] = 1
+    d = np.asarray(boxes_from_masks(jnp.asarray(centred), jitter=0.1, key=jax.random.key(1))) - [10, 8, 29, 11]
+    assert (d < -1).any() and (d > 1).any()  # both directions
+    assert np.abs(d).max() > 0.1 * 20 + 0.5  # up to 0.1 x max(H, W) = 4 pixels, not 0.1 x min(H, W)
+
+
+def test_boxes_reach_the_model_jittered_in_training_only():
+    """apply_model gives a box-prompted model the masks' tight boxes at evaluation (even
+    with a key) and jittered ones in training."""
+    from types import SimpleNamespace
+
+    from unet_jax.train.steps import apply_model
+
+    seen = []
+
+    def apply_fn(variables, images, boxes, *, train, **kwargs):
+        seen.append(np.asarray(boxes))
+        out = jnp.zeros(images.shape[:3] + (1,))
+        return (out, {}) if train else out
+
+    state = SimpleNamespace(box_prompts=True, batch_stats={}, apply_fn=apply_fn)
+    masks = np.zeros((4, 16, 16, 1), np.float32)
+    masks[:, 4:9, 3:12] = 1
+    tight = np.asarray(boxes_from_masks(jnp.asarray(masks)))
+    apply_model(state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=False, key=jax.random.key(0),
+                box_jitter=0.1)
+    apply_model(state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=True, key=jax.random.key(0),
+                box_jitter=0.1)
+    np.testing.assert_array_equal(seen[0], tight)
+    assert not np.array_equal(seen[1], tight)
 
 
 # --------------------------------------------------------------------------------------
@@ -153,6 +196,31 @@ def test_frozen_groups_do_not_move_even_with_weight_decay():
         create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl="rbg"), (1, 16, 16, 1), frozen=("encoder",))
 
 
+def _headed_state(frozen=()):
+    model = create_model("seed", in_channels=1, features=4, depth=1, class_head=3)
+    # Plain SGD: no optimiser mask, so only the step itself can keep a frozen group fixed.
+    state = create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl="rbg"), (1, 16, 16, 1), frozen=frozen)
+    return state, make_sampler(8, 16, None)(_labelled(16, 16), jax.random.key(1), 0)
+
+
+def test_class_weight_scales_the_cross_entropy_in_the_loss():
+    state, batch = _headed_state()
+    mean = lambda m, k: float(m[k][0] / m[k][1])  # noqa: E731
+    m = {w: jax.device_get(train_step(state, batch, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=w)[1])
+         for w in (0.0, 0.5)}
+    assert mean(m[0.5], "loss") - mean(m[0.0], "loss") == pytest.approx(0.5 * mean(m[0.5], "class_loss"), rel=1e-4)
+
+
+def test_frozen_groups_get_no_gradient_even_without_an_optimiser_mask():
+    state, batch = _headed_state(frozen=("enc1",))
+    after, _ = train_step(state, batch, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0)
+    for a, b in zip(jax.tree.leaves(state.params["enc1"]), jax.tree.leaves(after.params["enc1"])):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params["class_head"]),
+                                                      jax.tree.leaves(after.params["class_head"]))]
+    assert all(moved)
+
+
 def test_overlay_grafts_a_subtree_and_names_a_wrong_shape():
     target = {"params": {"encoder": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}}, "head": {"bias": np.zeros(1)}},
               "batch_stats": {}}
@@ -164,10 +232,18 @@ def test_overlay_grafts_a_subtree_and_names_a_wrong_shape():
         overlay_variables(target, {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 8))}}}, "x.msgpack")
     with pytest.raises(ValueError, match="match no part of the model"):
         overlay_variables(target, {"params": {"fc": {"kernel": np.ones(2)}}}, "x.msgpack")
+    # The target's dtype is kept; a leaf or a subtree the model lacks is named.
+    merged, _ = overlay_variables(target, {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4), np.float64)}}}, "x")
+    assert merged["params"]["encoder"]["conv1"]["kernel"].dtype == target["params"]["encoder"]["conv1"]["kernel"].dtype
+    with pytest.raises(ValueError, match="encoder/conv1/bias has no counterpart"):
+        overlay_variables(target, {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4)), "bias": np.ones(4)}}}, "x")
+    with pytest.raises(ValueError, match="encoder/conv1/sub/w has no counterpart"):
+        overlay_variables(target, {"params": {"conv1": {"sub": {"w": np.ones(1)}}}}, "x")
 
 
-def test_a_classifier_runs_end_to_end(tmp_path):
-    """(A U-Net with a class head runs end to end in tests/test_compare.py.)"""
+def test_a_classifier_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """Train, then `unet-jax evaluate` (given a relative path, which Orbax alone refuses).
+    (A U-Net with a class head runs end to end in tests/test_compare.py.)"""
     # A narrow ResNet-18: the full width's 11 M parameters would only slow the test.
     classifier = dataclasses.replace(TINY, preset="resnet18_classifier", model={"widths": (8, 16, 32, 64)}, epochs=1,
                                      monitor="val/accuracy")
@@ -181,6 +257,15 @@ def test_a_classifier_runs_end_to_end(tmp_path):
 
     saved = load_checkpoint(tmp_path / "classifier").variables["params"]
     assert results["parameters"]["trainable"] == sum(np.size(x) for x in jax.tree.leaves(saved))
+
+    from unet_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", "classifier", "--data", "classifier/phantom", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "dice" not in report and report["classification"]["n"] == TINY.phantom_images
+    assert 0 <= report["classification"]["accuracy"] <= 1
 
 
 @pytest.mark.parametrize("changes, message", [

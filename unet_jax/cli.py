@@ -174,22 +174,35 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import (evaluate_dataset, evaluation_report, load_checkpoint, read_for_evaluation,
-                                   resolve_threshold)
+    from unet_jax.evaluate import (evaluate_classification, evaluate_dataset, evaluation_report, load_checkpoint,
+                                   read_for_evaluation, resolve_threshold)
     from unet_jax.metrics import format_summary
+    from unet_jax.train.loop import model_heads
 
     loaded = load_checkpoint(args.checkpoint)
     resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read
+    has_mask, has_class = model_heads(loaded.model, loaded.config)
     printer = _ProgressPrinter()
     dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
-    native = args.resolution == "native"
-    aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta,
-                                       progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
+    report: dict = {"source": str(args.data)}
+    if has_mask:
+        native = args.resolution == "native"
+        aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta,
+                                           progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
+        report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
+    if has_class:  # image classification: a classifier, or a U-Net's class head
+        report["classification"] = evaluate_classification(loaded, dataset)
     if args.json:
-        print(json.dumps(evaluation_report(aggregate, rows, native=native, source=str(args.data))))
-    else:
-        print(f"{loaded.step_dir} on {args.data} ({args.resolution} resolution)")
+        print(json.dumps(report))
+        return 0
+    print(f"{loaded.step_dir} on {args.data}" + (f" ({args.resolution} resolution)" if has_mask else ""))
+    if has_mask:
         print(format_summary(aggregate))
+    if has_class:
+        c = report["classification"]
+        recall = ", ".join(f"{k} {v:.3f}" for k, v in c["per_class_recall"].items())
+        print(f"classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
+              f"malignant-vs-rest AUC {c['malignant_vs_rest_auc']:.4f}; recall: {recall}")
     return 0
 
 

@@ -101,8 +101,10 @@ class TrainConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host launch)
 
     def __post_init__(self) -> None:
-        # A JSON round trip (config.json) gives a list; keep one canonical form.
+        # A JSON round trip (config.json) gives lists; keep one canonical, hashable form
+        # (model fields become static arguments of jitted functions).
         object.__setattr__(self, "freeze", tuple(self.freeze))
+        object.__setattr__(self, "model", {k: _as_tuples(v) for k, v in dict(self.model).items()})
         checks = [
             ("image_size", self.image_size >= 1, "a positive integer"),
             ("channels", self.channels in (1, 3), "1 or 3"),
@@ -155,6 +157,10 @@ class TrainConfig:
         if self.loss == "dice" and self.pos_weight is not None:
             raise ValueError(f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
                              f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None")
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def demo_config() -> TrainConfig:

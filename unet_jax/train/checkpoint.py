@@ -109,6 +109,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist; expected a run folder or a checkpoint folder")
+    path = path.absolute()  # Orbax refuses relative paths
     candidates = []
     if (path / "meta").is_dir():
         return path
