@@ -206,14 +206,15 @@ def _headed_state(frozen=()):
 def test_class_weight_scales_the_cross_entropy_in_the_loss():
     state, batch = _headed_state()
     mean = lambda m, k: float(m[k][0] / m[k][1])  # noqa: E731
-    m = {w: jax.device_get(train_step(state, batch, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=w)[1])
-         for w in (0.0, 0.5)}
+    step = lambda w: jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS,  # noqa: E731
+                                                     class_weight=w)[1])
+    m = {w: jax.device_get(step(w)(state, batch)) for w in (0.0, 0.5)}
     assert mean(m[0.5], "loss") - mean(m[0.0], "loss") == pytest.approx(0.5 * mean(m[0.5], "class_loss"), rel=1e-4)
 
 
 def test_frozen_groups_get_no_gradient_even_without_an_optimiser_mask():
     state, batch = _headed_state(frozen=("enc1",))
-    after, _ = train_step(state, batch, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0)
+    after, _ = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))(state, batch)
     for a, b in zip(jax.tree.leaves(state.params["enc1"]), jax.tree.leaves(after.params["enc1"])):
         np.testing.assert_array_equal(a, b)
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params["class_head"]),
