@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         apply_overrides(TrainConfig(), ["batch_size=0"])
 
 
-@pytest.mark.parametrize("name", ["base", "report", "report_cpu"])
+@pytest.mark.parametrize("name", ["base", "base_cpu", "report", "report_cpu"])
 def test_experiment_configs_load(name):
     config = load_config(REPO / "experiments" / f"{name}.py")
     assert isinstance(config, TrainConfig)
