@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from unet_jax._io import atomic_write
 
 __all__ = [
     "GT_COLOR",
@@ -43,24 +44,8 @@ _CURVE_PANELS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
@@ -76,7 +61,7 @@ def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     image = Image.fromarray(np.ascontiguousarray(a))
-    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:

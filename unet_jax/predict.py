@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import metrics as M
+from unet_jax._io import atomic_write
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
 from unet_jax.evaluate import LoadedModel, predict_probabilities, resolve_threshold
 
@@ -35,14 +35,7 @@ class PredictionResult:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def _load(path: Path) -> Image.Image:

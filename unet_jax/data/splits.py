@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from unet_jax._io import atomic_write
 from PIL import Image
 
 __all__ = [
@@ -306,16 +307,7 @@ def write_manifest(split: Split, path: str | os.PathLike,
     }
     if labels_by_id is not None:
         doc["counts"] = split.counts(labels_by_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
 
 
 def read_manifest(path: str | os.PathLike) -> Split:

@@ -54,9 +54,9 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
         state_dict = read_torch_checkpoint(path)
         family = model_family(config.preset)
         if family == "sam":
-            from unet_jax.models.sam import sam_params_from_state_dict
+            from unet_jax.models.sam import read_sam_checkpoint
 
-            return {"params": sam_params_from_state_dict(state_dict, config.preset, source=str(path))}
+            return {"params": read_sam_checkpoint(path, config.preset)[0]}
         if family == "resnet":
             from unet_jax.models.resnet import resnet_params_from_torchvision
 
@@ -138,37 +138,27 @@ def convert_checkpoint(pth: str | Path, out: str | Path, preset: str | None = No
                        channels: int = 3) -> tuple[Path, str, int]:
     """An official PyTorch checkpoint written as Flax variables to ``out`` (``.msgpack``),
     atomically (nothing half-written). ``preset`` None: a SAM checkpoint whose preset is
-    inferred from its shapes. ``channels``: the input channels of the runs that will start
-    from it (a ResNet's RGB stem is summed for 1). Returns (path written, preset, number
-    of parameters)."""
-    import os
-    import tempfile
-
+    inferred from its shapes; SAM files hold its params (as :func:`convert_sam_checkpoint`
+    writes them), ResNet files ``{"params", "batch_stats"}``. ``channels``: the input
+    channels of the runs that will start from it (a ResNet's RGB stem is summed for 1).
+    Returns (path written, preset, number of parameters)."""
     import jax
     from flax import serialization
 
+    from unet_jax._io import atomic_write
     from unet_jax.models import model_family
 
     out = Path(out)
     if out.suffix != ".msgpack":
         raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")
     if preset is None or model_family(preset) == "sam":
-        from unet_jax.models.pth import read_torch_checkpoint
-        from unet_jax.models.sam import infer_sam_preset, sam_params_from_state_dict
+        from unet_jax.models.sam import read_sam_checkpoint
 
-        state_dict = read_torch_checkpoint(pth)
-        preset = preset or infer_sam_preset(state_dict, str(pth))
-        variables = {"params": sam_params_from_state_dict(state_dict, preset, source=str(pth))}
+        params, preset = read_sam_checkpoint(pth, preset)
+        tree: dict[str, Any] = params
     else:
-        variables = read_source_variables(TrainConfig(preset=preset, channels=channels), pth)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out, preset, int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
+        tree = read_source_variables(TrainConfig(preset=preset, channels=channels), pth)
+        params = tree["params"]
+    data = serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    return out, preset, int(sum(np.size(x) for x in jax.tree.leaves(params)))

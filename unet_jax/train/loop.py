@@ -197,9 +197,7 @@ def _make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
 def split_for_lesions_only(config: TrainConfig) -> bool:
     """Box-prompted models (SAM) are prompted from the ground truth: they train and are
     evaluated on lesion images only (a normal image has no box to give)."""
-    from unet_jax.models import model_family
-
-    return model_family(config.preset) == "sam"
+    return needs_box_prompts(build_model(config))
 
 
 def _lesions_only(split: Split, dataset: BusiDataset) -> Split:
@@ -325,7 +323,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
 
     _check_run_folder(config, run_dir)
     model = build_model(config)
-    check_model_config(config, model_heads(model, config))
+    heads = model_heads(model, config)
+    check_model_config(config, heads)
     dataset = load_run_data(config, run_dir, emit)
     split = make_split(config, dataset)
     write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
@@ -432,7 +431,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             test["test/bce"] = metrics_to_host(bce)["loss"]
     store.close()
     emit({"kind": "finishing"})
-    _finish_run(config, model, state, dataset, split, loop, test, run_dir)
+    _finish_run(config, model, heads, state, dataset, split, loop, test, run_dir)
     wall = time.time() - started
     env = {**environment(mesh), "wall_time_s": wall}
     _write_json(run_dir / "environment.json", env)
@@ -442,7 +441,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     return result
 
 
-def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: BusiDataset, split: Split,
+def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state: TrainState,
+                dataset: BusiDataset, split: Split,
                 loop: dict[str, Any], test: dict[str, float], run_dir: Path) -> None:
     """results.json (the report's columns beside Dice and IoU, native-resolution test
     metrics), per-image test rows, and the plots."""
@@ -458,7 +458,7 @@ def _finish_run(config: TrainConfig, model: Any, state: TrainState, dataset: Bus
 
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     loaded = LoadedModel(model, variables, config, run_dir)
-    has_mask, has_class = model_heads(model, config)
+    has_mask, has_class = heads
     best = loop["history"][loop["best_epoch"] - 1] if loop["best_epoch"] else {}
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     results: dict[str, Any] = {

@@ -10,6 +10,7 @@ from unet_jax.models.sam.convert import (
     convert_sam_checkpoint,
     infer_sam_preset,
     load_sam_params,
+    read_sam_checkpoint,
     sam_params_from_state_dict,
 )
 from unet_jax.models.sam.image_encoder import ImageEncoderViT
@@ -40,6 +41,7 @@ __all__ = [
     "infer_sam_preset",
     "load_sam_params",
     "postprocess_masks",
+    "read_sam_checkpoint",
     "resize_bilinear",
     "sam_init_params",
     "sam_params_from_state_dict",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -222,12 +221,9 @@ def sam_params_from_state_dict(
     return traverse_util.unflatten_dict(converted)
 
 
-def convert_sam_checkpoint(
-    pth_path: str | os.PathLike, out_path: str | os.PathLike, preset: str | None = None
-) -> Path:
-    """Convert an official ``.pth`` checkpoint (read without torch) to a Flax
-    ``.msgpack`` params file, written atomically (temp file in the same folder, then
-    ``os.replace``). ``preset`` ``None`` infers it from the shapes. Returns ``out_path``.
+def read_sam_checkpoint(pth_path: str | os.PathLike, preset: str | None = None) -> tuple[dict[str, Any], str]:
+    """``(params, preset)`` of an official ``.pth`` checkpoint, read without torch;
+    ``preset`` ``None`` infers it from the shapes.
 
     Raises:
       TorchCheckpointError: the file is not a readable torch checkpoint.
@@ -235,29 +231,23 @@ def convert_sam_checkpoint(
     """
     from unet_jax.models.pth import read_torch_checkpoint
 
-    pth_path = Path(pth_path)
-    out = Path(out_path)
-    state_dict = read_torch_checkpoint(pth_path)
     source = str(pth_path)
-    if preset is None:
-        preset = infer_sam_preset(state_dict, source)
-    params = sam_params_from_state_dict(state_dict, preset, source=source)
+    state_dict = read_torch_checkpoint(pth_path)
+    preset = preset or infer_sam_preset(state_dict, source)
+    return sam_params_from_state_dict(state_dict, preset, source=source), preset
+
+
+def convert_sam_checkpoint(
+    pth_path: str | os.PathLike, out_path: str | os.PathLike, preset: str | None = None
+) -> Path:
+    """Convert an official ``.pth`` checkpoint (:func:`read_sam_checkpoint`) to a Flax
+    ``.msgpack`` params file, written atomically (nothing half-written, an existing file
+    untouched on error). Returns ``out_path``."""
+    from unet_jax._io import atomic_write
+
+    params, _ = read_sam_checkpoint(pth_path, preset)
     data = serialization.msgpack_serialize(params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+    return atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_sam_params(path: str | os.PathLike) -> dict[str, Any]:
