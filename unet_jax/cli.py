@@ -138,6 +138,12 @@ def _results_table(run_dir) -> str:
         recall = ", ".join(f"{k} {v:.3f}" for k, v in c["per_class_recall"].items())
         lines += ["", f"test classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
                   f"malignant-vs-rest AUC {c['malignant_vs_rest_auc']:.4f}", f"  recall: {recall}"]
+    if "inference" in results:
+        lines += ["", f"inference recipe (chosen on the validation split): {results['inference']['description']}"]
+    if "test_raw" in results:
+        raw = results["test_raw"]
+        lines += [f"  raw model output on the test split: lesion Dice {raw['dice']['lesion']:.4f}, normal "
+                  f"false-positive rate {raw['normal_false_positive_rate']:.3f}"]
     if "test" in results:
         report = results["test"]
         lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
@@ -163,23 +169,20 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a folder in the BUSI layout")
-    p.add_argument("--checkpoint", required=True, help="a run folder or a checkpoint folder")
+    _add_model_arguments(p)
     p.add_argument("--data", required=True, help="a folder in the BUSI layout")
     p.add_argument("--resolution", choices=("native", "training"), default="native")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import (evaluate_classification, evaluate_dataset, evaluation_report, load_checkpoint,
+    from unet_jax.evaluate import (effective_recipe, evaluate_classification, evaluate_dataset, evaluation_report,
                                    read_for_evaluation, resolve_threshold)
     from unet_jax.metrics import format_summary
     from unet_jax.train.loop import model_heads
 
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = _load_model(args)
     resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read
     has_mask, has_class = model_heads(loaded.model, loaded.config)
     printer = _ProgressPrinter()
@@ -187,15 +190,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report: dict = {"source": str(args.data)}
     if has_mask:
         native = args.resolution == "native"
-        aggregate, rows = evaluate_dataset(loaded, dataset, native=native, threshold=args.threshold, flip_tta=args.tta,
+        recipe = effective_recipe(loaded, args.threshold, True if args.tta else None, args.raw)
+        aggregate, rows = evaluate_dataset(loaded, dataset, native=native, recipe=recipe,
                                            progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
         report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
+        report["checkpoint"], report["recipe"] = str(loaded.step_dir), recipe.to_dict()
     if has_class:  # image classification: a classifier, or a U-Net's class head
         report["classification"] = evaluate_classification(loaded, dataset)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{loaded.step_dir} on {args.data}" + (f" ({args.resolution} resolution)" if has_mask else ""))
+    print(f"{loaded.step_dir} on {args.data}" + (f" ({args.resolution} resolution; {recipe.describe()})"
+                                                   if has_mask else ""))
     if has_mask:
         print(format_summary(aggregate))
     if has_class:
@@ -208,20 +214,36 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment images: mask and overlay PNGs at each input's size")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_arguments(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.set_defaults(func=_run_predict)
 
 
-def _run_predict(args: argparse.Namespace) -> int:
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="a run folder, a checkpoint folder or an exported model folder; default: the bundled "
+                        "model (unet_jax/bundled, see its MODEL_CARD.md)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's recipe")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction "
+                                                      "(default: as the checkpoint's recipe says)")
+    p.add_argument("--raw", action="store_true",
+                   help="the model's own output (its config's threshold, no gate, no post-processing, no TTA) "
+                        "instead of the checkpoint's tuned inference recipe")
+
+
+def _load_model(args: argparse.Namespace):
     from unet_jax.evaluate import load_checkpoint
+    from unet_jax.export import load_bundled
+
+    return load_bundled() if args.checkpoint is None else load_checkpoint(args.checkpoint)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.predict import predict_files
 
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = _load_model(args)
 
     def report(n: int, total: int, result) -> None:
         if result.error:
@@ -229,7 +251,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         else:
             print(f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of pixels)")
 
-    results = predict_files(loaded, args.inputs, args.out, threshold=args.threshold, flip_tta=args.tta, progress=report)
+    results = predict_files(loaded, args.inputs, args.out, threshold=args.threshold,
+                            flip_tta=True if args.tta else None, raw=args.raw, progress=report)
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
@@ -256,6 +279,52 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write checkpoints as one portable model folder (several: an ensemble)")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="run or checkpoint folders, one architecture")
+    p.add_argument("--out", required=True, help="the model folder to write (model.json + member_*.msgpack)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the weights")
+    p.add_argument("--card", default=None, help="a Markdown model card to include as MODEL_CARD.md")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.export import export_model
+
+    members = [load_checkpoint(c) for c in args.checkpoints]
+    card = None
+    if args.card is not None:
+        if not Path(args.card).is_file():
+            raise ValueError(f"model card {args.card!r} does not exist; expected a Markdown file")
+        card = Path(args.card).read_text()
+    out = export_model(members, args.out, dtype=args.dtype, card=card, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
+          f"recipe: {members[0].recipe.describe()}")
+    return 0
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="choose a run's inference recipe on its validation split, re-evaluate its test split")
+    p.add_argument("run", help="a run folder written by `unet-jax train`")
+    p.add_argument("--cache", default=None, help="a `data prepare` cache to read the images from (default: the run's)")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unet_jax.train.loop import finish_run_again
+
+    run_dir = finish_run_again(args.run, cache=args.cache)
+    print(_results_table(Path(run_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_demo(sub)
     _add_convert(sub)
+    _add_export(sub)
+    _add_tune(sub)
     return parser
 
 

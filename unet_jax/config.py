@@ -92,6 +92,11 @@ class TrainConfig:
     # Evaluation.
     threshold: float = 0.5
     eval_batch_size: int = 32
+    # After training, choose the inference recipe (threshold, flip TTA, the "no lesion"
+    # gate, component filtering, hole filling; unet_jax.inference) on the validation split
+    # and save it with the best checkpoint; evaluate and predict then apply it.
+    tune_inference: bool = True
+    max_lesion_empty: float = 0.05  # the tuned recipe may leave at most this share of lesion images empty
 
     # Run.
     seed: int = 0
@@ -133,6 +138,7 @@ class TrainConfig:
             ("warmup_epochs", self.warmup_epochs >= 0, "a number of epochs >= 0"),
             ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "None or a positive number"),
             ("class_weight", self.class_weight >= 0, "a number >= 0"),
+            ("max_lesion_empty", 0 <= self.max_lesion_empty < 1, "a fraction in [0, 1)"),
             ("box_jitter", 0 <= self.box_jitter < 0.5, "a fraction of the image side in [0, 0.5)"),
             ("freeze", all(isinstance(n, str) and n for n in self.freeze), "a tuple of parameter group names"),
         ]
@@ -166,8 +172,8 @@ def _as_tuples(value: Any) -> Any:
 def demo_config() -> TrainConfig:
     """The README's main job: a small U-Net on generated phantom data, minutes on 2 CPU cores."""
     return TrainConfig(
-        preset="seed", model={"features": 8, "dropout_rate": 0.1}, image_size=64, channels=1,
-        phantom_images=160, loss="bce_dice", batch_size=16, epochs=25, patience=8,
+        preset="padded", model={"features": 16, "class_head": 3}, class_weight=0.2, image_size=64, channels=1,
+        phantom_images=160, loss="bce_dice", batch_size=16, epochs=20, patience=None,
         monitor="val/dice", schedule="cosine", warmup_epochs=1.0, learning_rate=3e-3,
     )
 

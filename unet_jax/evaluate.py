@@ -22,11 +22,15 @@ import numpy as np
 from unet_jax import metrics as M
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.data import BusiDataset, ReadOptions, load_busi
+from unet_jax.inference import RAW, InferenceRecipe, recipe_mask, tune_recipe
 from unet_jax.models import needs_box_prompts
 
 __all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities",
-           "predict_class_probabilities", "evaluate_dataset", "evaluate_classification", "evaluation_report",
-           "read_for_evaluation"]
+           "predict_class_probabilities", "predict_outputs", "effective_recipe", "evaluate_dataset",
+           "evaluate_classification", "evaluation_report", "read_for_evaluation", "tune_inference",
+           "save_recipe", "prompt_boxes", "RECIPE_FILE"]
+
+RECIPE_FILE = "inference.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +41,19 @@ class LoadedModel:
     variables: dict[str, Any]
     config: TrainConfig
     step_dir: Path
+    # The inference recipe saved with the checkpoint (threshold, TTA, gate, components);
+    # RAW when none was tuned. Further members of an ensemble (same architecture): their
+    # probabilities are averaged with the first's.
+    recipe: InferenceRecipe = RAW
+    members: tuple[dict[str, Any], ...] = ()
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.config.image_size, self.config.image_size
+
+    @property
+    def all_variables(self) -> tuple[dict[str, Any], ...]:
+        return (self.variables, *self.members)
 
 
 def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> LoadedModel:
@@ -49,24 +62,61 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
     ``expect``: model fields the caller requires (e.g. ``{"preset": "padded"}``); a
     checkpoint of another architecture is a ``ValueError`` saying what differs.
     """
+    from unet_jax.export import is_exported, load_exported
     from unet_jax.train.checkpoint import find_checkpoint, read_meta, restore_variables
     from unet_jax.train.loop import build_model
 
+    if is_exported(path):
+        loaded = load_exported(path)
+        _check_expected(loaded.config, expect, Path(path))
+        return loaded
     step_dir = find_checkpoint(path)
     meta = read_meta(step_dir)
     if "config" not in meta:
         raise ValueError(f"checkpoint {str(step_dir)!r} has no saved config; expected one written by `unet-jax train`")
     config = config_from_dict(meta["config"], source=f"{step_dir}/meta")
-    for key, value in (expect or {}).items():
-        if getattr(config, key) != value:
-            raise ValueError(f"checkpoint {str(step_dir)!r} holds {key}={getattr(config, key)!r}; expected {key}={value!r}")
+    _check_expected(config, expect, step_dir)
     from unet_jax.train.state import init_variables
 
     model = build_model(config)
     shape = (1, config.image_size, config.image_size, config.channels)
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     variables = restore_variables(step_dir, abstract)
-    return LoadedModel(model, variables, config, step_dir)
+    return LoadedModel(model, variables, config, step_dir, read_recipe(step_dir))
+
+
+def _check_expected(config: TrainConfig, expect: dict[str, Any] | None, where: Path) -> None:
+    for key, value in (expect or {}).items():
+        if getattr(config, key) != value:
+            raise ValueError(f"checkpoint {str(where)!r} holds {key}={getattr(config, key)!r}; expected {key}={value!r}")
+
+
+def read_recipe(step_dir: Path) -> InferenceRecipe:
+    """The recipe saved beside a checkpoint (``<step>/inference.json``), else RAW."""
+    import json
+
+    path = Path(step_dir) / RECIPE_FILE
+    if not path.is_file():
+        return RAW
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"inference recipe {str(path)!r} is not valid JSON ({err}); expected the file "
+                         f"written by `unet-jax train` (delete it to use the raw model output)") from err
+    return InferenceRecipe.from_dict(values.get("recipe", values), source=str(path))
+
+
+def save_recipe(loaded: LoadedModel, recipe: InferenceRecipe, report: dict[str, Any] | None = None,
+                run_dir: Path | None = None) -> None:
+    """Write the recipe (and its validation report) beside the checkpoint, and a copy in
+    the run folder for reading."""
+    import json
+
+    from unet_jax._io import atomic_write
+
+    text = json.dumps(M.to_jsonable({"recipe": recipe.to_dict(), "validation": report}), indent=2) + "\n"
+    for folder in {Path(loaded.step_dir), *(() if run_dir is None else (Path(run_dir),))}:
+        atomic_write(folder / RECIPE_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
@@ -100,6 +150,19 @@ def _probabilities(model: Any, variables: dict[str, Any], images_u8: jax.Array, 
     return prob, (None if class_logits is None else jax.nn.softmax(class_logits, axis=-1))
 
 
+def _member_outputs(loaded: LoadedModel, chunk: np.ndarray, box_chunk: np.ndarray | None,
+                    flip_tta: bool) -> tuple[Any, Any]:
+    """Both heads' probabilities for one batch, averaged over the ensemble's members."""
+    prob_sum, class_sum = None, None
+    for variables in loaded.all_variables:
+        prob, cls = _probabilities(loaded.model, variables, jnp.asarray(chunk),
+                                   None if box_chunk is None else jnp.asarray(box_chunk), flip_tta)
+        prob_sum = prob if prob_sum is None else prob_sum + prob
+        class_sum = cls if class_sum is None else class_sum + cls
+    k = len(loaded.all_variables)
+    return (None if prob_sum is None else prob_sum / k), (None if class_sum is None else class_sum / k)
+
+
 def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
              flip_tta: bool, which: int) -> np.ndarray:
     n = images_u8.shape[0]
@@ -114,8 +177,7 @@ def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | Non
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
             if box_chunk is not None:
                 box_chunk = np.concatenate([box_chunk, np.repeat(box_chunk[:1], pad, axis=0)])
-        out = _probabilities(loaded.model, loaded.variables, jnp.asarray(chunk),
-                             None if box_chunk is None else jnp.asarray(box_chunk), flip_tta)[which]
+        out = _member_outputs(loaded, chunk, box_chunk, flip_tta)[which]
         if out is None:
             head = "mask" if which == 0 else "class"
             raise ValueError(f"{loaded.config.preset} has no {head} head; expected a "
@@ -136,6 +198,29 @@ def predict_class_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batc
     return _batched(loaded, images_u8, None, batch_size, False, 1)
 
 
+def predict_outputs(loaded: LoadedModel, images_u8: np.ndarray, flip_tta: bool = False,
+                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(mask probabilities (N, H, W), class probabilities (N, K) or None)`` of an
+    unprompted segmenter (its ensemble members averaged)."""
+    probs = predict_probabilities(loaded, images_u8, batch_size or loaded.config.eval_batch_size, flip_tta)
+    has_class = _member_outputs(loaded, images_u8[:1], None, False)[1] is not None
+    classes = predict_class_probabilities(loaded, images_u8, batch_size or loaded.config.eval_batch_size) \
+        if has_class else None
+    return probs, classes
+
+
+def effective_recipe(loaded: LoadedModel, threshold: float | None = None, flip_tta: bool | None = None,
+                     raw: bool = False) -> InferenceRecipe:
+    """The recipe evaluate/predict apply: the checkpoint's own (RAW with the config's
+    threshold when ``raw``), with an explicit threshold or TTA choice laid over it."""
+    recipe = dataclasses.replace(RAW, threshold=loaded.config.threshold) if raw else loaded.recipe
+    if threshold is not None:
+        recipe = dataclasses.replace(recipe, threshold=resolve_threshold(loaded, threshold))
+    if flip_tta is not None:
+        recipe = dataclasses.replace(recipe, flip_tta=bool(flip_tta))
+    return recipe
+
+
 def prompt_boxes(dataset: BusiDataset) -> np.ndarray:
     """Box prompts (N, 4) from the dataset's masks at the training size (no jitter)."""
     from unet_jax.data.prompts import boxes_from_masks
@@ -144,14 +229,17 @@ def prompt_boxes(dataset: BusiDataset) -> np.ndarray:
 
 
 def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = True,
-                     threshold: float | None = None, flip_tta: bool = False, n_boot: int = 1000,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                     threshold: float | None = None, flip_tta: bool | None = None, n_boot: int = 1000,
+                     progress: Callable[[int, int], None] | None = None, raw: bool = False,
+                     recipe: InferenceRecipe | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Aggregated metrics and per-image rows of ``loaded`` on ``dataset``.
 
     native=True compares at each image's original size with its original (union) mask;
-    False at the training size with the resized mask.
+    False at the training size with the resized mask. The checkpoint's inference recipe
+    is applied (``raw=True``: the model output at the config's threshold; ``recipe``: this
+    one instead); ``threshold`` / ``flip_tta`` override the recipe's.
     """
-    t = resolve_threshold(loaded, threshold)
+    recipe = recipe or effective_recipe(loaded, threshold, flip_tta, raw)
     if native and not dataset.original_masks:
         raise ValueError("native-resolution evaluation needs the original masks; read the data with keep_original=True")
     boxes = None
@@ -159,20 +247,38 @@ def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = T
         # Prompted from the ground truth: only images with a lesion have a box to give.
         dataset = dataset.subset([i for i, m in zip(dataset.ids, dataset.masks) if m.any()])
         boxes = prompt_boxes(dataset)
-    probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, flip_tta, boxes)
+    if boxes is None:
+        probs, classes = predict_outputs(loaded, dataset.images_u8, recipe.flip_tta)
+    else:
+        if recipe.gate != "none":
+            raise ValueError("a box-prompted model is prompted on lesion images only; its recipe cannot gate")
+        probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, recipe.flip_tta,
+                                      boxes)
+        classes = None
     rows = []
     for i, prob in enumerate(probs):
-        if native:
-            gt = dataset.original_masks[i]
-            pred = M.resize_mask(prob, gt.shape, t=t)
-        else:
-            gt = dataset.masks[i, :, :, 0] > 0
-            pred = M.threshold(prob, t)
+        gt = dataset.original_masks[i] if native else dataset.masks[i, :, :, 0] > 0
+        pred = recipe_mask(prob, None if classes is None else classes[i], recipe, gt.shape)
         row = M.image_metrics(pred, gt)
         rows.append({"id": dataset.ids[i], "class": dataset.class_names[i], **row})
         if progress is not None:
             progress(i + 1, len(probs))
     return M.aggregate(rows, n_boot=n_boot, seed=loaded.config.seed), rows
+
+
+def tune_inference(loaded: LoadedModel, dataset: BusiDataset, *, max_lesion_empty: float = 0.05,
+                   tuned_on: str = "validation split",
+                   progress: Callable[[int, int], None] | None = None) -> tuple[InferenceRecipe, dict[str, Any]]:
+    """Choose the inference recipe of ``loaded`` on ``dataset`` (a validation split, read
+    with its native masks when available): see unet_jax.inference.tune_recipe."""
+    if needs_box_prompts(loaded.model):
+        raise ValueError(f"{loaded.config.preset} is box-prompted: its masks come from ground-truth boxes, "
+                         f"there is no recipe to tune")
+    probs, classes = predict_outputs(loaded, dataset.images_u8, False)
+    flipped = predict_probabilities(loaded, dataset.images_u8[:, :, ::-1], loaded.config.eval_batch_size)[:, :, ::-1]
+    gts = list(dataset.original_masks) if dataset.original_masks else [m[..., 0] > 0 for m in dataset.masks]
+    return tune_recipe(probs, np.ascontiguousarray(flipped), classes, gts, max_lesion_empty=max_lesion_empty,
+                       tuned_on=tuned_on, progress=progress)
 
 
 def evaluate_classification(loaded: LoadedModel, dataset: BusiDataset) -> dict[str, Any]:

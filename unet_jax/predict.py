@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unet_jax import metrics as M
 from unet_jax._io import atomic_write
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
-from unet_jax.evaluate import LoadedModel, predict_probabilities, resolve_threshold
+from unet_jax.evaluate import LoadedModel, effective_recipe, predict_outputs
+from unet_jax.inference import recipe_mask
 
 __all__ = ["PredictionResult", "predict_files"]
 
@@ -65,17 +65,19 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 
 
 def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  threshold: float | None = None, flip_tta: bool = False,
+                  threshold: float | None = None, flip_tta: bool | None = None, raw: bool = False,
                   progress: Callable[[int, int, PredictionResult], None] | None = None) -> list[PredictionResult]:
     """Predict every input; write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png``.
 
-    Returns one result per input, in order; unreadable inputs have ``error`` set.
+    The checkpoint's inference recipe is applied (``raw``: the model's own output);
+    ``threshold`` and ``flip_tta`` override the recipe's. Returns one result per input, in
+    order; unreadable inputs have ``error`` set.
     """
     from unet_jax.plots import overlay
 
     from unet_jax.models import needs_box_prompts
 
-    t = resolve_threshold(loaded, threshold)
+    recipe = effective_recipe(loaded, threshold, flip_tta, raw)
     if needs_box_prompts(loaded.model):
         raise ValueError(f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
                          f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
@@ -96,8 +98,8 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
                 progress(n, len(inputs), results[-1])
             continue
         x = preprocess_image(image, loaded.input_size, loaded.config.channels)
-        prob = predict_probabilities(loaded, x[None], batch_size=1, flip_tta=flip_tta)[0]
-        mask = M.resize_mask(prob, (image.size[1], image.size[0]), t=t)
+        probs, classes = predict_outputs(loaded, x[None], recipe.flip_tta, batch_size=1)
+        mask = recipe_mask(probs[0], None if classes is None else classes[0], recipe, (image.size[1], image.size[0]))
         stem = _unique_stem(path.stem, used)
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)

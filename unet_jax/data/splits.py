@@ -274,6 +274,30 @@ def kfold_split(ids: Sequence[str], labels: Sequence[int],
                  {"k": k}, named)
 
 
+def cross_validation_splits(ids: Sequence[str], labels: Sequence[int],
+                            groups: Sequence[Sequence[int | str]] = (), k: int = 5, val_fraction: float = 0.15,
+                            seed: int = 0) -> list[Split]:
+    """k train/val/test splits for cross-validating a whole recipe: split i tests on fold i
+    of :func:`kfold_split` and carves a stratified, duplicate-aware validation part (for
+    early stopping and choosing the inference recipe) out of the other folds. Every image
+    is tested exactly once; no duplicate group straddles two partitions of a split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    folds = kfold_split(ids, labels, groups, k=k, seed=seed)
+    label_of = dict(zip(ids, labels))
+    splits = []
+    for i in range(k):
+        rest = [x for j in range(k) if j != i for x in folds[f"fold_{j}"]]
+        rest_set = set(rest)
+        rest_groups = [[g for g in group if g in rest_set] for group in folds.duplicate_groups]
+        inner = stratified_split(rest, [label_of[x] for x in rest], [g for g in rest_groups if len(g) > 1],
+                                 {"train": 1 - val_fraction, "val": val_fraction}, seed=seed + 1 + i)
+        splits.append(Split("cross_validation", int(seed), {"train": inner["train"], "val": inner["val"],
+                                                            "test": folds[f"fold_{i}"]},
+                            {"k": k, "fold": i, "val_fraction": val_fraction}, folds.duplicate_groups))
+    return splits
+
+
 def seed_protocol(ids: Sequence[str], labels: Sequence[int], seed: int = 0,
                   train_fraction: float = 0.8) -> Split:
     """The notebook's protocol: benign and malignant only, per class a seeded permutation,

@@ -56,8 +56,8 @@ from unet_jax.train.steps import (
     train_steps,
 )
 
-__all__ = ["TrainingDiverged", "RunResult", "train", "build_model", "load_run_data", "make_split",
-           "augment_config", "environment"]
+__all__ = ["TrainingDiverged", "RunResult", "train", "build_model", "model_heads", "load_run_data", "make_split",
+           "augment_config", "environment", "finish_run_again"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -279,7 +279,8 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
 
 
 # Keys that do not change what is computed: a resumed run may set them differently.
-_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "checkpoint_every", "distributed"})
+_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "checkpoint_every", "distributed",
+                             "tune_inference", "max_lesion_empty"})
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -451,14 +452,24 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
         evaluate_classification,
         evaluate_dataset,
         evaluation_report,
+        predict_outputs,
         predict_probabilities,
         prompt_boxes,
+        save_recipe,
+        tune_inference,
     )
+    from unet_jax.inference import RAW, recipe_mask
     from unet_jax import metrics as M
 
+    from unet_jax.train.checkpoint import find_checkpoint
+
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    loaded = LoadedModel(model, variables, config, run_dir)
     has_mask, has_class = heads
+    try:
+        step_dir = find_checkpoint(run_dir if config.restore_best else run_dir / "checkpoints" / LATEST)
+    except ValueError:
+        step_dir = run_dir
+    loaded = LoadedModel(model, variables, config, step_dir)
     best = loop["history"][loop["best_epoch"] - 1] if loop["best_epoch"] else {}
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     results: dict[str, Any] = {
@@ -476,6 +487,13 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
         "val_at_best_epoch": {k: v for k, v in best.items() if k.startswith("val/")},
         "test_training_resolution": test,
     }
+    val_ids = split.partitions.get("val", ())
+    if config.tune_inference and has_mask and val_ids and not needs_box_prompts(model):
+        recipe, tuning = tune_inference(loaded, dataset.subset(list(val_ids)), max_lesion_empty=config.max_lesion_empty,
+                                        tuned_on=f"validation split ({len(val_ids)} images)")
+        save_recipe(loaded, recipe, tuning, run_dir)
+        loaded = dataclasses.replace(loaded, recipe=recipe)
+        results["inference"] = {"recipe": recipe.to_dict(), "description": recipe.describe(), "validation": tuning}
     test_ids = split.partitions.get("test", ())
     if test_ids and has_class:
         results["test_classification"] = evaluate_classification(loaded, dataset.subset(list(test_ids)))
@@ -484,10 +502,17 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
         native = bool(test_ds.original_masks)
         aggregate, rows = evaluate_dataset(loaded, test_ds, native=native)
         report = evaluation_report(aggregate, rows, native=native, source="test split")
+        report["recipe"] = loaded.recipe.describe()
         predictions = run_dir / "predictions"
         predictions.mkdir(exist_ok=True)
         _write_json(predictions / "test_per_image.json", report.pop("per_image"))
         results["test"] = report
+        if loaded.recipe != dataclasses.replace(RAW, threshold=config.threshold):
+            # The model's own output beside the recipe's, so the recipe's effect is visible.
+            aggregate, rows = evaluate_dataset(loaded, test_ds, native=native, raw=True)
+            raw = evaluation_report(aggregate, rows, native=native, source="test split, raw model output")
+            _write_json(predictions / "test_per_image_raw.json", raw.pop("per_image"))
+            results["test_raw"] = raw
         if config.plots:
             from unet_jax.plots import prediction_grid
 
@@ -495,7 +520,12 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
             boxes = prompt_boxes(test_ds.subset(list(range(show)))) if needs_box_prompts(model) else None
             probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size, boxes=boxes)
             gts = [test_ds.original_masks[i] if native else test_ds.masks[i, :, :, 0] for i in range(show)]
-            preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
+            if needs_box_prompts(model):
+                preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
+            else:
+                probs, classes = predict_outputs(loaded, test_ds.images_u8[:show], loaded.recipe.flip_tta)
+                preds = [recipe_mask(p, None if classes is None else classes[i], loaded.recipe, g.shape)
+                         for i, (p, g) in enumerate(zip(probs, gts))]
             images = [_native_image(test_ds, i, g.shape) for i, g in enumerate(gts)]
             prediction_grid(images, gts, preds, run_dir / "plots" / "test_predictions.png",
                             titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])])
@@ -506,6 +536,30 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
         plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset,
                              best_epoch=loop["best_epoch"], monitor=config.monitor)
     _write_json(run_dir / "results.json", results)
+
+
+def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Path:
+    """Redo a finished run's final stage with the current code: choose its inference recipe
+    on its validation split (saved with the best checkpoint) and rewrite results.json,
+    the per-image test rows and the plots. Training is not repeated; ``cache`` reads the
+    images from a `data prepare` cache instead of the run's own data source."""
+    from types import SimpleNamespace
+
+    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.train.checkpoint import find_checkpoint, read_meta
+
+    run_dir = Path(run_dir).resolve()
+    loaded = load_checkpoint(run_dir)
+    config = loaded.config if cache is None else dataclasses.replace(loaded.config, cache=cache)
+    latest = read_meta(find_checkpoint(run_dir / "checkpoints" / LATEST))
+    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    dataset = load_run_data(config, run_dir)
+    split = read_manifest(run_dir / "split.json")
+    state = SimpleNamespace(params=loaded.variables["params"], batch_stats=loaded.variables.get("batch_stats", {}))
+    heads = model_heads(loaded.model, config)
+    _finish_run(config, loaded.model, heads, state, dataset, split, latest["loop"],
+                previous.get("test_training_resolution", {}), run_dir)
+    return run_dir
 
 
 def _native_image(dataset: BusiDataset, i: int, shape: tuple[int, int]) -> np.ndarray:
