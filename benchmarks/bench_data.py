@@ -15,6 +15,13 @@ Measures (best of --repeats):
                  move with the training code. Default: 20 steps on an accelerator, skipped
                  on a CPU (seconds per step there); --train-steps N forces it.
 Writes benchmarks/results/bench_data_<backend>.json (backend and device recorded).
+
+    python benchmarks/bench_data.py --augment-only [--cache DIR] --out FILE
+
+measures only augmentation's share of a training step (the GPU target), on a prepared
+cache (``unet-jax data prepare``) or, without one, on generated phantom images
+(``--size``, ``--phantom-images``); ``--model features=4,depth=2`` shrinks the U-Net
+(benchmarks/gpu_run.py's CPU dry run).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,13 +60,14 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def train_step_ms(data, n: int, batch: int, config: AugmentConfig | None, steps: int,
-                  repeats: int) -> float:
+                  repeats: int, model_fields: dict | None = None) -> float:
     """Best-of-``repeats`` mean time (ms) of one jitted training step of the `seed` U-Net
     whose batch is sampled (and, with ``config``, augmented) inside the step."""
-    model = create_unet("seed", in_channels=int(data.images.shape[-1]))
+    model = create_unet("seed", **{**(model_fields or {}), "in_channels": int(data.images.shape[-1])})
     sample = make_sampler(batch, n, config)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *data.images.shape[1:]),
-                                                        jnp.float32))
+    # Jitted init: eager init compiles every initializer separately (a minute on a CPU).
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *data.images.shape[1:]),
+                                                                 jnp.float32))
     tx = optax.adam(1e-3)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
@@ -91,8 +100,66 @@ def train_step_ms(data, n: int, batch: int, config: AugmentConfig | None, steps:
     return best
 
 
+def sampler_ms(data, n: int, batch: int, steps: int) -> float:
+    """Mean time (ms) of one on-device sampled + augmented batch (jitted, after warm-up)."""
+    sample = make_sampler(batch, n)
+    key = jax.random.key(0)
+    jax.block_until_ready(sample(data, key, 0))  # compile
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        out = sample(data, key, step)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def augment_only(args: argparse.Namespace) -> dict:
+    """Augmentation's share of a training step, on a cache or on generated phantom images."""
+    from throughput import parse_fields  # benchmarks/ is on sys.path
+
+    t0 = time.perf_counter()
+    if args.cache and Path(args.cache).is_dir():
+        ds, source = load_cache(args.cache, original_masks=False), f"cache {args.cache}"
+    else:
+        from unet_jax.data.phantom import write_phantom
+
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            n = args.phantom_images
+            write_phantom(tmp / "p", {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3},
+                          size=(args.size, args.size))
+            ds = load_busi(tmp / "p", ReadOptions(size=(args.size, args.size)))
+        finally:
+            shutil.rmtree(tmp)
+        source = f"phantom ({len(ds)} images; cache {args.cache!r} absent)"
+    fields = parse_fields(args.model)
+    data = to_device(ds)
+    steps = args.train_steps or 20
+    plain = train_step_ms(data, len(ds), args.batch, None, steps, args.repeats, fields)
+    aug = train_step_ms(data, len(ds), args.batch, AugmentConfig(), steps, args.repeats, fields)
+    return {
+        "benchmark": "augment_share", "data": source, "images": len(ds),
+        "size": list(ds.images_u8.shape[1:3]), "channels": int(ds.images_u8.shape[-1]),
+        "batch": args.batch, "train_preset": "seed", "model_overrides": fields,
+        "train_steps": steps, "repeats": args.repeats,
+        "augment_ms_per_batch": round(sampler_ms(data, len(ds), args.batch, steps), 3),
+        "train_step_ms_no_augment": round(plain, 3), "train_step_ms_augment": round(aug, 3),
+        "augment_overhead": round(aug / plain - 1.0, 4),
+        "augment_share_of_step": round(max(aug - plain, 0.0) / aug, 4),
+        "augment_overhead_target": 0.05, "augment_overhead_target_backend": "gpu",
+        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__, "elapsed_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--augment-only", action="store_true",
+                    help="only augmentation's share of a training step (see above)")
+    ap.add_argument("--cache", default=None, help="--augment-only: a prepared cache folder")
+    ap.add_argument("--size", type=int, default=256, help="--augment-only: phantom image size")
+    ap.add_argument("--phantom-images", type=int, default=120)
+    ap.add_argument("--model", default="", help="--augment-only: seed U-Net field overrides")
+    ap.add_argument("--out", default=None, help="--augment-only: the JSON file to write")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -101,6 +168,16 @@ def main() -> int:
                     help="timed training steps per variant (default: 20 on an accelerator, "
                          "0 = skipped on a CPU)")
     args = ap.parse_args()
+    if args.augment_only:
+        result = augment_only(args)
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"augment_{result['backend']}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"augmentation, batch {args.batch} ({result['data']}): step "
+              f"{result['train_step_ms_no_augment']:.2f} ms without, {result['train_step_ms_augment']:.2f} ms "
+              f"with: +{100 * result['augment_overhead']:.1f}% (target < 5% on GPU; this is {result['backend']})")
+        print(f"wrote {out}")
+        return 0
     if args.train_steps is None:
         args.train_steps = 0 if jax.default_backend() == "cpu" else 20
 

@@ -167,7 +167,7 @@ def make_host_data(n: int, size: int, channels: int, seed: int = 0) -> dict[str,
 def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np.ndarray],
               args: argparse.Namespace, flops: Any, peak: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {"compile_s": {}}
-    model = create_unet(preset, dtype=DTYPES[dtype])
+    model = create_unet(preset, **args.model, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
     data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
                                      jnp.asarray(host["labels"])))
@@ -251,7 +251,7 @@ def bench_torch(torch: Any, device: Any, preset: str, batch: int, dtype: str,
     compile_opt: bool | str = {"auto": "auto", "on": True, "off": False}[args.torch_compile]
     runner = PeerRunner(preset, device, dtype, compile=compile_opt,
                         compile_mode=args.torch_compile_mode,
-                        channels_last=not args.torch_no_channels_last)
+                        channels_last=not args.torch_no_channels_last, **args.model)
     x = runner.to_input(torch.from_numpy(host["images"][:batch]).float() / 255.0)
     y = torch.from_numpy(host["masks"][:batch]).float().permute(0, 3, 1, 2).contiguous()
     y = y.to(device)
@@ -391,11 +391,28 @@ def derive(row: dict[str, Any], backend: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+def parse_fields(text: str) -> dict[str, Any]:
+    """``"features=4,depth=2"`` -> ``{"features": 4, "depth": 2}`` (values as Python literals)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in (x for x in text.split(",") if x):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--presets", type=csv, default=["seed", "padded"])
+    ap.add_argument("--model", type=parse_fields, default={},
+                    help="architecture overrides for every preset, both frameworks (e.g. "
+                         "features=4,depth=2 for the CPU dry run of benchmarks/gpu_run.py)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in csv(s)], default=[32, 128])
     ap.add_argument("--dtypes", type=csv, default=["bfloat16", "float32"],
@@ -498,11 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     # Parameter-count equality (the peer must be the same architecture) and FLOPs.
     presets: dict[str, Any] = {}
     for preset in args.presets:
-        fc = preset_flops(preset, args.size)
+        fc = preset_flops(preset, args.size, **args.model)
         info: dict[str, Any] = {"flops": fc.summary()}
         if torch is not None:
-            info["param_counts"] = check_param_counts(preset)  # raises on mismatch
-            tf = torch_flops(preset, args.size)
+            info["param_counts"] = check_param_counts(preset, **args.model)  # raises on mismatch
+            tf = torch_flops(preset, args.size, **args.model)
             info["flops"]["torch_flop_counter_forward_per_image"] = tf
             if tf != fc.forward:
                 raise SystemExit(f"{preset}: torch FlopCounter {tf} != analytic {fc.forward}")
@@ -550,13 +567,13 @@ def main(argv: list[str] | None = None) -> int:
                     row["skipped"] = f"time budget ({elapsed:.0f} s > {args.budget_s:.0f} s)"
                     save()
                     continue
-                channels = create_unet(preset).in_channels
+                channels = create_unet(preset, **args.model).in_channels
                 n = args.dataset_size or 2 * batch
                 key = (n, args.size, channels)
                 if key not in hosts:
                     hosts.clear()
                     hosts[key] = make_host_data(n, args.size, channels, args.seed)
-                fc = preset_flops(preset, args.size)
+                fc = preset_flops(preset, args.size, **args.model)
                 row["train_flops_per_image"] = fc.train
                 row["forward_flops_per_image"] = fc.forward
                 t_row = time.perf_counter()

@@ -104,6 +104,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     plots: bool = True
     distributed: bool = False  # call jax.distributed.initialize() (multi-host launch)
+    # Wall-time cap of the training phase (minutes since train() started): stops after the
+    # epoch that reaches it, like early stopping (best checkpoint, test evaluation, results).
+    max_train_minutes: float | None = None
 
     def __post_init__(self) -> None:
         # A JSON round trip (config.json) gives lists; keep one canonical, hashable form
@@ -122,6 +125,8 @@ class TrainConfig:
             ("val_fraction + test_fraction", self.val_fraction + self.test_fraction < 1, "below 1"),
             ("threshold", 0 < self.threshold < 1, "in (0, 1)"),
             ("patience", self.patience is None or self.patience >= 1, "None or a positive integer"),
+            ("max_train_minutes", self.max_train_minutes is None or self.max_train_minutes > 0,
+             "None or a positive number of minutes"),
             ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
             ("phantom_images", self.phantom_images >= 1, "a positive integer"),

@@ -41,6 +41,7 @@ __all__ = [
     "conv_output_size",
     "pool_output_size",
     "conv_transpose_output_size",
+    "subpixel_conv_transpose",
     "resolve_padding",
     "resolve_transpose_padding",
     "he_normal",
@@ -377,6 +378,12 @@ class ConvTranspose2D(nn.Module):
       padding: ``p`` of the size formula: ``'VALID'`` (``p = 0``, full output),
         ``'SAME'`` (output ``s * n``, placed as Keras/TensorFlow), an int, or pairs.
       output_padding: extra rows/columns at the bottom/right, ``0 <= op < stride``.
+      method: ``'zero_insertion'`` (the report's construction above) or ``'subpixel'``:
+        the same numbers from one ordinary convolution on the input grid, whose ``s_h s_w``
+        groups of output channels are the output's phases (each phase sees only the
+        kernel taps that reach it), interleaved by a depth-to-space reshape
+        (:func:`subpixel_conv_transpose`). Same parameters, no multiplications by
+        inserted zeros (``s_h s_w`` times fewer FLOPs for ``k = s``).
     """
 
     features: int
@@ -384,6 +391,7 @@ class ConvTranspose2D(nn.Module):
     strides: int | Sequence[int] = 2
     padding: Padding = "VALID"
     output_padding: int | Sequence[int] = 0
+    method: str = "zero_insertion"
     use_bias: bool = True
     in_features: int | None = None
     dtype: Any = None
@@ -405,7 +413,13 @@ class ConvTranspose2D(nn.Module):
                 x.shape[1 + axis], kernel[axis], strides[axis], crop[axis], out_pad[axis]
             )
 
+        if self.method not in ("zero_insertion", "subpixel"):
+            raise ValueError(f"{_layer_label('ConvTranspose2D', self.name)}: method must be 'zero_insertion' "
+                             f"or 'subpixel', got {self.method!r}")
         x, w, b = _kernel_and_bias(self, kernel, x)
+        if self.method == "subpixel":
+            y = subpixel_conv_transpose(x, w, strides, crop, out_pad, self.precision)
+            return y if b is None else y + b.reshape(1, 1, 1, -1)
         # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
         pads = tuple(
             (k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad)
@@ -420,3 +434,61 @@ class ConvTranspose2D(nn.Module):
             precision=self.precision,
         )
         return y if b is None else y + b.reshape(1, 1, 1, -1)
+
+
+def _subpixel_axis(n: int, k: int, s: int, crop: tuple[int, int], op: int) -> tuple[np.ndarray, int, int, int, int]:
+    """One axis of :func:`subpixel_conv_transpose`.
+
+    Output position ``o = s q + t`` (phase ``t``) receives ``x[i] w[u]`` for ``s i + u = o +
+    p_lo``: the taps ``u = r + s m`` (``r = (t + p_lo) mod s``) at ``i = q + c - m`` (``c =
+    (t + p_lo) div s``). So phase ``t`` is a correlation of ``x`` with those taps, reversed,
+    over the input offsets ``j = c - m``. Returns ``(taps, j0, pad_lo, pad_hi, n_out)``:
+    ``taps[j - j0, t]`` is the kernel index feeding offset ``j`` of phase ``t`` (``k``: none),
+    and the input padding that gives every phase ``ceil(n_out / s)`` outputs.
+    """
+    lo, hi = crop
+    n_out = s * (n - 1) + k - lo - hi + op
+    offsets = {}
+    for t in range(s):
+        r, c = (t + lo) % s, (t + lo) // s
+        for m in range(-(-(k - r) // s)):  # taps r, r + s, ... below k
+            offsets[(t, c - m)] = r + s * m
+    js = [j for _, j in offsets]
+    j0, j1 = min(js), max(js)
+    taps = np.full((j1 - j0 + 1, s), k, np.int32)
+    for (t, j), u in offsets.items():
+        taps[j - j0, t] = u
+    q = -(-n_out // s)
+    pad_lo = -j0
+    pad_hi = q - n - pad_lo + (j1 - j0)  # the correlation then has q outputs
+    return taps, j0, pad_lo, pad_hi, n_out
+
+
+def subpixel_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int], crop: PadPairs,
+                            output_padding: tuple[int, int] = (0, 0), precision: Any = None) -> jax.Array:
+    """The transposed convolution of :class:`ConvTranspose2D` (no bias) as one convolution
+    on the input grid followed by depth-to-space.
+
+    x: (N, H, W, C); w: (kh, kw, C, F); ``crop`` the ``p`` pairs of the size formula. The
+    ``s_h s_w`` output phases get their own ``F`` output channels of one convolution whose
+    kernel holds, for each phase, the taps of ``w`` that reach it (zeros elsewhere); the
+    phases are then interleaved and the result cut to ``conv_transpose_output_size``.
+    """
+    (sh, sw), (kh, kw) = strides, w.shape[:2]
+    n, h, wd, c = x.shape
+    f = w.shape[-1]
+    th, _, plh, phh, oh = _subpixel_axis(h, kh, sh, crop[0], output_padding[0])
+    tw, _, plw, phw, ow = _subpixel_axis(wd, kw, sw, crop[1], output_padding[1])
+    # w with a zero row and column at index k: "no tap".
+    w_ext = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    k = w_ext[th[:, None, :, None], tw[None, :, None, :]]  # (Mh, Mw, sh, sw, C, F)
+    k = jnp.transpose(k, (0, 1, 4, 2, 3, 5)).reshape(th.shape[0], tw.shape[0], c, sh * sw * f)
+    pads = ((plh, phh), (plw, phw))
+    if min(min(p) for p in pads) < 0:  # a crop larger than the kernel's reach: cut x first
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (plh, phh, 0), (plw, phw, 0), (0, 0, 0)))
+        pads = ((0, 0), (0, 0))
+    y = jax.lax.conv_general_dilated(x, k, window_strides=(1, 1), padding=pads,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    qh, qw = y.shape[1], y.shape[2]
+    y = y.reshape(n, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * sh, qw * sw, f)
+    return y[:, :oh, :ow, :]

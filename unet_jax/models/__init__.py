@@ -28,6 +28,7 @@ from unet_jax.models.unet import (
     UNet,
     check_input_size,
     create_unet,
+    fold_batch_norm,
     nearest_valid_sizes,
     unet_output_size,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "UNet",
     "check_input_size",
     "create_unet",
+    "fold_batch_norm",
     "nearest_valid_sizes",
     "unet_output_size",
     "FAMILIES",

@@ -42,6 +42,7 @@ __all__ = [
     "unet_output_size",
     "check_input_size",
     "nearest_valid_sizes",
+    "fold_batch_norm",
 ]
 
 
@@ -132,6 +133,8 @@ class UNet(nn.Module):
       bn_momentum, bn_epsilon: batch-norm running-average momentum and epsilon.
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); logits are float32.
       param_dtype: parameter dtype.
+      up_method: how the up-convolutions compute (``ConvTranspose2D.method``):
+        ``'zero_insertion'`` or ``'subpixel'``; the same parameters and outputs.
       class_head: if > 0, also classify the image from the bottleneck (global average
         pooling + a dense layer named ``class_head``); the model then returns
         ``{"mask": (N, H_out, W_out, num_classes), "class": (N, class_head)}`` logits.
@@ -153,6 +156,7 @@ class UNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     class_head: int = 0
+    up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -207,6 +211,7 @@ class UNet(nn.Module):
                 padding=self.padding if self.padding == "SAME" else "VALID",
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                method=self.up_method,
                 name=f"up{level}",
             )(x)
             x = CropConcat(name=f"concat{level}")(skips[level - 1], x)
@@ -368,3 +373,29 @@ def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
 
     return from_preset("", PRESETS, preset, overrides, UNet)
 
+
+
+def fold_batch_norm(model: UNet, variables: dict[str, Any]) -> tuple[UNet, dict[str, Any]]:
+    """The inference-mode U-Net with every batch norm folded into the convolution before it.
+
+    ``BN(conv(x) + b) = conv_{w g}(x) + (b - mean) g + beta`` with ``g = scale /
+    sqrt(var + eps)`` (running statistics): returns ``(model with norm='none' and biases,
+    {"params": folded}))``, equal to ``model.apply(variables, x, train=False)`` up to
+    rounding. A model without batch norm is returned as it is.
+    """
+    if model.norm != "batch":
+        return model, variables
+    params, stats = variables["params"], variables["batch_stats"]
+    folded: dict[str, Any] = {}
+    for name, group in params.items():
+        if name not in stats:
+            folded[name] = group
+            continue
+        block = {}
+        for i in range(1, model.convs_per_block + 1):
+            conv, bn, st = group[f"conv{i}"], group[f"bn{i}"], stats[name][f"bn{i}"]
+            g = bn["scale"] * jax.lax.rsqrt(st["var"] + model.bn_epsilon)
+            bias = conv["bias"] if "bias" in conv else jnp.zeros_like(g)
+            block[f"conv{i}"] = {"kernel": conv["kernel"] * g, "bias": (bias - st["mean"]) * g + bn["bias"]}
+        folded[name] = block
+    return model.clone(norm="none", use_bias=True), {"params": folded}

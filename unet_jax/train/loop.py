@@ -280,7 +280,7 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
 
 # Keys that do not change what is computed: a resumed run may set them differently.
 _FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "checkpoint_every", "distributed",
-                             "tune_inference", "max_lesion_empty"})
+                             "tune_inference", "max_lesion_empty", "max_train_minutes"})
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -374,8 +374,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     evaluate = lambda st, data: metrics_to_host(  # noqa: E731
         evaluate_device_data(st, data, batch_size=config.eval_batch_size, loss_fn=loss_fn,
                              threshold=config.threshold, mesh=mesh, class_weight=config.class_weight), "val/")
+    capped = False  # max_train_minutes reached (not saved: a resumed run goes on)
     try:
-        while loop["epoch"] < config.epochs and not loop["stopped_early"]:
+        while loop["epoch"] < config.epochs and not loop["stopped_early"] and not capped:
             epoch = loop["epoch"] + 1
             epoch_start = time.time()
             totals = None
@@ -406,11 +407,13 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                 loop["bad_epochs"] += 1
             if config.patience is not None and loop["bad_epochs"] >= config.patience:
                 loop["stopped_early"] = True
+            capped = (config.max_train_minutes is not None and epoch < config.epochs and not loop["stopped_early"]
+                      and time.time() - started >= 60 * config.max_train_minutes)
             log.write(record, record["step"])
             meta = {"config": config_to_dict(config), "loop": loop}
             if improved:
                 store.save(BEST, state, meta)
-            if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or epoch == config.epochs:
+            if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or capped or epoch == config.epochs:
                 store.save(LATEST, state, meta)
             emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
     finally:
@@ -432,7 +435,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             test["test/bce"] = metrics_to_host(bce)["loss"]
     store.close()
     emit({"kind": "finishing"})
-    _finish_run(config, model, heads, state, dataset, split, loop, test, run_dir)
+    _finish_run(config, model, heads, state, dataset, split, {**loop, "stopped_by_time_cap": capped}, test, run_dir)
     wall = time.time() - started
     env = {**environment(mesh), "wall_time_s": wall}
     _write_json(run_dir / "environment.json", env)
@@ -482,6 +485,7 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
         "best_epoch": loop["best_epoch"],
         "epochs_run": loop["epoch"],
         "stopped_early": loop["stopped_early"],
+        "stopped_by_time_cap": loop.get("stopped_by_time_cap", False),
         "monitor": config.monitor,
         "train_at_best_epoch": {k: v for k, v in best.items() if k.startswith("train/")},
         "val_at_best_epoch": {k: v for k, v in best.items() if k.startswith("val/")},

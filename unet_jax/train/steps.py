@@ -36,6 +36,8 @@ __all__ = [
     "train_step",
     "eval_step",
     "train_steps",
+    "train_steps_undonated",
+    "get_train_steps",
     "evaluate_device_data",
     "metrics_to_host",
     "add_metrics",
@@ -199,9 +201,10 @@ def add_metrics(a: Metrics, b: Metrics) -> Metrics:
     return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in a}
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "sample", "loss_fn", "threshold", "mesh",
-                                             "class_weight", "box_jitter"),
-                   donate_argnames=("state",))
+_TRAIN_STEPS_STATIC = ("num_steps", "sample", "loss_fn", "threshold", "mesh", "class_weight", "box_jitter")
+
+
+@functools.partial(jax.jit, static_argnames=_TRAIN_STEPS_STATIC, donate_argnames=("state",))
 def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, dropout_key: jax.Array,
                 start_step: jax.Array, *, num_steps: int, sample: Callable[..., Batch], loss_fn: LossFn,
                 threshold: float, mesh: Mesh | None, class_weight: float = 0.0,
@@ -230,6 +233,16 @@ def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, dropou
     totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     (state, totals), _ = jax.lax.scan(body, (state, totals), steps)
     return state, totals
+
+
+# The same steps without donating the state's buffers (a benchmark lever: with donation
+# XLA updates parameters and optimiser moments in place).
+train_steps_undonated = jax.jit(train_steps.__wrapped__, static_argnames=_TRAIN_STEPS_STATIC)
+
+
+def get_train_steps(donate: bool = True) -> Callable[..., tuple[TrainState, Metrics]]:
+    """:func:`train_steps`, or its twin that leaves the input state's buffers alive."""
+    return train_steps if donate else train_steps_undonated
 
 
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:

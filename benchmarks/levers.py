@@ -1,0 +1,241 @@
+"""The JAX training step's and inference's levers, each switched alone, in one process.
+
+    python benchmarks/levers.py --out levers.json              # padded, batch 32, bf16 (GPU)
+    python benchmarks/levers.py --preset seed --size 32 --batch 2 --model features=2,depth=1 \\
+        --windows 2 --steps 2 --out /tmp/levers.json           # the CPU dry run (seconds)
+
+Every variant differs from the baseline (``--dtype`` compute, ``--steps``-step scanned
+dispatch of ``unet_jax.train.steps.train_steps``, donated state, NHWC, up-convolutions by
+zero insertion, batch norm as trained) in one switch:
+
+* train: ``float32`` compute; ``single_step`` (one step per dispatch); ``no_donate`` (the
+  state's buffers not donated); ``subpixel`` (``UNet.up_method``: the transposed
+  convolutions as one convolution on the input grid + depth-to-space);
+* inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
+  folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``.
+
+Each switch is proven on the CPU to give the baseline's numbers (tests/test_levers.py,
+tests/test_train.py for steps per dispatch); inference variants also record their largest
+difference from the baseline's output on the same parameters. The NCHW layout is not a
+lever here: the layers are NHWC-only and XLA's layout assignment picks the physical
+layout of convolutions on GPU whatever the logical one (see the note in the JSON).
+Variants run in the order above until ``--budget-s``; the JSON is rewritten after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from throughput import (DTYPES, environment, make_host_data, parse_fields, pick_steps,  # noqa: E402
+                        stats, time_windows)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flops import preset_flops  # noqa: E402
+from unet_jax.config import TrainConfig  # noqa: E402
+from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
+from unet_jax.losses import get_loss  # noqa: E402
+from unet_jax.models import create_unet, fold_batch_norm  # noqa: E402
+from unet_jax.train.state import create_train_state, make_optimizer  # noqa: E402
+from unet_jax.train.steps import get_train_steps  # noqa: E402
+
+TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "float32": {"dtype": "float32"},
+    "single_step": {"num_steps": 1},
+    "no_donate": {"donate": False},
+    "subpixel": {"up_method": "subpixel"},
+}
+INFER_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "float32": {"dtype": "float32"},
+    "fold_bn": {"fold_bn": True},
+    "subpixel": {"up_method": "subpixel"},
+    "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
+}
+
+
+def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any],
+                  flops: Any) -> dict[str, Any]:
+    dtype = switch.get("dtype", args.dtype)
+    fields = {**args.model, **({"up_method": switch["up_method"]} if "up_method" in switch else {})}
+    model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
+    n = host["images"].shape[0]
+    data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
+                                     jnp.asarray(host["labels"])))
+    tx = make_optimizer(TrainConfig(preset=args.preset, batch_size=args.batch), max(1, n // args.batch))
+    sample = make_sampler(args.batch, n, None)
+    data_key, dropout_key, init_key = jax.random.split(jax.random.key(0), 3)
+    state = create_train_state(model, tx, init_key, (1, args.size, args.size, model.in_channels))
+    steps_fn = get_train_steps(switch.get("donate", True))
+    num_steps = switch.get("num_steps", args.steps)
+    holder = {"state": state, "step": 0}
+    del state
+
+    def run(dispatches: int) -> None:
+        st = holder["state"]
+        for _ in range(dispatches):
+            st, metrics = steps_fn(st, data, data_key, dropout_key,
+                                   jnp.asarray(holder["step"], jnp.int32), num_steps=num_steps,
+                                   sample=sample, loss_fn=get_loss("bce_dice"), threshold=0.5,
+                                   mesh=None)
+            holder["step"] += num_steps
+        holder["state"] = st
+        jax.block_until_ready((st, metrics))
+
+    t0 = time.perf_counter()
+    run(1)
+    compile_s = time.perf_counter() - t0
+    run(args.warmup)
+    dispatches = 1 if num_steps > 1 else pick_steps(run, args.window_s, args.steps, args.max_steps)
+    out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch,
+                flops.train, args.peak)
+    out.update(compile_s=round(compile_s, 2), steps_per_dispatch=num_steps, dtype=dtype,
+               donated=switch.get("donate", True), up_method=fields.get("up_method", "zero_insertion"))
+    holder.clear()  # the state's buffers go before the next variant
+    gc.collect()
+    return out
+
+
+def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any],
+                  flops: Any, reference: dict[str, Any]) -> dict[str, Any]:
+    dtype = switch.get("dtype", args.dtype)
+    base = create_unet(args.preset, **args.model)
+    if "variables" not in reference:  # the same (float32) parameters for every variant
+        x = jnp.zeros((1, args.size, args.size, base.in_channels))
+        variables = jax.jit(lambda k: base.init(k, x, train=False))(jax.random.key(1))
+        # Running statistics that are not the identity, so folding has something to fold.
+        variables = {"params": variables["params"], "batch_stats": jax.tree.map(
+            lambda v: v + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), v.shape)),
+            variables.get("batch_stats", {}))}
+        reference["variables"] = variables
+    fields = {**args.model, **({"up_method": switch["up_method"]} if "up_method" in switch else {})}
+    model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
+    variables = reference["variables"]
+    if switch.get("fold_bn"):
+        model, variables = fold_batch_norm(model, variables)
+    images = jax.device_put(jnp.asarray(host["images"][:args.batch], jnp.float32) / 255.0)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(apply(variables, images))
+    compile_s = time.perf_counter() - t0
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            out = apply(variables, images)
+        jax.block_until_ready(out)
+
+    run(args.warmup)
+    steps = pick_steps(run, args.window_s, args.steps, args.max_steps)
+    out = stats(time_windows(run, steps, args.windows), steps, args.batch, flops.forward, args.peak)
+    y = np.asarray(y, np.float32)
+    if "output" not in reference:
+        reference["output"] = y
+    out.update(compile_s=round(compile_s, 2), dtype=dtype, fold_bn=bool(switch.get("fold_bn")),
+               up_method=fields.get("up_method", "zero_insertion"),
+               max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
+               max_abs_baseline=float(np.max(np.abs(reference["output"]))))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="padded")
+    ap.add_argument("--model", type=parse_fields, default={}, help="architecture overrides")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per scanned dispatch = per window (default: ~--window-s)")
+    ap.add_argument("--window-s", type=float, default=None, help="default 0.5 (GPU), 2 (CPU)")
+    ap.add_argument("--max-steps", type=int, default=100)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--train", type=lambda s: [x for x in s.split(",") if x], default=list(TRAIN_VARIANTS))
+    ap.add_argument("--infer", type=lambda s: [x for x in s.split(",") if x], default=list(INFER_VARIANTS))
+    ap.add_argument("--peak", type=float, default=None, help="bf16 peak TFLOP/s (for shares)")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip variants after this")
+    ap.add_argument("--out", required=True)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    backend = jax.default_backend()
+    if args.window_s is None:
+        args.window_s = 2.0 if backend == "cpu" else 0.5
+    unknown = (set(args.train) - set(TRAIN_VARIANTS)) | (set(args.infer) - set(INFER_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}")
+    flops = preset_flops(args.preset, args.size, **args.model)
+    channels = create_unet(args.preset, **args.model).in_channels
+    host = make_host_data(2 * args.batch, args.size, channels)
+    if args.steps is None:  # a fixed number of steps per dispatch for every train variant
+        args.steps = 20 if backend != "cpu" else 2
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "levers", "schema": 1, "preset": args.preset, "model_overrides": args.model,
+        "size": args.size, "batch": args.batch, "dtype": args.dtype, "backend": backend,
+        "device": str(jax.devices()[0].device_kind),
+        "args": {k: v for k, v in vars(args).items()},
+        "train_flops_per_image": flops.train, "forward_flops_per_image": flops.forward,
+        "environment": environment(None, None), "train": {}, "infer": {},
+        "not_levers": {"layout": "NCHW not implemented: the layers are NHWC-only, and on GPU "
+                                 "XLA's layout assignment chooses the physical layout of every "
+                                 "convolution (NHWC for bf16 tensor cores) whatever the logical "
+                                 "one, so a logical NCHW model would only add transposes"},
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(out_path)
+
+    reference: dict[str, Any] = {}
+    jobs = [("train", name) for name in args.train] + [("infer", name) for name in args.infer]
+    for kind, name in jobs:
+        elapsed = time.perf_counter() - t_start
+        if args.budget_s is not None and elapsed > args.budget_s:
+            result[kind][name] = {"skipped": f"time budget ({elapsed:.0f} s > {args.budget_s:.0f} s)"}
+            save()
+            continue
+        try:
+            if kind == "train":
+                row = train_variant(args, host, TRAIN_VARIANTS[name], flops)
+            else:
+                row = infer_variant(args, host, INFER_VARIANTS[name], flops, reference)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            row = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+        result[kind][name] = row
+        save()
+        print(f"{kind:5s} {name:18s} " + (f"{row['images_per_s']:10.1f} img/s  compile "
+                                          f"{row['compile_s']:.1f} s" if "images_per_s" in row
+                                          else str(row)), flush=True)
+    for kind in ("train", "infer"):
+        base = result[kind].get("baseline", {}).get("images_per_s")
+        for row in result[kind].values():
+            if base and "images_per_s" in row:
+                row["vs_baseline"] = round(row["images_per_s"] / base, 3)
+    save()
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
