@@ -7,3 +7,24 @@ TINY = TrainConfig(
     preset="seed", model={"features": 4, "depth": 2}, image_size=32, phantom_images=30,
     batch_size=4, eval_batch_size=8, epochs=3, patience=None, learning_rate=3e-3, seed=7, plots=False,
 )
+
+
+def overflow_batch_norm_after(monkeypatch, step: int) -> None:
+    """Make the training loop's state hold inf in every batch-norm variance once it has
+    taken more than ``step`` steps, the loss and metrics staying finite (a normalisation by
+    an infinite variance gives zeros): what learning_rate=1e5 did to the batch statistics."""
+    import jax
+    import jax.numpy as jnp
+
+    import unet_jax.train.loop as loop
+
+    real = loop.train_steps
+
+    def overflowing(*args, **kwargs):
+        state, metrics = real(*args, **kwargs)
+        if int(state.step) > step:
+            inf = lambda path, x: jnp.full_like(x, jnp.inf) if path[-1].key == "var" else x  # noqa: E731
+            state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(inf, state.batch_stats))
+        return state, metrics
+
+    monkeypatch.setattr(loop, "train_steps", overflowing)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from _train_helpers import TINY
 from unet_jax.cli import main
-from unet_jax.config import TrainConfig, apply_overrides, load_config
+from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,51 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     assert "defines no get_config()" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.py"), "--out", str(tmp_path / "run")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("string.py", "TrainConfig(epochs='abc')", "config epochs = 'abc': expected an integer (int)"),
+    ("quoted.py", "TrainConfig(image_size='32')", "config image_size = '32': expected an integer (int)"),
+    ("float.py", "TrainConfig(epochs=1.5)", "config epochs = 1.5: expected an integer (int)"),
+    ("word.py", "TrainConfig(augment='no')", "config augment = 'no': expected true or false (a bool)"),
+    ("name.py", "TrainConfig(freeze='image_encoder')", "config freeze = 'image_encoder': expected a list"),
+    ("unknown.py", "TrainConfig(epochz=3)", "unknown config key 'epochz'; known keys: ["),
+    ("variant.py", "dataclasses.replace(TrainConfig(), epochz=3)", "unknown config key 'epochz'; known keys: ["),
+    ("config.json", '{"epochs": "abc"}', "config epochs = 'abc': expected an integer (int)"),
+    ("config.json", '{"epochz": 3}', "unknown config key(s) ['epochz']"),
+    ("config.json", '{"augment": "no"}', "config augment = 'no': expected true or false (a bool)"),
+])
+def test_config_files_are_checked_like_overrides(tmp_path, capsys, name, text, message):
+    # Before: a traceback not naming the key, or (1.5 epochs, augment='no') a run doing
+    # something else than the file says.
+    path = tmp_path / name
+    path.write_text(text if name.endswith(".json") else
+                    f"import dataclasses\nfrom unet_jax.config import TrainConfig\n\ndef get_config():\n    return {text}\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax train: error: config file {str(path)!r}: ") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_every_way_into_a_config_gets_the_same_check():
+    with pytest.raises(ValueError, match=r"config epochs = 1.5: expected an integer \(int\)"):
+        TrainConfig(epochs=1.5)
+    with pytest.raises(ValueError, match=r"config augment = 'false': expected true or false \(a bool\)"):
+        dataclasses.replace(TrainConfig(), augment="false")
+    with pytest.raises(ValueError, match=r"config patience = True: expected an integer \(int\) or None"):
+        TrainConfig(patience=True)
+    with pytest.raises(ValueError, match=r"config model = \['features', 8\]: expected a dict"):
+        TrainConfig(model=["features", 8])
+    with pytest.raises(ValueError, match=r"saved.json: config learning_rate = '1e-3': expected a number \(float\)"):
+        config_from_dict({"learning_rate": "1e-3"}, source="saved.json")
+    with pytest.raises(ValueError, match=r"override epochs='1.5': expected int"):
+        apply_overrides(TrainConfig(), ["epochs=1.5"])
+    # Numbers become plain Python numbers (config.json reads back the same); lists of names
+    # become tuples.
+    config = TrainConfig(learning_rate=1, pos_weight=2, epochs=np.int64(3), threshold=np.float32(0.25), freeze=["x"])
+    assert (config.learning_rate, config.pos_weight, config.epochs, config.threshold, config.freeze) == (1.0, 2.0, 3, 0.25, ("x",))
+    assert [type(v) for v in (config.learning_rate, config.pos_weight, config.epochs, config.threshold)] == [float, float, int, float]
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
@@ -231,6 +276,51 @@ def test_damaged_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(run_dir / "phantom")]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {str(copy)!r} could not be read" in err and "Traceback" not in err
+
+
+def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tmp_path, monkeypatch, capsys):
+    # Orbax's concurrent reads, left in flight by the first error, used to print two
+    # "RuntimeError: Event loop is closed" tracebacks after the clean error.
+    import shutil
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+
+    from unet_jax.train.checkpoint import find_checkpoint
+
+    run_dir, _, _ = trained_run
+    copy = tmp_path / "checkpoints" / "best" / find_checkpoint(run_dir).name
+    shutil.copytree(find_checkpoint(run_dir), copy)
+    manifest = copy / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:64])
+    args = ["evaluate", "--checkpoint", str(tmp_path), "--data", str(run_dir / "phantom")]
+
+    def concurrent_restore(*args, **kwargs):
+        raise RuntimeError("Orbax's concurrent restore was started")
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", concurrent_restore)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax evaluate: error: checkpoint {str(copy)!r} could not be read (ValueError: DATA_LOSS")
+    assert "concurrent restore" not in err
+    proc = subprocess.run([sys.executable, "-m", "unet_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_divergence_is_reported_on_its_own_line(tmp_path, monkeypatch, capsys):
+    from _train_helpers import overflow_batch_norm_after
+
+    from unet_jax.train.checkpoint import finished_steps
+
+    overflow_batch_norm_after(monkeypatch, 0)  # from the first step: no epoch ends finite
+    overrides = [f"{k}={v}" for k, v in dataclasses.asdict(TINY).items() if v != getattr(TrainConfig(), k)]
+    assert main(["train", "--out", str(tmp_path), *overrides]) == 3
+    last = capsys.readouterr().err.split("\n")[-2]
+    assert last.startswith("unet-jax train: training diverged at epoch 1: "), last  # not after the progress bar
+    assert "no checkpoint was saved (no epoch of this run ended with finite values)" in last
+    assert not finished_steps(tmp_path / "checkpoints" / "latest") and not finished_steps(tmp_path / "checkpoints" / "best")
 
 
 def test_an_output_that_is_a_file_is_a_clear_error(trained_run, tmp_path, capsys):

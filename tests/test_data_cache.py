@@ -223,3 +223,37 @@ def test_cli_reports_file_system_errors_in_one_line(phantom, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("unet-jax data: error: ") and "file" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["phantom", "prepare", "split"])
+def test_cli_outputs_are_replaced_only_with_overwrite(phantom, tmp_path, capsys, command):
+    # `data split` used to overwrite a manifest silently, and to name its temporary file
+    # when --out was a folder; the three commands now behave alike.
+    out = tmp_path / ("s.json" if command == "split" else "out")
+    argv = {"phantom": ["data", "phantom", "--counts", "2", "1", "1", "--size", "16"],
+            "prepare": ["data", "prepare", str(phantom.root), "--size", "16"],
+            "split": ["data", "split", str(phantom.root)]}[command] + ["--out", str(out)]
+    assert main(argv) == 0
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.is_dir() else out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"unet-jax data: error: output {str(out)!r} exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert written == ({p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.is_dir() else out.read_bytes())
+    assert main(argv + ["--overwrite"]) == 0
+    capsys.readouterr()
+    # Never someone else's file or folder, and the error names the user's path.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    target = other / "keep.txt" if command == "split" else other
+    assert main(argv[:-1] + [str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax data: error: refusing to replace {str(target)!r}: it is not"), err
+    assert (other / "keep.txt").read_text() == "keep" and _entries(other) == ["keep.txt"]
+
+
+def test_cli_split_into_a_folder_names_the_folder(phantom, tmp_path, capsys):
+    assert main(["data", "split", str(phantom.root), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax data: error: output {str(tmp_path)!r} is a folder; expected a file path"), err
+    assert ".tmp" not in err and _entries(tmp_path) == []

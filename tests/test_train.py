@@ -27,7 +27,7 @@ from unet_jax.train.logs import read_jsonl
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import make_mesh, train_step, train_steps
 
-from _train_helpers import TINY
+from _train_helpers import TINY, overflow_batch_norm_after
 
 
 def tiny_state(config: TrainConfig = TINY, steps_per_epoch: int = 5, tx=None, size: int = 32):
@@ -220,6 +220,53 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     meta = read_meta(find_checkpoint(tmp_path / "checkpoints" / "latest"))
     assert meta["loop"]["epoch"] == 1
     assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path, monkeypatch):
+    # Finite loss and metrics, inf in the batch statistics from epoch 2 on: the guard used
+    # to save that state as `latest` and `best`.
+    overflow_batch_norm_after(monkeypatch, 5)  # TINY: 5 steps per epoch
+    with pytest.raises(TrainingDiverged, match=(
+            r"training diverged at epoch 2: non-finite values in \d+ array\(s\) of the training state, e.g. "
+            rf"batch_stats/\S+/var; nothing of that epoch was saved; kept in {tmp_path / 'checkpoints'}: "
+            r"latest \(epoch 1\), best \(epoch 1\)")):
+        train(TINY, tmp_path)
+    store = CheckpointStore(tmp_path)
+    for which in ("latest", "best"):
+        state, meta = store.restore(which, tiny_state())
+        assert meta["loop"]["epoch"] == 1
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)))
+    store.close()
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real_save = CheckpointStore.save
+
+    def killed_after_logging_epoch_2(self, which, state, meta):
+        if which == "latest" and meta["loop"]["epoch"] == 2:
+            raise Killed  # epoch 2 is in the logs, its checkpoint is not written
+        real_save(self, which, state, meta)
+
+    monkeypatch.setattr(CheckpointStore, "save", killed_after_logging_epoch_2)
+    with pytest.raises(Killed):
+        train(TINY, tmp_path)
+    monkeypatch.undo()
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    with open(events, "ab") as f:
+        f.write(b"\x2a\x00\x00")  # and a record cut short by the kill
+    train(TINY, tmp_path)  # resumes after epoch 1, logs epochs 2 and 3 again
+
+    history = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for purge in (False, True):  # whether or not the reader purges orphaned data itself
+        accumulator = EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=purge)
+        accumulator.Reload()
+        assert [e.step for e in accumulator.Scalars("val/dice")] == [r["step"] for r in history]
+        np.testing.assert_allclose([e.value for e in accumulator.Scalars("val/dice")],
+                                   [r["val/dice"] for r in history], rtol=1e-6)
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path):

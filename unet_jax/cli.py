@@ -51,6 +51,7 @@ class _ProgressPrinter:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.epochs = 0
+        self._open = False  # a line being updated in place (no newline yet)
 
     def __call__(self, event: dict) -> None:
         kind = event["kind"]
@@ -87,6 +88,13 @@ class _ProgressPrinter:
 
     def _line(self, text: str, end: bool) -> None:
         print("\r" + text, end="\n" if end else "", file=self.stream, flush=True)
+        self._open = not end
+
+    def end_line(self) -> None:
+        """End a line left open mid-epoch, so that a message after it starts on its own."""
+        if self._open:
+            print(file=self.stream, flush=True)
+            self._open = False
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -107,9 +115,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _train_and_report(config, out: str) -> int:
     from unet_jax.train import TrainingDiverged, train
 
+    printer = _ProgressPrinter()
     try:
-        result = train(config, out, progress=_ProgressPrinter())
+        result = train(config, out, progress=printer)
     except TrainingDiverged as err:
+        printer.end_line()
         print(f"unet-jax train: {err}", file=sys.stderr)
         return 3
     print(_results_table(result.run_dir))

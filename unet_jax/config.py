@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import json
+import numbers
 import os
+import re
 import sys
 import types
 import typing
@@ -109,6 +112,10 @@ class TrainConfig:
     max_train_minutes: float | None = None
 
     def __post_init__(self) -> None:
+        # Every way in (a config file, config.json, an override, the Python API) meets the
+        # same check: a value Python would merely accept (1.5 epochs, augment="no", a truthy
+        # string) must not silently run something else.
+        check_types(self)
         # A JSON round trip (config.json) gives lists; keep one canonical, hashable form
         # (model fields become static arguments of jitted functions).
         object.__setattr__(self, "freeze", tuple(self.freeze))
@@ -151,10 +158,6 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, name, None) if "+" not in name else self.val_fraction + self.test_fraction
                 raise ValueError(f"config {name} = {value!r}: expected {expected}")
-        for name in ("dtype", "classes", "split", "loss", "optimizer", "schedule", "monitor"):
-            allowed = typing.get_args(_field_types()[name])
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"config {name} = {getattr(self, name)!r}: expected one of {list(allowed)}")
         # Combinations that would silently do something other than what they say.
         if self.split == "seed" and self.classes != "lesion" and self.manifest is None:
             raise ValueError(f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
@@ -170,6 +173,71 @@ class TrainConfig:
                              f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None")
 
 
+def check_types(config: TrainConfig) -> None:
+    """Raise ValueError ("config KEY = VALUE: expected ...") unless every field of
+    ``config`` has its annotated type. Numbers become plain Python ints and floats (an int
+    in a float field, a NumPy scalar), so that config.json reads back the same.
+
+    Strict where Python is lenient: a bool is not an int, a float is not an int, a string
+    is not a bool (``bool("no")`` is true), a string is not a tuple of names.
+    """
+    for name, annotation in _field_types().items():
+        value = getattr(config, name)
+        if not _has_type(value, annotation):
+            raise ValueError(f"config {name} = {value!r}: expected {_describe(annotation)}")
+        if _accepts(annotation, float) and _is_real(value):
+            object.__setattr__(config, name, float(value))
+        elif _accepts(annotation, int) and _is_int(value):
+            object.__setattr__(config, name, int(value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    return annotation is kind or kind in typing.get_args(annotation)
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return _is_int(value)
+    if annotation is float:
+        return _is_real(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin is tuple:  # tuple[str, ...]; a JSON round trip gives a list
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a list, each item {_describe(args[0])}"
+    return {bool: "true or false (a bool)", int: "an integer (int)", float: "a number (float)",
+            str: "a string", dict: "a dict of model field names to values"}.get(annotation, str(annotation))
+
+
 def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -183,6 +251,7 @@ def demo_config() -> TrainConfig:
     )
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
@@ -194,10 +263,15 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     """A TrainConfig from a dict (e.g. a run's saved ``config.json``); unknown keys are errors."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: holds a {type(values).__name__}; expected a JSON object of config keys")
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys: {sorted(fields)}")
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
 
 
 def load_config(path: str | os.PathLike | None) -> TrainConfig:
@@ -208,7 +282,31 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist; expected a .py file with get_config() or a config.json")
     if path.suffix == ".json":
-        return config_from_dict(json.loads(path.read_text()), source=str(path))
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON ({err}); expected a run's config.json") from err
+        return config_from_dict(values, source=f"config file {str(path)!r}")
+    try:
+        get_config = _get_config_of(path)
+        config = get_config() if get_config is not None else None
+    except ValueError as err:  # a value TrainConfig refused: say in which file
+        raise ValueError(f"config file {str(path)!r}: {err}") from err
+    except TypeError as err:  # TrainConfig(epochz=3) or dataclasses.replace(base, epochz=3)
+        unknown = re.search(r"TrainConfig\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise ValueError(f"config file {str(path)!r}: unknown config key {unknown[1]!r}; "
+                         f"known keys: {sorted(_field_types())}") from err
+    if get_config is None:
+        raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"{str(path)!r}: get_config() returned {type(config).__name__}; expected TrainConfig")
+    return config
+
+
+def _get_config_of(path: Path) -> Any:
+    """The ``get_config`` function of the Python file ``path`` (None if it has none)."""
     spec = importlib.util.spec_from_file_location(f"unet_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     # Variants import their base config from the same folder.
@@ -217,12 +315,7 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     finally:
         sys.path.remove(str(path.resolve().parent))
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
-    config = module.get_config()
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"{str(path)!r}: get_config() returned {type(config).__name__}; expected TrainConfig")
-    return config
+    return getattr(module, "get_config", None)
 
 
 def _parse_value(key: str, text: str, annotation: Any) -> Any:

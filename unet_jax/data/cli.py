@@ -5,6 +5,7 @@
                           [--overwrite]
     unet-jax data phantom --out DIR [--counts B M N] [--size H [W]] [--seed S] [--duplicates K]
     unet-jax data split PATH --out FILE [--protocol {stratified,kfold,seed}] [--seed S] [--k K]
+                        [--overwrite]
 
 PATH is a BUSI-layout folder (or its parent, e.g. ../shared/data); ``data split`` also
 accepts a cache folder written by ``data prepare``.
@@ -64,6 +65,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--threshold", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing split manifest")
     p.set_defaults(func=_os_errors_as_value_errors(_split))
 
 
@@ -168,6 +170,7 @@ def _split(args: argparse.Namespace) -> int:
 
     threshold = splits.DUPLICATE_THRESHOLD if args.threshold is None else args.threshold
     splits.check_threshold(threshold)  # before the slow read
+    splits.check_manifest_target(args.out, args.overwrite)
     path = Path(args.path)
     ds = (load_cache(path, original_masks=False) if (path / "index.json").is_file()
           else load_busi(path, ReadOptions(size=(16, 16), keep_original=False),

@@ -36,6 +36,7 @@ from PIL import Image
 __all__ = [
     "DUPLICATE_THRESHOLD",
     "Split",
+    "check_manifest_target",
     "check_threshold",
     "duplicate_groups",
     "hamming_distances",
@@ -332,6 +333,30 @@ def write_manifest(split: Split, path: str | os.PathLike,
     if labels_by_id is not None:
         doc["counts"] = split.counts(labels_by_id)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+
+
+def check_manifest_target(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ValueError unless a manifest may be written to ``path``: it does not exist, or
+    ``overwrite`` is set and it is a split manifest (as ``data phantom`` and ``data
+    prepare`` replace only their own outputs: a mistyped ``--out`` must not destroy a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; expected a file path for the manifest "
+                         f"(e.g. {str(path / 'split.json')!r})")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"output {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if not _is_manifest(path):
+        raise ValueError(f"refusing to replace {str(path)!r}: it is not a split manifest; choose another output file")
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT
 
 
 def read_manifest(path: str | os.PathLike) -> Split:

@@ -68,6 +68,7 @@ class CheckpointStore:
         if step is None:
             raise ValueError(f"no {which!r} checkpoint in {manager.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+        check_readable(Path(manager.directory) / str(step))
         try:
             restored = manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
@@ -82,6 +83,29 @@ class CheckpointStore:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+
+
+def check_readable(step_dir: Path) -> None:
+    """Read every stored value of the checkpoint's state (plain TensorStore reads, no event
+    loop) before Orbax restores it; a damaged file is a ValueError naming the checkpoint.
+
+    Orbax reads the arrays concurrently on an event loop that it closes at the first
+    error: the reads still in flight then fail into the closed loop, and print
+    "RuntimeError: Event loop is closed" tracebacks after the clean error. Found here, the
+    damage stops the restore before any of those reads starts (the price: the state is
+    read twice, the second time from the page cache).
+    """
+    state = step_dir / "state"
+    if not (state / "manifest.ocdbt").is_file():
+        return  # not an OCDBT checkpoint: Orbax reports what it finds
+    import tensorstore as ts
+
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{state}/"}}).result()
+        for read in [store.read(key) for key in store.list().result()]:
+            read.result()
+    except Exception as err:  # tensorstore raises ValueError, IndexError, ... for damaged files
+        raise _unreadable(step_dir, err) from err
 
 
 def _unreadable(step_dir: Path, err: Exception) -> ValueError:
@@ -140,6 +164,7 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
     """Parameters and batch statistics of a checkpoint, checked against
     ``abstract_variables`` (the model's ``init`` shapes); a different architecture is a
     ``ValueError`` naming what differs."""
+    check_readable(step_dir)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))

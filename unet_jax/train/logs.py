@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "TensorBoardWriter", "crc32c", "read_jsonl"]
+__all__ = ["MetricsLog", "TensorBoardWriter", "crc32c", "cut_back", "read_jsonl"]
 
 
 # --------------------------------------------------------------------------------------
@@ -79,6 +79,52 @@ def _scalar_summary(tag: str, value: float) -> bytes:
     return _bytes_field(5, _bytes_field(1, value_msg))
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _records(data: bytes) -> list[bytes]:
+    """The complete TFRecords of ``data``, framing included (a record cut short by a kill
+    ends the list)."""
+    records, pos = [], 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            break
+        records.append(data[pos:end])
+        pos = end
+    return records
+
+
+def _step_of(record: bytes) -> int:
+    """The step of a record written by :func:`_event` (wall_time, then step, first); 0 for
+    any other layout, so that such a record is kept."""
+    payload = record[12:-4]
+    if payload[:1] != _field(1, 1) or payload[9:10] != _field(2, 0):
+        return 0
+    return _read_varint(payload, 10)[0]
+
+
+def cut_back(logdir: str | os.PathLike, step: int) -> None:
+    """Drop the events after ``step`` from the event files of ``logdir``, each file
+    rewritten atomically: a resumed run repeats those steps, and TensorBoard would draw
+    them twice (its SessionLog purge is not honoured by every reader)."""
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        kept = b"".join(r for r in _records(data) if _step_of(r) <= step)
+        if kept != data:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(kept)
+            os.replace(tmp, path)
+
+
 class TensorBoardWriter:
     """Appends scalar events to ``logdir/events.out.tfevents.<time>.<host>``."""
 
@@ -109,17 +155,19 @@ class TensorBoardWriter:
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard scalars side by side.
 
-    On resume the log is cut back to the epochs the checkpoint has seen, so the file of a
-    resumed run equals that of an uninterrupted one. Every write replaces the whole file
-    (temporary file, then rename: a few kB), so a killed run never leaves half a line.
+    On resume both are cut back to the epochs (``resume_epochs``) and steps
+    (``resume_step``) the checkpoint has seen, so the logs of a resumed run equal those of
+    an uninterrupted one. Every write replaces the whole metrics file (temporary file, then
+    rename: a few kB), so a killed run never leaves half a line.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, resume_epochs: int = 0):
+    def __init__(self, run_dir: str | os.PathLike, resume_epochs: int = 0, resume_step: int = 0):
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
         self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
                        if r.get("epoch", 0) <= resume_epochs] if resume_epochs else []
         self._flush()
+        cut_back(run_dir / "tensorboard", resume_step)
         self.tensorboard = TensorBoardWriter(run_dir / "tensorboard")
 
     def _flush(self) -> None:

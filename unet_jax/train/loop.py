@@ -63,7 +63,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a metric or the training state became NaN or infinite; the message says
+    which checkpoints (all finite) are kept, or that none was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,13 +256,39 @@ def _improved(config: TrainConfig, value: float, best: float | None) -> bool:
     return value < best if config.monitor == "val/loss" else value > best
 
 
-def _check_finite(record: dict[str, Any], epoch: int, run_dir: Path) -> None:
+def _check_finite(record: dict[str, Any], state: TrainState, store: CheckpointStore, steps_per_epoch: int,
+                  run_dir: Path) -> None:
+    """Stop before saving an epoch whose metrics or state (parameters, batch statistics,
+    optimiser state) hold NaN or inf: finite metrics do not make a finite state (a batch
+    norm variance can overflow while the loss still looks fine)."""
     bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        raise TrainingDiverged(
-            f"training diverged at epoch {epoch}: {bad}; the last good checkpoint is kept in "
-            f"{run_dir / 'checkpoints' / LATEST} (try a lower learning_rate or grad_clip_norm=1.0)"
-        )
+    arrays = _non_finite_arrays(state)
+    if not bad and not arrays:
+        return
+    details = [str(bad)] if bad else []
+    if arrays:
+        details.append(f"non-finite values in {len(arrays)} array(s) of the training state, e.g. {arrays[0]}")
+    kept = [f"{which} (epoch {step // steps_per_epoch})" for which in (LATEST, BEST)
+            if (step := store.latest_step(which)) is not None]
+    saved = (f"nothing of that epoch was saved; kept in {run_dir / 'checkpoints'}: {', '.join(kept)}" if kept
+             else "no checkpoint was saved (no epoch of this run ended with finite values)")
+    raise TrainingDiverged(f"training diverged at epoch {record['epoch']}: {'; '.join(details)}; {saved} "
+                           f"(try a lower learning_rate or grad_clip_norm=1.0)")
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+            for x in jax.tree.leaves(tree)]
+
+
+def _non_finite_arrays(state: TrainState) -> list[str]:
+    """Paths (``batch_stats/.../var``) of the state's arrays holding NaN or inf: the arrays
+    a checkpoint saves."""
+    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    paths = [jax.tree_util.keystr(path, simple=True, separator="/")
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [path for path, ok in zip(paths, jax.device_get(_finite_flags(tree))) if not ok]
 
 
 def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
@@ -366,7 +393,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
         state, meta = store.restore(LATEST, state)
         _check_resumable(meta["config"], config, run_dir)
         loop = meta["loop"]
-    log = MetricsLog(run_dir, resume_epochs=loop["epoch"])
+    log = MetricsLog(run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * steps_per_epoch)
     emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "resumed_epoch": loop["epoch"],
           "train": n_train, "val": len(split["val"]), "test": len(split.partitions.get("test", ())),
           "devices": n_dev})
@@ -396,7 +423,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                       **evaluate(state, val_data)}
             record["lr"] = float(schedule(epoch * steps_per_epoch))
             record["epoch_time_s"] = time.time() - epoch_start
-            _check_finite(record, epoch, run_dir)
+            _check_finite(record, state, store, steps_per_epoch, run_dir)
 
             value = record[config.monitor]
             improved = _improved(config, value, loop["best_value"])
@@ -416,11 +443,18 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or capped or epoch == config.epochs:
                 store.save(LATEST, state, meta)
             emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
+    except BaseException:
+        store.close()  # Orbax's threads are not left running behind a stopped run
+        raise
     finally:
         log.close()
 
     if config.epochs == 0 and store.latest_step() is None:
         # Nothing to train (e.g. SAM used as released): the run's checkpoint is init_from's.
+        if bad := _non_finite_arrays(state):
+            store.close()
+            raise ValueError(f"init_from {config.init_from!r} holds non-finite values in {len(bad)} array(s), "
+                             f"e.g. {bad[0]}; expected finite parameters")
         store.save(LATEST, state, {"config": config_to_dict(config), "loop": loop})
     if config.restore_best and store.latest_step(BEST) is not None:
         state, _ = store.restore(BEST, state)
