@@ -240,7 +240,7 @@ class Driver:
         dest = self.out / "throughput.json"
         if self.args.dry_run:
             extra = ["--presets", "seed,padded", "--size", "32", "--batches", "2", "--dtypes", "bfloat16",
-                     "--windows", "2", "--steps", "2", "--warmup", "0", "--matmul-size", "64",
+                     "--windows", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "64",
                      "--window-s", "0.01", "--model", TINY_MODEL]
         else:
             extra = ["--presets", "seed,padded", "--batches", "32,128", "--dtypes", "bfloat16,float32",
@@ -268,6 +268,10 @@ class Driver:
             raise RuntimeError(f"combined run failed ({err}); frameworks measured separately")
         if err:
             raise RuntimeError(f"{err} after {len(rows)} rows")
+        errors = [f"{r['preset']}/{r['batch']}/{r['dtype']}: {r.get('jax_error') or r.get('torch_error')}"
+                  for r in rows if r.get("jax_error") or r.get("torch_error")]
+        if errors:
+            raise RuntimeError("; ".join(errors)[:600])
         return {"rows": len(rows), "skipped": sum(1 for r in result.get("rows", []) if "skipped" in r)}
 
     def _train(self, stage: str, config: str, cache: str, budget: float) -> dict[str, Any]:
@@ -330,7 +334,7 @@ class Driver:
         dest = self.out / "levers.json"
         if self.args.dry_run:
             extra = ["--preset", "padded", "--size", "32", "--batch", "2", "--model", TINY_MODEL,
-                     "--windows", "2", "--steps", "2", "--warmup", "0", "--window-s", "0.01"]
+                     "--windows", "2", "--steps", "2", "--warmup", "1", "--window-s", "0.01"]
         else:
             extra = ["--preset", "padded", "--batch", "32", "--windows", "3", "--window-s", "0.4"]
             peak = _peak(self.out / "throughput.json")

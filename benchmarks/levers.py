@@ -98,7 +98,8 @@ def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     t0 = time.perf_counter()
     run(1)
     compile_s = time.perf_counter() - t0
-    run(args.warmup)
+    if args.warmup:
+        run(args.warmup)
     dispatches = 1 if num_steps > 1 else pick_steps(run, args.window_s, args.steps, args.max_steps)
     out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch,
                 flops.train, args.peak)
@@ -137,7 +138,8 @@ def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
             out = apply(variables, images)
         jax.block_until_ready(out)
 
-    run(args.warmup)
+    if args.warmup:
+        run(args.warmup)
     steps = pick_steps(run, args.window_s, args.steps, args.max_steps)
     out = stats(time_windows(run, steps, args.windows), steps, args.batch, flops.forward, args.peak)
     y = np.asarray(y, np.float32)

@@ -396,6 +396,7 @@ def fold_batch_norm(model: UNet, variables: dict[str, Any]) -> tuple[UNet, dict[
             conv, bn, st = group[f"conv{i}"], group[f"bn{i}"], stats[name][f"bn{i}"]
             g = bn["scale"] * jax.lax.rsqrt(st["var"] + model.bn_epsilon)
             bias = conv["bias"] if "bias" in conv else jnp.zeros_like(g)
-            block[f"conv{i}"] = {"kernel": conv["kernel"] * g, "bias": (bias - st["mean"]) * g + bn["bias"]}
+            block[f"conv{i}"] = {"kernel": conv["kernel"] * g.reshape(1, 1, 1, -1),
+                                 "bias": (bias - st["mean"]) * g + bn["bias"]}
         folded[name] = block
     return model.clone(norm="none", use_bias=True), {"params": folded}
