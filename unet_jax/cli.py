@@ -127,6 +127,11 @@ def _train_and_report(config, out: str) -> int:
     return 0
 
 
+def _number(value, digits: int) -> str:
+    """A metric for the console; None (no image of that class, JSON's NaN) as 'n/a'."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def _results_table(run_dir) -> str:
     from unet_jax.metrics import format_summary
 
@@ -145,15 +150,15 @@ def _results_table(run_dir) -> str:
         lines.append(f"PROMPTED: {results['prompted']}; not comparable with unprompted segmentation")
     if "test_classification" in results:
         c = results["test_classification"]
-        recall = ", ".join(f"{k} {v:.3f}" for k, v in c["per_class_recall"].items())
+        recall = ", ".join(f"{k} {_number(v, 3)}" for k, v in c["per_class_recall"].items())
         lines += ["", f"test classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
-                  f"malignant-vs-rest AUC {c['malignant_vs_rest_auc']:.4f}", f"  recall: {recall}"]
+                  f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}", f"  recall: {recall}"]
     if "inference" in results:
         lines += ["", f"inference recipe (chosen on the validation split): {results['inference']['description']}"]
     if "test_raw" in results:
         raw = results["test_raw"]
-        lines += [f"  raw model output on the test split: lesion Dice {raw['dice']['lesion']:.4f}, normal "
-                  f"false-positive rate {raw['normal_false_positive_rate']:.3f}"]
+        lines += [f"  raw model output on the test split: lesion Dice {_number(raw['dice'].get('lesion'), 4)}, "
+                  f"normal false-positive rate {_number(raw['normal_false_positive_rate'], 3)}"]
     if "test" in results:
         report = results["test"]
         lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
@@ -216,9 +221,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(format_summary(aggregate))
     if has_class:
         c = report["classification"]
-        recall = ", ".join(f"{k} {v:.3f}" for k, v in c["per_class_recall"].items())
+        recall = ", ".join(f"{k} {_number(v, 3)}" for k, v in c["per_class_recall"].items())
         print(f"classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
-              f"malignant-vs-rest AUC {c['malignant_vs_rest_auc']:.4f}; recall: {recall}")
+              f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}; recall: {recall}")
     return 0
 
 
