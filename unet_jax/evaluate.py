@@ -163,12 +163,14 @@ def _member_outputs(loaded: LoadedModel, chunk: np.ndarray, box_chunk: np.ndarra
     return (None if prob_sum is None else prob_sum / k), (None if class_sum is None else class_sum / k)
 
 
-def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
-             flip_tta: bool, which: int) -> np.ndarray:
+def _batched_heads(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
+                   flip_tta: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both heads' probabilities over ``images_u8`` in fixed-size batches, one model pass
+    per batch (and member); None for a head the model lacks."""
     n = images_u8.shape[0]
     if needs_box_prompts(loaded.model) and boxes is None:
         raise ValueError(f"{loaded.config.preset} is box-prompted: expected boxes (N, 4) with the images")
-    parts = []
+    parts: list[tuple[Any, Any]] = []
     for start in range(0, n, batch_size):
         chunk = images_u8[start : start + batch_size]
         box_chunk = None if boxes is None else np.asarray(boxes[start : start + batch_size], np.float32)
@@ -177,13 +179,21 @@ def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | Non
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
             if box_chunk is not None:
                 box_chunk = np.concatenate([box_chunk, np.repeat(box_chunk[:1], pad, axis=0)])
-        out = _member_outputs(loaded, chunk, box_chunk, flip_tta)[which]
-        if out is None:
-            head = "mask" if which == 0 else "class"
-            raise ValueError(f"{loaded.config.preset} has no {head} head; expected a "
-                             f"{'segmentation' if which == 0 else 'classification'} model")
-        parts.append(np.asarray(out)[: batch_size - pad])
-    return np.concatenate(parts) if parts else np.empty((0,), np.float32)
+        prob, cls = _member_outputs(loaded, chunk, box_chunk, flip_tta)
+        parts.append(tuple(None if h is None else np.asarray(h)[: batch_size - pad] for h in (prob, cls)))
+    if not parts:
+        return np.empty((0,), np.float32), None
+    return tuple(None if parts[0][k] is None else np.concatenate([p[k] for p in parts]) for k in (0, 1))
+
+
+def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
+             flip_tta: bool, which: int) -> np.ndarray:
+    out = _batched_heads(loaded, images_u8, boxes, batch_size, flip_tta)[which]
+    if out is None:
+        head = "mask" if which == 0 else "class"
+        raise ValueError(f"{loaded.config.preset} has no {head} head; expected a "
+                         f"{'segmentation' if which == 0 else 'classification'} model")
+    return out
 
 
 def predict_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batch_size: int = 16,
@@ -202,10 +212,9 @@ def predict_outputs(loaded: LoadedModel, images_u8: np.ndarray, flip_tta: bool =
                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(mask probabilities (N, H, W), class probabilities (N, K) or None)`` of an
     unprompted segmenter (its ensemble members averaged)."""
-    probs = predict_probabilities(loaded, images_u8, batch_size or loaded.config.eval_batch_size, flip_tta)
-    has_class = _member_outputs(loaded, images_u8[:1], None, False)[1] is not None
-    classes = predict_class_probabilities(loaded, images_u8, batch_size or loaded.config.eval_batch_size) \
-        if has_class else None
+    probs, classes = _batched_heads(loaded, images_u8, None, batch_size or loaded.config.eval_batch_size, flip_tta)
+    if probs is None:
+        raise ValueError(f"{loaded.config.preset} has no mask head; expected a segmentation model")
     return probs, classes
 
 
