@@ -10,15 +10,16 @@ zero insertion, batch norm as trained) in one switch:
 
 * train: ``float32`` compute; ``single_step`` (one step per dispatch); ``no_donate`` (the
   state's buffers not donated); ``subpixel`` (``UNet.up_method``: the transposed
-  convolutions as one convolution on the input grid + depth-to-space);
+  convolutions as one convolution on the input grid + depth-to-space); ``nchw``
+  (``UNet.layout``: activations channels-first inside the network);
 * inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
-  folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``.
+  folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``; ``nchw``.
 
 Each switch is proven on the CPU to give the baseline's numbers (tests/test_levers.py,
 tests/test_train.py for steps per dispatch); inference variants also record their largest
-difference from the baseline's output on the same parameters. The NCHW layout is not a
-lever here: the layers are NHWC-only and XLA's layout assignment picks the physical
-layout of convolutions on GPU whatever the logical one (see the note in the JSON).
+difference from the baseline's output on the same parameters. The layout lever changes the
+logical layout only; XLA's layout assignment still chooses the physical one per backend
+(on GPU usually NHWC for bf16 tensor cores), so it measures what the logical choice costs.
 Variants run in the order above until ``--budget-s``; the JSON is rewritten after each.
 """
 
@@ -57,6 +58,7 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "single_step": {"num_steps": 1},
     "no_donate": {"donate": False},
     "subpixel": {"up_method": "subpixel"},
+    "nchw": {"layout": "NCHW"},
 }
 INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -64,13 +66,20 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "fold_bn": {"fold_bn": True},
     "subpixel": {"up_method": "subpixel"},
     "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
+    "nchw": {"layout": "NCHW"},
 }
+MODEL_SWITCHES = ("up_method", "layout")
+
+
+def _model_fields(args: argparse.Namespace, switch: dict[str, Any]) -> dict[str, Any]:
+    """The architecture overrides of a variant: ``--model`` plus its model-field switches."""
+    return {**args.model, **{k: switch[k] for k in MODEL_SWITCHES if k in switch}}
 
 
 def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any],
                   flops: Any) -> dict[str, Any]:
     dtype = switch.get("dtype", args.dtype)
-    fields = {**args.model, **({"up_method": switch["up_method"]} if "up_method" in switch else {})}
+    fields = _model_fields(args, switch)
     model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
     data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
@@ -104,7 +113,8 @@ def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch,
                 flops.train, args.peak)
     out.update(compile_s=round(compile_s, 2), steps_per_dispatch=num_steps, dtype=dtype,
-               donated=switch.get("donate", True), up_method=fields.get("up_method", "zero_insertion"))
+               donated=switch.get("donate", True), up_method=fields.get("up_method", "zero_insertion"),
+               layout=fields.get("layout", "NHWC"))
     holder.clear()  # the state's buffers go before the next variant
     gc.collect()
     return out
@@ -122,7 +132,7 @@ def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
             lambda v: v + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), v.shape)),
             variables.get("batch_stats", {}))}
         reference["variables"] = variables
-    fields = {**args.model, **({"up_method": switch["up_method"]} if "up_method" in switch else {})}
+    fields = _model_fields(args, switch)
     model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
     variables = reference["variables"]
     if switch.get("fold_bn"):
@@ -146,7 +156,7 @@ def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     if "output" not in reference:
         reference["output"] = y
     out.update(compile_s=round(compile_s, 2), dtype=dtype, fold_bn=bool(switch.get("fold_bn")),
-               up_method=fields.get("up_method", "zero_insertion"),
+               up_method=fields.get("up_method", "zero_insertion"), layout=fields.get("layout", "NHWC"),
                max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
                max_abs_baseline=float(np.max(np.abs(reference["output"]))))
     return out
@@ -197,10 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items()},
         "train_flops_per_image": flops.train, "forward_flops_per_image": flops.forward,
         "environment": environment(None, None), "train": {}, "infer": {},
-        "not_levers": {"layout": "NCHW not implemented: the layers are NHWC-only, and on GPU "
-                                 "XLA's layout assignment chooses the physical layout of every "
-                                 "convolution (NHWC for bf16 tensor cores) whatever the logical "
-                                 "one, so a logical NCHW model would only add transposes"},
     }
 
     def save() -> None:

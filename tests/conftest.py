@@ -7,7 +7,17 @@ from pathlib import Path
 
 import dataclasses
 
-import jax
+# The suite compiles hundreds of small XLA programs and runs each a few times, so LLVM's
+# optimisation of the generated CPU code costs more than it saves (measured on 2 cores:
+# tests/test_levers.py 136 s -> 52 s). Semantics do not change with the optimisation level;
+# every test that compares numbers still compares them. Set before jax is imported, and
+# through the environment so that the subprocesses of the suite (CLI runs, the GPU dry run,
+# the multi-device checks) inherit it. UNET_JAX_TEST_XLA_OPT=1 keeps XLA's default.
+if os.environ.get("UNET_JAX_TEST_XLA_OPT") != "1" and \
+        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -93,9 +93,20 @@ def test_uint8_input_and_photometric(ds):
 
 def test_sampler_refuses_data_of_another_size(ds, device_data):
     # jax would clamp the out-of-range gather indices: silently repeated examples
-    with pytest.raises(ValueError, match=rf"num_examples={len(ds) + 5} but the data holds "
+    with pytest.raises(ValueError, match=rf"num_examples={len(ds) + 5}\) but the data holds "
                                          rf"{len(ds)}"):
         make_sampler(4, len(ds) + 5)(device_data, jax.random.key(0), 0)
+    with pytest.raises(ValueError, match="num_rows 3 < num_examples 4"):
+        make_sampler(4, 4, num_rows=3)
+
+
+def test_padding_rows_after_the_examples_are_never_drawn(ds, device_data):
+    # A dataset sharded over processes is padded to a multiple of the device count.
+    n = len(ds) - 6
+    sample = make_sampler(4, n, None, num_rows=len(ds))
+    drawn = np.concatenate([np.asarray(sample(device_data, jax.random.key(0), step).index)
+                            for step in range(3 * (n // 4))])
+    assert drawn.max() < n and len(set(drawn.tolist())) == 4 * (n // 4)
 
 
 def test_no_host_to_device_copy_per_step(sampler, device_data):

@@ -1,6 +1,6 @@
 """The levers a GPU run compares (benchmarks/levers.py), each proven here to change only the
 speed: sub-pixel up-convolutions, batch norm folded at inference, donated buffers, bf16
-compute. (Steps per dispatch: tests/test_train.py::test_scanned_steps_equal_single_steps_and_never_recompile.)
+compute, the NCHW layout. (Steps per dispatch: tests/test_train.py::test_scanned_steps_equal_single_steps_and_never_recompile.)
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 
 from unet_jax.config import TrainConfig
 from unet_jax.data.augment import DeviceData, make_sampler
-from unet_jax.layers import ConvTranspose2D
+from unet_jax.layers import Conv2D, ConvTranspose2D, MaxPool2D
 from unet_jax.losses import get_loss
 from unet_jax.models import create_unet, fold_batch_norm
+from unet_jax.models.unet import nearest_valid_sizes
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import get_train_steps, train_steps, train_steps_undonated
 
@@ -135,3 +136,67 @@ def test_max_train_minutes_is_range_checked():
     assert TrainConfig(max_train_minutes=0.5).max_train_minutes == 0.5
     with pytest.raises(ValueError, match="max_train_minutes"):
         TrainConfig(max_train_minutes=0)
+
+
+def _nchw(x):
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("layer", [
+    Conv2D(4, 3, strides=2, padding="SAME"),
+    Conv2D(4, (3, 2), padding=((1, 0), (2, 1)), use_bias=True),
+    MaxPool2D(3, strides=2, padding="SAME"),
+    ConvTranspose2D(4, 3, strides=2, padding="SAME"),
+    ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, method="subpixel"),
+    ConvTranspose2D(4, 1, strides=2, padding="VALID", output_padding=1, method="subpixel"),
+])
+def test_each_layer_in_nchw_is_the_nhwc_layer_transposed(layer):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    v = layer.init(jax.random.key(1), x)
+    if "params" in v:  # a bias that is not zero, so its broadcast is checked too
+        v = {"params": {**v["params"], "bias": jax.random.normal(jax.random.key(2), v["params"]["bias"].shape)}}
+    chw = layer.clone(layout="NCHW")
+    assert jax.tree.map(jnp.shape, chw.init(jax.random.key(1), _nchw(x))) == jax.tree.map(jnp.shape, v)
+    np.testing.assert_allclose(chw.apply(v, _nchw(x)), _nchw(layer.apply(v, x)), atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_layout_or_a_wrong_rank_is_refused_by_name():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        Conv2D(2, layout="HWCN").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+    with pytest.raises(ValueError, match=r"input has 4 channels .*NCHW\), expected 1"):
+        Conv2D(2, in_features=1, layout="NCHW").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+    with pytest.raises(ValueError, match="layout must be 'NHWC' or 'NCHW'"):
+        _tiny("padded", layout="CHWN").init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+
+
+@pytest.mark.parametrize("preset, fields", [("seed", {}), ("padded", {"class_head": 3, "up_method": "subpixel"}),
+                                            ("ronneberger", {"norm": "batch"})])
+def test_unet_in_nchw_keeps_parameters_outputs_and_gradients(preset, fields):
+    model = _tiny(preset, **fields)
+    size = 32 if model.padding == "SAME" else nearest_valid_sizes(40, **model._size_spec())[1]
+    x = jax.random.uniform(jax.random.key(0), (2, size, size, model.in_channels))
+    v = _trained_stats(model, x)
+    chw = model.clone(layout="NCHW")
+    assert jax.tree.structure(chw.init(jax.random.key(1), x)) == jax.tree.structure(v)
+    # Inference, and one training-mode pass: the loss's gradient and the new running averages.
+    for u, w in zip(jax.tree.leaves(model.apply(v, x)), jax.tree.leaves(chw.apply(v, x))):
+        np.testing.assert_allclose(w, u, atol=1e-5, rtol=1e-5)
+    # Dropout draws its mask in the activations' (logical) shape, so one key gives other masks
+    # (from the same distribution) in NCHW: compare training without it.
+    model, chw = model.clone(dropout_rate=0.0), chw.clone(dropout_rate=0.0)
+
+    def loss(m, params):
+        out, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out)), upd
+
+    (la, ua), ga = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(v["params"])
+    (lb, ub), gb = jax.value_and_grad(lambda p: loss(chw, p), has_aux=True)(v["params"])
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    # float32 sums in another order: errors relative to the gradients' scale (the biases
+    # before batch norm have gradients that are zero but for rounding).
+    scale = max(float(np.max(np.abs(u))) for u in jax.tree.leaves(ga))
+    for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(w, u, rtol=1e-4, atol=1e-5 * scale)
+    for u, w in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+        np.testing.assert_allclose(w, u, rtol=1e-5, atol=1e-5)

@@ -241,3 +241,17 @@ def test_batch_confusion_threshold_is_on_probabilities():
     tp = batch_confusion(logits, masks)[0]
     assert float(tp[0]) == 2  # p > 0.5 strictly: the logit 0 (p = 0.5) is negative
     assert float(batch_confusion(logits, masks, threshold=0.8)[0][0]) == 1
+
+
+def test_get_loss_gives_one_object_per_loss_and_options_so_steps_do_not_recompile():
+    from unet_jax.losses import get_loss
+
+    assert get_loss("bce_dice") is get_loss("bce_dice")
+    assert get_loss("bce", pos_weight=2.0) is get_loss("bce", pos_weight=2.0)
+    assert get_loss("bce", pos_weight=2.0) is not get_loss("bce", pos_weight=3.0)
+    traces = []
+    f = jax.jit(lambda x, loss: (traces.append(1), loss(x, x))[1], static_argnums=1)
+    x = jnp.zeros((1, 4, 4, 1))
+    for _ in range(3):
+        f(x, get_loss("bce_dice"))
+    assert len(traces) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -102,18 +103,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, model.FIELD=VALUE for the model")
+    dist = p.add_argument_group(
+        "several processes (one run on N processes or hosts; implies distributed=true)",
+        "the same command on every process, each with its own --process-id; without these flags JAX's "
+        "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or its cluster detection "
+        "(SLURM, Open MPI, Kubernetes) with distributed=true")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (reachable by all)")
+    dist.add_argument("--num-processes", type=int, metavar="N")
+    dist.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1 (0 writes the run folder)")
+    dist.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                      help="seconds before a silent process is declared dead (default 100)")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from unet_jax.config import apply_overrides, load_config
+    from unet_jax.train import distributed
 
+    launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id)
     config = apply_overrides(load_config(args.config), args.overrides)
+    if launch is not None or config.distributed:
+        # Before anything touches a JAX backend.
+        distributed.initialize(launch, heartbeat_timeout_s=args.heartbeat_timeout)
+        config = apply_overrides(config, ["distributed=true"])
     return _train_and_report(config, args.out)
 
 
 def _train_and_report(config, out: str) -> int:
     from unet_jax.train import TrainingDiverged, train
+    from unet_jax.train.distributed import PeerLost
 
     printer = _ProgressPrinter()
     try:
@@ -122,6 +140,13 @@ def _train_and_report(config, out: str) -> int:
         printer.end_line()
         print(f"unet-jax train: {err}", file=sys.stderr)
         return 3
+    except PeerLost as err:
+        printer.end_line()
+        print(f"unet-jax train: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Leave at once: JAX's exit handler would wait at a shutdown barrier for the lost
+        # process and then abort with a fatal error of its own.
+        os._exit(4)
     print(_results_table(result.run_dir))
     print(f"run folder: {result.run_dir} ({result.wall_time_s:.1f} s)")
     return 0

@@ -78,9 +78,13 @@ class TrainConfig:
     box_jitter: float = 0.05
 
     # Optimisation.
-    optimizer: Literal["adam", "adamw"] = "adam"
+    # sgd: plain momentum SGD; its updates are proportional to the gradients, so runs that
+    # differ only in float summation order (devices, processes) stay within rounding of each
+    # other, where Adam's normalisation magnifies the rounding of near-zero gradients.
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4  # adamw only
+    momentum: float = 0.9  # sgd only
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = 0.0
     batch_size: int = 32
@@ -106,7 +110,7 @@ class TrainConfig:
     steps_per_dispatch: int = 0  # training steps per jitted call; 0: auto (an epoch on GPU/TPU, 1 on CPU)
     checkpoint_every: int = 1  # epochs
     plots: bool = True
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host launch)
+    distributed: bool = False  # one run as several processes (unet_jax.train.distributed)
     # Wall-time cap of the training phase (minutes since train() started): stops after the
     # epoch that reaches it, like early stopping (best checkpoint, test evaluation, results).
     max_train_minutes: float | None = None
@@ -147,6 +151,7 @@ class TrainConfig:
             ("bce_weight", self.bce_weight >= 0, "a number >= 0"),
             ("dice_weight", self.dice_weight >= 0, "a number >= 0"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("momentum", 0 <= self.momentum < 1, "a number in [0, 1)"),
             ("warmup_epochs", self.warmup_epochs >= 0, "a number of epochs >= 0"),
             ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "None or a positive number"),
             ("class_weight", self.class_weight >= 0, "a number >= 0"),

@@ -1,6 +1,8 @@
 """Convolution, max pooling and transposed convolution written on ``jax.lax`` primitives.
 
-All layers are Flax linen modules working on NHWC arrays (batch, height, width, channels).
+All layers are Flax linen modules working on NHWC arrays (batch, height, width, channels)
+by default; ``layout='NCHW'`` (channels first) runs the same math on the other logical
+layout with the same parameters, a performance lever measured by benchmarks/levers.py.
 Each layer's output shape equals the report's output-size formula, implemented here as
 plain functions so that tests, the model summary and input-size validation share one
 definition:
@@ -45,11 +47,14 @@ __all__ = [
     "resolve_padding",
     "resolve_transpose_padding",
     "he_normal",
+    "LAYOUTS",
 ]
 
 # 'SAME', 'VALID', an int p (p on every side), or explicit ((top, bottom), (left, right)).
 Padding = Union[str, int, Sequence[Sequence[int]]]
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
+# Logical layouts of activations; kernels are always (kh, kw, in, out) (HWIO).
+LAYOUTS = ("NHWC", "NCHW")
 Initializer = Callable[..., jax.Array]
 
 # Keras' "he_normal": truncated normal, std sqrt(2 / fan_in) (fan_in = kh * kw * c_in).
@@ -235,17 +240,35 @@ def _max_identity(dtype: Any) -> np.ndarray:
     raise ValueError(f"MaxPool2D: input dtype must be floating, integer or bool, got {dtype}")
 
 
-def _check_input(layer: str, x: jax.Array, in_features: int | None = None) -> None:
+def _check_input(layer: str, x: jax.Array, in_features: int | None = None, layout: str = "NHWC") -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{layer}: layout must be one of {LAYOUTS}, got {layout!r}")
     if x.ndim != 4:
+        axes = "(batch, height, width, channels)" if layout == "NHWC" else "(batch, channels, height, width)"
         raise ValueError(
-            f"{layer}: input must be rank 4 (batch, height, width, channels), "
+            f"{layer}: input must be rank 4 {axes}, "
             f"got rank {x.ndim} with shape {tuple(x.shape)}"
         )
-    if in_features is not None and x.shape[-1] != in_features:
+    if in_features is not None and _channels(x, layout) != in_features:
         raise ValueError(
-            f"{layer}: input has {x.shape[-1]} channels (shape {tuple(x.shape)}), "
-            f"expected {in_features}"
+            f"{layer}: input has {_channels(x, layout)} channels (shape {tuple(x.shape)}, "
+            f"{layout}), expected {in_features}"
         )
+
+
+def _spatial(x: jax.Array, layout: str) -> tuple[int, int]:
+    """(height, width) of a rank-4 activation in ``layout``."""
+    return tuple(x.shape[1:3]) if layout == "NHWC" else tuple(x.shape[2:4])
+
+
+def _channels(x: jax.Array, layout: str) -> int:
+    return x.shape[-1] if layout == "NHWC" else x.shape[1]
+
+
+def _add_bias(y: jax.Array, b: jax.Array | None, layout: str) -> jax.Array:
+    if b is None:
+        return y
+    return y + (b.reshape(1, 1, 1, -1) if layout == "NHWC" else b.reshape(1, -1, 1, 1))
 
 
 def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
@@ -262,7 +285,8 @@ def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 def _kernel_and_bias(layer: Any, kernel: tuple[int, int], x: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
     """The ``(kh, kw, in, out)`` kernel and ``(out,)`` bias of a (transposed) convolution,
     and the input, all cast to the layer's computation dtype."""
-    w = layer.param("kernel", layer.kernel_init, (*kernel, x.shape[-1], layer.features), layer.param_dtype)
+    w = layer.param("kernel", layer.kernel_init, (*kernel, _channels(x, layer.layout), layer.features),
+                    layer.param_dtype)
     b = layer.param("bias", layer.bias_init, (layer.features,), layer.param_dtype) if layer.use_bias else None
     return nn.dtypes.promote_dtype(x, w, b, dtype=layer.dtype)
 
@@ -288,6 +312,7 @@ class Conv2D(nn.Module):
         the input's dtype promoted with the parameters'.
       param_dtype: parameter storage dtype.
       kernel_init: He-normal by default, as the report's Keras notebook.
+      layout: ``'NHWC'`` or ``'NCHW'`` (input and output ``(N, C, H, W)``; same kernel).
     """
 
     features: int
@@ -301,16 +326,18 @@ class Conv2D(nn.Module):
     precision: Any = None
     kernel_init: Initializer = he_normal
     bias_init: Initializer = nn.initializers.zeros
+    layout: str = "NHWC"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(_layer_label("Conv2D", self.name), x, self.in_features)
+        _check_input(_layer_label("Conv2D", self.name), x, self.in_features, self.layout)
         _check_positive("features", self.features)
         kernel = _tuple2("kernel_size", self.kernel_size)
         strides = _tuple2("strides", self.strides)
-        pads = resolve_padding(self.padding, x.shape[1:3], kernel, strides)
+        hw = _spatial(x, self.layout)
+        pads = resolve_padding(self.padding, hw, kernel, strides)
         for axis in (0, 1):
-            conv_output_size(x.shape[1 + axis], kernel[axis], strides[axis], pads[axis])
+            conv_output_size(hw[axis], kernel[axis], strides[axis], pads[axis])
 
         x, w, b = _kernel_and_bias(self, kernel, x)
         y = jax.lax.conv_general_dilated(
@@ -318,10 +345,10 @@ class Conv2D(nn.Module):
             w,
             window_strides=strides,
             padding=pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=(self.layout, "HWIO", self.layout),
             precision=self.precision,
         )
-        return y if b is None else y + b.reshape(1, 1, 1, -1)
+        return _add_bias(y, b, self.layout)
 
 
 class MaxPool2D(nn.Module):
@@ -331,28 +358,35 @@ class MaxPool2D(nn.Module):
     for floats, ``iinfo(dtype).min`` for integers) so padded positions never win.
     Overlapping windows (stride smaller than window) are allowed.
 
-    Shapes: ``(N, H, W, C) -> (N, pool_output_size(H, kh, s_h, p), ..., C)``.
+    Shapes: ``(N, H, W, C) -> (N, pool_output_size(H, kh, s_h, p), ..., C)`` (``layout
+    'NCHW'``: ``(N, C, H, W) -> (N, C, H_out, W_out)``).
     """
 
     window: int | Sequence[int] = 2
     strides: int | Sequence[int] | None = None
     padding: Padding = "VALID"
+    layout: str = "NHWC"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(_layer_label("MaxPool2D", self.name), x)
+        _check_input(_layer_label("MaxPool2D", self.name), x, layout=self.layout)
         window = _tuple2("window", self.window)
         strides = window if self.strides is None else _tuple2("strides", self.strides)
-        pads = resolve_padding(self.padding, x.shape[1:3], window, strides)
+        hw = _spatial(x, self.layout)
+        pads = resolve_padding(self.padding, hw, window, strides)
         for axis in (0, 1):
-            pool_output_size(x.shape[1 + axis], window[axis], strides[axis], pads[axis])
+            pool_output_size(hw[axis], window[axis], strides[axis], pads[axis])
+        if self.layout == "NHWC":
+            dims, steps, padding = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+        else:
+            dims, steps, padding = (1, 1, *window), (1, 1, *strides), ((0, 0), (0, 0), *pads)
         return jax.lax.reduce_window(
             x,
             _max_identity(x.dtype),
             jax.lax.max,
-            window_dimensions=(1, *window, 1),
-            window_strides=(1, *strides, 1),
-            padding=((0, 0), *pads, (0, 0)),
+            window_dimensions=dims,
+            window_strides=steps,
+            padding=padding,
         )
 
 
@@ -384,6 +418,7 @@ class ConvTranspose2D(nn.Module):
         kernel taps that reach it), interleaved by a depth-to-space reshape
         (:func:`subpixel_conv_transpose`). Same parameters, no multiplications by
         inserted zeros (``s_h s_w`` times fewer FLOPs for ``k = s``).
+      layout: ``'NHWC'`` or ``'NCHW'``, as :class:`Conv2D`.
     """
 
     features: int
@@ -399,27 +434,27 @@ class ConvTranspose2D(nn.Module):
     precision: Any = None
     kernel_init: Initializer = he_normal
     bias_init: Initializer = nn.initializers.zeros
+    layout: str = "NHWC"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check_input(_layer_label("ConvTranspose2D", self.name), x, self.in_features)
+        _check_input(_layer_label("ConvTranspose2D", self.name), x, self.in_features, self.layout)
         _check_positive("features", self.features)
         kernel = _tuple2("kernel_size", self.kernel_size)
         strides = _tuple2("strides", self.strides)
         out_pad = _pair("output_padding", self.output_padding)
         crop = resolve_transpose_padding(self.padding, kernel, strides)
+        hw = _spatial(x, self.layout)
         for axis in (0, 1):
-            conv_transpose_output_size(
-                x.shape[1 + axis], kernel[axis], strides[axis], crop[axis], out_pad[axis]
-            )
+            conv_transpose_output_size(hw[axis], kernel[axis], strides[axis], crop[axis], out_pad[axis])
 
         if self.method not in ("zero_insertion", "subpixel"):
             raise ValueError(f"{_layer_label('ConvTranspose2D', self.name)}: method must be 'zero_insertion' "
                              f"or 'subpixel', got {self.method!r}")
         x, w, b = _kernel_and_bias(self, kernel, x)
         if self.method == "subpixel":
-            y = subpixel_conv_transpose(x, w, strides, crop, out_pad, self.precision)
-            return y if b is None else y + b.reshape(1, 1, 1, -1)
+            y = subpixel_conv_transpose(x, w, strides, crop, out_pad, self.precision, self.layout)
+            return _add_bias(y, b, self.layout)
         # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
         pads = tuple(
             (k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad)
@@ -430,10 +465,10 @@ class ConvTranspose2D(nn.Module):
             window_strides=(1, 1),
             padding=pads,
             lhs_dilation=strides,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=(self.layout, "HWIO", self.layout),
             precision=self.precision,
         )
-        return y if b is None else y + b.reshape(1, 1, 1, -1)
+        return _add_bias(y, b, self.layout)
 
 
 def _subpixel_axis(n: int, k: int, s: int, crop: tuple[int, int], op: int) -> tuple[np.ndarray, int, int, int, int]:
@@ -465,17 +500,22 @@ def _subpixel_axis(n: int, k: int, s: int, crop: tuple[int, int], op: int) -> tu
 
 
 def subpixel_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int], crop: PadPairs,
-                            output_padding: tuple[int, int] = (0, 0), precision: Any = None) -> jax.Array:
+                            output_padding: tuple[int, int] = (0, 0), precision: Any = None,
+                            layout: str = "NHWC") -> jax.Array:
     """The transposed convolution of :class:`ConvTranspose2D` (no bias) as one convolution
     on the input grid followed by depth-to-space.
 
-    x: (N, H, W, C); w: (kh, kw, C, F); ``crop`` the ``p`` pairs of the size formula. The
+    x: (N, H, W, C) (``layout='NCHW'``: (N, C, H, W)); w: (kh, kw, C, F); ``crop`` the ``p``
+    pairs of the size formula. The
     ``s_h s_w`` output phases get their own ``F`` output channels of one convolution whose
     kernel holds, for each phase, the taps of ``w`` that reach it (zeros elsewhere); the
     phases are then interleaved and the result cut to ``conv_transpose_output_size``.
     """
     (sh, sw), (kh, kw) = strides, w.shape[:2]
-    n, h, wd, c = x.shape
+    if layout == "NHWC":
+        n, h, wd, c = x.shape
+    else:
+        n, c, h, wd = x.shape
     f = w.shape[-1]
     th, _, plh, phh, oh = _subpixel_axis(h, kh, sh, crop[0], output_padding[0])
     tw, _, plw, phw, ow = _subpixel_axis(wd, kw, sw, crop[1], output_padding[1])
@@ -485,10 +525,18 @@ def subpixel_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]
     k = jnp.transpose(k, (0, 1, 4, 2, 3, 5)).reshape(th.shape[0], tw.shape[0], c, sh * sw * f)
     pads = ((plh, phh), (plw, phw))
     if min(min(p) for p in pads) < 0:  # a crop larger than the kernel's reach: cut x first
-        x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (plh, phh, 0), (plw, phw, 0), (0, 0, 0)))
+        spatial = ((plh, phh, 0), (plw, phw, 0))
+        none = ((0, 0, 0),)
+        config = none + spatial + none if layout == "NHWC" else none + none + spatial
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
         pads = ((0, 0), (0, 0))
     y = jax.lax.conv_general_dilated(x, k, window_strides=(1, 1), padding=pads,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-    qh, qw = y.shape[1], y.shape[2]
-    y = y.reshape(n, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * sh, qw * sw, f)
-    return y[:, :oh, :ow, :]
+                                     dimension_numbers=(layout, "HWIO", layout), precision=precision)
+    if layout == "NHWC":
+        qh, qw = y.shape[1], y.shape[2]
+        y = y.reshape(n, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * sh, qw * sw, f)
+        return y[:, :oh, :ow, :]
+    # Channels (sh, sw, f) -> (n, f, qh, sh, qw, sw): the same interleaving, channels first.
+    qh, qw = y.shape[2], y.shape[3]
+    y = y.reshape(n, sh, sw, f, qh, qw).transpose(0, 3, 4, 1, 5, 2).reshape(n, f, qh * sh, qw * sw)
+    return y[:, :, :oh, :ow]

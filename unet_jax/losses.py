@@ -23,6 +23,7 @@ empty-mask conventions that turn counts into scores live in one place,
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from functools import partial
@@ -222,4 +223,11 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
         raise ValueError(f"unknown option(s) {unknown} for loss {name!r}; expected some of {options}")
     if kwargs.get("reduction", "mean") != "mean":
         raise ValueError(f"loss {name!r} from get_loss must reduce to a scalar (reduction='mean')")
-    return partial(fn, **kwargs)
+    return _bound(name, tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _bound(name: str, options: tuple[tuple[str, Any], ...]) -> LossFn:
+    # One object per (name, options): the loss is a static argument of the jitted steps, and
+    # a new partial (hashed by identity) for the same loss would compile them again.
+    return partial(LOSSES[name], **dict(options))

@@ -151,11 +151,13 @@ def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array,
 
 
 def make_sampler(batch_size: int, num_examples: int,
-                 config: AugmentConfig | None = AugmentConfig()
+                 config: AugmentConfig | None = AugmentConfig(), num_rows: int | None = None
                  ) -> Callable[[DeviceData, jax.Array, jax.Array | int], Batch]:
     """A jitted ``sample(data, key, step) -> Batch`` drawing batches on device.
 
-    Precondition: ``num_examples == len(data)`` (checked when ``sample`` is traced).
+    Precondition: ``len(data) == num_rows`` (default ``num_examples``; checked when
+    ``sample`` is traced). Rows past ``num_examples`` are padding (a dataset sharded over
+    processes is padded to a multiple of the device count) and are never drawn.
     Epoch ``e = step // (N // batch_size)`` visits a permutation drawn from
     ``fold_in(key_perm, e)`` without replacement (the last N % batch_size examples of each
     permutation are dropped); augmentation uses ``fold_in(key_aug, step)``. config None:
@@ -165,15 +167,19 @@ def make_sampler(batch_size: int, num_examples: int,
         raise ValueError(f"batch_size must be in 1..{num_examples} (the dataset size), got "
                          f"{batch_size}")
     steps_per_epoch = num_examples // batch_size
+    num_rows = num_examples if num_rows is None else num_rows
+    if num_rows < num_examples:
+        raise ValueError(f"num_rows {num_rows} < num_examples {num_examples}; expected the data to hold "
+                         f"every example (and optionally padding after them)")
 
     @jax.jit
     def sample(data: DeviceData, key: jax.Array, step: jax.Array | int) -> Batch:
         # Shapes are static under jit, so this runs once per trace. Without it a mismatch
         # is silent: jax clamps out-of-range gather indices (num_examples too large) or
         # never visits the tail of the data (too small).
-        if data.images.shape[0] != num_examples:
-            raise ValueError(f"sampler was made for num_examples={num_examples} but the data "
-                             f"holds {data.images.shape[0]} examples")
+        if data.images.shape[0] != num_rows:
+            raise ValueError(f"sampler was made for {num_rows} rows (num_examples={num_examples}) but "
+                             f"the data holds {data.images.shape[0]} examples")
         step = jnp.asarray(step, dtype=jnp.int32)
         key_perm, key_aug = jax.random.split(key)
         perm = jax.random.permutation(jax.random.fold_in(key_perm, step // steps_per_epoch),

@@ -49,7 +49,8 @@ __all__ = [
 class ConvBlock(nn.Module):
     """``num_convs`` x (Conv2D k x k, optional BatchNorm, ReLU): ``(N, H, W, C) -> (N, H', W', features)``.
 
-    ``H' = H`` in ``SAME`` mode and ``H - num_convs * (k - 1)`` in ``VALID`` mode.
+    ``H' = H`` in ``SAME`` mode and ``H - num_convs * (k - 1)`` in ``VALID`` mode. With
+    ``layout='NCHW'`` the block reads and writes ``(N, C, H, W)``.
     """
 
     features: int
@@ -62,6 +63,7 @@ class ConvBlock(nn.Module):
     bn_epsilon: float = 1e-3
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -73,11 +75,13 @@ class ConvBlock(nn.Module):
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                layout=self.layout,
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
                 x = nn.BatchNorm(
                     use_running_average=not train,
+                    axis=-1 if self.layout == "NHWC" else 1,
                     momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon,
                     dtype=self.dtype,
@@ -93,12 +97,16 @@ class CropConcat(nn.Module):
 
     ``(N, Hs, Ws, Cs), (N, H, W, C) -> (N, H, W, Cs + C)`` with ``Hs >= H``; the crop is
     the one of Ronneberger et al. (2015, Fig. 1, grey arrows) and a no-op in SAME mode.
-    Channel order is ``[up, skip]``, as the notebook's ``concatenate([u, c])``.
+    Channel order is ``[up, skip]``, as the notebook's ``concatenate([u, c])``. With
+    ``layout='NCHW'`` both maps are ``(N, C, H, W)``.
     """
+
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
 
     @nn.compact
     def __call__(self, skip: jax.Array, up: jax.Array) -> jax.Array:
-        dh, dw = skip.shape[1] - up.shape[1], skip.shape[2] - up.shape[2]
+        h_axis = 1 if self.layout == "NHWC" else 2
+        dh, dw = skip.shape[h_axis] - up.shape[h_axis], skip.shape[h_axis + 1] - up.shape[h_axis + 1]
         if dh < 0 or dw < 0:
             label = f"CropConcat {self.name!r}" if self.name else "CropConcat"  # not "None"
             raise ValueError(
@@ -106,8 +114,9 @@ class CropConcat(nn.Module):
                 f"{tuple(up.shape)}; expected skip height/width >= up's"
             )
         top, left = dh // 2, dw // 2
-        skip = skip[:, top : top + up.shape[1], left : left + up.shape[2], :]
-        return jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
+        skip = jax.lax.slice_in_dim(skip, top, top + up.shape[h_axis], axis=h_axis)
+        skip = jax.lax.slice_in_dim(skip, left, left + up.shape[h_axis + 1], axis=h_axis + 1)
+        return jnp.concatenate([up, skip.astype(up.dtype)], axis=-1 if self.layout == "NHWC" else 1)
 
 
 class UNet(nn.Module):
@@ -138,6 +147,9 @@ class UNet(nn.Module):
       class_head: if > 0, also classify the image from the bottleneck (global average
         pooling + a dense layer named ``class_head``); the model then returns
         ``{"mask": (N, H_out, W_out, num_classes), "class": (N, class_head)}`` logits.
+      layout: the logical layout of the activations inside the network, ``'NHWC'`` or
+        ``'NCHW'`` (transposed once on the way in and once on the way out; input, output
+        and parameters are the same in both): a performance lever, not a semantic one.
     """
 
     features: int = 64
@@ -157,6 +169,7 @@ class UNet(nn.Module):
     param_dtype: Any = jnp.float32
     class_head: int = 0
     up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -170,6 +183,7 @@ class UNet(nn.Module):
             bn_epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            layout=self.layout,
             name=name,
         )
 
@@ -186,12 +200,17 @@ class UNet(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         check_input_size(x.shape[1:3], self._size_spec())
+        if self.layout not in ("NHWC", "NCHW"):
+            raise ValueError(f"UNet: layout must be 'NHWC' or 'NCHW', got {self.layout!r}")
+        channels_first = self.layout == "NCHW"
+        if channels_first:
+            x = jnp.transpose(x, (0, 3, 1, 2))
 
         skips = []
         for level in range(1, self.depth + 1):
             x = self._block(self.features * 2 ** (level - 1), f"enc{level}")(x, train=train)
             skips.append(x)
-            x = MaxPool2D(2, name=f"pool{level}")(x)
+            x = MaxPool2D(2, layout=self.layout, name=f"pool{level}")(x)
             x = self._dropout(x, f"drop_pool{level}", train)
 
         x = self._block(self.features * 2**self.depth, "bottleneck")(x, train=train)
@@ -199,7 +218,7 @@ class UNet(nn.Module):
         if self.class_head > 0:
             # The bottleneck sees the whole image at 1/2**depth resolution: the natural
             # place for an image-level benign/malignant/normal decision.
-            pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            pooled = jnp.mean(x.astype(jnp.float32), axis=(2, 3) if channels_first else (1, 2))
             class_logits = nn.Dense(self.class_head, param_dtype=self.param_dtype, name="class_head")(pooled)
 
         for level in range(self.depth, 0, -1):
@@ -212,9 +231,10 @@ class UNet(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 method=self.up_method,
+                layout=self.layout,
                 name=f"up{level}",
             )(x)
-            x = CropConcat(name=f"concat{level}")(skips[level - 1], x)
+            x = CropConcat(layout=self.layout, name=f"concat{level}")(skips[level - 1], x)
             x = self._dropout(x, f"drop_concat{level}", train)
             x = self._block(features, f"dec{level}")(x, train=train)
 
@@ -224,8 +244,11 @@ class UNet(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            layout=self.layout,
             name="head",
         )(x)
+        if channels_first:
+            logits = jnp.transpose(logits, (0, 2, 3, 1))
         if class_logits is not None:
             return {"mask": logits.astype(jnp.float32), "class": class_logits.astype(jnp.float32)}
         return logits.astype(jnp.float32)

@@ -166,14 +166,33 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
     ``ValueError`` naming what differs."""
     check_readable(step_dir)
     try:
+        target = _local_target(step_dir)
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as err:  # orbax/tensorstore raise several types for damaged files
         raise _unreadable(step_dir, err) from err
     saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
     wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
     _check_same_structure(saved, wanted, step_dir)
     return saved
+
+
+def _local_target(step_dir: Path) -> Any:
+    """The saved state's shapes and dtypes, placed on this process's first device: a
+    checkpoint written by a run on several devices or processes (another topology) is
+    then read by one process alone."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(Path(step_dir) / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(m: Any) -> Any:
+        if hasattr(m, "shape") and hasattr(m, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+        return m
+
+    return jax.tree.map(leaf, tree)
 
 
 def _check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:

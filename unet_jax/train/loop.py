@@ -44,10 +44,12 @@ from unet_jax.data import (
 )
 from unet_jax.losses import get_loss
 from unet_jax.models import create_model, needs_box_prompts
+from unet_jax.train import distributed
 from unet_jax.train.checkpoint import BEST, LATEST, CheckpointStore
 from unet_jax.train.logs import MetricsLog
 from unet_jax.train.state import TrainState, create_train_state, init_variables, make_optimizer, make_schedule
 from unet_jax.train.steps import (
+    BATCH_AXIS,
     apply_model,
     default_steps_per_dispatch,
     evaluate_device_data,
@@ -143,10 +145,15 @@ def load_run_data(config: TrainConfig, run_dir: Path, progress: Progress | None 
     source = config.data
     if source is None:
         source = run_dir / "phantom"
-        if not source.exists():
-            n = config.phantom_images
-            counts = {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3}
-            write_phantom(source, counts=counts, size=size, seed=config.seed)
+        # Process 0 writes it; the others read it from a shared run folder, or write their
+        # own copy (the same seeded images) where the folder is not shared.
+        for writer in (True, False):
+            if distributed.is_primary() == writer and not source.exists():
+                n = config.phantom_images
+                counts = {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3}
+                write_phantom(source, counts=counts, size=size, seed=config.seed)
+            if writer:
+                distributed.sync("phantom written")
     elif not Path(source).exists():
         raise ValueError(f"data folder {source!r} does not exist; expected a folder in the BUSI layout")
     on_progress = None
@@ -241,7 +248,30 @@ def _device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> Devi
     return _replicate(host, mesh)
 
 
+def _sharded_device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> DeviceData:
+    """The split's examples as rows sharded over the mesh, each process providing only the
+    rows of its own devices; padded with zero rows to a multiple of the device count (the
+    sampler never draws them: ``make_sampler(..., num_rows=)``)."""
+    n_dev = mesh.devices.size
+    rows = -(-len(ids) // n_dev) * n_dev
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    owned = [s[0] for s in sharding.addressable_devices_indices_map((rows,)).values()]
+    start, stop = min(s.start or 0 for s in owned), max(rows if s.stop is None else s.stop for s in owned)
+    mine = dataset.index_of(ids[start:min(stop, len(ids))])
+    pad = (stop - start) - len(mine)
+
+    def local(array: np.ndarray, dtype: Any) -> np.ndarray:
+        part = array[mine].astype(dtype)
+        return np.concatenate([part, np.zeros((pad, *part.shape[1:]), dtype)]) if pad else part
+
+    host = DeviceData(images=local(dataset.images_u8, np.uint8), masks=local(dataset.masks, np.uint8),
+                      labels=local(dataset.labels, np.int32))
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a, (rows, *a.shape[1:])), host)
+
+
 def _write_json(path: Path, value: Any) -> None:
+    if not distributed.is_primary():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
     os.replace(tmp, path)
@@ -288,7 +318,7 @@ def _non_finite_arrays(state: TrainState) -> list[str]:
     tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
     paths = [jax.tree_util.keystr(path, simple=True, separator="/")
              for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return [path for path, ok in zip(paths, jax.device_get(_finite_flags(tree))) if not ok]
+    return [path for path, ok in zip(paths, distributed.to_host(_finite_flags(tree))) if not ok]
 
 
 def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
@@ -303,6 +333,16 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
         if "config" not in meta:
             raise ValueError(f"checkpoint {str(steps[-1])!r} has no saved config; expected one written by `unet-jax train`")
         _check_resumable(meta["config"], config, run_dir)
+        _check_processes(meta, run_dir)
+
+
+def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
+    """A run resumes with the process count it was saved with: its data shards, its batch
+    placement and its checkpoint's layout depend on it."""
+    saved, now = meta.get("processes", 1), jax.process_count()
+    if saved != now:
+        raise ValueError(f"run folder {str(run_dir)!r} was trained as {saved} process(es); this launch has {now}; "
+                         f"resume with {saved} process(es), or choose a new --out folder")
 
 
 # Keys that do not change what is computed: a resumed run may set them differently.
@@ -337,7 +377,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     """
     started = time.time()
     if config.distributed:
-        jax.distributed.initialize()
+        distributed.initialize(distributed.launch_from())
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
@@ -355,7 +395,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     check_model_config(config, heads)
     dataset = load_run_data(config, run_dir, emit)
     split = make_split(config, dataset)
-    write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
+    if distributed.is_primary():
+        write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
     _write_json(run_dir / "config.json", config_to_dict(config))
 
     n_train = len(split["train"])
@@ -384,16 +425,21 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                               opt_state=tx.init(variables["params"]))
         emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
     state = _replicate(state, mesh)
-    train_data = _device_data(dataset, split["train"], mesh)
+    if jax.process_count() > 1:
+        train_data = _sharded_device_data(dataset, split["train"], mesh)
+    else:
+        train_data = _device_data(dataset, split["train"], mesh)
     val_data = _device_data(dataset, split["val"], mesh)
-    sample = make_sampler(config.batch_size, n_train, augment_config(config))
+    sample = make_sampler(config.batch_size, n_train, augment_config(config), num_rows=train_data.images.shape[0])
 
     loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if store.latest_step() is not None:
         state, meta = store.restore(LATEST, state)
         _check_resumable(meta["config"], config, run_dir)
+        _check_processes(meta, run_dir)
         loop = meta["loop"]
-    log = MetricsLog(run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * steps_per_epoch)
+    log = (MetricsLog(run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * steps_per_epoch)
+           if distributed.is_primary() else None)
     emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "resumed_epoch": loop["epoch"],
           "train": n_train, "val": len(split["val"]), "test": len(split.partitions.get("test", ())),
           "devices": n_dev})
@@ -434,20 +480,29 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                 loop["bad_epochs"] += 1
             if config.patience is not None and loop["bad_epochs"] >= config.patience:
                 loop["stopped_early"] = True
-            capped = (config.max_train_minutes is not None and epoch < config.epochs and not loop["stopped_early"]
-                      and time.time() - started >= 60 * config.max_train_minutes)
-            log.write(record, record["step"])
-            meta = {"config": config_to_dict(config), "loop": loop}
+            capped = distributed.agree(
+                config.max_train_minutes is not None and epoch < config.epochs and not loop["stopped_early"]
+                and time.time() - started >= 60 * config.max_train_minutes)
+            if log is not None:
+                log.write(record, record["step"])
+            meta = {"config": config_to_dict(config), "loop": loop, "processes": jax.process_count()}
             if improved:
                 store.save(BEST, state, meta)
             if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or capped or epoch == config.epochs:
                 store.save(LATEST, state, meta)
             emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
-    except BaseException:
+    except BaseException as err:
         store.close()  # Orbax's threads are not left running behind a stopped run
+        if isinstance(err, Exception) and distributed.is_peer_failure(err):
+            raise distributed.PeerLost(
+                f"process {jax.process_index()} of {jax.process_count()}: another process of this run stopped "
+                f"during epoch {loop['epoch'] + 1} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                f"checkpoints up to epoch {loop['epoch']} are kept in {run_dir / 'checkpoints'}; rerun the same "
+                f"command on every process to resume") from err
         raise
     finally:
-        log.close()
+        if log is not None:
+            log.close()
 
     if config.epochs == 0 and store.latest_step() is None:
         # Nothing to train (e.g. SAM used as released): the run's checkpoint is init_from's.
@@ -455,7 +510,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             store.close()
             raise ValueError(f"init_from {config.init_from!r} holds non-finite values in {len(bad)} array(s), "
                              f"e.g. {bad[0]}; expected finite parameters")
-        store.save(LATEST, state, {"config": config_to_dict(config), "loop": loop})
+        store.save(LATEST, state, {"config": config_to_dict(config), "loop": loop, "processes": jax.process_count()})
     if config.restore_best and store.latest_step(BEST) is not None:
         state, _ = store.restore(BEST, state)
     test = {}
@@ -469,7 +524,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             test["test/bce"] = metrics_to_host(bce)["loss"]
     store.close()
     emit({"kind": "finishing"})
-    _finish_run(config, model, heads, state, dataset, split, {**loop, "stopped_by_time_cap": capped}, test, run_dir)
+    if distributed.is_primary():
+        _finish_run(config, model, heads, state, dataset, split, {**loop, "stopped_by_time_cap": capped}, test,
+                    run_dir)
+    distributed.sync("run finished")  # the others wait for process 0's final report
     wall = time.time() - started
     env = {**environment(mesh), "wall_time_s": wall}
     _write_json(run_dir / "environment.json", env)
@@ -500,7 +558,7 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
 
     from unet_jax.train.checkpoint import find_checkpoint
 
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
     has_mask, has_class = heads
     try:
         step_dir = find_checkpoint(run_dir if config.restore_best else run_dir / "checkpoints" / LATEST)

@@ -42,10 +42,13 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam (the notebook: Keras Adam, learning rate 1e-3, epsilon 1e-7) or AdamW."""
+    """Adam (the notebook: Keras Adam, learning rate 1e-3, epsilon 1e-7), AdamW, or SGD
+    with momentum."""
     schedule = make_schedule(config, steps_per_epoch)
     if config.optimizer == "adam":
         tx = optax.adam(schedule, eps=1e-7)
+    elif config.optimizer == "sgd":
+        tx = optax.sgd(schedule, momentum=config.momentum or None)
     else:
         tx = optax.adamw(schedule, eps=1e-7, weight_decay=config.weight_decay)
     if config.grad_clip_norm is not None:

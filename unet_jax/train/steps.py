@@ -25,6 +25,7 @@ from unet_jax.data.prompts import boxes_from_masks
 from unet_jax.losses import batch_confusion, softmax_cross_entropy
 from unet_jax.metrics import scores_from_confusion
 from unet_jax.train.state import TrainState
+from unet_jax.train.distributed import to_host
 
 __all__ = [
     "Metrics",
@@ -282,5 +283,5 @@ def evaluate_device_data(state: TrainState, data: DeviceData, *, batch_size: int
 
 def metrics_to_host(metrics: Metrics, prefix: str = "") -> dict[str, float]:
     """Means on the host: ``{prefix + name: sum / count}`` (one device-to-host transfer)."""
-    host = jax.device_get(metrics)
+    host = to_host(metrics)
     return {f"{prefix}{k}": float(s) / max(float(c), 1e-12) for k, (s, c) in host.items()}
