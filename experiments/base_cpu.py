@@ -8,7 +8,11 @@ Command (from the repository root; about 35 minutes on 2 cores):
 
     unet-jax train --config experiments/base_cpu.py --out runs/base_cpu
 
-Measured results are in experiments/RESULTS.md.
+Measured (2026-11-27, 2-core VM, 1,953 s; stopped early at epoch 48, best 28): test split
+(93 images, duplicate-aware) at native resolution, lesion images (77): Dice 0.704 [0.635,
+0.773], IoU 0.613 [0.533, 0.680], pixel accuracy 0.946, HD95 88.2 px; normal images
+predicted empty 8 of 16. Details and the run files: experiments/RESULTS.md,
+experiments/results/base_cpu/.
 """
 
 import dataclasses

@@ -5,7 +5,11 @@ Command (from the repository root):
 
     unet-jax train --config experiments/report_cpu.py --out runs/report_cpu
 
-Measured results are in experiments/RESULTS.md.
+Measured (2026-11-27, 2-core VM, 2,280 s; best epoch 29 of 30): the report's columns at
+128x128, testing pixel "accuracy" 0.9302, loss 0.2090, Dice 0.4604, IoU 0.3752; test split
+(104 lesion images) at native resolution: Dice 0.459 [0.387, 0.527], IoU 0.374 [0.311,
+0.439], 19 lesion images predicted empty. Details: experiments/RESULTS.md,
+experiments/results/report_cpu/.
 """
 
 import dataclasses

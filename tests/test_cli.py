@@ -149,7 +149,7 @@ def test_evaluate_at_training_resolution_and_text(trained_run, capsys):
 
 def test_checkpoint_of_another_architecture_is_refused(trained_run):
     from unet_jax.evaluate import load_checkpoint
-    from unet_jax.train.checkpoint import find_checkpoint, restore_variables
+    from unet_jax.checkpoint import find_checkpoint, restore_variables
 
     run_dir, _, _ = trained_run
     with pytest.raises(ValueError, match=r"holds preset='seed'; expected preset='padded'"):
@@ -265,7 +265,7 @@ def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_p
 def test_damaged_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
     import shutil
 
-    from unet_jax.train.checkpoint import find_checkpoint
+    from unet_jax.checkpoint import find_checkpoint
 
     run_dir, _, _ = trained_run
     step = find_checkpoint(run_dir)
@@ -287,7 +287,7 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
 
     import orbax.checkpoint as ocp
 
-    from unet_jax.train.checkpoint import find_checkpoint
+    from unet_jax.checkpoint import find_checkpoint
 
     run_dir, _, _ = trained_run
     copy = tmp_path / "checkpoints" / "best" / find_checkpoint(run_dir).name
@@ -312,7 +312,7 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
 def test_divergence_is_reported_on_its_own_line(tmp_path, monkeypatch, capsys):
     from _train_helpers import overflow_batch_norm_after
 
-    from unet_jax.train.checkpoint import finished_steps
+    from unet_jax.checkpoint import finished_steps
 
     overflow_batch_norm_after(monkeypatch, 0)  # from the first step: no epoch ends finite
     overrides = [f"{k}={v}" for k, v in dataclasses.asdict(TINY).items() if v != getattr(TrainConfig(), k)]

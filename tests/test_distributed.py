@@ -81,7 +81,7 @@ def _epochs(run: Path) -> int:
 
 def _saved(run: Path) -> int:
     """Complete checkpoints of ``run`` (the loop logs an epoch before saving it)."""
-    from unet_jax.train.checkpoint import finished_steps
+    from unet_jax.checkpoint import finished_steps
 
     return len(finished_steps(run / "checkpoints" / "latest"))
 

@@ -348,8 +348,7 @@ def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, 
     from test_resnet import R18, TorchResNet, randomised
     from unet_jax.cli import main
     from unet_jax.train.init_from import read_source_variables
-    from unet_jax.train.loop import build_model
-    from unet_jax.train.state import init_variables
+    from unet_jax.models import build_model, init_variables
 
     torch_model = randomised(TorchResNet(R18, num_classes=1000), seed=3)
     torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")

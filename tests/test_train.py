@@ -22,7 +22,7 @@ from unet_jax.data import AugmentConfig, DeviceData, make_sampler
 from unet_jax.losses import get_loss
 from unet_jax.models import create_unet
 from unet_jax.train import TrainingDiverged, train
-from unet_jax.train.checkpoint import CheckpointStore, find_checkpoint, read_meta
+from unet_jax.checkpoint import CheckpointStore, find_checkpoint, read_meta
 from unet_jax.train.logs import read_jsonl
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import make_mesh, train_step, train_steps
@@ -73,7 +73,7 @@ def test_one_step_lowers_the_loss():
 
 def test_bfloat16_training_step_keeps_float32_parameters():
     config = dataclasses.replace(SHALLOW, dtype="bfloat16")
-    from unet_jax.train.loop import build_model
+    from unet_jax.models import build_model
 
     model = build_model(dataclasses.replace(config, channels=1))
     state = create_train_state(model, optax.adam(1e-3), jax.random.key(0, impl="rbg"), (1, 16, 16, 1))

@@ -220,7 +220,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from unet_jax.evaluate import (effective_recipe, evaluate_classification, evaluate_dataset, evaluation_report,
                                    read_for_evaluation, resolve_threshold)
     from unet_jax.metrics import format_summary
-    from unet_jax.train.loop import model_heads
+    from unet_jax.models import model_heads
 
     loaded = _load_model(args)
     resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read

@@ -20,10 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import metrics as M
+from unet_jax._io import atomic_write
+from unet_jax.checkpoint import (
+    LoadedModel,
+    find_checkpoint,
+    read_meta,
+    restore_variables,
+)
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.data import BusiDataset, ReadOptions, load_busi
+from unet_jax.data.prompts import boxes_from_masks
+from unet_jax.export import is_exported, load_exported
 from unet_jax.inference import RAW, InferenceRecipe, recipe_mask, tune_recipe
-from unet_jax.models import needs_box_prompts
+from unet_jax.models import build_model, init_variables, needs_box_prompts, run_model
 
 __all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities",
            "predict_class_probabilities", "predict_outputs", "effective_recipe", "evaluate_dataset",
@@ -33,39 +42,12 @@ __all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_proba
 RECIPE_FILE = "inference.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A model rebuilt from a checkpoint's saved config, with its variables."""
-
-    model: Any
-    variables: dict[str, Any]
-    config: TrainConfig
-    step_dir: Path
-    # The inference recipe saved with the checkpoint (threshold, TTA, gate, components);
-    # RAW when none was tuned. Further members of an ensemble (same architecture): their
-    # probabilities are averaged with the first's.
-    recipe: InferenceRecipe = RAW
-    members: tuple[dict[str, Any], ...] = ()
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.config.image_size, self.config.image_size
-
-    @property
-    def all_variables(self) -> tuple[dict[str, Any], ...]:
-        return (self.variables, *self.members)
-
-
 def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> LoadedModel:
     """Load ``path`` (a run folder, ``checkpoints/best`` or a step folder).
 
     ``expect``: model fields the caller requires (e.g. ``{"preset": "padded"}``); a
     checkpoint of another architecture is a ``ValueError`` saying what differs.
     """
-    from unet_jax.export import is_exported, load_exported
-    from unet_jax.train.checkpoint import find_checkpoint, read_meta, restore_variables
-    from unet_jax.train.loop import build_model
-
     if is_exported(path):
         loaded = load_exported(path)
         _check_expected(loaded.config, expect, Path(path))
@@ -76,8 +58,6 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
         raise ValueError(f"checkpoint {str(step_dir)!r} has no saved config; expected one written by `unet-jax train`")
     config = config_from_dict(meta["config"], source=f"{step_dir}/meta")
     _check_expected(config, expect, step_dir)
-    from unet_jax.train.state import init_variables
-
     model = build_model(config)
     shape = (1, config.image_size, config.image_size, config.channels)
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
@@ -112,8 +92,6 @@ def save_recipe(loaded: LoadedModel, recipe: InferenceRecipe, report: dict[str, 
     the run folder for reading."""
     import json
 
-    from unet_jax._io import atomic_write
-
     text = json.dumps(M.to_jsonable({"recipe": recipe.to_dict(), "validation": report}), indent=2) + "\n"
     for folder in {Path(loaded.step_dir), *(() if run_dir is None else (Path(run_dir),))}:
         atomic_write(folder / RECIPE_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -129,10 +107,7 @@ def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
 
 
 def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None) -> Any:
-    from unet_jax.train.steps import split_outputs
-
-    extra = () if boxes is None else (boxes,)
-    return split_outputs(model.apply(variables, x, *extra, train=False))
+    return run_model(model.apply, variables, x, boxes)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "flip"))
@@ -232,8 +207,6 @@ def effective_recipe(loaded: LoadedModel, threshold: float | None = None, flip_t
 
 def prompt_boxes(dataset: BusiDataset) -> np.ndarray:
     """Box prompts (N, 4) from the dataset's masks at the training size (no jitter)."""
-    from unet_jax.data.prompts import boxes_from_masks
-
     return np.asarray(boxes_from_masks(jnp.asarray(dataset.masks, jnp.float32)))
 
 

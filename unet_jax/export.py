@@ -26,8 +26,10 @@ import jax
 import numpy as np
 from flax import serialization
 
+from unet_jax.checkpoint import LoadedModel, check_same_structure
 from unet_jax.config import config_from_dict, config_to_dict
 from unet_jax.inference import InferenceRecipe
+from unet_jax.models import build_model, init_variables
 
 __all__ = ["FORMAT", "MODEL_FILE", "is_exported", "export_model", "load_exported", "bundled_path", "load_bundled"]
 
@@ -101,10 +103,6 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
 
 def load_exported(path: str | os.PathLike) -> Any:
     """A LoadedModel (unet_jax.evaluate) from an exported folder, parameters in float32."""
-    from unet_jax.evaluate import LoadedModel
-    from unet_jax.train.checkpoint import _check_same_structure
-    from unet_jax.train.loop import build_model
-    from unet_jax.train.state import init_variables
 
     path = Path(path).absolute()
     source = path / MODEL_FILE
@@ -129,7 +127,7 @@ def load_exported(path: str | os.PathLike) -> Any:
             raise ValueError(f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
                              f"{str(err)[:200]}); expected the file written by `unet-jax export`") from err
         raw = {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
-        _check_same_structure(raw, template, file)
+        check_same_structure(raw, template, file)
         members.append(jax.tree.map(lambda x: np.asarray(x, np.float32), raw))
     recipe = InferenceRecipe.from_dict(info.get("inference", {}), source=str(source))
     return LoadedModel(model, members[0], config, path, recipe, tuple(members[1:]))

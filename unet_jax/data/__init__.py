@@ -88,4 +88,10 @@ __all__ = [
     "to_device",
     "validate",
     "write_manifest",
+    "load_cache",
+    "prepare",
+    "save_cache",
+    "PhantomInfo",
+    "phantom_image",
+    "write_phantom",
 ]

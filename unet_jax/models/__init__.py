@@ -51,6 +51,11 @@ __all__ = [
     "create_model",
     "model_fields",
     "needs_box_prompts",
+    "build_model",
+    "init_variables",
+    "model_heads",
+    "run_model",
+    "split_outputs",
 ]
 
 # family -> (module, its preset table, its constructor). Imported on first use: the SAM
@@ -97,3 +102,7 @@ def model_fields(name: str) -> dict[str, Any]:
 def needs_box_prompts(model: Any) -> bool:
     """Whether ``model`` is called as ``model(images, boxes, train=...)`` (SAM)."""
     return bool(getattr(type(model), "box_prompts", False))
+
+
+# Building and running a run's model (after the registry above, which it uses).
+from unet_jax.models.build import build_model, init_variables, model_heads, run_model, split_outputs  # noqa: E402

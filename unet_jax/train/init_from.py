@@ -21,27 +21,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import serialization
 
+from unet_jax._io import atomic_write
 from unet_jax.config import TrainConfig
+from unet_jax.evaluate import load_checkpoint
+from unet_jax.models import model_family
+from unet_jax.models.pth import read_torch_checkpoint
 
 __all__ = ["read_source_variables", "overlay_variables", "load_initial_variables", "convert_checkpoint"]
 
 
 def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, Any]:
     """``{"params": ..., "batch_stats": ...}`` (batch_stats may be absent) read from ``path``."""
-    from unet_jax.models import model_family
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"init_from {str(path)!r} does not exist; expected a .pth, a .msgpack, or a run folder")
     if path.is_dir():
-        from unet_jax.evaluate import load_checkpoint
-
         return dict(load_checkpoint(path).variables)
     if path.suffix == ".msgpack":
-        from flax import serialization
-
         try:
             tree = serialization.msgpack_restore(path.read_bytes())
         except Exception as error:  # msgpack raises several unrelated types for bad bytes
@@ -49,11 +49,9 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
                              f"({type(error).__name__}: {error}); expected one written by `unet-jax convert`") from None
         return dict(tree) if "params" in tree else {"params": tree}
     if path.suffix in (".pth", ".pt", ".bin"):
-        from unet_jax.models.pth import read_torch_checkpoint
-
         state_dict = read_torch_checkpoint(path)
         family = model_family(config.preset)
-        if family == "sam":
+        if family == "sam":  # the SAM and ResNet ports are imported on first use (large)
             from unet_jax.models.sam import read_sam_checkpoint
 
             return {"params": read_sam_checkpoint(path, config.preset)[0]}
@@ -91,8 +89,6 @@ def _graft_point(target: Mapping[str, Any], source: Mapping[str, Any]) -> tuple[
 
 def overlay_variables(target: dict[str, Any], source: Mapping[str, Any], origin: str) -> tuple[dict[str, Any], int]:
     """``target`` with every leaf of ``source`` laid over it; returns (variables, leaves copied)."""
-    import jax
-
     result = jax.tree.map(lambda x: x, dict(target))  # a copy we may edit
     copied = 0
     for collection, tree in source.items():
@@ -142,12 +138,6 @@ def convert_checkpoint(pth: str | Path, out: str | Path, preset: str | None = No
     writes them), ResNet files ``{"params", "batch_stats"}``. ``channels``: the input
     channels of the runs that will start from it (a ResNet's RGB stem is summed for 1).
     Returns (path written, preset, number of parameters)."""
-    import jax
-    from flax import serialization
-
-    from unet_jax._io import atomic_write
-    from unet_jax.models import model_family
-
     out = Path(out)
     if out.suffix != ".msgpack":
         raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")

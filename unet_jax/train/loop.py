@@ -18,13 +18,24 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
+from unet_jax import metrics as M
+from unet_jax.checkpoint import (
+    BEST,
+    LATEST,
+    CheckpointStore,
+    find_checkpoint,
+    finished_steps,
+    read_meta,
+)
 from unet_jax.config import TrainConfig, config_to_dict
 from unet_jax.data import (
     AugmentConfig,
@@ -42,15 +53,33 @@ from unet_jax.data import (
     write_manifest,
     write_phantom,
 )
+from unet_jax.evaluate import (
+    LoadedModel,
+    evaluate_classification,
+    evaluate_dataset,
+    evaluation_report,
+    load_checkpoint,
+    predict_outputs,
+    predict_probabilities,
+    prompt_boxes,
+    save_recipe,
+    tune_inference,
+)
+from unet_jax.inference import RAW, recipe_mask
 from unet_jax.losses import get_loss
-from unet_jax.models import create_model, needs_box_prompts
+from unet_jax.models import build_model, model_heads, needs_box_prompts
+from unet_jax.plots import plot_training_curves, prediction_grid
 from unet_jax.train import distributed
-from unet_jax.train.checkpoint import BEST, LATEST, CheckpointStore
+from unet_jax.train.init_from import load_initial_variables
 from unet_jax.train.logs import MetricsLog
-from unet_jax.train.state import TrainState, create_train_state, init_variables, make_optimizer, make_schedule
+from unet_jax.train.state import (
+    TrainState,
+    create_train_state,
+    make_optimizer,
+    make_schedule,
+)
 from unet_jax.train.steps import (
     BATCH_AXIS,
-    apply_model,
     default_steps_per_dispatch,
     evaluate_device_data,
     make_mesh,
@@ -58,7 +87,7 @@ from unet_jax.train.steps import (
     train_steps,
 )
 
-__all__ = ["TrainingDiverged", "RunResult", "train", "build_model", "model_heads", "load_run_data", "make_split",
+__all__ = ["TrainingDiverged", "RunResult", "train", "load_run_data", "make_split", "split_for_lesions_only",
            "augment_config", "environment", "finish_run_again"]
 
 Progress = Callable[[dict[str, Any]], None]
@@ -82,30 +111,6 @@ class RunResult:
 # --------------------------------------------------------------------------------------
 # Pieces a run is made of (also used by evaluation and prediction)
 # --------------------------------------------------------------------------------------
-def build_model(config: TrainConfig) -> Any:
-    """The run's model: preset + overrides, the data's channels, the compute dtype."""
-    return create_model(config.preset, **{"in_channels": config.channels, **config.model,
-                                          "dtype": None if config.dtype == "float32" else config.dtype})
-
-
-def model_heads(model: Any, config: TrainConfig) -> tuple[bool, bool]:
-    """``(has_mask_head, has_class_head)`` of ``model``, traced abstractly (no FLOPs)."""
-    from unet_jax.train.state import TrainState
-
-    shape = (1, config.image_size, config.image_size, config.channels)
-    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
-
-    def outputs(variables: dict[str, Any], x: jax.Array, m: jax.Array) -> Any:
-        probe = TrainState(step=0, apply_fn=model.apply, params=variables["params"], tx=None, opt_state=None,
-                           batch_stats=variables.get("batch_stats", {}), box_prompts=needs_box_prompts(model))
-        return apply_model(probe, probe.params, x, m, train=False)[0]
-
-    zeros = jax.ShapeDtypeStruct(shape, jnp.float32)
-    masks = jax.ShapeDtypeStruct((*shape[:3], 1), jnp.float32)
-    mask_logits, class_logits = jax.eval_shape(outputs, variables, zeros, masks)
-    return mask_logits is not None, class_logits is not None
-
-
 def check_model_config(config: TrainConfig, heads: tuple[bool, bool]) -> None:
     """Refuse configurations whose monitor or loss the model's heads cannot give."""
     has_mask, has_class = heads
@@ -323,8 +328,6 @@ def _non_finite_arrays(state: TrainState) -> list[str]:
 
 def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
     """Refuse, before any work, to resume a run folder with another configuration."""
-    from unet_jax.train.checkpoint import finished_steps, read_meta
-
     # Only complete checkpoints: a run killed during its first save leaves nothing but
     # orbax's temporary folder there, and starts again from scratch.
     steps = finished_steps(run_dir / "checkpoints" / LATEST)
@@ -418,8 +421,6 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
                                frozen=config.freeze)
     store = CheckpointStore(run_dir)
     if config.init_from is not None and store.latest_step() is None:
-        from unet_jax.train.init_from import load_initial_variables
-
         variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                               opt_state=tx.init(variables["params"]))
@@ -542,21 +543,6 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
                 loop: dict[str, Any], test: dict[str, float], run_dir: Path) -> None:
     """results.json (the report's columns beside Dice and IoU, native-resolution test
     metrics), per-image test rows, and the plots."""
-    from unet_jax.evaluate import (
-        LoadedModel,
-        evaluate_classification,
-        evaluate_dataset,
-        evaluation_report,
-        predict_outputs,
-        predict_probabilities,
-        prompt_boxes,
-        save_recipe,
-        tune_inference,
-    )
-    from unet_jax.inference import RAW, recipe_mask
-    from unet_jax import metrics as M
-
-    from unet_jax.train.checkpoint import find_checkpoint
 
     variables = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
     has_mask, has_class = heads
@@ -610,8 +596,6 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
             _write_json(predictions / "test_per_image_raw.json", raw.pop("per_image"))
             results["test_raw"] = raw
         if config.plots:
-            from unet_jax.plots import prediction_grid
-
             show = min(len(test_ds), 16)
             boxes = prompt_boxes(test_ds.subset(list(range(show)))) if needs_box_prompts(model) else None
             probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size, boxes=boxes)
@@ -626,8 +610,6 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
             prediction_grid(images, gts, preds, run_dir / "plots" / "test_predictions.png",
                             titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])])
     if config.plots and loop["history"]:
-        from unet_jax.plots import plot_training_curves
-
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset,
                              best_epoch=loop["best_epoch"], monitor=config.monitor)
@@ -639,11 +621,6 @@ def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Pa
     on its validation split (saved with the best checkpoint) and rewrite results.json,
     the per-image test rows and the plots. Training is not repeated; ``cache`` reads the
     images from a `data prepare` cache instead of the run's own data source."""
-    from types import SimpleNamespace
-
-    from unet_jax.evaluate import load_checkpoint
-    from unet_jax.train.checkpoint import find_checkpoint, read_meta
-
     run_dir = Path(run_dir).resolve()
     loaded = load_checkpoint(run_dir)
     config = loaded.config if cache is None else dataclasses.replace(loaded.config, cache=cache)
@@ -660,8 +637,6 @@ def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Pa
 
 def _native_image(dataset: BusiDataset, i: int, shape: tuple[int, int]) -> np.ndarray:
     """The training-size image brought to ``shape`` for display (the native file may be gone)."""
-    from PIL import Image
-
     image = dataset.images_u8[i]
     if image.shape[:2] == tuple(shape):
         return image

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
 
 from unet_jax.config import TrainConfig
+from unet_jax.models import init_variables, needs_box_prompts
 
-__all__ = ["TrainState", "make_optimizer", "make_schedule", "init_variables", "create_train_state"]
+__all__ = ["TrainState", "make_optimizer", "make_schedule", "create_train_state"]
 
 
 class TrainState(train_state.TrainState):
@@ -63,29 +63,12 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     return tx
 
 
-def init_variables(model: Any, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """``model.init`` on zeros of ``input_shape`` (N, H, W, C) (and whole-image boxes for
-    box-prompted models), jitted: one compiled program instead of hundreds of eager ops."""
-    from unet_jax.models import needs_box_prompts
-
-    def init(key: jax.Array) -> dict[str, Any]:
-        x = jnp.zeros(input_shape, jnp.float32)
-        if needs_box_prompts(model):
-            boxes = jnp.zeros((input_shape[0], 4), jnp.float32)
-            return model.init(key, x, boxes, train=False)
-        return model.init(key, x, train=False)
-
-    return jax.jit(init)(key)
-
-
 def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Array,
                        input_shape: tuple[int, ...], frozen: tuple[str, ...] = ()) -> TrainState:
     """Initialise parameters for inputs of ``input_shape`` (N, H, W, C).
 
     ``frozen``: top-level parameter groups to keep fixed (they must exist).
     """
-    from unet_jax.models import needs_box_prompts
-
     variables = init_variables(model, key, input_shape)
     unknown = sorted(set(frozen) - set(variables["params"]))
     if unknown:

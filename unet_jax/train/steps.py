@@ -24,13 +24,13 @@ from unet_jax.data.augment import Batch, DeviceData
 from unet_jax.data.prompts import boxes_from_masks
 from unet_jax.losses import batch_confusion, softmax_cross_entropy
 from unet_jax.metrics import scores_from_confusion
+from unet_jax.models.build import Outputs, run_model
 from unet_jax.train.state import TrainState
 from unet_jax.train.distributed import to_host
 
 __all__ = [
     "Metrics",
     "LossFn",
-    "split_outputs",
     "apply_model",
     "make_mesh",
     "batch_metrics",
@@ -63,22 +63,6 @@ def _shard_batch(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
 
 
-Outputs = tuple[jax.Array | None, jax.Array | None]
-
-
-def split_outputs(out: Any) -> Outputs:
-    """``(mask_logits (B, H, W, K) or None, class_logits (B, K) or None)`` of a model's output
-    (an array of rank 4 or 2, or ``{"mask": ..., "class": ...}``; see unet_jax.models)."""
-    if isinstance(out, dict):
-        return out.get("mask"), out.get("class")
-    if out.ndim == 4:
-        return out, None
-    if out.ndim == 2:
-        return None, out
-    raise ValueError(f"model output of shape {tuple(out.shape)}: expected (B, H, W, K) mask logits, "
-                     f"(B, K) class logits, or a dict of both")
-
-
 def apply_model(state: TrainState, params: Any, images: jax.Array, masks: jax.Array, *, train: bool,
                 key: jax.Array | None = None, box_jitter: float = 0.0) -> tuple[Outputs, Any]:
     """The model on a batch: ``((mask_logits, class_logits), batch-norm updates)``.
@@ -87,15 +71,12 @@ def apply_model(state: TrainState, params: Any, images: jax.Array, masks: jax.Ar
     training, see unet_jax.data.prompts); ``key`` drives dropout and the jitter.
     """
     variables = {"params": params, "batch_stats": state.batch_stats}
-    extra = ()
+    boxes = None
     if state.box_prompts:
         jitter_key = None if key is None else jax.random.fold_in(key, 1)
-        extra = (boxes_from_masks(masks, jitter=box_jitter if train else 0.0, key=jitter_key),)
-    if not train:
-        return split_outputs(state.apply_fn(variables, images, *extra, train=False)), {}
-    out, updates = state.apply_fn(variables, images, *extra, train=True, rngs={"dropout": key},
-                                  mutable=["batch_stats"])
-    return split_outputs(out), updates
+        boxes = boxes_from_masks(masks, jitter=box_jitter if train else 0.0, key=jitter_key)
+    return run_model(state.apply_fn, variables, images, boxes, train=train,
+                     rngs={"dropout": key} if train else None)
 
 
 def batch_metrics(outputs: Outputs, masks: jax.Array, labels: jax.Array, per_image_loss: jax.Array,

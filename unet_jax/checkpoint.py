@@ -9,18 +9,24 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from unet_jax.train.state import TrainState
+from unet_jax.config import TrainConfig
+from unet_jax.inference import RAW, InferenceRecipe
 
-__all__ = ["CheckpointStore", "find_checkpoint", "finished_steps", "read_meta", "restore_variables"]
+if TYPE_CHECKING:
+    from unet_jax.train.state import TrainState
+
+__all__ = ["LATEST", "BEST", "CheckpointStore", "LoadedModel", "check_readable", "check_same_structure",
+           "find_checkpoint", "finished_steps", "read_meta", "restore_variables"]
 
 LATEST, BEST = "latest", "best"
 _TMP_MARK = ".orbax-checkpoint-tmp-"
@@ -83,6 +89,29 @@ class CheckpointStore:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint's saved config, with its variables."""
+
+    model: Any
+    variables: dict[str, Any]
+    config: TrainConfig
+    step_dir: Path
+    # The inference recipe saved with the checkpoint (threshold, TTA, gate, components);
+    # RAW when none was tuned. Further members of an ensemble (same architecture): their
+    # probabilities are averaged with the first's.
+    recipe: InferenceRecipe = RAW
+    members: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.config.image_size, self.config.image_size
+
+    @property
+    def all_variables(self) -> tuple[dict[str, Any], ...]:
+        return (self.variables, *self.members)
 
 
 def check_readable(step_dir: Path) -> None:
@@ -173,7 +202,7 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
         raise _unreadable(step_dir, err) from err
     saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
     wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
-    _check_same_structure(saved, wanted, step_dir)
+    check_same_structure(saved, wanted, step_dir)
     return saved
 
 
@@ -195,7 +224,7 @@ def _local_target(step_dir: Path) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def _check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:
+def check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
