@@ -370,15 +370,81 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) 
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    """What every stage of a run shares, made once by :func:`_start_run`."""
+
+    config: TrainConfig
+    run_dir: Path
+    mesh: Mesh
+    model: Any
+    heads: tuple[bool, bool]
+    dataset: BusiDataset
+    split: Split
+    steps_per_epoch: int
+    steps_per_call: int
+    loss_fn: Callable[..., jax.Array]
+    tx: Any
+    schedule: Callable[[int], Any]
+    data_key: jax.Array
+    dropout_key: jax.Array
+    store: CheckpointStore
+    train_data: DeviceData
+    val_data: DeviceData
+    sample: Callable[..., Any]
+    emit: Progress
+    live_progress: bool
+
+    def evaluate(self, state: TrainState, data: DeviceData, prefix: str = "val/",
+                 loss_fn: Callable[..., jax.Array] | None = None,
+                 class_weight: float | None = None) -> dict[str, float]:
+        """Metrics of ``state`` over a device-resident split, means on the host (the run's
+        loss unless ``loss_fn`` and ``class_weight`` say otherwise)."""
+        totals = evaluate_device_data(state, data, batch_size=self.config.eval_batch_size,
+                                      loss_fn=loss_fn or self.loss_fn, threshold=self.config.threshold,
+                                      mesh=self.mesh, class_weight=self.config.class_weight
+                                      if class_weight is None else class_weight)
+        return metrics_to_host(totals, prefix)
+
+    def meta(self, loop: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint saves beside the state."""
+        return {"config": config_to_dict(self.config), "loop": loop, "processes": jax.process_count()}
+
+
 def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None = None,
           mesh: Mesh | None = None) -> RunResult:
     """Train, validate, early-stop, checkpoint and evaluate on the test split.
 
-    Resumes from ``run_dir/checkpoints/latest`` when it exists (same config required).
-    ``progress`` receives plain dicts (``kind``: read, start, step, epoch, done); the
-    library never prints.
+    Resumes from ``run_dir/checkpoints/latest`` when it exists (same config and process
+    count required). ``progress`` receives plain dicts (``kind``: read, start, step, epoch,
+    finishing, done); the library never prints.
     """
     started = time.time()
+    run = _start_run(config, run_dir, progress, mesh)
+    state, loop = _initial_state(run)
+    run.emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": run.steps_per_epoch,
+              "resumed_epoch": loop["epoch"], "train": len(run.split["train"]), "val": len(run.split["val"]),
+              "test": len(run.split.partitions.get("test", ())), "devices": run.mesh.devices.size})
+    state, loop, capped = _train_epochs(run, state, loop, started)
+    state = _final_state(run, state, loop)
+    test = _test_metrics(run, state)
+    run.store.close()
+    run.emit({"kind": "finishing"})
+    if distributed.is_primary():
+        _finish_run(config, run.model, run.heads, state, run.dataset, run.split,
+                    {**loop, "stopped_by_time_cap": capped}, test, run.run_dir)
+    distributed.sync("run finished")  # the others wait for process 0's final report
+    wall = time.time() - started
+    _write_json(run.run_dir / "environment.json", {**environment(run.mesh), "wall_time_s": wall})
+    run.emit({"kind": "done", "best_epoch": loop["best_epoch"], "stopped_early": loop["stopped_early"], **test,
+              "wall_time_s": wall})
+    return RunResult(run.run_dir, loop["history"], loop["best_epoch"], loop["stopped_early"], test, wall)
+
+
+def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None,
+               mesh: Mesh | None) -> _Run:
+    """Checks, the model, the data and its split (written to the run folder), the
+    optimiser's pieces and the device-resident training and validation splits."""
     if config.distributed:
         distributed.initialize(distributed.launch_from())
     run_dir = Path(run_dir).resolve()
@@ -407,135 +473,154 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
         raise ValueError(f"the training split has {n_train} images, fewer than batch_size "
                          f"{config.batch_size}; expected batch_size <= {n_train}")
     steps_per_epoch = n_train // config.batch_size
-    chunk = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
-
-    loss_fn = get_loss(config.loss, **_loss_kwargs(config))
-    tx = make_optimizer(config, steps_per_epoch)
-    schedule = make_schedule(config, steps_per_epoch)  # the optimiser's, logged as "lr"
+    per_call = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
     data_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    # Parameters from XLA's RngBitGenerator: compiling threefry for every parameter shape
-    # takes ~6x longer (14 s vs 2.4 s on 2 CPU cores). Its bits may differ between
-    # backends; a run is reproducible on the same kind of device.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    state = create_train_state(model, tx, init_key, (1, config.image_size, config.image_size, config.channels),
-                               frozen=config.freeze)
-    store = CheckpointStore(run_dir)
-    if config.init_from is not None and store.latest_step() is None:
-        variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                              opt_state=tx.init(variables["params"]))
-        emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
-    state = _replicate(state, mesh)
     if jax.process_count() > 1:
         train_data = _sharded_device_data(dataset, split["train"], mesh)
     else:
         train_data = _device_data(dataset, split["train"], mesh)
-    val_data = _device_data(dataset, split["val"], mesh)
-    sample = make_sampler(config.batch_size, n_train, augment_config(config), num_rows=train_data.images.shape[0])
+    return _Run(
+        config=config, run_dir=run_dir, mesh=mesh, model=model, heads=heads, dataset=dataset, split=split,
+        steps_per_epoch=steps_per_epoch, steps_per_call=per_call,
+        loss_fn=get_loss(config.loss, **_loss_kwargs(config)),
+        tx=make_optimizer(config, steps_per_epoch),
+        schedule=make_schedule(config, steps_per_epoch),  # the optimiser's, logged as "lr"
+        data_key=data_key, dropout_key=dropout_key, store=CheckpointStore(run_dir),
+        train_data=train_data, val_data=_device_data(dataset, split["val"], mesh),
+        sample=make_sampler(config.batch_size, n_train, augment_config(config), num_rows=train_data.images.shape[0]),
+        emit=emit, live_progress=progress is not None)
 
+
+def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh (or ``init_from``) state and empty loop counters, or both from the latest
+    checkpoint of a run being resumed."""
+    config = run.config
+    # Parameters from XLA's RngBitGenerator: compiling threefry for every parameter shape
+    # takes ~6x longer (14 s vs 2.4 s on 2 CPU cores). Its bits may differ between
+    # backends; a run is reproducible on the same kind of device.
+    init_key = jax.random.key(config.seed, impl="rbg")
+    state = create_train_state(run.model, run.tx, init_key,
+                               (1, config.image_size, config.image_size, config.channels), frozen=config.freeze)
+    resuming = run.store.latest_step() is not None
+    if config.init_from is not None and not resuming:
+        variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                              opt_state=run.tx.init(variables["params"]))
+        run.emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
+    state = _replicate(state, run.mesh)
     loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
-    if store.latest_step() is not None:
-        state, meta = store.restore(LATEST, state)
-        _check_resumable(meta["config"], config, run_dir)
-        _check_processes(meta, run_dir)
+    if resuming:
+        state, meta = run.store.restore(LATEST, state)
+        _check_resumable(meta["config"], config, run.run_dir)
+        _check_processes(meta, run.run_dir)
         loop = meta["loop"]
-    log = (MetricsLog(run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * steps_per_epoch)
-           if distributed.is_primary() else None)
-    emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": steps_per_epoch, "resumed_epoch": loop["epoch"],
-          "train": n_train, "val": len(split["val"]), "test": len(split.partitions.get("test", ())),
-          "devices": n_dev})
+    return state, loop
 
-    evaluate = lambda st, data: metrics_to_host(  # noqa: E731
-        evaluate_device_data(st, data, batch_size=config.eval_batch_size, loss_fn=loss_fn,
-                             threshold=config.threshold, mesh=mesh, class_weight=config.class_weight), "val/")
-    capped = False  # max_train_minutes reached (not saved: a resumed run goes on)
+
+def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
+                  started: float) -> tuple[TrainState, dict[str, Any], bool]:
+    """Epochs until ``epochs``, early stopping or the time cap (``capped``, not saved: a
+    resumed run goes on); each logged, checked for NaN and checkpointed."""
+    config = run.config
+    log = (MetricsLog(run.run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * run.steps_per_epoch)
+           if distributed.is_primary() else None)
+    capped = False
     try:
         while loop["epoch"] < config.epochs and not loop["stopped_early"] and not capped:
-            epoch = loop["epoch"] + 1
-            epoch_start = time.time()
-            totals = None
-            done = 0
-            while done < steps_per_epoch:
-                n = min(chunk, steps_per_epoch - done)
-                start = jax.numpy.asarray((epoch - 1) * steps_per_epoch + done, jax.numpy.int32)
-                state, metrics = train_steps(state, train_data, data_key, dropout_key, start, num_steps=n,
-                                             sample=sample, loss_fn=loss_fn, threshold=config.threshold, mesh=mesh,
-                                             class_weight=config.class_weight, box_jitter=config.box_jitter)
-                totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
-                done += n
-                if progress is not None and done < steps_per_epoch:
-                    live = metrics_to_host(totals, "train/")
-                    emit({"kind": "step", "epoch": epoch, "step": done, "steps_per_epoch": steps_per_epoch, **live})
-            record = {"epoch": epoch, "step": epoch * steps_per_epoch, **metrics_to_host(totals, "train/"),
-                      **evaluate(state, val_data)}
-            record["lr"] = float(schedule(epoch * steps_per_epoch))
-            record["epoch_time_s"] = time.time() - epoch_start
-            _check_finite(record, state, store, steps_per_epoch, run_dir)
-
-            value = record[config.monitor]
-            improved = _improved(config, value, loop["best_value"])
-            loop = {**loop, "epoch": epoch, "history": loop["history"] + [record]}
-            if improved:
-                loop.update(best_value=value, best_epoch=epoch, bad_epochs=0)
-            else:
-                loop["bad_epochs"] += 1
-            if config.patience is not None and loop["bad_epochs"] >= config.patience:
-                loop["stopped_early"] = True
+            state, record = _run_epoch(run, state, loop["epoch"] + 1)
+            _check_finite(record, state, run.store, run.steps_per_epoch, run.run_dir)
+            loop, improved = _early_stopping(config, loop, record)
             capped = distributed.agree(
-                config.max_train_minutes is not None and epoch < config.epochs and not loop["stopped_early"]
-                and time.time() - started >= 60 * config.max_train_minutes)
+                config.max_train_minutes is not None and record["epoch"] < config.epochs
+                and not loop["stopped_early"] and time.time() - started >= 60 * config.max_train_minutes)
             if log is not None:
                 log.write(record, record["step"])
-            meta = {"config": config_to_dict(config), "loop": loop, "processes": jax.process_count()}
             if improved:
-                store.save(BEST, state, meta)
-            if epoch % config.checkpoint_every == 0 or loop["stopped_early"] or capped or epoch == config.epochs:
-                store.save(LATEST, state, meta)
-            emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
+                run.store.save(BEST, state, run.meta(loop))
+            if (record["epoch"] % config.checkpoint_every == 0 or loop["stopped_early"] or capped
+                    or record["epoch"] == config.epochs):
+                run.store.save(LATEST, state, run.meta(loop))
+            run.emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
     except BaseException as err:
-        store.close()  # Orbax's threads are not left running behind a stopped run
+        run.store.close()  # Orbax's threads are not left running behind a stopped run
         if isinstance(err, Exception) and distributed.is_peer_failure(err):
             raise distributed.PeerLost(
                 f"process {jax.process_index()} of {jax.process_count()}: another process of this run stopped "
                 f"during epoch {loop['epoch'] + 1} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                f"checkpoints up to epoch {loop['epoch']} are kept in {run_dir / 'checkpoints'}; rerun the same "
-                f"command on every process to resume") from err
+                f"checkpoints up to epoch {loop['epoch']} are kept in {run.run_dir / 'checkpoints'}; rerun the "
+                f"same command on every process to resume") from err
         raise
     finally:
         if log is not None:
             log.close()
+    return state, loop, capped
 
-    if config.epochs == 0 and store.latest_step() is None:
-        # Nothing to train (e.g. SAM used as released): the run's checkpoint is init_from's.
+
+def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, Any]]:
+    """One epoch of training steps (``steps_per_call`` per dispatch), then validation:
+    the new state and the epoch's record (train/ and val/ means, lr, wall time)."""
+    epoch_start = time.time()
+    totals = None
+    done = 0
+    while done < run.steps_per_epoch:
+        n = min(run.steps_per_call, run.steps_per_epoch - done)
+        start = jnp.asarray((epoch - 1) * run.steps_per_epoch + done, jnp.int32)
+        state, metrics = train_steps(state, run.train_data, run.data_key, run.dropout_key, start, num_steps=n,
+                                     sample=run.sample, loss_fn=run.loss_fn, threshold=run.config.threshold,
+                                     mesh=run.mesh, class_weight=run.config.class_weight,
+                                     box_jitter=run.config.box_jitter)
+        totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
+        done += n
+        if run.live_progress and done < run.steps_per_epoch:
+            run.emit({"kind": "step", "epoch": epoch, "step": done, "steps_per_epoch": run.steps_per_epoch,
+                      **metrics_to_host(totals, "train/")})
+    step = epoch * run.steps_per_epoch
+    record = {"epoch": epoch, "step": step, **metrics_to_host(totals, "train/"), **run.evaluate(state, run.val_data)}
+    record["lr"] = float(run.schedule(step))
+    record["epoch_time_s"] = time.time() - epoch_start
+    return state, record
+
+
+def _early_stopping(config: TrainConfig, loop: dict[str, Any],
+                    record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The loop's counters after ``record``'s epoch, and whether the monitor improved."""
+    value = record[config.monitor]
+    improved = _improved(config, value, loop["best_value"])
+    loop = {**loop, "epoch": record["epoch"], "history": loop["history"] + [record]}
+    if improved:
+        loop.update(best_value=value, best_epoch=record["epoch"], bad_epochs=0)
+    else:
+        loop["bad_epochs"] += 1
+    if config.patience is not None and loop["bad_epochs"] >= config.patience:
+        loop["stopped_early"] = True
+    return loop, improved
+
+
+def _final_state(run: _Run, state: TrainState, loop: dict[str, Any]) -> TrainState:
+    """The state the run is evaluated with: the best epoch's (``restore_best``) or the last;
+    a run of zero epochs (e.g. SAM as released) saves its initial state as its checkpoint."""
+    config = run.config
+    if config.epochs == 0 and run.store.latest_step() is None:
         if bad := _non_finite_arrays(state):
-            store.close()
+            run.store.close()
             raise ValueError(f"init_from {config.init_from!r} holds non-finite values in {len(bad)} array(s), "
                              f"e.g. {bad[0]}; expected finite parameters")
-        store.save(LATEST, state, {"config": config_to_dict(config), "loop": loop, "processes": jax.process_count()})
-    if config.restore_best and store.latest_step(BEST) is not None:
-        state, _ = store.restore(BEST, state)
-    test = {}
-    if split.partitions.get("test"):
-        test_data = _device_data(dataset, split["test"], mesh)
-        test = {k.replace("val/", "test/"): v for k, v in evaluate(state, test_data).items()}
-        if "test/dice" in test:
-            # The report's loss column is pixel BCE, whatever loss a run trains with.
-            bce = evaluate_device_data(state, test_data, batch_size=config.eval_batch_size, loss_fn=get_loss("bce"),
-                                       threshold=config.threshold, mesh=mesh)
-            test["test/bce"] = metrics_to_host(bce)["loss"]
-    store.close()
-    emit({"kind": "finishing"})
-    if distributed.is_primary():
-        _finish_run(config, model, heads, state, dataset, split, {**loop, "stopped_by_time_cap": capped}, test,
-                    run_dir)
-    distributed.sync("run finished")  # the others wait for process 0's final report
-    wall = time.time() - started
-    env = {**environment(mesh), "wall_time_s": wall}
-    _write_json(run_dir / "environment.json", env)
-    result = RunResult(run_dir, loop["history"], loop["best_epoch"], loop["stopped_early"], test, wall)
-    emit({"kind": "done", "best_epoch": loop["best_epoch"], "stopped_early": loop["stopped_early"], **test,
-          "wall_time_s": wall})
-    return result
+        run.store.save(LATEST, state, run.meta(loop))
+    if config.restore_best and run.store.latest_step(BEST) is not None:
+        state, _ = run.store.restore(BEST, state)
+    return state
+
+
+def _test_metrics(run: _Run, state: TrainState) -> dict[str, float]:
+    """The test split's means at the training resolution (``test/...``), with the pixel
+    BCE the report's loss column shows whatever loss the run trained with."""
+    if not run.split.partitions.get("test"):
+        return {}
+    test_data = _device_data(run.dataset, run.split["test"], run.mesh)
+    test = run.evaluate(state, test_data, prefix="test/")
+    if "test/dice" in test:
+        test["test/bce"] = run.evaluate(state, test_data, prefix="", loss_fn=get_loss("bce"), class_weight=0.0)["loss"]
+    return test
 
 
 def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state: TrainState,
