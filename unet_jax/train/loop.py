@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unet_jax._io import write_json as _write_json
 from unet_jax.config import TrainConfig, config_to_dict
 from unet_jax.data import (
     AugmentConfig,
@@ -239,12 +240,6 @@ def _device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> Devi
     host = DeviceData(images=dataset.images_u8[idx], masks=dataset.masks[idx].astype(np.uint8),
                       labels=dataset.labels[idx].astype(np.int32))
     return _replicate(host, mesh)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------
