@@ -432,6 +432,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
             capped = (config.max_train_minutes is not None and epoch < config.epochs and not loop["stopped_early"]
                       and time.time() - started >= 60 * config.max_train_minutes)
             log.write(record, record["step"])
+            if config.plots:  # TensorBoard images: 4 validation predictions every epoch, the curves after the last
+                log.predictions(record["step"], state, dataset.subset(list(split["val"][:4])), config.threshold)
+                if loop["stopped_early"] or capped or epoch == config.epochs:
+                    log.training_curves(record["step"], loop["history"], config.preset, loop["best_epoch"],
+                                        config.monitor)
             meta = {"config": config_to_dict(config), "loop": loop}
             if improved:
                 store.save(BEST, state, meta)
