@@ -147,8 +147,6 @@ class ProgressPrinter:
         self._stop()
         self._loop = None
 
-    end_line = close  # the name the CLI used before
-
     def __enter__(self) -> ProgressPrinter:
         return self
 
