@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 import tempfile
-import uuid
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -167,8 +167,8 @@ class MetricsLog:
     (``resume_step``) the checkpoint has seen, so the logs of a resumed run equal those of
     an uninterrupted one. Every write replaces the whole metrics file (temporary file, then
     rename: a few kB), so a killed run never leaves half a line. Each writer opens its own
-    event file (``events.out.tfevents.<time>.<host>.<pid>-<random>``); TensorBoard reads
-    all of a folder's files. Where tensorboardX cannot be imported (the package used from a
+    event file (``events.out.tfevents.<s>.<host>.<ns>.<pid>``, names in the order written);
+    TensorBoard reads all of a folder's files. Where tensorboardX cannot be imported (the package used from a
     checkout on a machine without pip), only metrics.jsonl is written, with a RuntimeWarning.
     """
 
@@ -189,9 +189,12 @@ class MetricsLog:
                           RuntimeWarning, stacklevel=2)
             return
         cut_back(logdir, resume_step)
+        # The suffix: tensorboardX names a file by the second (and opens it with "wb"), so two
+        # writers started within one second would share a file; nanoseconds (19 digits) keep
+        # the names distinct and sorted in the order written, which is the order readers take.
         # flush_secs: the writer's thread also flushes on its own every 10 s.
         self.tensorboard = tensorboardx.SummaryWriter(
-            str(logdir), flush_secs=10, filename_suffix=f".{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def _flush(self) -> None:
         write_text(self.path, "".join(self._lines))
