@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flops import preset_flops  # noqa: E402
+from unet_jax._io import write_json  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        tmp.replace(out_path)
+        write_json(out_path, result, indent=1)
 
     reference: dict[str, Any] = {}
     jobs = [("train", name) for name in args.train] + [("infer", name) for name in args.infer]

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -58,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flops import preset_flops  # noqa: E402
+from unet_jax._io import write_json  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
@@ -551,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out_path)
+        write_json(out_path, result, indent=1)
 
     hosts: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
     for dtype in args.dtypes:

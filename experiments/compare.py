@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides applied to every row (e.g. epochs=2)")
     args = parser.parse_args(argv)
 
-    from unet_jax.cli import _ProgressPrinter
     from unet_jax.config import apply_overrides
+    from unet_jax.progress import ProgressPrinter
     from unet_jax.train import train
 
     out = Path(args.out).resolve()
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, cache=None)  # the cache holds one size only
         print(f"== {entry.label} ({entry.key})", file=sys.stderr)
         started = time.time()
-        train(config, out / entry.key, progress=_ProgressPrinter())
+        train(config, out / entry.key, progress=ProgressPrinter())
         row = row_of(entry, out / entry.key)
         rows.append(row)
         print(f"   done in {time.time() - started:.0f} s", file=sys.stderr)

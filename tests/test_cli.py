@@ -118,7 +118,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "accuracy*" in out.out and "Dice" in out.out and "IoU" in out.out
     assert "pixel accuracy: what the report's Keras 'accuracy' measured" in out.out
     assert "test split at native resolution" in out.out
-    assert "epoch   2/2" in out.err
+    # stderr is not a terminal here: plain lines, one per epoch with its scores, no carriage return
+    assert "\r" not in out.err
+    assert len([line for line in out.err.splitlines() if line.startswith("epoch   2/2 ") and " | val " in line]) == 1
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["epochs_run"] == 2
 
@@ -131,6 +133,7 @@ def test_evaluate_json(trained_run, capsys):
     # progress on stderr (stdout stays one JSON object): reading, then evaluating
     assert f"reading images {TINY.phantom_images}/{TINY.phantom_images}" in captured.err
     assert f"evaluating images {TINY.phantom_images}/{TINY.phantom_images}" in captured.err
+    assert "\r" not in captured.err and len(captured.err.splitlines()) <= 2 * 11  # start, every 10%, end
     for metric in ("dice", "iou", "pixel_accuracy"):
         assert set(report[metric]) >= {"mean", "benign", "malignant", "normal"}
         assert 0 <= report[metric]["mean"] <= 1

@@ -221,7 +221,9 @@ def test_cli_reports_file_system_errors_in_one_line(phantom, tmp_path, capsys):
     assert main(["data", "split", str(phantom.root), "--out",
                  str(tmp_path / "file" / "s.json")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("unet-jax data: error: ") and "file" in err
+    *progress, last = err.splitlines()  # the reading progress, then the error on its own line
+    assert all(line.startswith("reading images ") for line in progress)
+    assert last.startswith("unet-jax data: error: ") and "file" in last
     assert "Traceback" not in err
 
 

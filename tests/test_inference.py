@@ -197,6 +197,8 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     np.testing.assert_allclose(d, c, atol=5e-3)
     with pytest.raises(ValueError, match="exists"):
         export_model([loaded], out)
+    (out / "stale.txt").write_text("from before")
+    assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()  # replaced whole
     # An ensemble of two copies predicts what one member does; of a model and a perturbed
     # copy, the mean of the two.
     shifted = dataclasses.replace(loaded, variables={**loaded.variables, "params": {
@@ -207,7 +209,7 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     r, _ = predict_outputs(both, images)
     s, _ = predict_outputs(shifted, images)
     np.testing.assert_allclose(r, 0.5 * (p + s), atol=1e-5)
-    assert not list(tmp_path.glob(".*tmp-export"))
+    assert not list(tmp_path.glob(".*")) and {p.name for p in tmp_path.iterdir()} == {"exported", "ensemble"}
 
 
 def test_export_refuses_mixed_architectures_and_damaged_members(tuned_run, tmp_path):

@@ -46,58 +46,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- training, evaluation, prediction ----------------------------------------------
-class _ProgressPrinter:
-    """Renders the loop's progress events as one updating line per epoch on stderr."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.epochs = 0
-        self._open = False  # a line being updated in place (no newline yet)
-
-    def __call__(self, event: dict) -> None:
-        kind = event["kind"]
-        if kind in ("read", "evaluate"):
-            verb = "reading" if kind == "read" else "evaluating"
-            self._line(f"{verb} images {event['done']}/{event['total']}", end=event["done"] == event["total"])
-        elif kind == "start":
-            self.epochs = event["epochs"]
-            resumed = f", resuming after epoch {event['resumed_epoch']}" if event["resumed_epoch"] else ""
-            print(f"train {event['train']} / val {event['val']} / test {event['test']} images, "
-                  f"{event['steps_per_epoch']} steps per epoch on {event['devices']} device(s){resumed}",
-                  file=self.stream)
-        elif kind == "step":
-            self._bar(event["epoch"], event["step"] / event["steps_per_epoch"],
-                      self._scores(event, "train/", ("loss", "dice", "accuracy")), end=False)
-        elif kind == "epoch":
-            mark = " *" if event["improved"] else ""
-            self._bar(event["epoch"], 1.0, f"{self._scores(event, 'train/', ('loss', 'dice', 'accuracy'))} | val "
-                      f"{self._scores(event, 'val/', ('loss', 'dice', 'iou', 'accuracy'))} "
-                      f"({event['epoch_time_s']:.1f}s){mark}", end=True)
-        elif kind == "init_from":
-            print(f"initialised {event['parameters_copied']} parameter arrays from {event['path']}", file=self.stream)
-        elif kind == "finishing":
-            print("evaluating the test split at native resolution, writing plots ...", file=self.stream)
-
-    @staticmethod
-    def _scores(event: dict, prefix: str, names: tuple[str, ...]) -> str:
-        # What the model's heads give: Dice for a segmenter, accuracy for a classifier.
-        return " ".join(f"{n} {event[prefix + n]:.4f}" for n in names if prefix + n in event)
-
-    def _bar(self, epoch: int, fraction: float, text: str, end: bool) -> None:
-        filled = int(round(20 * fraction))
-        self._line(f"epoch {epoch:>3}/{self.epochs} [{'#' * filled}{'.' * (20 - filled)}] {text}", end)
-
-    def _line(self, text: str, end: bool) -> None:
-        print("\r" + text, end="\n" if end else "", file=self.stream, flush=True)
-        self._open = not end
-
-    def end_line(self) -> None:
-        """End a line left open mid-epoch, so that a message after it starts on its own."""
-        if self._open:
-            print(file=self.stream, flush=True)
-            self._open = False
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a U-Net (config file + key=value overrides)")
     p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
@@ -130,23 +78,24 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(config, out: str) -> int:
+    from unet_jax.progress import ProgressPrinter
     from unet_jax.train import TrainingDiverged, train
     from unet_jax.train.distributed import PeerLost
 
-    printer = _ProgressPrinter()
-    try:
-        result = train(config, out, progress=printer)
-    except TrainingDiverged as err:
-        printer.end_line()
-        print(f"unet-jax train: {err}", file=sys.stderr)
-        return 3
-    except PeerLost as err:
-        printer.end_line()
-        print(f"unet-jax train: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Leave at once: JAX's exit handler would wait at a shutdown barrier for the lost
-        # process and then abort with a fatal error of its own.
-        os._exit(4)
+    with ProgressPrinter() as printer:
+        try:
+            result = train(config, out, progress=printer)
+        except TrainingDiverged as err:
+            printer.close()
+            print(f"unet-jax train: {err}", file=sys.stderr)
+            return 3
+        except PeerLost as err:
+            printer.close()
+            print(f"unet-jax train: {err}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Leave at once: JAX's exit handler would wait at a shutdown barrier for the lost
+            # process and then abort with a fatal error of its own.
+            os._exit(4)
     print(_results_table(result.run_dir))
     print(f"run folder: {result.run_dir} ({result.wall_time_s:.1f} s)")
     return 0
@@ -221,18 +170,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                    read_for_evaluation, resolve_threshold)
     from unet_jax.metrics import format_summary
     from unet_jax.models import model_heads
+    from unet_jax.progress import ProgressPrinter
 
     loaded = _load_model(args)
     resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read
     has_mask, has_class = model_heads(loaded.model, loaded.config)
-    printer = _ProgressPrinter()
-    dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
+    with ProgressPrinter() as printer:
+        dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
     report: dict = {"source": str(args.data)}
     if has_mask:
         native = args.resolution == "native"
         recipe = effective_recipe(loaded, args.threshold, True if args.tta else None, args.raw)
-        aggregate, rows = evaluate_dataset(loaded, dataset, native=native, recipe=recipe,
-                                           progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
+        with ProgressPrinter() as printer:
+            aggregate, rows = evaluate_dataset(
+                loaded, dataset, native=native, recipe=recipe,
+                progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
         report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
         report["checkpoint"], report["recipe"] = str(loaded.step_dir), recipe.to_dict()
     if has_class:  # image classification: a classifier, or a U-Net's class head

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from unet_jax._io import new_temp_dir, swap_in
 from unet_jax.checkpoint import LoadedModel, check_same_structure
 from unet_jax.config import config_from_dict, config_to_dict
 from unet_jax.inference import InferenceRecipe
@@ -75,9 +76,7 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
     if out.exists():
         if not overwrite:
             raise ValueError(f"export folder {str(out)!r} exists; expected a new folder (or overwrite=True)")
-    tmp = out.with_name(f".{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_temp_dir(out)
     try:
         files = []
         for i, m in enumerate(members):
@@ -92,9 +91,7 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_in(tmp, out)  # an existing folder is replaced only once the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

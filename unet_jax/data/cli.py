@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -91,21 +90,19 @@ def _size(values: list[int]) -> tuple[int, int]:
     return values[0], values[-1]
 
 
-def _progress(label: str):
-    """A stderr progress line, only on a terminal."""
-    if not sys.stderr.isatty():
-        return None
+def _progress():
+    """Image-reading progress on stderr: a live bar on a terminal, a few plain lines in a
+    log (see unet_jax.progress)."""
+    from unet_jax.progress import ProgressPrinter
 
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label} {done}/{total}", end=end, file=sys.stderr, flush=True)
-    return show
+    printer = ProgressPrinter()
+    return lambda done, total: printer({"kind": "read", "done": done, "total": total})
 
 
 def _check(args: argparse.Namespace) -> int:
     from unet_jax.data.busi import check_dataset
 
-    report = check_dataset(args.path, args.threshold, _progress("reading"))
+    report = check_dataset(args.path, args.threshold, _progress())
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0 if report.ok else 1
@@ -142,7 +139,7 @@ def _prepare(args: argparse.Namespace) -> int:
                        on_error="skip" if args.skip_bad else "raise")
     t0 = time.perf_counter()
     ds = prepare(args.path, args.out, opts, overwrite=args.overwrite,
-                 progress=_progress("reading"))
+                 progress=_progress())
     size = sum(f.stat().st_size for f in Path(args.out).iterdir())
     print(f"wrote {args.out}: {len(ds)} images {ds.images_u8.shape[1:]} "
           f"({', '.join(f'{c} {n}' for c, n in ds.class_counts().items())}), "
@@ -174,7 +171,7 @@ def _split(args: argparse.Namespace) -> int:
     path = Path(args.path)
     ds = (load_cache(path, original_masks=False) if (path / "index.json").is_file()
           else load_busi(path, ReadOptions(size=(16, 16), keep_original=False),
-                         _progress("reading")))
+                         _progress()))
     groups = splits.duplicate_groups(ds.hashes, threshold)
     if args.protocol == "stratified":
         fr = dict(zip(("train", "val", "test"), args.fractions))

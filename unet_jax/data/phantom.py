@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from unet_jax.data._atomic import check_target, new_temp_dir, swap_in
+from unet_jax._io import check_target, new_temp_dir, swap_in
 
 __all__ = ["PhantomInfo", "phantom_image", "write_phantom"]
 

@@ -1,94 +1,60 @@
-"""Run logs: a JSON-lines metrics file and TensorBoard event files, without TensorFlow.
+"""Run logs: a JSON-lines metrics file, and TensorBoard event files written by tensorboardX.
 
-The TensorBoard writer emits the TFRecord framing (length, masked CRC-32C, payload, masked
-CRC-32C) around hand-encoded ``Event`` protocol buffers holding scalar summaries: the
-format TensorBoard reads, in 80 lines and no dependency.
+tensorboardX (pure Python on numpy and protobuf; no TensorFlow, no PyTorch needed) writes
+the events: the scalars of every epoch, and images (a few validation predictions every
+epoch, the training curves at the end). What no writer offers is taking events back, which
+a resumed run needs so that TensorBoard draws each step once: :func:`cut_back` splits the
+TFRecord framing (8-byte length, 4-byte CRC, payload, 4-byte CRC) and reads each payload's
+step with tensorboardX's ``Event`` message.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import socket
 import struct
+import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "TensorBoardWriter", "crc32c", "cut_back", "read_jsonl"]
+import numpy as np
+
+from unet_jax._io import write_bytes, write_text
+
+__all__ = ["MetricsLog", "cut_back", "prediction_overlays", "read_jsonl"]
+
+PREVIEW_PIXELS = 128  # the longer side of one overlay panel in TensorBoard
+
+
+def _tensorboardx():
+    """The tensorboardX module, imported without PyTorch.
+
+    Its writer imports torch whenever torch is installed, only to accept torch tensors
+    (3.5 s of a 4 s import on 2 CPU cores, where the test extra installs torch); this
+    package passes NumPy arrays. So unless torch is already loaded, ``import torch`` is made
+    to fail for the length of that import, and works again after it.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` an ImportError
+    try:
+        import tensorboardX
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return tensorboardX
 
 
 # --------------------------------------------------------------------------------------
-# CRC-32C (Castagnoli), as TFRecord requires
+# Cutting an event file back to a step
 # --------------------------------------------------------------------------------------
-def _crc_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------------------
-# Minimal protobuf encoding of tensorflow.Event / Summary
-# --------------------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int) -> bytes:
-    return _varint((number << 3) | wire_type)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _field(number, 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, body: bytes) -> bytes:
-    # Event: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5.
-    return _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step) + body
-
-
-def _scalar_summary(tag: str, value: float) -> bytes:
-    # Summary.value = 1 (repeated Value); Value.tag = 1 (string), simple_value = 2 (float).
-    value_msg = _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", value)
-    return _bytes_field(5, _bytes_field(1, value_msg))
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
 def _records(data: bytes) -> list[bytes]:
     """The complete TFRecords of ``data``, framing included (a record cut short by a kill
     ends the list)."""
@@ -104,85 +70,198 @@ def _records(data: bytes) -> list[bytes]:
 
 
 def _step_of(record: bytes) -> int:
-    """The step of a record written by :func:`_event` (wall_time, then step, first); 0 for
-    any other layout, so that such a record is kept."""
-    payload = record[12:-4]
-    if payload[:1] != _field(1, 1) or payload[9:10] != _field(2, 0):
+    """The step of the Event in ``record``; 0 (kept) for a payload that is not one."""
+    from google.protobuf.message import DecodeError
+
+    event_pb2 = _tensorboardx().proto.event_pb2
+    try:
+        return event_pb2.Event.FromString(record[12:-4]).step
+    except DecodeError:
         return 0
-    return _read_varint(payload, 10)[0]
 
 
 def cut_back(logdir: str | os.PathLike, step: int) -> None:
-    """Drop the events after ``step`` from the event files of ``logdir``, each file
-    rewritten atomically: a resumed run repeats those steps, and TensorBoard would draw
-    them twice (its SessionLog purge is not honoured by every reader)."""
+    """Drop the events after ``step`` (and a record cut short) from the event files of
+    ``logdir``, each file rewritten atomically: a resumed run repeats those steps, and
+    TensorBoard would draw them twice (the SessionLog purge that tensorboardX's
+    ``purge_step`` writes is not honoured by every reader)."""
     for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
         data = path.read_bytes()
         kept = b"".join(r for r in _records(data) if _step_of(r) <= step)
         if kept != data:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(kept)
-            os.replace(tmp, path)
+            write_bytes(path, kept)
 
 
-class TensorBoardWriter:
-    """Appends scalar events to ``logdir/events.out.tfevents.<time>.<host>``."""
-
-    def __init__(self, logdir: str | os.PathLike):
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = logdir / name
-        self._file = open(self.path, "ab")
-        self._write(_event(time.time(), 0, _bytes_field(3, b"brain.Event:2")))
-
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
-                         + struct.pack("<I", _masked_crc(record)))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        now = time.time()
-        for tag, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._write(_event(now, step, _scalar_summary(tag, float(value))))
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+# --------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------
+def _rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"image of shape {image.shape}: expected (H, W), (H, W, 1) or (H, W, 3)")
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
+def _tint(rgb: np.ndarray, where: np.ndarray, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[where] = (1 - alpha) * out[where] + alpha * np.asarray(color, np.float32)
+    return out.round().astype(np.uint8)
+
+
+def prediction_overlays(images_u8: np.ndarray, masks: np.ndarray, predicted: np.ndarray,
+                        max_side: int = PREVIEW_PIXELS) -> np.ndarray:
+    """One RGB uint8 picture (HWC) with a row per image: the image, its ground truth (green)
+    and the prediction (red) over it, each panel shrunk by an integer stride to at most
+    ``max_side`` pixels a side, a 2-pixel white gap between panels.
+
+    images_u8: (N, H, W[, C]) uint8, C 1 or 3; masks, predicted: (N, H, W[, 1]), nonzero
+    (``> 0.5``) where lesion.
+    """
+    images_u8, masks, predicted = np.asarray(images_u8), np.asarray(masks), np.asarray(predicted)
+    if images_u8.dtype != np.uint8 or len(images_u8) == 0:
+        raise ValueError(f"prediction_overlays: images of dtype {images_u8.dtype} and length {len(images_u8)}; "
+                         f"expected at least one uint8 image")
+    shape = images_u8.shape[:3]
+    for name, m in (("masks", masks), ("predicted", predicted)):
+        if m.shape[:3] != shape or m.ndim not in (3, 4):
+            raise ValueError(f"prediction_overlays: {name} of shape {m.shape}; expected {shape} (+ (1,)) "
+                             f"to match images of shape {images_u8.shape}")
+    stride = max(1, math.ceil(max(shape[1:]) / max_side))
+    rows = []
+    for image, mask, pred in zip(images_u8, masks, predicted):
+        rgb = _rgb(image)[::stride, ::stride]
+        gt = mask.reshape(mask.shape[:2])[::stride, ::stride] > 0.5
+        pr = pred.reshape(pred.shape[:2])[::stride, ::stride] > 0.5
+        panels = [rgb, _tint(rgb, gt, (0, 255, 0)), _tint(rgb, pr, (255, 0, 0))]
+        gap = np.full((rgb.shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
+    gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([part for row in rows for part in (row, gap)][:-1], axis=0)
+
+
+def _as_hwc(value: np.ndarray | bytes, tag: str) -> np.ndarray:
+    """An image as HWC uint8: PNG (or any Pillow format) bytes decoded, arrays checked."""
+    if isinstance(value, (bytes, bytearray)):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(value)) as im:
+            return np.asarray(im.convert("RGB"))
+    array = np.asarray(value)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image {tag!r}: {array.dtype} array of shape {array.shape}; expected PNG bytes or "
+                         f"a uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    return array
+
+
+# --------------------------------------------------------------------------------------
+# The run's log
+# --------------------------------------------------------------------------------------
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard scalars side by side.
+    """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard events side by side.
 
     On resume both are cut back to the epochs (``resume_epochs``) and steps
     (``resume_step``) the checkpoint has seen, so the logs of a resumed run equal those of
     an uninterrupted one. Every write replaces the whole metrics file (temporary file, then
-    rename: a few kB), so a killed run never leaves half a line.
+    rename: a few kB), so a killed run never leaves half a line. Each writer opens its own
+    event file (``events.out.tfevents.<s>.<host>.<ns>.<pid>``, names in the order written);
+    TensorBoard reads all of a folder's files. Where tensorboardX cannot be imported (the package used from a
+    checkout on a machine without pip), only metrics.jsonl is written, with a RuntimeWarning.
     """
 
     def __init__(self, run_dir: str | os.PathLike, resume_epochs: int = 0, resume_step: int = 0):
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
+        self._predict = None  # the jitted forward pass of predictions(), built on first use
         self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
                        if r.get("epoch", 0) <= resume_epochs] if resume_epochs else []
         self._flush()
-        cut_back(run_dir / "tensorboard", resume_step)
-        self.tensorboard = TensorBoardWriter(run_dir / "tensorboard")
+        logdir = run_dir / "tensorboard"
+        self.tensorboard = None
+        try:
+            tensorboardx = _tensorboardx()
+        except ImportError as err:  # e.g. the package used from a checkout on a machine without pip
+            warnings.warn(f"tensorboardX cannot be imported ({err}): no TensorBoard events in {str(logdir)!r} for "
+                          f"this run, metrics.jsonl has every value; expected tensorboardX>=2.6.5 installed",
+                          RuntimeWarning, stacklevel=2)
+            return
+        cut_back(logdir, resume_step)
+        # The suffix: tensorboardX names a file by the second (and opens it with "wb"), so two
+        # writers started within one second would share a file; nanoseconds (19 digits) keep
+        # the names distinct and sorted in the order written, which is the order readers take.
+        # flush_secs: the writer's thread also flushes on its own every 10 s.
+        self.tensorboard = tensorboardx.SummaryWriter(
+            str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def _flush(self) -> None:
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(self._lines))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(self._lines))
 
     def write(self, record: dict[str, Any], step: int) -> None:
+        """Append ``record`` to metrics.jsonl (non-finite floats as null) and its numeric
+        ``group/name`` values to TensorBoard as scalars at ``step``."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._lines.append(json.dumps(clean) + "\n")
         self._flush()
-        self.tensorboard.scalars(step, {k: v for k, v in record.items() if "/" in k})
+        if self.tensorboard is None:
+            return
+        for tag, value in record.items():
+            if "/" in tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(tag, float(value), step)
+        self.tensorboard.flush()
+
+    def images(self, step: int, images: Mapping[str, np.ndarray | bytes]) -> None:
+        """Log images at ``step``, by tag: PNG bytes, or uint8 arrays (H, W) or (H, W, C)
+        with C 1, 3 or 4."""
+        if self.tensorboard is None:
+            return
+        for tag, value in images.items():
+            self.tensorboard.add_image(tag, _as_hwc(value, tag), step, dataformats="HWC")
+        self.tensorboard.flush()
+
+    def predictions(self, step: int, state: Any, examples: Any, threshold: float,
+                    tag: str = "val/predictions") -> None:
+        """Log :func:`prediction_overlays` of the model in ``state`` (a TrainState) on
+        ``examples`` (a BusiDataset, a few images): one batched forward pass, jitted once
+        per log. A model without a mask head, or no examples, logs nothing."""
+        if self.tensorboard is None or len(examples.images_u8) == 0:
+            return
+        if self._predict is None:
+            import jax
+
+            from unet_jax.train.steps import apply_model
+
+            self._predict = jax.jit(lambda st, x, m: apply_model(st, st.params, x, m, train=False)[0][0])
+        images = np.asarray(examples.images_u8)
+        masks = np.asarray(examples.masks, np.float32).reshape(*images.shape[:3], 1)
+        logits = self._predict(state, images.astype(np.float32) / 255.0, masks)
+        if logits is None:  # a classifier
+            return
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold {threshold!r}: expected a probability in (0, 1)")
+        # sigmoid(x) > t, as in training's metrics, without overflowing exp
+        predicted = np.asarray(logits, np.float32) > math.log(threshold / (1 - threshold))
+        self.images(step, {tag: prediction_overlays(images, masks, predicted)})
+
+    def training_curves(self, step: int, history: Sequence[Mapping[str, Any]], title: str | None = None,
+                        best_epoch: int | None = None, monitor: str = "val/loss",
+                        tag: str = "training_curves") -> None:
+        """Log the figure of unet_jax.plots.plot_training_curves for ``history``."""
+        if self.tensorboard is None:
+            return
+        from unet_jax.plots import plot_training_curves
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_training_curves(history, Path(folder) / "curves.png", title=title, best_epoch=best_epoch,
+                                        monitor=monitor)
+            png = path.read_bytes()
+        self.images(step, {tag: png})
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

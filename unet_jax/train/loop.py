@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from unet_jax import metrics as M
+from unet_jax._io import write_json
 from unet_jax.checkpoint import (
     BEST,
     LATEST,
@@ -275,11 +276,9 @@ def _sharded_device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh)
 
 
 def _write_json(path: Path, value: Any) -> None:
-    if not distributed.is_primary():
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """The run folder's JSON files, written by process 0 only."""
+    if distributed.is_primary():
+        write_json(path, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -535,6 +534,9 @@ def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
                 and not loop["stopped_early"] and time.time() - started >= 60 * config.max_train_minutes)
             if log is not None:
                 log.write(record, record["step"])
+                if config.plots:
+                    _log_images(run, log, state, loop, last=loop["stopped_early"] or capped
+                                or record["epoch"] == config.epochs)
             if improved:
                 run.store.save(BEST, state, run.meta(loop))
             if (record["epoch"] % config.checkpoint_every == 0 or loop["stopped_early"] or capped
@@ -554,6 +556,17 @@ def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
         if log is not None:
             log.close()
     return state, loop, capped
+
+
+def _log_images(run: _Run, log: MetricsLog, state: TrainState, loop: dict[str, Any], last: bool) -> None:
+    """TensorBoard images: 4 validation predictions every epoch, the curves after the last."""
+    step = loop["epoch"] * run.steps_per_epoch
+    if jax.process_count() > 1:  # only process 0 logs: a copy of the model on its own device
+        local = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(opt_state=None, **local)
+    log.predictions(step, state, run.dataset.subset(list(run.split["val"][:4])), run.config.threshold)
+    if last:
+        log.training_curves(step, loop["history"], run.config.preset, loop["best_epoch"], run.config.monitor)
 
 
 def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, Any]]:
