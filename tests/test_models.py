@@ -323,3 +323,14 @@ def test_summary_rectangular_and_bad_sizes(capsys):
     assert "input height 250" in err and "nearest valid sizes: 240 or 256" in err
     assert main(["summary", "--preset", "seed", "--size", "256", "0"]) == 2
     assert "input width must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_the_package_exports_the_user_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, unet_jax; assert 'unet_jax.train.loop' not in sys.modules; "
+            "from unet_jax import train_model, TrainConfig, load_checkpoint, evaluate_dataset, predict_files; "
+            "import unet_jax.train.loop as loop; assert train_model is loop.train; print(sorted(unet_jax.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "train_model" in out and "Conv2D" in out
