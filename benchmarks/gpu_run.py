@@ -43,12 +43,16 @@ are a one-screen summary.
 
 ``--dry-run``: the same stages, processes, caps and files with tiny sizes (32x32 phantom
 images, 2-wide one-level U-Nets, batch 2, one epoch): tests/test_gpu_run.py runs it in the
-default suite so that this command cannot rot between GPU runs.
+default suite so that this command cannot rot between GPU runs. ``--parallel N`` runs N
+stages at a time, longest first (default 2 in a dry run, whose stages are single-threaded
+compilations on a 2-core CPU; 1 on a GPU, whose stages share one device and are measured
+in priority order).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 import json
 import os
@@ -58,6 +62,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +76,8 @@ STAGES = ("env", "throughput", "train_base", "train_report", "augment", "levers"
 # levers ~65 s (a stage that ends early leaves its time to the next ones).
 SHARES = {"env": 0.03, "throughput": 0.40, "train_base": 0.22, "train_report": 0.15,
           "augment": 0.06, "levers": 0.14}
+# Dry-run seconds of each stage measured on the 2-core CPU (the order --parallel starts them).
+DRY_COST = {"levers": 42, "throughput": 34, "train_base": 17, "train_report": 16, "augment": 14, "env": 2}
 OUT_FILES = ("summary.json", "throughput.json", "runs.tar.gz", "augment.json", "levers.json",
              "log.txt")
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
@@ -155,6 +162,8 @@ class Driver:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(exist_ok=True)
         self.t0 = time.monotonic()
+        self._lock = threading.Lock()  # the summary and the files, with stages in parallel
+        self._local = threading.local()  # each stage's own start time
         self.summary: dict[str, Any] = {
             "schema": 1, "dry_run": args.dry_run, "total_budget_s": args.total_s,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -251,7 +260,7 @@ class Driver:
                                                   str(dest)], budget)
         result = json.loads(dest.read_text()) if dest.is_file() else {}
         rows = [r for r in result.get("rows", []) if "derived" in r]
-        left = budget - (self.elapsed() - self._stage_start)
+        left = budget - (self.elapsed() - self._local.start)
         if err and not rows and rc is not None and left >= 2 * self.args.min_stage_s:
             # The frameworks could not share the process (it failed, not timed out):
             # measure each in its own.
@@ -293,7 +302,8 @@ class Driver:
             self.summary["data"][stage] = f"phantom (cache {cache!r} not found)"
         cmd = [PY, "-m", "unet_jax.cli", "train", "--config", config, "--out", str(run_dir), *overrides]
         rc, err = self.run_process(stage, cmd, budget + (30 if self.args.dry_run else 60))
-        pack_runs(self.work / "runs", self.out / "runs.tar.gz")
+        with self._lock:
+            pack_runs(self.work / "runs", self.out / "runs.tar.gz")
         results = run_dir / "results.json"
         if not results.is_file():
             raise RuntimeError(err or "no results.json")
@@ -352,6 +362,10 @@ class Driver:
 
     # -- the whole run ---------------------------------------------------------------
     def finish_files(self) -> None:
+        with self._lock:
+            self._finish_files()
+
+    def _finish_files(self) -> None:
         logs = []
         for stage in STAGES:
             log = self.work / "logs" / f"{stage}.log"
@@ -367,28 +381,45 @@ class Driver:
         _write_json(self.out / "summary.json", self.summary)
 
     def run(self, stages: list[str]) -> int:
-        todo = list(stages)
-        for stage in stages:
-            budget = self.budget_for(stage, todo)
-            todo.remove(stage)
-            rec: dict[str, Any] = {"budget_s": round(budget, 1), "started_s": round(self.elapsed(), 1)}
-            self.summary["stages"][stage] = rec
-            if budget < self.args.min_stage_s:
-                rec.update(status="skipped", reason=f"{budget:.0f} s left for it < {self.args.min_stage_s} s")
-                self.finish_files()
-                continue
-            self._stage_start = self.elapsed()
-            try:
-                rec["result"] = getattr(self, f"stage_{stage}")(budget)
-                rec["status"] = "ok"
-            except Exception as e:  # noqa: BLE001 - a failed stage never stops the others
-                rec["status"] = "failed"
-                rec["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-            rec["duration_s"] = round(self.elapsed() - self._stage_start, 1)
-            self.finish_files()
+        parallel = max(1, self.args.parallel)
+        for stage in stages:  # the summary lists the stages in priority order
+            self.summary["stages"][stage] = {"status": "pending"}
+        if parallel == 1:
+            todo = list(stages)
+            for stage in stages:
+                budget = self.budget_for(stage, todo)
+                todo.remove(stage)
+                self.run_stage(stage, budget)
+        else:
+            # Each stage's share of the whole budget (no stage waits for another's leftovers).
+            left = self.args.total_s - self.args.reserve_s
+            budgets = {s: left * SHARES[s] / sum(SHARES[t] for t in stages) * parallel for s in stages}
+            order = sorted(stages, key=lambda s: -DRY_COST.get(s, 0))
+            with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+                for future in [pool.submit(self.run_stage, s, budgets[s]) for s in order]:
+                    future.result()
         self.finish_files()
         print(render_summary(self.summary, self.out))
         return 0 if all(r.get("status") == "ok" for r in self.summary["stages"].values()) else 1
+
+    def run_stage(self, stage: str, budget: float) -> None:
+        """One stage under ``budget`` seconds; its record in the summary, the files rewritten."""
+        rec: dict[str, Any] = {"budget_s": round(budget, 1), "started_s": round(self.elapsed(), 1)}
+        with self._lock:
+            self.summary["stages"][stage] = rec
+        if budget < self.args.min_stage_s:
+            rec.update(status="skipped", reason=f"{budget:.0f} s left for it < {self.args.min_stage_s} s")
+            self.finish_files()
+            return
+        self._local.start = self.elapsed()
+        try:
+            rec["result"] = getattr(self, f"stage_{stage}")(budget)
+            rec["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - a failed stage never stops the others
+            rec["status"] = "failed"
+            rec["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        rec["duration_s"] = round(self.elapsed() - self._local.start, 1)
+        self.finish_files()
 
 
 def _peak(path: Path) -> float | None:
@@ -464,7 +495,7 @@ def render_summary(summary: dict[str, Any], out: Path) -> str:
         lines.append(f"augment: step {r['train_step_ms_no_augment']:.2f} ms -> "
                      f"{r['train_step_ms_augment']:.2f} ms (+{100 * r['augment_overhead']:.1f}%)")
     r = summary.get("stages", {}).get("levers", {}).get("result")
-    if r:
+    if r and r.get("vs_baseline"):
         lines.append("levers (x baseline): " + ", ".join(f"{k} {_fmt(v, '{:.2f}')}"
                                                         for k, v in r["vs_baseline"].items()))
     lines.append(f"files in {out}: {', '.join(summary.get('out_files', []))}"
@@ -492,9 +523,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache-rgb", default=os.environ.get("CACHE_RGB", str(REPO / ".cache" / "busi256_rgb")))
     ap.add_argument("--log-lines", type=int, default=60, help="lines of each stage's output in log.txt")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on any device (the CPU test)")
+    ap.add_argument("--parallel", type=int, default=None,
+                    help="stages run at a time, longest first (default 1; a dry run 2)")
     args = ap.parse_args(argv)
     if args.total_s is None:
         args.total_s = 1200.0 if args.dry_run else 480.0
+    if args.parallel is None:
+        args.parallel = 2 if args.dry_run else 1
     if args.min_stage_s is None:
         args.min_stage_s = 1.0 if args.dry_run else 20.0
     if args.work is None:

@@ -532,14 +532,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Matrix peak in this run.
     peak: dict[str, Any] = {"n": args.matmul_size}
-    peak["jax_bf16_tflops"] = round(jax_matmul_tflops(args.matmul_size, jnp.bfloat16,
-                                                      args.windows, args.window_s), 2)
-    peak["jax_f32_tflops"] = round(jax_matmul_tflops(args.matmul_size, jnp.float32,
-                                                     args.windows, args.window_s), 2)
+    # Four significant digits: a small matrix on a CPU measures thousandths of a TFLOP/s.
+    sig = lambda x: float(f"{x:.4g}")  # noqa: E731
+    peak["jax_bf16_tflops"] = sig(jax_matmul_tflops(args.matmul_size, jnp.bfloat16, args.windows, args.window_s))
+    peak["jax_f32_tflops"] = sig(jax_matmul_tflops(args.matmul_size, jnp.float32, args.windows, args.window_s))
     if torch is not None:
-        peak["torch_bf16_tflops"] = round(torch_matmul_tflops(
-            torch, torch_device, args.matmul_size, torch.bfloat16, args.windows,
-            args.window_s), 2)
+        peak["torch_bf16_tflops"] = sig(torch_matmul_tflops(
+            torch, torch_device, args.matmul_size, torch.bfloat16, args.windows, args.window_s))
     peak["bf16_peak_tflops"] = max(v for k, v in peak.items() if k.endswith("bf16_tflops"))
     result["matmul_peak"] = peak
     bf16_peak = peak["bf16_peak_tflops"]

@@ -183,8 +183,9 @@ def test_out_dir_rules(tmp_path):
 
 
 def test_a_failed_stage_does_not_stop_the_others_and_short_budgets_skip(tmp_path, monkeypatch, capsys):
+    # One stage at a time, as on a GPU (a dry run's default is two).
     args = gpu_run.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--stages", "env,augment,levers",
-                               "--total-s", "1000", "--reserve-s", "0", "--min-stage-s", "100"])
+                               "--total-s", "1000", "--reserve-s", "0", "--min-stage-s", "100", "--parallel", "1"])
     driver = gpu_run.Driver(args)
 
     def boom(budget):
@@ -215,3 +216,31 @@ def test_budget_shares_follow_priority():
     budgets = {s: driver.budget_for(s, todo) for s in todo}
     assert abs(sum(budgets.values()) - 480) < 1
     assert budgets["throughput"] > budgets["train_base"] > budgets["train_report"] > budgets["augment"]
+
+
+def test_parallel_stages_overlap_keep_their_order_and_their_failures_apart(tmp_path, monkeypatch, capsys):
+    args = gpu_run.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--stages", "env,augment,levers"])
+    assert args.parallel == 2 and gpu_run.parse_args(["--out", str(tmp_path / "o")]).parallel == 1
+    driver = gpu_run.Driver(args)
+    running, overlap = [], []
+
+    def stage(name, fail=False):
+        def run(budget):
+            running.append(name)
+            overlap.append(len(running))
+            time.sleep(0.3)
+            running.remove(name)
+            if fail:
+                raise RuntimeError(f"{name} broke")
+            return {"name": name}
+        return run
+
+    for name in ("env", "augment", "levers"):
+        monkeypatch.setattr(driver, f"stage_{name}", stage(name, fail=name == "augment"))
+    t0 = time.monotonic()
+    assert driver.run(args.stages) == 1
+    assert time.monotonic() - t0 < 0.85 and max(overlap) == 2  # three 0.3 s stages, two at a time
+    stages = json.loads((driver.out / "summary.json").read_text())["stages"]
+    assert list(stages) == ["env", "augment", "levers"]
+    assert stages["augment"]["status"] == "failed" and "augment broke" in stages["augment"]["error"]
+    assert stages["env"]["result"] == {"name": "env"} and stages["levers"]["status"] == "ok"
