@@ -142,7 +142,7 @@ def stage_embed(args: argparse.Namespace) -> dict[str, Any]:
 class Cached:
     """The split, the cached embeddings (memory-mapped), sizes, native and 256-frame masks."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, need: tuple[str, ...] = ("train", "val", "test")) -> None:
         from unet_jax.data.splits import read_manifest
 
         self.cache = Path(args.cache)
@@ -151,7 +151,7 @@ class Cached:
         split = read_manifest(args.split)
         self.parts = {k: [i for i in v] for k, v in split.partitions.items()}
         self.parts["train"] = train_subset(self.parts["train"], self.recs, args.train_limit)
-        missing = [i for v in self.parts.values() for i in v if i not in self.meta]
+        missing = [i for p in need for i in self.parts[p] if i not in self.meta]
         if missing:
             raise SystemExit(f"{len(missing)} images have no cached embedding (run --stages embed): {missing[:5]}")
         self._masks: dict[str, np.ndarray] = {}
@@ -190,14 +190,12 @@ class Cached:
 def _native_row(logits256: np.ndarray, rid: str, data: Cached) -> dict[str, Any]:
     """Metrics of one image at native resolution from ``(256, 256)`` logits in the padded
     frame (official post-processing: crop, bilinear resize, logit > 0)."""
-    import jax.numpy as jnp
-
     from unet_jax.metrics import image_metrics
     from unet_jax.models.sam.litemedsam import postprocess_logits
 
     m = data.meta[rid]
-    logits = np.asarray(postprocess_logits(jnp.asarray(logits256.reshape(1, 256, 256, 1)),
-                                           tuple(m["new_size"]), tuple(m["original_size"])))[0, :, :, 0]
+    logits = postprocess_logits(logits256.reshape(1, 256, 256, 1), tuple(m["new_size"]),
+                                tuple(m["original_size"]))[0, :, :, 0]
     gt = data.mask(rid)
     row = image_metrics(logits > 0, gt)
     # the report's loss: pixel binary cross-entropy of sigmoid(logits), natively
@@ -258,7 +256,8 @@ def _count(tree: Any) -> int:
 
 def _embed_summary(data: Cached) -> dict[str, float]:
     times = np.asarray([m["encoder_s"] for m in data.meta.values()])
-    return {"encoder_s_per_image_median": float(np.median(times)), "n": int(times.size)}
+    return {"encoder_s_per_image_median": float(np.median(times)), "encoder_s_per_image_min": float(times.min()),
+            "n": int(times.size)}
 
 
 # --------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ def _embed_summary(data: Cached) -> dict[str, float]:
 def stage_released(args: argparse.Namespace) -> dict[str, Any]:
     from unet_jax.models.sam.litemedsam import load_litemedsam
 
-    data = Cached(args)
+    data = Cached(args, need=("test",))
     model, variables = load_litemedsam()
     test = data.lesion("test")
     rows, dec_s = _evaluate_prompted(variables, model, data, test)

