@@ -198,7 +198,7 @@ def litemedsam_rows(folder: Path) -> list[dict[str, Any]]:
             "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
             "normal_fp_rate": None if r["prompted"] else summ["normal_false_positive_rate"]["rate"],
             "parameters": int(sum(v for v in params.values() if isinstance(v, int))),
-            "train_time_s": r.get("train_time_s", 0.0), "inference_images_per_s": r["cpu_img_per_s"],
+            "train_time_s": r.get("train_time_s"), "inference_images_per_s": r["cpu_img_per_s"],
         })
     for path_stage in ("twostage",):
         path = Path(folder) / f"{path_stage}.json"
@@ -213,7 +213,7 @@ def litemedsam_rows(folder: Path) -> list[dict[str, Any]]:
                 "accuracy": summ["pixel_accuracy"], "loss": summ["bce"], "dice": summ["dice_lesion"]["mean"],
                 "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
                 "normal_fp_rate": summ["normal_false_positive_rate"]["rate"],
-                "parameters": 9_791_300 + auto["parameters"]["trainable"],
+                "parameters": 9_791_300 + 9_856 + auto["parameters"]["trainable"],
                 "train_time_s": auto.get("train_time_s", 0.0), "inference_images_per_s": None,
             })
     return rows

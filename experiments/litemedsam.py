@@ -28,11 +28,14 @@ Stages (each resumable from its cache / results file; ``--stages`` picks some):
 Metrics: the project's metrics module at each image's native resolution (Dice, IoU, HD95,
 pixel accuracy and pixel BCE: the report's "accuracy" and "loss" columns).
 
-Command (from the repository root; about 25 minutes for the embeddings on one core, then
-minutes per row):
+Command (from the repository root), as run for results/litemedsam_cpu: the embeddings of
+the 93 test, 94 validation and a seeded class-stratified 120 of the 437 training images
+(``--train-limit 120``: what one shared core allowed; drop it to use all), then the rows
+under time budgets (``--ft-budget-s``, ``--auto-budget-s``):
 
     taskset -c 1 python3 experiments/litemedsam.py --data ../shared/data \\
-        --cache .cache/litemedsam --out experiments/results/litemedsam_cpu
+        --cache .cache/litemedsam --out experiments/results/litemedsam_cpu --train-limit 120 \\
+        --ft-budget-s 660 --auto-budget-s 420
 """
 
 from __future__ import annotations
@@ -370,7 +373,8 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
             "test_images": len(test), "lr": args.ft_lr, "batch_size": bs, "best_epoch": best[1],
             "selection": "validation Dice in the 256 frame (lesion validation images); test never used",
             "train_time_s": time.time() - started, "history": history,
-            "parameters": {"trainable": 4_058_340, "frozen": 9_791_300 - 4_058_340},
+            "parameters": {"trainable": 4_058_340, "frozen": 9_791_300 - 4_058_340,
+                           "batch_norm_statistics": _count(variables["batch_stats"])},
             "decoder_s_per_image_median": dec_s, "encoder_s_per_image_median": enc_s,
             "cpu_img_per_s": 1.0 / (enc_s + dec_s), "summary": _summary(rows), "rows": rows}
 
@@ -470,7 +474,7 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
             "test_images": len(test), "lr": args.auto_lr, "batch_size": bs, "best_epoch": best[1],
             "selection": "mean per-image validation Dice in the 256 frame, all validation images; test never used",
             "train_time_s": time.time() - started, "history": history,
-            "parameters": {"trainable": n_params, "frozen_encoder": 5_726_740},
+            "parameters": {"trainable": n_params, "frozen_encoder": 5_726_740, "batch_norm_statistics": 9_856},
             "decoder_s_per_image_median": dec_s, "encoder_s_per_image_median": enc_s,
             "cpu_img_per_s": 1.0 / (enc_s + dec_s), "summary": _summary(rows), "rows": rows}
 
