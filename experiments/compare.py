@@ -320,11 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         row = row_of(entry, out / entry.key)
         rows.append(row)
         print(f"   done in {time.time() - started:.0f} s", file=sys.stderr)
-    if args.litemedsam is not None:
-        rows += litemedsam_rows(Path(args.litemedsam))
-    text = table(rows, skipped)
+    measured = litemedsam_rows(Path(args.litemedsam)) if args.litemedsam is not None else []
+    text = table(rows + measured, skipped)
     (out / "table.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps({"profile": args.profile, "rows": rows,
+    (out / "compare.json").write_text(json.dumps({"profile": args.profile, "rows": rows, "litemedsam_rows": measured,
                                                    "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped]},
                                                   indent=2, default=str) + "\n")
     print(text)
