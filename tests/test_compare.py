@@ -59,3 +59,25 @@ def test_one_command_trains_on_one_split_and_prints_one_table(compare, tmp_path,
     (row_json,) = json.loads((out / "compare.json").read_text())["rows"]
     assert row_json["inference_images_per_s"] > 0 and row_json["parameters"] == sum(results["parameters"][k] for k in
                                                                                    ("trainable", "non_trainable"))
+
+
+def test_litemedsam_rows_join_the_table_with_the_contamination_note(compare, tmp_path):
+    """experiments/litemedsam.py's results files become table rows marked * (contaminated:
+    MedSAM's training data includes BUSI); prompted rows have no normal FP rate."""
+    summary = {"pixel_accuracy": 0.97, "bce": 0.08, "dice_lesion": {"mean": 0.9}, "iou_lesion": {"mean": 0.82},
+               "hd95_lesion": {"mean": 12.0}, "normal_false_positive_rate": {"rate": 0.25}}
+    common = {"summary": summary, "contamination": "may have been seen in pretraining", "cpu_img_per_s": 0.3}
+    (tmp_path / "released.json").write_text(json.dumps(
+        {**common, "prompted": True, "parameters": {"trainable": 9_791_300, "batch_norm_statistics": 9_856}}))
+    (tmp_path / "auto.json").write_text(json.dumps(
+        {**common, "prompted": False, "train_time_s": 60.0,
+         "parameters": {"trainable": 1_000, "frozen_encoder": 5_726_740}}))
+    rows = compare.litemedsam_rows(tmp_path)
+    assert [r["key"] for r in rows] == ["litemedsam_released", "litemedsam_auto"]
+    assert rows[0]["normal_fp_rate"] is None and rows[1]["normal_fp_rate"] == 0.25
+    assert rows[0]["parameters"] == 9_791_300 + 9_856 and rows[1]["parameters"] == 5_727_740
+    text = compare.table(rows, [])
+    line = next(x for x in text.splitlines() if x.startswith("| LiteMedSAM as released"))
+    assert "(PROMPTED)*" in line and "| 0.9000 |" in line and line.rstrip().endswith("| 0.30 |")
+    assert text.splitlines()[-1].startswith("* LiteMedSAM") and "BUSI" in text.splitlines()[-1]
+    assert "| SAM (the report) | 0.9100 | 0.0668 |" in text

@@ -202,6 +202,40 @@ def test_conv2d_matches_formula_and_literal_sum(n, m, k, s, p, c_in, c_out, seed
     np.testing.assert_allclose(y[0], expected.reshape(y.shape[1:]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n, k, s, p, groups, per_in, per_out, seed", [
+    (6, 3, 2, 1, 3, 1, 1, 0),  # depthwise, stride 2, explicit padding 1 (TinyViT's PatchMerging)
+    (5, 3, 1, 1, 2, 1, 1, 1),  # depthwise 3x3 (MBConv, local_conv)
+    (5, 2, 1, 0, 2, 2, 3, 2),  # grouped, 2 in / 3 out channels per group
+    (4, 1, 1, 0, 1, 2, 2, 3),  # G = 1: the ordinary convolution
+])
+def test_grouped_and_depthwise_conv2d_match_literal_sum(n, k, s, p, groups, per_in, per_out, seed):
+    # feature_group_count = G: kernel (k, k, C_in / G, C_out); per_in = per_out = 1 is the
+    # depthwise convolution (LiteMedSAM's TinyViT), against the literal grouped sum.
+    c_in, c_out = groups * per_in, groups * per_out
+    pads = ((p, p), (p, p))
+    layer = Conv2D(c_out, k, strides=s, padding=pads, feature_group_count=groups, precision=HIGHEST)
+    x = jax.random.normal(jax.random.key(seed), (1, n, n + 1, c_in))
+    rng = np.random.default_rng(seed)
+    kernel, bias = rng.normal(size=(k, k, per_in, c_out)), rng.normal(size=c_out)
+    y = apply_with_kernel(layer, x, kernel, bias)
+    expected = reference.conv2d(np.asarray(x[0]), kernel, s, pads, bias, groups=groups)
+    assert y.shape == (1, *expected.reshape(expected.shape[0], expected.shape[1], -1).shape)
+    np.testing.assert_allclose(y[0], expected.reshape(y.shape[1:]), rtol=1e-5, atol=1e-5)
+    # Depthwise by hand: one filter per channel.
+    if per_in == per_out == 1:
+        xp = np.pad(np.asarray(x[0], np.float64), ((p, p), (p, p), (0, 0)))
+        for c in range(c_in):
+            lit = reference.conv2d(xp[:, :, c], kernel[:, :, 0, c], s) + bias[c]
+            np.testing.assert_allclose(y[0, :, :, c], lit, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv2d_refuses_groups_that_do_not_divide():
+    with pytest.raises(ValueError, match=r"feature_group_count 2 must divide the input channels \(3"):
+        Conv2D(4, 3, feature_group_count=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"groups 2 must divide"):
+        reference.conv2d(np.ones((4, 4, 3)), np.ones((3, 3, 1, 2)), groups=2)
+
+
 @given(n=st.integers(1, 10), m=st.integers(1, 10), k=st.integers(1, 4), s=st.integers(1, 3),
        p=st.integers(0, 1), c=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_maxpool_matches_formula_and_literal_max(n, m, k, s, p, c, seed):

@@ -282,10 +282,11 @@ def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
-def _kernel_and_bias(layer: Any, kernel: tuple[int, int], x: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-    """The ``(kh, kw, in, out)`` kernel and ``(out,)`` bias of a (transposed) convolution,
-    and the input, all cast to the layer's computation dtype."""
-    w = layer.param("kernel", layer.kernel_init, (*kernel, _channels(x, layer.layout), layer.features),
+def _kernel_and_bias(layer: Any, kernel: tuple[int, int], x: jax.Array,
+                     groups: int = 1) -> tuple[jax.Array, jax.Array, Any]:
+    """The ``(kh, kw, in / groups, out)`` kernel and ``(out,)`` bias of a (transposed)
+    convolution, and the input, all cast to the layer's computation dtype."""
+    w = layer.param("kernel", layer.kernel_init, (*kernel, _channels(x, layer.layout) // groups, layer.features),
                     layer.param_dtype)
     b = layer.param("bias", layer.bias_init, (layer.features,), layer.param_dtype) if layer.use_bias else None
     return nn.dtypes.promote_dtype(x, w, b, dtype=layer.dtype)
@@ -297,9 +298,14 @@ class Conv2D(nn.Module):
     ``y[b, i, j, o] = bias[o] + sum_{u, v, c} xpad[b, s_h i + u, s_w j + v, c] kernel[u, v, c, o]``
 
     the report's convolution sum over the receptive field, for every output channel.
+    With ``feature_group_count = G`` the channels split into ``G`` groups and output
+    channel ``o`` (of group ``g = o // (features / G)``) sums only over the input channels
+    of its group, ``c = g (C_in / G) + c'``: ``kernel[u, v, c', o]``, ``c' < C_in / G``.
+    ``G = C_in = features`` is the depthwise convolution (one ``kh x kw`` filter per
+    channel) of MobileNet-style blocks (PyTorch's ``groups``).
 
     Shapes: ``(N, H, W, C_in) -> (N, H_out, W_out, features)`` with ``H_out =
-    conv_output_size(H, kh, s_h, (top, bottom))``.
+    conv_output_size(H, kh, s_h, (top, bottom))``; kernel ``(kh, kw, C_in / G, features)``.
 
     Attributes:
       features: output channels.
@@ -308,6 +314,8 @@ class Conv2D(nn.Module):
       padding: ``'SAME'``, ``'VALID'``, an int, or ``((top, bottom), (left, right))``.
       use_bias: add a learned bias.
       in_features: optional expected input channel count (checked at call time).
+      feature_group_count: ``G``, dividing both ``C_in`` and ``features`` (1: a full
+        convolution; ``C_in``: depthwise).
       dtype: computation dtype (e.g. ``jnp.bfloat16`` for mixed precision); ``None`` keeps
         the input's dtype promoted with the parameters'.
       param_dtype: parameter storage dtype.
@@ -321,6 +329,7 @@ class Conv2D(nn.Module):
     padding: Padding = "SAME"
     use_bias: bool = True
     in_features: int | None = None
+    feature_group_count: int = 1
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -338,14 +347,24 @@ class Conv2D(nn.Module):
         pads = resolve_padding(self.padding, hw, kernel, strides)
         for axis in (0, 1):
             conv_output_size(hw[axis], kernel[axis], strides[axis], pads[axis])
+        groups = self.feature_group_count
+        _check_positive("feature_group_count", groups)
+        channels = _channels(x, self.layout)
+        if channels % groups or self.features % groups:
+            raise ValueError(
+                f"{_layer_label('Conv2D', self.name)}: feature_group_count {groups} must divide "
+                f"the input channels ({channels}, input shape {tuple(x.shape)}) and "
+                f"features ({self.features})"
+            )
 
-        x, w, b = _kernel_and_bias(self, kernel, x)
+        x, w, b = _kernel_and_bias(self, kernel, x, groups)
         y = jax.lax.conv_general_dilated(
             x,
             w,
             window_strides=strides,
             padding=pads,
             dimension_numbers=(self.layout, "HWIO", self.layout),
+            feature_group_count=groups,
             precision=self.precision,
         )
         return _add_bias(y, b, self.layout)

@@ -34,7 +34,7 @@ def pad(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
 
 
 def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), (0, 0)),
-           bias: np.ndarray | None = None) -> np.ndarray:
+           bias: np.ndarray | None = None, groups: int = 1) -> np.ndarray:
     """The report's 2-D convolution: the sum over the receptive field,
 
     ``Y[i, j, o] = b[o] + sum_{c} sum_{u=0}^{kh-1} sum_{v=0}^{kw-1} X[s i + u, s j + v, c] K[u, v, c, o]``
@@ -43,15 +43,22 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), 
     for ``j``). With one channel and one kernel it is the single-channel equation
     ``Y[i, j] = sum_{u, v} X[s i + u, s j + v] K[u, v]``. As in every deep-learning
     framework, the kernel is not flipped (cross-correlation).
+
+    Grouped (``groups = G``; depthwise when ``G = C_in``): the kernel is ``(kh, kw, C_in /
+    G, C_out)`` and output channel ``o`` sums over its group's input channels only,
+    ``X[., ., g (C_in / G) + c]`` with ``g = o // (C_out / G)`` and ``c < C_in / G``.
     """
     x, squeeze = _as_hwc(x)
     w = _as_kernel(w)
     kh, kw, c_in, c_out = w.shape
-    if x.shape[2] != c_in:
+    if groups < 1 or x.shape[2] % groups or c_out % groups:
+        raise ValueError(f"conv2d: groups {groups} must divide the input channels {x.shape[2]} "
+                         f"and the output channels {c_out}")
+    if x.shape[2] != c_in * groups:
         # A ValueError, not an assert: asserts vanish under ``python -O``.
         raise ValueError(
             f"conv2d: input has {x.shape[2]} channels (shape {x.shape}), but the kernel "
-            f"of shape {w.shape} expects C_in = {c_in}"
+            f"of shape {w.shape} expects C_in = {c_in * groups} ({groups} group(s))"
         )
     xp = pad(x, pads)
     out_h = (xp.shape[0] - kh) // stride + 1
@@ -61,10 +68,11 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), 
         for j in range(out_w):
             for o in range(c_out):
                 total = 0.0 if bias is None else float(bias[o])
+                first = (o // (c_out // groups)) * c_in  # the group's first input channel
                 for c in range(c_in):
                     for u in range(kh):
                         for v in range(kw):
-                            total += xp[stride * i + u, stride * j + v, c] * w[u, v, c, o]
+                            total += xp[stride * i + u, stride * j + v, first + c] * w[u, v, c, o]
                 y[i, j, o] = total
     return y[:, :, 0] if squeeze and c_out == 1 else y
 

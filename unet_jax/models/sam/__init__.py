@@ -2,7 +2,9 @@
 
 A faithful port of the reference PyTorch package ``segment_anything`` (image encoder,
 prompt encoder, mask decoder), its presets, a training-loop-facing
-:class:`SamSegmenter`, and conversion of the official checkpoints.
+:class:`SamSegmenter`, and conversion of the official checkpoints; LiteMedSAM's TinyViT
+encoder (:mod:`unet_jax.models.sam.tiny_vit`, preset ``litemedsam``), its released
+weights and official preprocessing (:mod:`unet_jax.models.sam.litemedsam`).
 """
 
 from unet_jax.models.sam.convert import (
@@ -12,8 +14,14 @@ from unet_jax.models.sam.convert import (
     load_sam_params,
     read_sam_checkpoint,
     sam_params_from_state_dict,
+    sam_variables_from_state_dict,
 )
 from unet_jax.models.sam.image_encoder import ImageEncoderViT
+from unet_jax.models.sam.litemedsam import (
+    find_litemedsam_checkpoint,
+    load_litemedsam,
+    read_litemedsam_checkpoint,
+)
 from unet_jax.models.sam.mask_decoder import MaskDecoder, TwoWayTransformer
 from unet_jax.models.sam.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
 from unet_jax.models.sam.sam import (
@@ -24,7 +32,9 @@ from unet_jax.models.sam.sam import (
     postprocess_masks,
     resize_bilinear,
     sam_init_params,
+    sam_init_variables,
 )
+from unet_jax.models.sam.tiny_vit import TinyViT
 
 __all__ = [
     "SAM_PRESETS",
@@ -35,14 +45,20 @@ __all__ = [
     "Sam",
     "SamCheckpointError",
     "SamSegmenter",
+    "TinyViT",
     "TwoWayTransformer",
     "convert_sam_checkpoint",
     "create_sam",
+    "find_litemedsam_checkpoint",
+    "load_litemedsam",
+    "read_litemedsam_checkpoint",
     "infer_sam_preset",
     "load_sam_params",
     "postprocess_masks",
     "read_sam_checkpoint",
     "resize_bilinear",
     "sam_init_params",
+    "sam_init_variables",
     "sam_params_from_state_dict",
+    "sam_variables_from_state_dict",
 ]

