@@ -303,7 +303,6 @@ def _frame_dice(logits: np.ndarray, target: np.ndarray) -> float:
 
 def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     import optax
 
     from unet_jax.models.sam.litemedsam import load_litemedsam

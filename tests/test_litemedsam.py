@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections.abc
 import importlib.util
-import itertools
 import sys
 import types
 
