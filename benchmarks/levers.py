@@ -11,7 +11,10 @@ zero insertion, batch norm as trained) in one switch:
 * train: ``float32`` compute; ``single_step`` (one step per dispatch); ``no_donate`` (the
   state's buffers not donated); ``subpixel`` (``UNet.up_method``: the transposed
   convolutions as one convolution on the input grid + depth-to-space); ``nchw``
-  (``UNet.layout``: activations channels-first inside the network);
+  (``UNet.layout``: activations channels-first inside the network); ``xla_grad`` and
+  ``explicit_grad`` (``UNet.gradient``: JAX's own convolution gradients, or the written-out
+  canonical ones of unet_jax.conv_grad; the baseline's ``'auto'`` is explicit on the CPU,
+  JAX's own elsewhere);
 * inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
   folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``; ``nchw``.
 
@@ -59,6 +62,8 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "no_donate": {"donate": False},
     "subpixel": {"up_method": "subpixel"},
     "nchw": {"layout": "NCHW"},
+    "xla_grad": {"gradient": "xla"},
+    "explicit_grad": {"gradient": "explicit"},
 }
 INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -68,7 +73,7 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
     "nchw": {"layout": "NCHW"},
 }
-MODEL_SWITCHES = ("up_method", "layout")
+MODEL_SWITCHES = ("up_method", "layout", "gradient")
 
 
 def _model_fields(args: argparse.Namespace, switch: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +119,7 @@ def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
                 flops.train, args.peak)
     out.update(compile_s=round(compile_s, 2), steps_per_dispatch=num_steps, dtype=dtype,
                donated=switch.get("donate", True), up_method=fields.get("up_method", "zero_insertion"),
-               layout=fields.get("layout", "NHWC"))
+               layout=fields.get("layout", "NHWC"), gradient=fields.get("gradient", "auto"))
     holder.clear()  # the state's buffers go before the next variant
     gc.collect()
     return out

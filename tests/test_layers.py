@@ -283,8 +283,8 @@ def test_transposed_convolution_jacobian_is_the_transpose_of_convolutions(n, k, 
     forward = lambda x: apply_with_kernel_jax(conv, x, kernel)  # noqa: E731
     backward = lambda y: apply_with_kernel_jax(convt, y, kernel.transpose(0, 1, 3, 2))  # noqa: E731
 
-    jac_conv = jax.jacfwd(forward)(jnp.zeros((1, n, n, c_in))).reshape(m * m * c_out, n * n * c_in)
-    jac_convt = jax.jacfwd(backward)(jnp.zeros((1, m, m, c_out))).reshape(n * n * c_in, m * m * c_out)
+    jac_conv = jax.jacrev(forward)(jnp.zeros((1, n, n, c_in))).reshape(m * m * c_out, n * n * c_in)
+    jac_convt = jax.jacrev(backward)(jnp.zeros((1, m, m, c_out))).reshape(n * n * c_in, m * m * c_out)
     np.testing.assert_allclose(jac_convt, jac_conv.T, rtol=1e-6, atol=1e-6)
 
 

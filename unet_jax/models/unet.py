@@ -64,6 +64,7 @@ class ConvBlock(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     layout: Literal["NHWC", "NCHW"] = "NHWC"
+    gradient: Literal["auto", "xla", "explicit"] = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -76,6 +77,7 @@ class ConvBlock(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 layout=self.layout,
+                gradient=self.gradient,
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
@@ -150,6 +152,9 @@ class UNet(nn.Module):
       layout: the logical layout of the activations inside the network, ``'NHWC'`` or
         ``'NCHW'`` (transposed once on the way in and once on the way out; input, output
         and parameters are the same in both): a performance lever, not a semantic one.
+      gradient: how every convolution is differentiated (``Conv2D.gradient``): ``'auto'``
+        (written-out canonical gradients on the CPU backend, which XLA:CPU needs inside a
+        scanned step), ``'xla'`` (JAX's autodiff; forward mode too) or ``'explicit'``.
     """
 
     features: int = 64
@@ -170,6 +175,7 @@ class UNet(nn.Module):
     class_head: int = 0
     up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
+    gradient: Literal["auto", "xla", "explicit"] = "auto"
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -184,6 +190,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             layout=self.layout,
+            gradient=self.gradient,
             name=name,
         )
 
@@ -232,6 +239,7 @@ class UNet(nn.Module):
                 param_dtype=self.param_dtype,
                 method=self.up_method,
                 layout=self.layout,
+                gradient=self.gradient,
                 name=f"up{level}",
             )(x)
             x = CropConcat(layout=self.layout, name=f"concat{level}")(skips[level - 1], x)
@@ -245,6 +253,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             layout=self.layout,
+            gradient=self.gradient,
             name="head",
         )(x)
         if channels_first:
