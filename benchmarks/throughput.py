@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from flops import preset_flops  # noqa: E402
 from unet_jax._io import write_json  # noqa: E402
@@ -63,7 +64,7 @@ from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
 from unet_jax.models import create_unet  # noqa: E402
 from unet_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from unet_jax.train.steps import train_steps  # noqa: E402
+from unet_jax.train.steps import BATCH_AXIS, make_mesh, train_steps  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -169,8 +170,12 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     out: dict[str, Any] = {"compile_s": {}}
     model = create_unet(preset, **args.model, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
+    # --mesh: data-parallel over every local device (replicated data and state, the batch
+    # split along the mesh), as the training loop runs; otherwise one device.
+    mesh = make_mesh() if args.mesh else None
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.devices()[0]
     data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
-                                     jnp.asarray(host["labels"])))
+                                     jnp.asarray(host["labels"])), replicated)
     config = TrainConfig(preset=preset, batch_size=batch)
     tx = make_optimizer(config, max(1, n // batch))
     loss_fn = get_loss("bce_dice")
@@ -180,7 +185,8 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     counter = {"step": 0}
 
     if "train" in modes:
-        state = create_train_state(model, tx, init_key, (1, size, size, model.in_channels))
+        state = jax.device_put(create_train_state(model, tx, init_key, (1, size, size, model.in_channels)),
+                               replicated)
         holder = {"state": state}
 
         def make_run(num_steps: int) -> Callable[[int], None]:
@@ -190,7 +196,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
                     start = jnp.asarray(counter["step"], jnp.int32)
                     st, metrics = train_steps(st, data, data_key, dropout_key, start,
                                               num_steps=num_steps, sample=sample,
-                                              loss_fn=loss_fn, threshold=0.5, mesh=None)
+                                              loss_fn=loss_fn, threshold=0.5, mesh=mesh)
                     counter["step"] += num_steps
                 holder["state"] = st
                 jax.block_until_ready((st, metrics))
@@ -217,9 +223,10 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
             out["train_scan"]["dispatches_per_window"] = 1
         del holder, state
     if "infer" in modes:
-        variables = model.init(init_key, jnp.zeros((1, size, size, model.in_channels)),
-                               train=False)
-        images = jax.device_put(jnp.asarray(host["images"][:batch], jnp.float32) / 255.0)
+        variables = jax.device_put(model.init(init_key, jnp.zeros((1, size, size, model.in_channels)),
+                                              train=False), replicated)
+        split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS)) if mesh is not None else replicated
+        images = jax.device_put(jnp.asarray(host["images"][:batch], jnp.float32) / 255.0, split)
         apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
         def infer(k: int) -> None:
@@ -442,6 +449,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip rows that would start after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mesh", action="store_true",
+                    help="JAX data-parallel over every local device (e.g. two CPU devices with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
                     "throughput_<backend>_<UTC time>.json)")
     ap.add_argument("--tag", default=None, help="a label stored in the JSON")
