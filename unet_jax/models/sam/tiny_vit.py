@@ -24,7 +24,7 @@ defaults here):
 
 Module and parameter names mirror the PyTorch attributes (``layers.1.blocks.0.attn.qkv``
 -> ``layers_1/blocks_0/attn/qkv``; ``Conv2d_BN``'s ``c``/``bn``), so that
-:mod:`unet_jax.models.sam.convert` maps the released state dict mechanically.
+:mod:`unet_jax.convert.sam` maps the released state dict mechanically.
 BatchNorm statistics live in the ``batch_stats`` collection; ``train=False`` (the only
 mode LiteMedSAM is run in here) uses them. Attention biases are gathered from the
 ``attention_biases`` table ``(heads, n_offsets)`` at every call, so there is no cached
