@@ -55,8 +55,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from flops import preset_flops  # noqa: E402
+
 from unet_jax._io import write_json  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
@@ -169,8 +169,10 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     out: dict[str, Any] = {"compile_s": {}}
     model = create_unet(preset, **args.model, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
-    data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
-                                     jnp.asarray(host["labels"])))
+    # Held in a dict, not a local, so the training closures can read it and the end of the
+    # function can still drop the device copy (a deleted closure variable is a lint error).
+    device = {"data": jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
+                                                jnp.asarray(host["labels"])))}
     config = TrainConfig(preset=preset, batch_size=batch)
     tx = make_optimizer(config, max(1, n // batch))
     loss_fn = get_loss("bce_dice")
@@ -188,7 +190,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
                 st = holder["state"]
                 for _ in range(dispatches):
                     start = jnp.asarray(counter["step"], jnp.int32)
-                    st, metrics = train_steps(st, data, data_key, dropout_key, start,
+                    st, metrics = train_steps(st, device["data"], data_key, dropout_key, start,
                                               num_steps=num_steps, sample=sample,
                                               loss_fn=loss_fn, threshold=0.5, mesh=None)
                     counter["step"] += num_steps
@@ -235,7 +237,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
         out["infer"] = stats(time_windows(infer, steps, args.windows), steps, batch,
                              flops.forward, peak)
         del variables, images
-    del data
+    device.clear()
     gc.collect()
     return out
 
@@ -467,7 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in args.frameworks:
         try:
             import torch  # noqa: F811
-
             from torch_peer import check_param_counts, torch_flops
         except Exception as e:  # noqa: BLE001
             torch, torch_error = None, f"{type(e).__name__}: {e}"
