@@ -70,8 +70,10 @@ def _imports(path: Path) -> list[tuple[int, str, str]]:
 
 
 def _is_submodule(module: str, name: str) -> bool:
-    return importlib.util.find_spec(f"{module}.{name}") is not None if hasattr(
-        importlib.import_module(module), "__path__") else False
+    """Whether ``from module import name`` imports a submodule (only packages have them)."""
+    if not hasattr(importlib.import_module(module), "__path__"):
+        return False
+    return importlib.util.find_spec(f"{module}.{name}") is not None
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -56,8 +56,10 @@ _linear_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 DEFAULT_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
 
 
-def _batch_norm(module: nn.Module, name: str, train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def _batch_norm(module: nn.Module, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
+    """Batch norm ``name`` of ``module``, applied to ``(N, H, W, C)`` features; returns
+    ``module.dtype`` (its input's dtype when None)."""
+    norm = nn.BatchNorm(
         use_running_average=not train,
         momentum=module.bn_momentum,
         epsilon=module.bn_epsilon,
@@ -65,6 +67,11 @@ def _batch_norm(module: nn.Module, name: str, train: bool) -> nn.BatchNorm:
         param_dtype=module.param_dtype,
         name=name,
     )
+    # Flax subtracts the float32 statistics from its input as is, so bfloat16 features need
+    # implicit promotion (refused under strict dtype promotion); casting them to float32 is
+    # that promotion made explicit (the statistics are float32 reductions either way), and
+    # the output is still cast to ``dtype``.
+    return lambda x: norm(x.astype(jnp.float32))
 
 
 def _check_image(label: str, x: jax.Array, channels: int) -> None:

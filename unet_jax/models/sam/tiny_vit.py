@@ -91,8 +91,10 @@ class Conv2dBN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                    use_bias=False, feature_group_count=self.groups, dtype=self.dtype, name="c")(x)
+        # float32 statistics minus bfloat16 features would be an implicit promotion (refused
+        # under strict dtype promotion); made explicit, the result is the same.
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                            dtype=self.dtype, name="bn")(x)
+                            dtype=self.dtype, name="bn")(x.astype(jnp.float32))
 
 
 class MBConv(nn.Module):
