@@ -140,7 +140,8 @@ def targets_table(summary: dict[str, Any], tp: dict[str, Any], runs: dict[str, A
                  f"{_met(est.get('estimate_75x517_s'), lambda v: v <= 30)} |")
     overhead = aug.get("augment_overhead")
     lines.append(f"| augmentation adds < 5% to a training step | "
-                 f"{_f(None if overhead is None else 100 * overhead, '{:+.1f}%')} | {_met(overhead, lambda v: v < 0.05)} |")
+                 f"{_f(None if overhead is None else 100 * overhead, '{:+.1f}%')} | "
+                 f"{_met(overhead, lambda v: v < 0.05)} |")
     m = _headline_metrics(runs["base"].get("results", {})) if "base" in runs else {}
     lines.append(f"| strong protocol: test lesion Dice >= 0.80 | {_f(m.get('dice_lesion'))} | "
                  f"{_met(m.get('dice_lesion'), lambda v: v >= 0.80)} |")
@@ -241,7 +242,8 @@ def levers_table(lv: dict[str, Any]) -> str:
                 lines.append(f"| {kind} | {name} | {row.get('skipped') or row.get('error', '?')[:80]} | | | |")
                 continue
             lines.append(f"| {kind} | {name} | {row['images_per_s']:.0f} | {_f(row.get('vs_baseline'), '{:.2f}')} | "
-                         f"{_f(row.get('compile_s'), '{:.1f}')} | {_f(row.get('max_abs_diff_vs_baseline'), '{:.2g}')} |")
+                         f"{_f(row.get('compile_s'), '{:.1f}')} | "
+                         f"{_f(row.get('max_abs_diff_vs_baseline'), '{:.2g}')} |")
     return "\n".join(lines)
 
 

@@ -39,14 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from throughput import (DTYPES, environment, make_host_data, parse_fields, pick_steps,  # noqa: E402
-                        stats, time_windows)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from flops import preset_flops  # noqa: E402
+from throughput import DTYPES, environment, make_host_data, parse_fields, pick_steps, stats, time_windows  # noqa: E402
+
 from unet_jax._io import write_json  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402

@@ -55,9 +55,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flops import preset_flops  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from flops import preset_flops  # noqa: E402
 from unet_jax._io import write_json  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
@@ -174,8 +174,10 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     # split along the mesh), as the training loop runs; otherwise one device.
     mesh = make_mesh() if args.mesh else None
     replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.devices()[0]
-    data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
-                                     jnp.asarray(host["labels"])), replicated)
+    # Held in a dict, not a local, so the training closures can read it and the end of the
+    # function can still drop the device copy (a deleted closure variable is a lint error).
+    device = {"data": jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
+                                                jnp.asarray(host["labels"])), replicated)}
     config = TrainConfig(preset=preset, batch_size=batch)
     tx = make_optimizer(config, max(1, n // batch))
     loss_fn = get_loss("bce_dice")
@@ -194,7 +196,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
                 st = holder["state"]
                 for _ in range(dispatches):
                     start = jnp.asarray(counter["step"], jnp.int32)
-                    st, metrics = train_steps(st, data, data_key, dropout_key, start,
+                    st, metrics = train_steps(st, device["data"], data_key, dropout_key, start,
                                               num_steps=num_steps, sample=sample,
                                               loss_fn=loss_fn, threshold=0.5, mesh=mesh)
                     counter["step"] += num_steps
@@ -242,7 +244,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
         out["infer"] = stats(time_windows(infer, steps, args.windows), steps, batch,
                              flops.forward, peak)
         del variables, images
-    del data
+    device.clear()
     gc.collect()
     return out
 
@@ -477,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in args.frameworks:
         try:
             import torch  # noqa: F811
-
             from torch_peer import check_param_counts, torch_flops
         except Exception as e:  # noqa: BLE001
             torch, torch_error = None, f"{type(e).__name__}: {e}"

@@ -21,7 +21,8 @@ def training_row(run: Path) -> str:
     results = json.loads((run / "results.json").read_text())
     env = json.loads((run / "environment.json").read_text())
     val = results.get("val_at_best_epoch", {})
-    return (f"| {run.name} | {results['best_epoch']}/{results['epochs_run']} | {val.get('val/dice', float('nan')):.3f} | "
+    return (f"| {run.name} | {results['best_epoch']}/{results['epochs_run']} | "
+            f"{val.get('val/dice', float('nan')):.3f} | "
             f"{val.get('val/accuracy', float('nan')):.3f} | {env.get('wall_time_s', float('nan')) / 60:.0f} |")
 
 

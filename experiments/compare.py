@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("full", "cpu"), default="full")
     parser.add_argument("--data", default=None, help="a BUSI-layout folder (default: the base config's)")
     parser.add_argument("--cache", default=None, help="a folder written by `unet-jax data prepare` (faster)")
-    parser.add_argument("--sam-checkpoint", default=None, help="official sam_vit_b_01ec64.pth (or a converted .msgpack)")
+    parser.add_argument("--sam-checkpoint", default=None,
+                        help="official sam_vit_b_01ec64.pth (or a converted .msgpack)")
     parser.add_argument("--litemedsam", default=str(LITEMEDSAM_RESULTS) if LITEMEDSAM_RESULTS.exists() else None,
                         help="experiments/litemedsam.py's results folder: its measured rows join the table "
                              "(default: results/litemedsam_cpu when present)")
@@ -323,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     measured = litemedsam_rows(Path(args.litemedsam)) if args.litemedsam is not None else []
     text = table(rows + measured, skipped)
     (out / "table.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps({"profile": args.profile, "rows": rows, "litemedsam_rows": measured,
-                                                   "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped]},
-                                                  indent=2, default=str) + "\n")
+    summary = {"profile": args.profile, "rows": rows, "litemedsam_rows": measured,
+               "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped]}
+    (out / "compare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(text)
     return 0
 

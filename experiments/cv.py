@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--only", type=int, nargs="*", default=None, help="run only these folds (then aggregate what exists)")
+    parser.add_argument("--only", type=int, nargs="*", default=None,
+                        help="run only these folds (then aggregate what exists)")
     args = parser.parse_args(argv)
 
     config = apply_overrides(load_config(args.config), args.set + ([f"cache={args.cache}"] if args.cache else []))

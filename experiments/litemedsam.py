@@ -99,7 +99,8 @@ def read_native(record: Any) -> tuple[np.ndarray, np.ndarray]:
 def stage_embed(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
-    from unet_jax.models.sam.litemedsam import load_litemedsam, preprocess_image
+    from unet_jax.convert.litemedsam import load_litemedsam
+    from unet_jax.models.sam.litemedsam import preprocess_image
 
     cache = Path(args.cache)
     (cache / "emb").mkdir(parents=True, exist_ok=True)
@@ -267,7 +268,7 @@ def _embed_summary(data: Cached) -> dict[str, float]:
 # Row 1: released, GT boxes
 # --------------------------------------------------------------------------------------
 def stage_released(args: argparse.Namespace) -> dict[str, Any]:
-    from unet_jax.models.sam.litemedsam import load_litemedsam
+    from unet_jax.convert.litemedsam import load_litemedsam
 
     data = Cached(args, need=("test",))
     model, variables = load_litemedsam()
@@ -305,7 +306,7 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import optax
 
-    from unet_jax.models.sam.litemedsam import load_litemedsam
+    from unet_jax.convert.litemedsam import load_litemedsam
 
     data = Cached(args)
     model, variables = load_litemedsam()
@@ -486,7 +487,7 @@ def stage_twostage(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     from flax import serialization
 
-    from unet_jax.models.sam.litemedsam import load_litemedsam
+    from unet_jax.convert.litemedsam import load_litemedsam
 
     data = Cached(args)
     test = data.parts["test"]
@@ -539,11 +540,13 @@ def stage_report(args: argparse.Namespace) -> dict[str, Any]:
 
     def add(label: str, r: dict, summ: dict, params: str, speed: str) -> None:
         lines.append(f"| {label} | {sum(summ['counts'][c] for c in ('benign', 'malignant', 'normal'))} | "
-                     f"{ci(summ['dice_lesion'])} | {summ['iou_lesion']['mean']:.3f} | {summ['hd95_lesion']['mean']:.1f} | "
+                     f"{ci(summ['dice_lesion'])} | {summ['iou_lesion']['mean']:.3f} | "
+                     f"{summ['hd95_lesion']['mean']:.1f} | "
                      f"{summ['pixel_accuracy']:.4f} | {summ['bce']:.4f} | {rate(summ['normal_false_positive_rate'])} | "
                      f"{rate(summ['lesion_empty_prediction_rate'])} | {params} | {speed} |")
 
-    labels = {"released": "1. as released, GT boxes (PROMPTED)", "finetune": "2. mask decoder fine-tuned, GT boxes (PROMPTED)",
+    labels = {"released": "1. as released, GT boxes (PROMPTED)",
+              "finetune": "2. mask decoder fine-tuned, GT boxes (PROMPTED)",
               "auto": "3. frozen encoder + light decoder, no prompt"}
     for stage, label in labels.items():
         path = out / f"{stage}.json"

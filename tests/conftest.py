@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-
-import dataclasses
 
 # The suite compiles hundreds of small XLA programs and runs each a few times, so LLVM's
 # optimisation of the generated CPU code costs more than it saves (measured on 2 cores:
@@ -17,12 +16,34 @@ if os.environ.get("UNET_JAX_TEST_XLA_OPT") != "1" and \
         "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# Implicit dtype promotion hides precision bugs (a float64 NumPy constant turning a float32
+# or bfloat16 computation into float32/float64, an int array silently becoming float):
+# every mix of dtypes must be an explicit cast. Through the environment too, so the
+# suite's subprocesses run under the same rule.
+os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
+
 import jax  # noqa: E402
-import pytest
-from hypothesis import HealthCheck, settings
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Implicit rank promotion hides shape bugs (a (N,) bias added to (N, 1)); make it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def unet_bf16_promotion():
+    """Standard dtype promotion for the duration of a test of the bfloat16 U-Net.
+
+    unet.py's BatchNorm gets bfloat16 features against float32 statistics, an implicit
+    promotion that strict mode refuses (resnet.py and tiny_vit.py cast them explicitly).
+    unet.py is being rewritten on another branch; once it casts too, delete this fixture,
+    its three users (test_models, test_train, test_levers: the bfloat16 U-Net tests) and
+    the JAX_NUMPY_DTYPE_PROMOTION=standard of test_gpu_run's dry run.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
 
 # Compilation makes the first example of a property slow; deadlines would be flaky.
 settings.register_profile(

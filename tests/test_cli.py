@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _train_helpers import TINY
 from PIL import Image
 
-from _train_helpers import TINY
 from unet_jax.cli import main
 from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 
@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_overrides_are_typed_and_unknown_keys_refused():
     config = apply_overrides(TrainConfig(), ["epochs=5", "learning_rate=3e-4", "model.dropout_rate=0.1",
                                              "patience=None", "augment=false", "loss=bce"])
-    assert (config.epochs, config.learning_rate, config.patience, config.augment, config.loss) == (5, 3e-4, None, False, "bce")
+    assert (config.epochs, config.learning_rate, config.patience, config.augment, config.loss) == (
+        5, 3e-4, None, False, "bce")
     assert config.model == {"dropout_rate": 0.1}
     with pytest.raises(ValueError, match=r"override 'epoch=5': unknown config key 'epoch'"):
         apply_overrides(TrainConfig(), ["epoch=5"])
@@ -43,7 +44,8 @@ def test_experiment_configs_load(name):
     assert isinstance(config, TrainConfig)
     if name.startswith("report"):
         # The notebook's protocol: seed preset, lesion images, 80/20, RGB, BCE, Adam 1e-3, batch 32.
-        assert (config.preset, config.classes, config.split, config.channels, config.loss) == ("seed", "lesion", "seed", 3, "bce")
+        assert (config.preset, config.classes, config.split, config.channels, config.loss) == (
+            "seed", "lesion", "seed", 3, "bce")
         assert (config.optimizer, config.learning_rate, config.batch_size, config.patience) == ("adam", 1e-3, 32, 20)
 
 
@@ -73,7 +75,8 @@ def test_config_files_are_checked_like_overrides(tmp_path, capsys, name, text, m
     # something else than the file says.
     path = tmp_path / name
     path.write_text(text if name.endswith(".json") else
-                    f"import dataclasses\nfrom unet_jax.config import TrainConfig\n\ndef get_config():\n    return {text}\n")
+                    "import dataclasses\nfrom unet_jax.config import TrainConfig\n\n"
+                    f"def get_config():\n    return {text}\n")
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"unet-jax train: error: config file {str(path)!r}: ") and message in err, err
@@ -96,8 +99,10 @@ def test_every_way_into_a_config_gets_the_same_check():
     # Numbers become plain Python numbers (config.json reads back the same); lists of names
     # become tuples.
     config = TrainConfig(learning_rate=1, pos_weight=2, epochs=np.int64(3), threshold=np.float32(0.25), freeze=["x"])
-    assert (config.learning_rate, config.pos_weight, config.epochs, config.threshold, config.freeze) == (1.0, 2.0, 3, 0.25, ("x",))
-    assert [type(v) for v in (config.learning_rate, config.pos_weight, config.epochs, config.threshold)] == [float, float, int, float]
+    assert (config.learning_rate, config.pos_weight, config.epochs, config.threshold, config.freeze) == (
+        1.0, 2.0, 3, 0.25, ("x",))
+    numbers = (config.learning_rate, config.pos_weight, config.epochs, config.threshold)
+    assert [type(v) for v in numbers] == [float, float, int, float]
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
@@ -151,8 +156,8 @@ def test_evaluate_at_training_resolution_and_text(trained_run, capsys):
 
 
 def test_checkpoint_of_another_architecture_is_refused(trained_run):
-    from unet_jax.evaluate import load_checkpoint
     from unet_jax.checkpoint import find_checkpoint, restore_variables
+    from unet_jax.evaluate import load_checkpoint
 
     run_dir, _, _ = trained_run
     with pytest.raises(ValueError, match=r"holds preset='seed'; expected preset='padded'"):
@@ -164,7 +169,8 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run):
 
     other = create_unet("seed", in_channels=1, features=8, depth=2)
     abstract = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
-    with pytest.raises(ValueError, match=r"saved from a different architecture: \d+ shape\(s\) differ, e.g. .*: checkpoint \(\d+,\) vs model"):
+    with pytest.raises(ValueError, match=r"saved from a different architecture: \d+ shape\(s\) differ, "
+                                         r"e.g. .*: checkpoint \(\d+,\) vs model"):
         restore_variables(find_checkpoint(run_dir), abstract)
 
 
@@ -181,7 +187,8 @@ def test_predict_writes_masks_at_original_size_and_skips_bad_files(trained_run, 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "pred"
-    code = main(["predict", "--checkpoint", str(run_dir), str(images[0]), str(broken), str(big), "--out", str(out), "--tta"])
+    code = main(["predict", "--checkpoint", str(run_dir), str(images[0]), str(broken), str(big),
+                 "--out", str(out), "--tta"])
     captured = capsys.readouterr()
     assert code == 1  # one input could not be read; the others were predicted
     assert "skipped" in captured.err and "broken.png" in captured.err
@@ -239,9 +246,11 @@ def test_cache_of_another_size_is_a_clear_error(trained_run, tmp_path, capsys):
 def test_threshold_outside_0_1_is_refused(trained_run, tmp_path, capsys):
     run_dir, _, _ = trained_run
     image = next((run_dir / "phantom" / "benign").glob("*).png"))
-    assert main(["evaluate", "--checkpoint", str(run_dir), "--threshold", "1.5", "--data", str(run_dir / "phantom")]) == 2
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--threshold", "1.5",
+                 "--data", str(run_dir / "phantom")]) == 2
     assert "threshold 1.5: expected a probability in (0, 1)" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0", str(image), "--out", str(tmp_path / "p")]) == 2
+    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0", str(image),
+                 "--out", str(tmp_path / "p")]) == 2
     assert "threshold 0.0: expected a probability in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # refused before anything is written
 
@@ -305,7 +314,8 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
     monkeypatch.setattr(ocp.Checkpointer, "restore", concurrent_restore)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"unet-jax evaluate: error: checkpoint {str(copy)!r} could not be read (ValueError: DATA_LOSS")
+    assert err.startswith(f"unet-jax evaluate: error: checkpoint {str(copy)!r} could not be read "
+                          "(ValueError: DATA_LOSS")
     assert "concurrent restore" not in err
     proc = subprocess.run([sys.executable, "-m", "unet_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
@@ -323,7 +333,8 @@ def test_divergence_is_reported_on_its_own_line(tmp_path, monkeypatch, capsys):
     last = capsys.readouterr().err.split("\n")[-2]
     assert last.startswith("unet-jax train: training diverged at epoch 1: "), last  # not after the progress bar
     assert "no checkpoint was saved (no epoch of this run ended with finite values)" in last
-    assert not finished_steps(tmp_path / "checkpoints" / "latest") and not finished_steps(tmp_path / "checkpoints" / "best")
+    assert not finished_steps(tmp_path / "checkpoints" / "latest")
+    assert not finished_steps(tmp_path / "checkpoints" / "best")
 
 
 def test_an_output_that_is_a_file_is_a_clear_error(trained_run, tmp_path, capsys):

@@ -25,7 +25,8 @@ def test_every_row_is_a_valid_config_and_sam_without_weights_is_not_run(compare)
     for profile in ("full", "cpu"):
         rows = compare.entries(profile, None, {})
         keys = [r.key for r in rows]
-        assert keys == ["unet_seed", "unet_best", "resnet34_unet", "resnet18_classifier", "unet_class_head", "sam_vit_b"]
+        assert keys == ["unet_seed", "unet_best", "resnet34_unet", "resnet18_classifier", "unet_class_head",
+                        "sam_vit_b"]
         sam = rows[-1]
         assert sam.config is None and "not run" in sam.note and "weights" in sam.note
         assert len({(r.config.split, r.config.split_seed, r.config.classes) for r in rows[:-1]}) == 1  # one split

@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _data_helpers import make_phantom
+
 from unet_jax.data import ReadOptions, load_busi
-from unet_jax.data.augment import (AugmentConfig, augment_batch, host_batches, make_sampler,
-                                   to_device)
+from unet_jax.data.augment import AugmentConfig, augment_batch, host_batches, make_sampler, to_device
 
 GEOMETRY_ONLY = AugmentConfig(hflip=0.5, vflip=0.5, max_rotation_deg=15.0, scale=(0.8, 1.2),
                               brightness=0.0, contrast=(1.0, 1.0), gamma=(1.0, 1.0))

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _data_helpers import COUNTS, SIZE, copy_tree, make_phantom
 from PIL import Image
 
-from _data_helpers import COUNTS, SIZE, copy_tree, make_phantom
-from unet_jax.data import (CLASSES, DatasetError, ReadOptions, load_busi, read_mask, scan,
-                           validate)
+from unet_jax.data import CLASSES, DatasetError, ReadOptions, load_busi, read_mask, scan, validate
 from unet_jax.data.busi import check_dataset
 
 

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from _data_helpers import COUNTS, make_phantom
+
 from unet_jax.cli import main
 from unet_jax.data import ReadOptions, load_busi
 from unet_jax.data import cache as cache_mod
@@ -239,7 +239,8 @@ def test_cli_outputs_are_replaced_only_with_overwrite(phantom, tmp_path, capsys,
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.is_dir() else out.read_bytes()
     capsys.readouterr()
     assert main(argv) == 2
-    assert f"unet-jax data: error: output {str(out)!r} exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    expected = f"unet-jax data: error: output {str(out)!r} exists; pass overwrite=True (--overwrite)"
+    assert expected in capsys.readouterr().err
     assert written == ({p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.is_dir() else out.read_bytes())
     assert main(argv + ["--overwrite"]) == 0
     capsys.readouterr()

@@ -6,11 +6,21 @@ import json
 
 import numpy as np
 import pytest
-
 from _data_helpers import make_phantom
-from unet_jax.data import (ReadOptions, Split, duplicate_groups, hamming_distances, image_hash,
-                           kfold_split, load_busi, read_manifest, seed_protocol,
-                           stratified_split, write_manifest)
+
+from unet_jax.data import (
+    ReadOptions,
+    Split,
+    duplicate_groups,
+    hamming_distances,
+    image_hash,
+    kfold_split,
+    load_busi,
+    read_manifest,
+    seed_protocol,
+    stratified_split,
+    write_manifest,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from _data_helpers import make_phantom
-from unet_jax.data import ReadOptions, load_busi
-
 # tensorflow-datasets is a declared dependency: a missing install must fail, not skip
 import tensorflow_datasets  # noqa: E402,F401
+from _data_helpers import make_phantom
+
+from unet_jax.data import ReadOptions, load_busi
 
 
 def test_build_and_read_round_trip(tmp_path):

@@ -1,6 +1,7 @@
 """The levers a GPU run compares (benchmarks/levers.py), each proven here to change only the
 speed: sub-pixel up-convolutions, batch norm folded at inference, donated buffers, bf16
-compute, the NCHW layout. (Steps per dispatch: tests/test_train.py::test_scanned_steps_equal_single_steps_and_never_recompile.)
+compute, the NCHW layout. (Steps per dispatch:
+tests/test_train.py::test_scanned_steps_equal_single_steps_and_never_recompile.)
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def test_donated_and_undonated_steps_give_the_same_state():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_compute_gives_the_float32_outputs_to_bf16_precision():
     model = _tiny("padded")
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))

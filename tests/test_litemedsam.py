@@ -38,14 +38,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet_jax.models.sam import SAM_PRESETS, Sam, infer_sam_preset, sam_init_variables
-from unet_jax.models.sam.convert import sam_params_from_state_dict, SamCheckpointError
+from unet_jax.convert.litemedsam import LITEMEDSAM_SHA256, find_litemedsam_checkpoint, load_litemedsam
+from unet_jax.convert.sam import SamCheckpointError, infer_sam_preset, sam_params_from_state_dict
+from unet_jax.models.sam import SAM_PRESETS, Sam, sam_init_variables
 from unet_jax.models.sam.litemedsam import (
-    LITEMEDSAM_SHA256,
     area_resize,
     box_from_mask,
-    find_litemedsam_checkpoint,
-    load_litemedsam,
     postprocess_logits,
     preprocess_image,
     scale_box,
@@ -179,7 +177,8 @@ def test_attention_bias_index_matches_reference(models):
         np.testing.assert_array_equal(idx, attn.attention_bias_idxs.numpy())
         assert n == attn.attention_biases.shape[1]
         # eval() cached the gathered table from the loaded (non-zero) biases
-        np.testing.assert_array_equal(attn.ab.numpy(), attn.attention_biases[:, attn.attention_bias_idxs].detach().numpy())
+        np.testing.assert_array_equal(attn.ab.numpy(),
+                                      attn.attention_biases[:, attn.attention_bias_idxs].detach().numpy())
         assert float(attn.ab.abs().max()) > 0
 
 

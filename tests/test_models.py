@@ -161,7 +161,8 @@ def test_crop_concat_takes_the_centre_of_the_skip_and_puts_up_first():
 def test_same_mode_refuses_sizes_not_divisible_by_2_to_the_depth():
     # The message names the wrong axis: height 250 here, width 250 below.
     model = create_unet("seed")
-    with pytest.raises(ValueError, match=r"input height 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
+    with pytest.raises(ValueError,
+                       match=r"input height 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
         model.init(jax.random.key(0), jnp.ones((1, 250, 256, 3)))
     with pytest.raises(ValueError, match=r"input width 250 .*nearest valid sizes: 240 or 256"):
         model.init(jax.random.key(0), jnp.ones((1, 256, 250, 3)))
@@ -183,7 +184,8 @@ def test_valid_mode_refuses_sizes_that_do_not_pool_evenly():
 def test_non_positive_sizes_are_refused_as_such(hw, axis, value):
     # Not "cannot pass the pooling steps": a size below 1 is no size at all.
     spec = create_unet("seed")._size_spec()
-    with pytest.raises(ValueError, match=rf"input {axis} must be a positive integer, got {value}; smallest valid size: 16"):
+    with pytest.raises(ValueError,
+                       match=rf"input {axis} must be a positive integer, got {value}; smallest valid size: 16"):
         check_input_size(hw, spec)
 
 
@@ -269,6 +271,7 @@ def test_dropout_needs_a_key_in_training_and_is_off_in_evaluation(small_seed):
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
+@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_compute_stays_close_to_float32(small_seed):
     model, variables, x = small_seed
     y32 = model.apply(variables, x)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet_jax.models import pth
-from unet_jax.models.pth import TorchCheckpointError, read_torch_checkpoint
+from unet_jax.convert import pth
+from unet_jax.convert.pth import TorchCheckpointError, read_torch_checkpoint
 
 ZIP_PHRASE = "expected a zip archive written by torch.save"
 
@@ -267,7 +267,7 @@ def test_reader_never_imports_torch(tmp_path):
     path = _save({"w": torch.randn(2, 3).bfloat16()}, tmp_path / "no_torch.pth")
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "from unet_jax.models.pth import read_torch_checkpoint\n"
+        "from unet_jax.convert.pth import read_torch_checkpoint\n"
         f"w = read_torch_checkpoint({str(path)!r})['w']\n"
         "assert w.shape == (2, 3) and str(w.dtype) == 'float32'\n"
         "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as tnn
 
+from unet_jax.convert.resnet import resnet_params_from_torchvision, resnet_unet_params_from_torch
 from unet_jax.models.resnet import (
     RESNET_PRESETS,
     RESNET_STAGE_SIZES,
@@ -18,8 +19,6 @@ from unet_jax.models.resnet import (
     ResNetUNet,
     check_resnet_input_size,
     create_resnet,
-    resnet_params_from_torchvision,
-    resnet_unet_params_from_torch,
 )
 
 R18, R34 = RESNET_STAGE_SIZES["resnet18"], RESNET_STAGE_SIZES["resnet34"]
@@ -372,7 +371,8 @@ def test_presets_and_overrides():
                                       "resnet34_classifier", "resnet34_unet"]
     assert create_resnet("resnet34_unet").stage_sizes == (3, 4, 6, 3)
     assert create_resnet("resnet18_classifier", num_classes=5).num_classes == 5
-    with pytest.raises(ValueError, match=r"unknown ResNet preset 'resnet50_unet'; expected one of \['resnet18_classifier'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown ResNet preset 'resnet50_unet'; expected one of \['resnet18_classifier'"):
         create_resnet("resnet50_unet")
     with pytest.raises(ValueError, match=r"unknown ResNetUNet field\(s\) \['classes'\]"):
         create_resnet("resnet34_unet", classes=2)

@@ -42,19 +42,22 @@ def _import_reference():
 
 ref, ref_image_encoder = _import_reference()
 
+from unet_jax.convert import sam as convert_sam  # noqa: E402
+from unet_jax.convert.sam import (  # noqa: E402
+    SamCheckpointError,
+    convert_sam_checkpoint,
+    infer_sam_preset,
+    load_sam_params,
+    sam_params_from_state_dict,
+)
 from unet_jax.models.sam import (  # noqa: E402
     SAM_PRESETS,
     Sam,
-    SamCheckpointError,
     SamSegmenter,
-    convert_sam_checkpoint,
     create_sam,
-    infer_sam_preset,
-    load_sam_params,
     postprocess_masks,
     resize_bilinear,
     sam_init_params,
-    sam_params_from_state_dict,
 )
 from unet_jax.models.sam.image_encoder import get_rel_pos  # noqa: E402
 
@@ -448,9 +451,9 @@ def test_conversion_layouts_roundtrip(tiny_pair, tiny_state):
 
 
 def _fake_pth_module(monkeypatch):
-    """A stand-in ``unet_jax.models.pth`` reading with torch.load (the real reader needs
+    """A stand-in ``unet_jax.convert.pth`` reading with torch.load (the real reader needs
     no torch); lets the converter's own logic be tested independently of it."""
-    mod = types.ModuleType("unet_jax.models.pth")
+    mod = types.ModuleType("unet_jax.convert.pth")
 
     class TorchCheckpointError(ValueError):
         pass
@@ -464,7 +467,8 @@ def _fake_pth_module(monkeypatch):
 
     mod.read_torch_checkpoint = read_torch_checkpoint
     mod.TorchCheckpointError = TorchCheckpointError
-    monkeypatch.setitem(sys.modules, "unet_jax.models.pth", mod)
+    # The converter imported the reader at its top, so the stand-in replaces that name.
+    monkeypatch.setattr(convert_sam, "read_torch_checkpoint", read_torch_checkpoint)
     return mod
 
 
@@ -513,8 +517,8 @@ def test_load_sam_params_errors(tmp_path):
 
 
 def test_convert_with_project_pth_reader(preset_tiny, tmp_path):
-    """End to end through the project's torch-free reader (``unet_jax.models.pth``)."""
-    from unet_jax.models.pth import TorchCheckpointError
+    """End to end through the project's torch-free reader (``unet_jax.convert.pth``)."""
+    from unet_jax.convert.pth import TorchCheckpointError
 
     tmodel, params = preset_tiny
     variables = {"params": params}

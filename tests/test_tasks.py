@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_helpers import TINY
 from hypothesis import given
 from hypothesis import strategies as st
+from test_train import random_device_data
 
 from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
 from unet_jax.data import make_sampler
@@ -25,9 +27,6 @@ from unet_jax.train import train
 from unet_jax.train.init_from import overlay_variables
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import train_step
-
-from _train_helpers import TINY
-from test_train import random_device_data
 
 TINY_LOSS = get_loss("bce_dice")
 
@@ -187,7 +186,8 @@ def test_frozen_groups_do_not_move_even_with_weight_decay():
                                frozen=config.freeze)
     batch = make_sampler(8, 16, None)(_labelled(16, 16), jax.random.key(1), 0)
     before = jax.device_get(state.params)
-    after, _ = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))(state, batch)
+    step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))
+    after, _ = step(state, batch)
     after = jax.device_get(after.params)
     for group in before:
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[group]), jax.tree.leaves(after[group])))
@@ -214,7 +214,8 @@ def test_class_weight_scales_the_cross_entropy_in_the_loss():
 
 def test_frozen_groups_get_no_gradient_even_without_an_optimiser_mask():
     state, batch = _headed_state(frozen=("enc1",))
-    after, _ = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))(state, batch)
+    step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))
+    after, _ = step(state, batch)
     for a, b in zip(jax.tree.leaves(state.params["enc1"]), jax.tree.leaves(after.params["enc1"])):
         np.testing.assert_array_equal(a, b)
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params["class_head"]),
@@ -308,11 +309,12 @@ def test_sam_fine_tuned_from_an_official_format_checkpoint(tmp_path):
     the mask decoder fine-tuned, the image and prompt encoders frozen; lesion images only,
     boxes from the masks."""
     import torch
-
     from test_sam import randomised_torch_sam, torch_state_numpy
+
     from unet_jax.cli import main
+    from unet_jax.convert.sam import sam_params_from_state_dict
     from unet_jax.evaluate import load_checkpoint
-    from unet_jax.models.sam import SAM_PRESETS, sam_params_from_state_dict
+    from unet_jax.models.sam import SAM_PRESETS
 
     torch_model = randomised_torch_sam(SAM_PRESETS["sam_tiny"], seed=5)
     torch.save(torch_model.state_dict(), tmp_path / "sam_tiny.pth")
@@ -344,11 +346,11 @@ def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, 
     """`unet-jax convert` on a file torch.save wrote, then init_from: the U-Net's encoder
     holds the torchvision weights (the RGB stem summed for a grayscale input)."""
     import torch
-
     from test_resnet import R18, TorchResNet, randomised
+
     from unet_jax.cli import main
-    from unet_jax.train.init_from import read_source_variables
     from unet_jax.models import build_model, init_variables
+    from unet_jax.train.init_from import read_source_variables
 
     torch_model = randomised(TorchResNet(R18, num_classes=1000), seed=3)
     torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")

@@ -16,18 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_helpers import TINY, overflow_batch_norm_after
 
+from unet_jax.checkpoint import CheckpointStore, find_checkpoint, read_meta
 from unet_jax.config import TrainConfig
 from unet_jax.data import AugmentConfig, DeviceData, make_sampler
 from unet_jax.losses import get_loss
 from unet_jax.models import create_unet
 from unet_jax.train import TrainingDiverged, train
-from unet_jax.checkpoint import CheckpointStore, find_checkpoint, read_meta
 from unet_jax.train.logs import read_jsonl
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import make_mesh, train_step, train_steps
-
-from _train_helpers import TINY, overflow_batch_norm_after
 
 
 def tiny_state(config: TrainConfig = TINY, steps_per_epoch: int = 5, tx=None, size: int = 32):
@@ -71,6 +70,7 @@ def test_one_step_lowers_the_loss():
     assert int(after_state.step) == 1
 
 
+@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_training_step_keeps_float32_parameters():
     config = dataclasses.replace(SHALLOW, dtype="bfloat16")
     from unet_jax.models import build_model
@@ -78,7 +78,8 @@ def test_bfloat16_training_step_keeps_float32_parameters():
     model = build_model(dataclasses.replace(config, channels=1))
     state = create_train_state(model, optax.adam(1e-3), jax.random.key(0, impl="rbg"), (1, 16, 16, 1))
     batch = make_sampler(8, 16, None)(random_device_data(), jax.random.key(1), 0)
-    state, metrics = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=get_loss("bce_dice")))(state, batch)
+    step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=get_loss("bce_dice")))
+    state, metrics = step(state, batch)
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(float(metrics["loss"][0]))
 
@@ -196,7 +197,8 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_pa
 
 def test_resuming_with_another_configuration_is_refused(reference_run, tmp_path):
     run_dir, _, _ = reference_run
-    with pytest.raises(ValueError, match=r"holds a checkpoint of a different configuration \(learning_rate: 0.003 -> 0.01"):
+    with pytest.raises(ValueError,
+                       match=r"holds a checkpoint of a different configuration \(learning_rate: 0.003 -> 0.01"):
         train(dataclasses.replace(TINY, learning_rate=1e-2), run_dir)
 
 
@@ -352,7 +354,8 @@ def test_four_devices_equal_one_device():
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
 
@@ -399,7 +402,8 @@ def test_a_damaged_latest_checkpoint_is_a_clear_error(reference_run, tmp_path):
     biggest.write_bytes(biggest.read_bytes()[:64])
     store = CheckpointStore(tmp_path)
     target = jax.eval_shape(tiny_state)  # shapes only: nothing to compile
-    with pytest.raises(ValueError, match=rf"checkpoint '{step}' could not be read \(.*\); expected a complete checkpoint"):
+    with pytest.raises(ValueError,
+                       match=rf"checkpoint '{step}' could not be read \(.*\); expected a complete checkpoint"):
         store.restore("latest", target)
     store.close()
 

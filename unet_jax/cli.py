@@ -50,7 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a U-Net (config file + key=value overrides)")
     p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, model.FIELD=VALUE for the model")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, model.FIELD=VALUE for the model")
     dist = p.add_argument_group(
         "several processes (one run on N processes or hosts; implies distributed=true)",
         "the same command on every process, each with its own --process-id; without these flags JAX's "
@@ -135,8 +136,9 @@ def _results_table(run_dir) -> str:
                   f"normal false-positive rate {_number(raw['normal_false_positive_rate'], 3)}"]
     if "test" in results:
         report = results["test"]
+        metrics = ("dice", "iou", "pixel_accuracy", "precision", "recall", "hd95")
         lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
-                  format_summary({**{m: report[m]["summary"] for m in ("dice", "iou", "pixel_accuracy", "precision", "recall", "hd95")},
+                  format_summary({**{m: report[m]["summary"] for m in metrics},
                                   "normal_false_positive_rate": report["normal_false_positive"],
                                   "lesion_empty_prediction_rate": report["lesion_empty_prediction"],
                                   "counts": report["images"]})]
@@ -166,8 +168,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import (effective_recipe, evaluate_classification, evaluate_dataset, evaluation_report,
-                                   read_for_evaluation, resolve_threshold)
+    from unet_jax.evaluate import (
+        effective_recipe,
+        evaluate_classification,
+        evaluate_dataset,
+        evaluation_report,
+        read_for_evaluation,
+        resolve_threshold,
+    )
     from unet_jax.metrics import format_summary
     from unet_jax.models import model_heads
     from unet_jax.progress import ProgressPrinter
@@ -241,7 +249,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         if result.error:
             print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
         else:
-            print(f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of pixels)")
+            print(f"[{n}/{total}] {result.input} -> {result.mask} "
+                  f"(lesion {100 * result.lesion_fraction:.1f}% of pixels)")
 
     results = predict_files(loaded, args.inputs, args.out, threshold=args.threshold,
                             flip_tta=True if args.tta else None, raw=args.raw, progress=report)
@@ -252,7 +261,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert an official PyTorch checkpoint (SAM, torchvision ResNet) to Flax msgpack")
+    p = sub.add_parser("convert",
+                       help="convert an official PyTorch checkpoint (SAM, torchvision ResNet) to Flax msgpack")
     p.add_argument("checkpoint", help="the .pth file (read without PyTorch; nothing is downloaded)")
     p.add_argument("--out", required=True, help="the .msgpack file to write (then init_from=FILE)")
     p.add_argument("--preset", default=None,
@@ -264,7 +274,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from unet_jax.train.init_from import convert_checkpoint
+    from unet_jax.convert import convert_checkpoint
 
     out, preset, count = convert_checkpoint(args.checkpoint, args.out, args.preset, args.channels)
     print(f"{args.checkpoint} -> {out} ({preset}, {count:,} parameters)")
@@ -301,7 +311,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="choose a run's inference recipe on its validation split, re-evaluate its test split")
+    p = sub.add_parser("tune",
+                       help="choose a run's inference recipe on its validation split, re-evaluate its test split")
     p.add_argument("run", help="a run folder written by `unet-jax train`")
     p.add_argument("--cache", default=None, help="a `data prepare` cache to read the images from (default: the run's)")
     p.set_defaults(func=_run_tune)

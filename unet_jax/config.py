@@ -172,7 +172,8 @@ class TrainConfig:
             raise ValueError("config epochs = 0 evaluates the parameters of init_from without training; "
                              "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1")
         if self.loss == "bce_dice" and self.bce_weight == 0 and self.dice_weight == 0:
-            raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight")
+            raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; "
+                             "expected a positive weight")
         if self.loss == "dice" and self.pos_weight is not None:
             raise ValueError(f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
                              f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None")
@@ -285,12 +286,14 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         return TrainConfig()
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist; expected a .py file with get_config() or a config.json")
+        raise ValueError(f"config file {str(path)!r} does not exist; "
+                         "expected a .py file with get_config() or a config.json")
     if path.suffix == ".json":
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON ({err}); expected a run's config.json") from err
+            raise ValueError(f"config file {str(path)!r} is not valid JSON ({err}); "
+                             "expected a run's config.json") from err
         return config_from_dict(values, source=f"config file {str(path)!r}")
     try:
         get_config = _get_config_of(path)
@@ -398,7 +401,8 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     for item, key, text in model_items:
         field = key[len("model."):]
         if field not in fields:
-            raise ValueError(f"override {item!r}: unknown model field {field!r} of preset {preset!r}; known: {sorted(fields)}")
+            raise ValueError(f"override {item!r}: unknown model field {field!r} of preset {preset!r}; "
+                             f"known: {sorted(fields)}")
         model[field] = _parse_value(key, text, hints.get(field, Any))
     for item, key, text in pairs:
         if key.startswith("model."):

@@ -68,7 +68,8 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
 def _check_expected(config: TrainConfig, expect: dict[str, Any] | None, where: Path) -> None:
     for key, value in (expect or {}).items():
         if getattr(config, key) != value:
-            raise ValueError(f"checkpoint {str(where)!r} holds {key}={getattr(config, key)!r}; expected {key}={value!r}")
+            raise ValueError(f"checkpoint {str(where)!r} holds {key}={getattr(config, key)!r}; "
+                             f"expected {key}={value!r}")
 
 
 def read_recipe(step_dir: Path) -> InferenceRecipe:

@@ -33,7 +33,7 @@ import numpy as np
 from unet_jax import metrics as M
 
 __all__ = ["InferenceRecipe", "RAW", "connected_components", "fill_holes", "select_components", "gate_score",
-           "recipe_mask", "tune_recipe", "NORMAL_CLASS"]
+           "recipe_mask", "refine_probabilities", "tune_recipe", "NORMAL_CLASS"]
 
 NORMAL_CLASS = 2  # index of "normal" in (benign, malignant, normal)
 GATES = ("none", "class", "max_prob", "area")

@@ -48,7 +48,8 @@ def _load(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except Exception as err:  # PIL raises several types for corrupt files
-        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image") from None
+        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); "
+                         "expected a PNG/JPEG/BMP/TIFF image") from None
     if image.mode not in IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
         raise ValueError(f"{path}: unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(IMAGE_MODES)}")
     return image
@@ -73,9 +74,8 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
     ``threshold`` and ``flip_tta`` override the recipe's. Returns one result per input, in
     order; unreadable inputs have ``error`` set.
     """
-    from unet_jax.plots import overlay
-
     from unet_jax.models import needs_box_prompts
+    from unet_jax.plots import overlay
 
     recipe = effective_recipe(loaded, threshold, flip_tta, raw)
     if needs_box_prompts(loaded.model):

@@ -16,9 +16,9 @@ from unet_jax.data.augment import (
 )
 from unet_jax.data.busi import (
     CLASSES,
+    IMAGE_MODES,
     BusiDataset,
     CheckReport,
-    IMAGE_MODES,
     DatasetError,
     Example,
     ImageRecord,
@@ -39,10 +39,10 @@ from unet_jax.data.phantom import PhantomInfo, phantom_image, write_phantom
 from unet_jax.data.splits import (
     DUPLICATE_THRESHOLD,
     Split,
+    cross_validation_splits,
     duplicate_groups,
     hamming_distances,
     image_hash,
-    cross_validation_splits,
     kfold_split,
     read_manifest,
     seed_protocol,

@@ -33,8 +33,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from unet_jax.data.splits import (DUPLICATE_THRESHOLD, check_threshold, duplicate_groups,
-                                 image_hash)
+from unet_jax.data.splits import DUPLICATE_THRESHOLD, check_threshold, duplicate_groups, image_hash
 
 __all__ = [
     "CLASSES",
@@ -47,6 +46,7 @@ __all__ = [
     "ImageRecord",
     "Layout",
     "Problem",
+    "ProgressFn",
     "ReadOptions",
     "check_dataset",
     "load_busi",

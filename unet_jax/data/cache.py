@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from unet_jax._io import check_target, new_temp_dir, swap_in
-from unet_jax.data.busi import (CLASSES, BusiDataset, Problem, ProgressFn, ReadOptions,
-                                load_busi, resolve_root)
+from unet_jax.data.busi import CLASSES, BusiDataset, Problem, ProgressFn, ReadOptions, load_busi, resolve_root
 from unet_jax.data.splits import DUPLICATE_THRESHOLD, duplicate_groups
 
 __all__ = ["CACHE_FORMAT", "load_cache", "prepare", "save_cache"]

@@ -29,15 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from unet_jax._io import atomic_write
-from PIL import Image
 
 __all__ = [
     "DUPLICATE_THRESHOLD",
     "Split",
     "check_manifest_target",
     "check_threshold",
+    "cross_validation_splits",
     "duplicate_groups",
     "hamming_distances",
     "image_hash",

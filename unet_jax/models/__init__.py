@@ -9,7 +9,7 @@ config names its model with one string (``preset``) and overrides fields with
   ``resnet18_classifier``, ``resnet34_classifier``);
 * ``sam``: :mod:`unet_jax.models.sam` (``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``,
   ``sam_tiny``, and ``litemedsam``: a TinyViT encoder with BatchNorm statistics, used
-  through :func:`unet_jax.models.sam.load_litemedsam`), box-prompted.
+  through :func:`unet_jax.convert.load_litemedsam`), box-prompted.
 
 Output conventions (logits throughout): a segmentation model returns ``(N, H, W, K)``; a
 classifier ``(N, K)``; a model with both heads ``{"mask": ..., "class": ...}``.

@@ -4,8 +4,9 @@ Sources:
 
 * a ``.pth`` file written by PyTorch: the official Segment Anything checkpoints for the
   ``sam_*`` presets, a torchvision ResNet for the ``resnet*`` presets (read without
-  PyTorch by :mod:`unet_jax.models.pth`, converted on the fly);
-* a ``.msgpack`` file of Flax variables (``unet-jax convert`` writes one);
+  PyTorch and converted on the fly by :func:`unet_jax.convert.read_pth_variables`);
+* a ``.msgpack`` file of Flax variables (``unet-jax convert``,
+  :func:`unet_jax.convert.convert_checkpoint`, writes one);
 * a run folder or checkpoint folder of this project.
 
 The source tree is laid over the freshly initialised variables: every source leaf must
@@ -25,13 +26,11 @@ import jax
 import numpy as np
 from flax import serialization
 
-from unet_jax._io import atomic_write
 from unet_jax.config import TrainConfig
+from unet_jax.convert.checkpoint import read_pth_variables
 from unet_jax.evaluate import load_checkpoint
-from unet_jax.models import model_family
-from unet_jax.models.pth import read_torch_checkpoint
 
-__all__ = ["read_source_variables", "overlay_variables", "load_initial_variables", "convert_checkpoint"]
+__all__ = ["read_source_variables", "overlay_variables", "load_initial_variables"]
 
 
 def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, Any]:
@@ -49,18 +48,7 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
                              f"({type(error).__name__}: {error}); expected one written by `unet-jax convert`") from None
         return dict(tree) if "params" in tree else {"params": tree}
     if path.suffix in (".pth", ".pt", ".bin"):
-        state_dict = read_torch_checkpoint(path)
-        family = model_family(config.preset)
-        if family == "sam":  # the SAM and ResNet ports are imported on first use (large)
-            from unet_jax.models.sam import read_sam_checkpoint
-
-            return {"params": read_sam_checkpoint(path, config.preset)[0]}
-        if family == "resnet":
-            from unet_jax.models.resnet import resnet_params_from_torchvision
-
-            return dict(resnet_params_from_torchvision(state_dict, in_channels=config.channels))
-        raise ValueError(f"init_from {str(path)!r}: a PyTorch checkpoint cannot initialise preset "
-                         f"{config.preset!r}; expected a sam_* or resnet* preset")
+        return read_pth_variables(path, config.preset, config.channels)
     raise ValueError(f"init_from {str(path)!r}: unknown file type {path.suffix!r}; expected .pth, .msgpack "
                      f"or a run folder")
 
@@ -128,27 +116,3 @@ def load_initial_variables(config: TrainConfig, variables: dict[str, Any]) -> tu
     assert config.init_from is not None
     source = read_source_variables(config, config.init_from)
     return overlay_variables(variables, source, str(config.init_from))
-
-
-def convert_checkpoint(pth: str | Path, out: str | Path, preset: str | None = None,
-                       channels: int = 3) -> tuple[Path, str, int]:
-    """An official PyTorch checkpoint written as Flax variables to ``out`` (``.msgpack``),
-    atomically (nothing half-written). ``preset`` None: a SAM checkpoint whose preset is
-    inferred from its shapes; SAM files hold its params (as :func:`convert_sam_checkpoint`
-    writes them), ResNet files ``{"params", "batch_stats"}``. ``channels``: the input
-    channels of the runs that will start from it (a ResNet's RGB stem is summed for 1).
-    Returns (path written, preset, number of parameters)."""
-    out = Path(out)
-    if out.suffix != ".msgpack":
-        raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")
-    if preset is None or model_family(preset) == "sam":
-        from unet_jax.models.sam import read_sam_checkpoint
-
-        params, preset = read_sam_checkpoint(pth, preset)
-        tree: dict[str, Any] = params
-    else:
-        tree = read_source_variables(TrainConfig(preset=preset, channels=channels), pth)
-        params = tree["params"]
-    data = serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
-    return out, preset, int(sum(np.size(x) for x in jax.tree.leaves(params)))

@@ -281,5 +281,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if n == len(lines) and not text.endswith("\n"):
                 break  # an unfinished last line
-            raise ValueError(f"{str(path)!r} line {n} is not valid JSON ({err}); expected one JSON object per line") from None
+            raise ValueError(f"{str(path)!r} line {n} is not valid JSON ({err}); "
+                             "expected one JSON object per line") from None
     return records

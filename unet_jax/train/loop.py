@@ -333,7 +333,8 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
     if steps:
         meta = read_meta(steps[-1])
         if "config" not in meta:
-            raise ValueError(f"checkpoint {str(steps[-1])!r} has no saved config; expected one written by `unet-jax train`")
+            raise ValueError(f"checkpoint {str(steps[-1])!r} has no saved config; "
+                             "expected one written by `unet-jax train`")
         _check_resumable(meta["config"], config, run_dir)
         _check_processes(meta, run_dir)
 

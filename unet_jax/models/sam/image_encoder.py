@@ -4,7 +4,7 @@ Port of ``segment_anything.modeling.image_encoder`` (Kirillov et al. 2023, "Segm
 Anything", ICCV; the backbone follows Li et al. 2022, "Exploring Plain Vision Transformer
 Backbones for Object Detection", with the decomposed relative position embeddings of
 MViTv2, Li et al. 2022). Everything is NHWC; submodule and parameter names mirror the
-PyTorch attribute names so that :mod:`unet_jax.models.sam.convert` is a mechanical map:
+PyTorch attribute names so that :mod:`unet_jax.convert.sam` is a mechanical map:
 ``blocks.3.attn.qkv`` -> ``blocks_3/attn/qkv``, ``neck.0`` -> ``neck_0``.
 
 Parameters are stored in ``param_dtype`` (float32); ``dtype`` is the computation dtype

@@ -24,7 +24,7 @@ defaults here):
 
 Module and parameter names mirror the PyTorch attributes (``layers.1.blocks.0.attn.qkv``
 -> ``layers_1/blocks_0/attn/qkv``; ``Conv2d_BN``'s ``c``/``bn``), so that
-:mod:`unet_jax.models.sam.convert` maps the released state dict mechanically.
+:mod:`unet_jax.convert.sam` maps the released state dict mechanically.
 BatchNorm statistics live in the ``batch_stats`` collection; ``train=False`` (the only
 mode LiteMedSAM is run in here) uses them. Attention biases are gathered from the
 ``attention_biases`` table ``(heads, n_offsets)`` at every call, so there is no cached
@@ -91,8 +91,10 @@ class Conv2dBN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                    use_bias=False, feature_group_count=self.groups, dtype=self.dtype, name="c")(x)
+        # float32 statistics minus bfloat16 features would be an implicit promotion (refused
+        # under strict dtype promotion); made explicit, the result is the same.
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                            dtype=self.dtype, name="bn")(x)
+                            dtype=self.dtype, name="bn")(x.astype(jnp.float32))
 
 
 class MBConv(nn.Module):

@@ -1,4 +1,5 @@
-"""Official Segment Anything checkpoints (PyTorch state dicts) -> Flax params, and back to disk.
+"""Official Segment Anything and LiteMedSAM checkpoints (PyTorch state dicts) -> Flax
+variables of :mod:`unet_jax.models.sam`, and back to disk.
 
 The Flax modules mirror the PyTorch attribute names, so every Flax parameter path maps to
 one state-dict key by a fixed rule:
@@ -32,6 +33,8 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+from unet_jax._io import atomic_write
+from unet_jax.convert.pth import read_torch_checkpoint
 from unet_jax.models.sam.sam import SAM_PRESETS, Sam, _SamBase, sam_init_variables
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "sam_params_from_state_dict",
     "sam_variables_from_state_dict",
     "infer_sam_preset",
+    "read_sam_checkpoint",
     "convert_sam_checkpoint",
     "load_sam_params",
     "flax_path_to_torch_key",
@@ -269,8 +273,6 @@ def read_sam_checkpoint(pth_path: str | os.PathLike, preset: str | None = None) 
       TorchCheckpointError: the file is not a readable torch checkpoint.
       SamCheckpointError: it is not a SAM state dict of a known (or the given) preset.
     """
-    from unet_jax.models.pth import read_torch_checkpoint
-
     source = str(pth_path)
     state_dict = read_torch_checkpoint(pth_path)
     preset = preset or infer_sam_preset(state_dict, source)
@@ -283,8 +285,6 @@ def convert_sam_checkpoint(
     """Convert an official ``.pth`` checkpoint (:func:`read_sam_checkpoint`) to a Flax
     ``.msgpack`` params file, written atomically (nothing half-written, an existing file
     untouched on error). Returns ``out_path``."""
-    from unet_jax._io import atomic_write
-
     params, _ = read_sam_checkpoint(pth_path, preset)
     data = serialization.msgpack_serialize(params)
     return atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(data))
