@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from unet_jax.lowering import lower_conv, resolve_lowering
+
 __all__ = [
     "Padding",
     "Conv2D",
@@ -321,6 +323,16 @@ class Conv2D(nn.Module):
       param_dtype: parameter storage dtype.
       kernel_init: He-normal by default, as the report's Keras notebook.
       layout: ``'NHWC'`` or ``'NCHW'`` (input and output ``(N, C, H, W)``; same kernel).
+      lowering: how the convolution is computed (:mod:`unet_jax.lowering`), the same
+        parameters and, up to rounding, the same outputs: ``'lax'`` (XLA's convolution,
+        the default), ``'im2col'`` (patches + one GEMM), ``'winograd2'`` / ``'winograd4'``
+        (Winograd ``F(2x2, 3x3)`` / ``F(4x4, 3x3)``; 3x3 kernels, stride 1 only),
+        ``'auto'`` (the machine's tuned table's fastest for inference,
+        :func:`unet_jax.lowering.choose_lowering`; ``'lax'`` without a table or where the
+        choice cannot apply) or ``'auto-train'`` (the table's fastest forward + backward).
+        The non-lax lowerings work on NHWC: with ``layout='NCHW'`` the input and output
+        are transposed around them. A forced lowering that cannot compute the layer
+        (grouped convolution; Winograd with another kernel or stride) is a ValueError.
     """
 
     features: int
@@ -336,6 +348,7 @@ class Conv2D(nn.Module):
     kernel_init: Initializer = he_normal
     bias_init: Initializer = nn.initializers.zeros
     layout: str = "NHWC"
+    lowering: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -357,7 +370,21 @@ class Conv2D(nn.Module):
                 f"features ({self.features})"
             )
 
+        nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
+        try:
+            lowering = resolve_lowering(self.lowering, kernel=kernel, strides=strides, groups=groups,
+                                        shape=nhwc_shape, out_features=self.features, pads=pads)
+        except ValueError as err:
+            raise ValueError(f"{_layer_label('Conv2D', self.name)}: {err}") from None
         x, w, b = _kernel_and_bias(self, kernel, x, groups)
+        if lowering != "lax":
+            # The lowerings are written on NHWC; NCHW pays two transposes for them.
+            if self.layout == "NCHW":
+                x = jnp.transpose(x, (0, 2, 3, 1))
+            y = lower_conv(lowering, x, w, strides, pads, self.precision)
+            if self.layout == "NCHW":
+                y = jnp.transpose(y, (0, 3, 1, 2))
+            return _add_bias(y, b, self.layout)
         y = jax.lax.conv_general_dilated(
             x,
             w,

@@ -64,9 +64,12 @@ class ConvBlock(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     layout: Literal["NHWC", "NCHW"] = "NHWC"
+    lowering: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        # 'auto' picks from the tuned table's forward + backward entries when training.
+        lowering = "auto-train" if self.lowering == "auto" and train else self.lowering
         for i in range(1, self.num_convs + 1):
             x = Conv2D(
                 self.features,
@@ -76,6 +79,7 @@ class ConvBlock(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 layout=self.layout,
+                lowering=lowering,
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
@@ -150,6 +154,10 @@ class UNet(nn.Module):
       layout: the logical layout of the activations inside the network, ``'NHWC'`` or
         ``'NCHW'`` (transposed once on the way in and once on the way out; input, output
         and parameters are the same in both): a performance lever, not a semantic one.
+      lowering: how the block convolutions compute (``Conv2D.lowering``: ``'lax'``,
+        ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
+        ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.lowering`), its
+        forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
     """
 
     features: int = 64
@@ -170,6 +178,7 @@ class UNet(nn.Module):
     class_head: int = 0
     up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
+    lowering: str = "lax"
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -184,6 +193,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             layout=self.layout,
+            lowering=self.lowering,
             name=name,
         )
 
