@@ -23,7 +23,7 @@ from unet_jax import reference
 from unet_jax.layers import Conv2D
 from unet_jax.models.unet import UNet
 
-NON_LAX = ("im2col", "winograd2", "winograd4")
+NON_LAX = tuple(n for n in L.LOWERINGS if n != "lax")
 
 
 def run_lowering(name, x, w, pads):
@@ -83,15 +83,16 @@ def test_lowerings_equal_literal_sum(n, h, w, c_in, c_out, pads, seed):
 
 
 @pytest.mark.parametrize("kernel, stride", [((1, 1), 1), ((2, 3), 1), ((3, 3), 2), ((3, 2), (2, 1))])
-def test_im2col_other_kernels_and_strides(kernel, stride):
+def test_direct_and_im2col_other_kernels_and_strides(kernel, stride):
     stride = (stride, stride) if isinstance(stride, int) else stride
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
     k = rng.standard_normal((*kernel, 3, 2)).astype(np.float32)
     pads = ((1, 0), (0, 1))
-    y = np.asarray(L.conv_im2col(jnp.asarray(x), jnp.asarray(k), stride, pads))
     expected = np.asarray(L.conv_lax(jnp.asarray(x), jnp.asarray(k), stride, pads, jax.lax.Precision.HIGHEST))
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    for conv in (L.conv_direct, L.conv_im2col):
+        y = np.asarray(conv(jnp.asarray(x), jnp.asarray(k), stride, pads))
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4, err_msg=conv.__name__)
 
 
 # --------------------------------------------------------------------------------------

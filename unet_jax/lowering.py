@@ -9,6 +9,9 @@ on NHWC float arrays with HWIO kernels and explicit zero padding ``((top, bottom
 
 * :func:`conv_lax`: XLA's own convolution (``jax.lax.conv_general_dilated``), the path
   :class:`unet_jax.layers.Conv2D` takes by default.
+* :func:`conv_direct`: the sum itself, one multiply-add of a shifted input channel per
+  kernel tap and input channel, vectorised over output channels: for the first layer of a
+  network (1 or 3 input channels), where a matrix product has almost no inner dimension.
 * :func:`conv_im2col`: im2col + one matrix product (Chellapilla, Puri and Simard 2006,
   "High Performance Convolutional Neural Networks for Document Processing"): copy every
   receptive field into a row, then ``(N Ho Wo, kh kw C) @ (kh kw C, O)``.
@@ -49,10 +52,12 @@ __all__ = [
     "LOWERINGS",
     "LOWERING_CHOICES",
     "conv_lax",
+    "conv_direct",
     "conv_im2col",
     "conv_winograd",
     "winograd_matrices",
     "lower_conv",
+    "candidates",
     "resolve_lowering",
     "choose_lowering",
     "table_key",
@@ -67,7 +72,9 @@ PadPairs = tuple[tuple[int, int], tuple[int, int]]
 
 # Concrete lowerings, and the values Conv2D accepts ('auto': the tuned table's choice for
 # inference, 'auto-train': its choice for forward + backward).
-LOWERINGS = ("lax", "im2col", "winograd2", "winograd4")
+LOWERINGS = ("lax", "direct", "im2col", "winograd2", "winograd4")
+# conv_direct unrolls kh kw C_in terms: measured only up to this many input channels.
+DIRECT_MAX_CHANNELS = 8
 LOWERING_CHOICES = (*LOWERINGS, "auto", "auto-train")
 TABLE_ENV = "UNET_JAX_LOWERING_TABLE"
 TABLE_FORMAT = "unet_jax.lowering_table"
@@ -84,6 +91,46 @@ def conv_lax(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     """
     return jax.lax.conv_general_dilated(x, w, window_strides=tuple(strides), padding=tuple(pads),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+
+
+def candidates(c_in: int) -> tuple[str, ...]:
+    """The lowerings worth timing for ``c_in`` input channels (all but ``direct`` above
+    :data:`DIRECT_MAX_CHANNELS`, whose unrolled sum compiles and runs slowly there)."""
+    return tuple(n for n in LOWERINGS if n != "direct" or c_in <= DIRECT_MAX_CHANNELS)
+
+
+# --------------------------------------------------------------------------------------
+# The direct sum
+# --------------------------------------------------------------------------------------
+def conv_direct(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
+                pads: PadPairs = ((0, 0), (0, 0))) -> jax.Array:
+    """The convolution sum as written: ``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)``.
+
+    ``y = sum_{u, v, c} xpad[:, u::s_h, v::s_w, c:c+1] * w[u, v, c]``: ``kh kw C`` broadcast
+    multiply-adds of one shifted input channel ``(N, Ho, Wo, 1)`` by one row of weights
+    ``(1, 1, 1, O)``, which XLA fuses into one loop over the output. ``kh kw C O``
+    multiplies per output pixel, like the direct convolution; no copy of the input and no
+    matrix product, which wins when ``C`` is 1-3 (a GEMM with inner dimension 3 wastes
+    its vector units) and loses badly for many channels (the unrolled sum grows as ``C``).
+    Any kernel size and stride.
+    """
+    kh, kw, c, o = w.shape
+    if x.shape[-1] != c:
+        raise ValueError(f"conv_direct: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} "
+                         f"expects {c}")
+    sh, sw = strides
+    xp = _pad_nhwc(x, pads)
+    ho, wo = _out_size(xp.shape[1], kh, sh, "height"), _out_size(xp.shape[2], kw, sw, "width")
+    n = x.shape[0]
+    y = None
+    for u in range(kh):
+        for v in range(kw):
+            for ci in range(c):
+                shifted = jax.lax.slice(xp, (0, u, v, ci), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, ci + 1),
+                                        (1, sh, sw, 1))
+                term = shifted * w[u, v, ci].reshape(1, 1, 1, o)
+                y = term if y is None else y + term
+    return y
 
 
 # --------------------------------------------------------------------------------------
@@ -339,6 +386,8 @@ def lower_conv(lowering: str, x: jax.Array, w: jax.Array, strides: Sequence[int]
     """NHWC convolution by a concrete lowering (``'lax'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``)."""
     if lowering == "lax":
         return conv_lax(x, w, strides, pads, precision)
+    if lowering == "direct":
+        return conv_direct(x, w, strides, pads)
     if lowering == "im2col":
         return conv_im2col(x, w, strides, pads, precision)
     if lowering in ("winograd2", "winograd4"):
@@ -476,33 +525,38 @@ def time_lowering(lowering: str, shape: tuple[int, int, int, int], c_out: int, m
                   pads: PadPairs = ((1, 1), (1, 1)), windows: int = 5, calls: int = 3) -> float:
     """Median milliseconds of one jitted 3x3 stride-1 convolution by ``lowering``.
 
-    ``mode='infer'``: the forward; ``'train'``: forward + backward (gradient of a sum
-    against the input and the kernel).
+    ``mode='infer'``: the forward; ``'train'``: forward + backward (the input and kernel
+    gradients for a random output cotangent).
     """
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape, np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], c_out), np.float32) * 0.1)
+    ho, wo = shape[1] + sum(pads[0]) - 2, shape[2] + sum(pads[1]) - 2
+    # An argument, not jnp.sum's constant ones: XLA would simplify a backward pass whose
+    # cotangent it can see (measured: conv_direct's "backward" faster than its forward).
+    dy = jnp.asarray(rng.standard_normal((shape[0], ho, wo, c_out), np.float32))
 
     def forward(x, w):
         return lower_conv(lowering, x, w, (1, 1), pads)
 
     if mode == "infer":
-        fn = jax.jit(forward)
+        fn = jax.jit(lambda x, w, dy: forward(x, w))
     elif mode == "train":
-        fn = jax.jit(jax.grad(lambda x, w: jnp.sum(forward(x, w)), argnums=(0, 1)))
+        fn = jax.jit(lambda x, w, dy: jax.vjp(forward, x, w)[1](dy))
     else:
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    return _median_ms(lambda: jax.block_until_ready(fn(x, w)), windows, calls)
+    return _median_ms(lambda: jax.block_until_ready(fn(x, w, dy)), windows, calls)
 
 
 def tune(preset: str = "seed", size: int = 256, batch: int = 8, modes: Sequence[str] = ("infer", "train"),
-         lowerings: Sequence[str] = LOWERINGS, windows: int = 3, calls: int = 2,
+         lowerings: Sequence[str] | None = None, windows: int = 3, calls: int = 2,
          out: str | os.PathLike | None = None,
          report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Time every lowering on each distinct 3x3 stride-1 ungrouped Conv2D of a U-Net preset;
     write the table (atomically) to ``out`` (default :func:`table_path`) and return it.
 
-    ``report`` receives one dict per measured (shape, mode), e.g. to print progress.
+    ``lowerings``: those to time (default :func:`candidates` of each shape). ``report``
+    receives one dict per measured (shape, mode), e.g. to print progress.
     """
     from unet_jax._io import write_json
     from unet_jax.models.unet import create_unet
@@ -517,7 +571,7 @@ def tune(preset: str = "seed", size: int = 256, batch: int = 8, modes: Sequence[
     for (shape, c_out, pads), _ in seen.items():
         for mode in modes:
             ms = {name: round(time_lowering(name, shape, c_out, mode, pads, windows, calls), 3)
-                  for name in lowerings}
+                  for name in (lowerings or candidates(shape[3]))}
             best = min(ms, key=ms.get)
             key = table_key(shape[1], shape[2], shape[3], c_out, batch, mode, pads)
             entries[key] = {"best": best, "ms": ms}

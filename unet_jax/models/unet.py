@@ -155,7 +155,7 @@ class UNet(nn.Module):
         ``'NCHW'`` (transposed once on the way in and once on the way out; input, output
         and parameters are the same in both): a performance lever, not a semantic one.
       lowering: how the block convolutions compute (``Conv2D.lowering``: ``'lax'``,
-        ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
+        ``'direct'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
         ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.lowering`), its
         forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
     """
