@@ -213,7 +213,7 @@ def test_auto_reads_the_table(tmp_path, monkeypatch):
     variables = Conv2D(4).init(jax.random.key(1), x)
     seen = []
     real = L.lower_conv
-    monkeypatch.setattr("unet_jax.layers.lower_conv", lambda name, *a: seen.append(name) or real(name, *a))
+    monkeypatch.setattr(L, "lower_conv", lambda name, *a: seen.append(name) or real(name, *a))
     Conv2D(4, lowering="auto").apply(variables, x)
     Conv2D(4, lowering="auto-train").apply(variables, x)
     Conv2D(4, lowering="auto").apply(variables, x[..., :2, :])  # 6x2: not in the table

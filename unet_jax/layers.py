@@ -35,8 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from unet_jax.lowering import lower_conv, resolve_lowering
-
 __all__ = [
     "Padding",
     "Conv2D",
@@ -370,6 +368,9 @@ class Conv2D(nn.Module):
                 f"the input channels ({channels}, input shape {tuple(x.shape)}) and "
                 f"features ({self.features})"
             )
+
+        # Imported here: `python -m unet_jax.lowering` must not find itself imported already.
+        from unet_jax.lowering import lower_conv, resolve_lowering
 
         nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
         try:
