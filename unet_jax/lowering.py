@@ -24,11 +24,11 @@ Gradients are JAX's autodiff of each forward (for im2col the transposes of the s
 slices are pads and adds, i.e. col2im; for Winograd the transposed transforms).
 
 Which one is fastest depends on the shape and the machine, so the choice is made by
-measurement (``benchmarks/cpu_conv.py lowerings``; on the project's 2-core VM, one core,
-batch 8: ``direct`` wins the 3-channel first layer by about 3x, Winograd some
-32x32 and 64x64 layers with 32-128 channels by up to about 1.3x, XLA's own convolution most of the
-rest; im2col's patch copy, and the stacking of Winograd's transformed tiles, are slow in
-XLA:CPU): ``python -m unet_jax.lowering tune`` times every lowering on the 3x3 layer
+measurement (``benchmarks/cpu_conv.py lowerings``, results in ``benchmarks/results``; on
+the project's shared 2-core VM, one core, batch 8, forward: ``direct`` beats XLA 3-4x on the
+3-channel first layer, Winograd some 16x16-32x32 layers with 64-128 channels by
+1.1-1.3x, XLA's own convolution the rest; forward + backward: XLA nearly everywhere. The
+im2col patch copy and the stacking of Winograd's transformed tiles are slow in XLA:CPU): ``python -m unet_jax.lowering tune`` times every lowering on the 3x3 layer
 shapes of a model and writes a table (:func:`table_path`), and :func:`choose_lowering`
 (``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``.
 """
