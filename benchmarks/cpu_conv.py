@@ -3,14 +3,23 @@ and the XLA:CPU flags that could change that.
 
     python benchmarks/cpu_conv.py layers   # every 3x3 convolution shape of the seed preset at 256x256
     python benchmarks/cpu_conv.py flags    # seed inference under each candidate XLA_FLAGS value
+    taskset -c 1 python benchmarks/cpu_conv.py lowerings --size 128 --threads 1
+                                           # each unet_jax.lowering against PyTorch, per layer
 
 ``layers``: for each (spatial size, in -> out channels) of the seed U-Net, a jitted
 ``lax.conv_general_dilated`` against PyTorch's ``nn.Conv2d`` (channels-last, no grad,
 same threads), batch 8, float32, median of 5 windows after warm-up; GFLOP/s from the
 analytic count ``2 * B * H * W * 9 * C_in * C_out``. ``flags``: the seed preset's
 inference (batch 8, 256x256, float32) in a fresh process per flag value, so that every
-XLA_FLAGS value compiles its own program. Prints one JSON object per line; ``--out``
-writes them all to a file.
+XLA_FLAGS value compiles its own program. ``lowerings``: for every 3x3 convolution shape
+of a preset at ``--size`` (the seed shapes scaled from 256), each lowering of
+:mod:`unet_jax.lowering` (lax, direct up to 8 input channels, im2col, winograd2,
+winograd4) jitted, forward and forward +
+backward (input and kernel gradients for a random output cotangent), against ``nn.Conv2d`` (channels-last;
+forward under no_grad, and forward + backward) with ``--threads`` PyTorch threads (1 when
+pinned to one core, for a fair comparison); GFLOP/s from the nominal direct-convolution
+count (3x for forward + backward), ``*_vs_torch`` = torch ms / JAX ms (above 1: JAX faster).
+Prints one JSON object per line; ``--out`` writes them all to a file.
 """
 
 from __future__ import annotations
@@ -80,6 +89,65 @@ def layers(batch: int) -> list[dict]:
     return rows
 
 
+def preset_shapes(preset: str, size: int) -> list[tuple[int, int, int]]:
+    """Distinct (side, in, out) of a preset's 3x3 stride-1 convolutions at ``size``."""
+    if preset == "seed":
+        return [(side * size // 256, c_in, c_out) for side, c_in, c_out in SEED_SHAPES]
+    sys.path.insert(0, str(REPO))
+    from unet_jax.lowering import conv_shapes
+    from unet_jax.models.unet import create_unet
+
+    model = create_unet(preset)
+    found = conv_shapes(model, (1, size, size, model.in_channels))
+    return list(dict.fromkeys((s["shape"][1], s["shape"][3], s["features"]) for s in found
+                              if s["kernel"] == (3, 3) and s["strides"] == (1, 1)))
+
+
+def _torch_ms(side: int, c_in: int, c_out: int, batch: int, windows: int, calls: int) -> tuple[float, float]:
+    import torch
+
+    x = torch.randn(batch, c_in, side, side).to(memory_format=torch.channels_last)
+    layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        infer = _median_ms(lambda: layer(x), windows, calls)
+    xg = x.clone().requires_grad_(True)
+
+    def step():
+        xg.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(xg).sum().backward()
+
+    return infer, _median_ms(step, windows, calls)
+
+
+def lowerings(batch: int, size: int, preset: str, threads: int, windows: int, calls: int) -> list[dict]:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from unet_jax.lowering import candidates, time_lowering
+
+    torch.set_num_threads(threads)
+    rows = []
+    for side, c_in, c_out in preset_shapes(preset, size):
+        gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
+        t_infer, t_train = _torch_ms(side, c_in, c_out, batch, windows, calls)
+        for name in candidates(c_in):
+            shape = (batch, side, side, c_in)
+            infer = time_lowering(name, shape, c_out, "infer", windows=windows, calls=calls)
+            train = time_lowering(name, shape, c_out, "train", windows=windows, calls=calls)
+            rows.append({"shape": f"{side}x{side} {c_in}->{c_out}", "batch": batch, "lowering": name,
+                         "gflop": round(gflop, 3), "infer_ms": round(infer, 2), "train_ms": round(train, 2),
+                         "torch_infer_ms": round(t_infer, 2), "torch_train_ms": round(t_train, 2),
+                         "infer_gflops": round(gflop / infer * 1e3, 1),
+                         "train_gflops": round(3 * gflop / train * 1e3, 1),
+                         "torch_infer_gflops": round(gflop / t_infer * 1e3, 1),
+                         "torch_train_gflops": round(3 * gflop / t_train * 1e3, 1),
+                         "infer_vs_torch": round(t_infer / infer, 3), "train_vs_torch": round(t_train / train, 3),
+                         "torch_threads": threads})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def seed_inference(batch: int) -> dict:
     """One flag setting (this process's XLA_FLAGS): seed preset inference images/s."""
     import jax
@@ -114,20 +182,29 @@ def flags(batch: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("layers", "flags", "_one"))
+    parser.add_argument("mode", choices=("layers", "flags", "lowerings", "_one"))
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256, help="lowerings: input side of the preset")
+    parser.add_argument("--preset", default="seed", help="lowerings: seed (its SEED_SHAPES) or another U-Net preset")
+    parser.add_argument("--threads", type=int, default=1, help="lowerings: PyTorch threads (1 when pinned to one core)")
+    parser.add_argument("--windows", type=int, default=5, help="lowerings: timed windows (median)")
+    parser.add_argument("--calls", type=int, default=3, help="lowerings: calls per window")
     parser.add_argument("--out", default=None, help="write the rows and the machine to this JSON file")
     args = parser.parse_args()
     if args.mode == "_one":
         print(json.dumps(seed_inference(args.batch)))
         return 0
-    rows = layers(args.batch) if args.mode == "layers" else flags(args.batch)
+    if args.mode == "lowerings":
+        rows = lowerings(args.batch, args.size, args.preset, args.threads, args.windows, args.calls)
+    else:
+        rows = layers(args.batch) if args.mode == "layers" else flags(args.batch)
     if args.out:
         import jax
         import torch
 
         Path(args.out).write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or platform.machine(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -31,20 +31,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
-@pytest.fixture
-def unet_bf16_promotion():
-    """Standard dtype promotion for the duration of a test of the bfloat16 U-Net.
-
-    unet.py's BatchNorm gets bfloat16 features against float32 statistics, an implicit
-    promotion that strict mode refuses (resnet.py and tiny_vit.py cast them explicitly).
-    unet.py is being rewritten on another branch; once it casts too, delete this fixture,
-    its three users (test_models, test_train, test_levers: the bfloat16 U-Net tests) and
-    the JAX_NUMPY_DTYPE_PROMOTION=standard of test_gpu_run's dry run.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 # Compilation makes the first example of a property slow; deadlines would be flaky.
 settings.register_profile(
     "ci", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow]

@@ -42,9 +42,8 @@ def dry_run(tmp_path_factory):
     # share of the budget would fail this test for the machine's sake, not the code's.
     env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "TOTAL_S": os.environ.get("GPU_RUN_DRY_TOTAL_S", "3000"),
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           # Every stage runs the bfloat16 U-Net, whose BatchNorm (unet.py) still relies on
-           # implicit promotion, and bench_data.py calls optax directly (optax needs standard
-           # promotion); standard until unet.py casts (see conftest.unet_bf16_promotion).
+           # bench_data.py calls optax directly, and optax's Adam raises a float to an int
+           # step count, which strict promotion refuses (train_step runs it under standard).
            "JAX_NUMPY_DTYPE_PROMOTION": "standard"}
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(BENCH / "gpu_run.sh")], cwd=REPO, env=env, capture_output=True,

@@ -123,7 +123,6 @@ def test_donated_and_undonated_steps_give_the_same_state():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_compute_gives_the_float32_outputs_to_bf16_precision():
     model = _tiny("padded")
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))

@@ -271,7 +271,6 @@ def test_dropout_needs_a_key_in_training_and_is_off_in_evaluation(small_seed):
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
-@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_compute_stays_close_to_float32(small_seed):
     model, variables, x = small_seed
     y32 = model.apply(variables, x)

@@ -70,7 +70,6 @@ def test_one_step_lowers_the_loss():
     assert int(after_state.step) == 1
 
 
-@pytest.mark.usefixtures("unet_bf16_promotion")
 def test_bfloat16_training_step_keeps_float32_parameters():
     config = dataclasses.replace(SHALLOW, dtype="bfloat16")
     from unet_jax.models import build_model

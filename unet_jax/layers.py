@@ -334,6 +334,17 @@ class Conv2D(nn.Module):
         inside a ``lax.scan`` 25x slower, JAX's own elsewhere), ``'xla'`` (JAX's autodiff,
         forward and reverse mode) or ``'explicit'``
         (:func:`unet_jax.conv_grad.conv_explicit_grad`, reverse mode only; NHWC, no groups).
+      lowering: how the convolution is computed (:mod:`unet_jax.lowering`), the same
+        parameters and, up to rounding, the same outputs: ``'lax'`` (XLA's convolution,
+        the default), ``'direct'`` (the sum, unrolled; for 1-3 input channels),
+        ``'im2col'`` (patches + one GEMM), ``'winograd2'`` / ``'winograd4'``
+        (Winograd ``F(2x2, 3x3)`` / ``F(4x4, 3x3)``; 3x3 kernels, stride 1 only),
+        ``'auto'`` (the machine's tuned table's fastest for inference,
+        :func:`unet_jax.lowering.choose_lowering`; ``'lax'`` without a table or where the
+        choice cannot apply) or ``'auto-train'`` (the table's fastest forward + backward).
+        The non-lax lowerings work on NHWC: with ``layout='NCHW'`` the input and output
+        are transposed around them. A forced lowering that cannot compute the layer
+        (grouped convolution; Winograd with another kernel or stride) is a ValueError.
     """
 
     features: int
@@ -350,6 +361,7 @@ class Conv2D(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     layout: str = "NHWC"
     gradient: str = "auto"
+    lowering: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -371,8 +383,26 @@ class Conv2D(nn.Module):
                 f"features ({self.features})"
             )
 
+        # Imported here: `python -m unet_jax.lowering` must not find itself imported already.
+        from unet_jax.lowering import lower_conv, resolve_lowering
+
+        nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
+        try:
+            lowering = resolve_lowering(self.lowering, kernel=kernel, strides=strides, groups=groups,
+                                        shape=nhwc_shape, out_features=self.features, pads=pads)
+        except ValueError as err:
+            raise ValueError(f"{_layer_label('Conv2D', self.name)}: {err}") from None
+        explicit = use_explicit_grad(self.gradient, self.layout, groups, _layer_label("Conv2D", self.name))
         x, w, b = _kernel_and_bias(self, kernel, x, groups)
-        if use_explicit_grad(self.gradient, self.layout, groups, _layer_label("Conv2D", self.name)):
+        if lowering != "lax":
+            # The lowerings are written on NHWC; NCHW pays two transposes for them.
+            if self.layout == "NCHW":
+                x = jnp.transpose(x, (0, 2, 3, 1))
+            y = lower_conv(lowering, x, w, strides, pads, self.precision)
+            if self.layout == "NCHW":
+                y = jnp.transpose(y, (0, 3, 1, 2))
+            return _add_bias(y, b, self.layout)
+        if explicit:
             return _add_bias(conv_explicit_grad(x, w, strides, _int_pairs(pads), (1, 1), self.precision), b,
                              self.layout)
         y = jax.lax.conv_general_dilated(

@@ -65,9 +65,12 @@ class ConvBlock(nn.Module):
     param_dtype: Any = jnp.float32
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     gradient: Literal["auto", "xla", "explicit"] = "auto"
+    lowering: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        # 'auto' picks from the tuned table's forward + backward entries when training.
+        lowering = "auto-train" if self.lowering == "auto" and train else self.lowering
         for i in range(1, self.num_convs + 1):
             x = Conv2D(
                 self.features,
@@ -78,6 +81,7 @@ class ConvBlock(nn.Module):
                 param_dtype=self.param_dtype,
                 layout=self.layout,
                 gradient=self.gradient,
+                lowering=lowering,
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
@@ -89,7 +93,7 @@ class ConvBlock(nn.Module):
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"bn{i}",
-                )(x)
+                )(x.astype(jnp.promote_types(x.dtype, jnp.float32)))  # normalised in float32, as Flax does
             x = nn.relu(x)
         return x
 
@@ -155,6 +159,10 @@ class UNet(nn.Module):
       gradient: how every convolution is differentiated (``Conv2D.gradient``): ``'auto'``
         (written-out canonical gradients on the CPU backend, which XLA:CPU needs inside a
         scanned step), ``'xla'`` (JAX's autodiff; forward mode too) or ``'explicit'``.
+      lowering: how the block convolutions compute (``Conv2D.lowering``: ``'lax'``,
+        ``'direct'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
+        ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.lowering`), its
+        forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
     """
 
     features: int = 64
@@ -176,6 +184,7 @@ class UNet(nn.Module):
     up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     gradient: Literal["auto", "xla", "explicit"] = "auto"
+    lowering: str = "lax"
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -191,6 +200,7 @@ class UNet(nn.Module):
             param_dtype=self.param_dtype,
             layout=self.layout,
             gradient=self.gradient,
+            lowering=self.lowering,
             name=name,
         )
 
