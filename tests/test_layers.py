@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from unet_jax import reference
 from unet_jax.layers import (
+    LAYOUTS,
     Conv2D,
     ConvTranspose2D,
     MaxPool2D,
@@ -23,6 +24,7 @@ from unet_jax.layers import (
     conv_transpose_output_size,
     pool_output_size,
     resolve_padding,
+    tiled_max_pool,
 )
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -402,3 +404,29 @@ def test_size_formulas_refuse_impossible_arguments():
         conv_transpose_output_size(5, 0)
     with pytest.raises(ValueError, match="removes the whole output"):
         conv_transpose_output_size(1, 2, 1, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Tiled max pooling: the reduce_window values and gradient, ties included
+# --------------------------------------------------------------------------------------
+@given(h=st.integers(2, 9), w=st.integers(2, 9), k=st.integers(1, 3), layout=st.sampled_from(LAYOUTS),
+       seed=st.integers(0, 2**16))
+def test_tiled_max_pool_equals_reduce_window_with_ties(h, w, k, layout, seed):
+    """Integer-valued inputs make ties common: the gradient must go to the first maximum of
+    each window, as reduce_window's select_and_scatter does; rows past the last whole
+    window get none."""
+    assume(h >= k and w >= k)
+    rng = np.random.default_rng(seed)
+    shape = (2, h, w, 3) if layout == "NHWC" else (2, 3, h, w)
+    x = jnp.asarray(rng.integers(0, 3, shape), jnp.float32)
+    dims = (1, k, k, 1) if layout == "NHWC" else (1, 1, k, k)
+
+    def reference(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+
+    y, tiled_vjp = jax.vjp(lambda x: tiled_max_pool(x, (k, k), layout), x)
+    y_ref, reference_vjp = jax.vjp(reference, x)
+    np.testing.assert_array_equal(y, y_ref)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    np.testing.assert_array_equal(tiled_vjp(dy)[0], reference_vjp(dy)[0])
+    assert MaxPool2D(k, layout=layout).apply({}, x).shape == y.shape

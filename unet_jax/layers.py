@@ -26,6 +26,7 @@ out_features)`` and ``bias`` is ``(out_features,)`` for both :class:`Conv2D` and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Callable, Union
@@ -46,6 +47,7 @@ __all__ = [
     "pool_output_size",
     "conv_transpose_output_size",
     "subpixel_conv_transpose",
+    "tiled_max_pool",
     "resolve_padding",
     "resolve_transpose_padding",
     "he_normal",
@@ -417,12 +419,72 @@ class Conv2D(nn.Module):
         return _add_bias(y, b, self.layout)
 
 
+def _tiles(x: jax.Array, window: tuple[int, int], layout: str) -> tuple[jax.Array, tuple[int, int]]:
+    """``x`` cut to whole windows and reshaped so that each window has its own two axes:
+    NHWC ``(N, H_out, kh, W_out, kw, C)``, NCHW ``(N, C, H_out, kh, W_out, kw)``; and those
+    two axes."""
+    kh, kw = window
+    if layout == "NHWC":
+        n, h, w, c = x.shape
+        return x[:, : h // kh * kh, : w // kw * kw].reshape(n, h // kh, kh, w // kw, kw, c), (2, 4)
+    n, c, h, w = x.shape
+    return x[:, :, : h // kh * kh, : w // kw * kw].reshape(n, c, h // kh, kh, w // kw, kw), (3, 5)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def tiled_max_pool(x: jax.Array, window: tuple[int, int], layout: str = "NHWC") -> jax.Array:
+    """Max pooling whose windows tile the input (stride = window, no padding; rows and
+    columns past the last whole window are dropped, as ``'VALID'``): a reshape and a max.
+
+    The gradient goes to the first maximum of each window in row-major order, as
+    ``reduce_window``'s (``select_and_scatter``) does, but as a few elementwise operations:
+    XLA:CPU runs the ``select_and_scatter`` gradient as an index-tracking reduction about
+    12x slower (16x128x128x16, one core: 87 ms -> 7 ms forward + backward).
+    """
+    tiles, axes = _tiles(x, window, layout)
+    return jnp.max(tiles, axis=axes)
+
+
+def _tiled_max_pool_forward(x, window, layout):
+    y = tiled_max_pool(x, window, layout)
+    return y, (x, y)
+
+
+def _tiled_max_pool_backward(window, layout, residuals, dy):
+    x, y = residuals
+    tiles, axes = _tiles(x, window, layout)
+    y, dy = jnp.expand_dims(y, axes), jnp.expand_dims(dy, axes)
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for u in range(window[0]):
+        row = []
+        for v in range(window[1]):
+            index = [slice(None)] * tiles.ndim
+            index[axes[0]], index[axes[1]] = slice(u, u + 1), slice(v, v + 1)
+            hit = tiles[tuple(index)] == y
+            row.append(jnp.where(hit & ~taken, dy, jnp.zeros((), dy.dtype)))  # first maximum only
+            taken = taken | hit
+        rows.append(jnp.concatenate(row, axis=axes[1]))
+    dx = jnp.concatenate(rows, axis=axes[0])
+    shape = list(tiles.shape)
+    cropped = shape[: axes[0] - 1] + [shape[axes[0] - 1] * shape[axes[0]]] + \
+        [shape[axes[1] - 1] * shape[axes[1]]] + shape[axes[1] + 1:]
+    spatial = (1, 2) if layout == "NHWC" else (2, 3)
+    pads = [(0, x.shape[a] - cropped[a]) if a in spatial else (0, 0) for a in range(4)]
+    return (jnp.pad(dx.reshape(cropped), pads),)
+
+
+tiled_max_pool.defvjp(_tiled_max_pool_forward, _tiled_max_pool_backward)
+
+
 class MaxPool2D(nn.Module):
     """Max pooling: ``y[b, i, j, c] = max_{u < k_h, v < k_w} xpad[b, s_h i + u, s_w j + v, c]``.
 
     The report's max over each window. Padding is with the dtype's smallest value (``-inf``
     for floats, ``iinfo(dtype).min`` for integers) so padded positions never win.
-    Overlapping windows (stride smaller than window) are allowed.
+    Overlapping windows (stride smaller than window) are allowed. Windows that tile the
+    input (stride = window, no padding; the U-Nets' 2x2 pools) take
+    :func:`tiled_max_pool`: the same values and gradient, computed faster.
 
     Shapes: ``(N, H, W, C) -> (N, pool_output_size(H, kh, s_h, p), ..., C)`` (``layout
     'NCHW'``: ``(N, C, H, W) -> (N, C, H_out, W_out)``).
@@ -442,6 +504,8 @@ class MaxPool2D(nn.Module):
         pads = resolve_padding(self.padding, hw, window, strides)
         for axis in (0, 1):
             pool_output_size(hw[axis], window[axis], strides[axis], pads[axis])
+        if strides == window and pads == ((0, 0), (0, 0)):
+            return tiled_max_pool(x, window, self.layout)
         if self.layout == "NHWC":
             dims, steps, padding = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
         else:

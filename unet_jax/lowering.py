@@ -29,7 +29,8 @@ the project's shared 2-core VM, one core, batch 8, forward: ``direct`` beats XLA
 3-channel first layer, Winograd some 16x16-32x32 layers with 64-128 channels by
 1.1-1.3x, XLA's own convolution the rest; forward + backward: XLA nearly everywhere. The
 im2col patch copy and the stacking of Winograd's transformed tiles are slow in XLA:CPU):
-``python -m unet_jax.lowering tune`` times every lowering on the 3x3 layer shapes of a model and writes a table (:func:`table_path`), and :func:`choose_lowering`
+``python -m unet_jax.lowering tune`` times every lowering on the 3x3 layer shapes of a model
+and writes a table (:func:`table_path`), and :func:`choose_lowering`
 (``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``.
 """
 

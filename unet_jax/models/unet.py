@@ -85,15 +85,18 @@ class ConvBlock(nn.Module):
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
-                x = nn.BatchNorm(
-                    use_running_average=not train,
-                    axis=-1 if self.layout == "NHWC" else 1,
-                    momentum=self.bn_momentum,
-                    epsilon=self.bn_epsilon,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"bn{i}",
-                )(x.astype(jnp.promote_types(x.dtype, jnp.float32)))  # normalised in float32, as Flax does
+                # Flax's BatchNorm mixes bfloat16 features with float32 statistics inside;
+                # standard promotion there keeps the project's own code under strict checks.
+                with jax.numpy_dtype_promotion("standard"):
+                    x = nn.BatchNorm(
+                        use_running_average=not train,
+                        axis=-1 if self.layout == "NHWC" else 1,
+                        momentum=self.bn_momentum,
+                        epsilon=self.bn_epsilon,
+                        dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        name=f"bn{i}",
+                    )(x)
             x = nn.relu(x)
         return x
 
