@@ -4,15 +4,18 @@ bfloat16). Everything else is the base protocol's: all three classes, the duplic
 split, augmentation, BCE + Dice, AdamW with a cosine schedule, early stopping on
 validation Dice.
 
-Command (from the repository root; about 35 minutes on 2 cores):
+Command (from the repository root; about 20 minutes on 2 cores):
 
     unet-jax train --config experiments/base_cpu.py --out runs/base_cpu
 
-Measured (2026-11-27, 2-core VM, 1,953 s; stopped early at epoch 48, best 28): test split
-(93 images, duplicate-aware) at native resolution, lesion images (77): Dice 0.704 [0.635,
-0.773], IoU 0.613 [0.533, 0.680], pixel accuracy 0.946, HD95 88.2 px; normal images
-predicted empty 8 of 16. Details and the run files: experiments/RESULTS.md,
-experiments/results/base_cpu/.
+Measured (2026-12-03, 2-core VM, two CPU devices, a whole epoch per dispatch; 1,161 s, of
+which 50 epochs at 20.5 s each, then the test evaluation and the inference recipe): best
+epoch 43 of 50; test split (93 images, duplicate-aware) at native resolution with the
+recipe chosen on validation, lesion images (77): Dice 0.722 [0.656, 0.790], IoU 0.632
+[0.564, 0.691], HD95 85 px; raw model output lesion Dice 0.719; normal images predicted
+empty 13 of 16. The same command took 1,953 s on 2026-11-27 (one device, one step per
+dispatch, 40.7 s per epoch; Dice 0.704 [0.635, 0.773]). Details and the run files:
+experiments/RESULTS.md, experiments/results/base_cpu/.
 """
 
 import dataclasses

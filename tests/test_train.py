@@ -172,15 +172,26 @@ class Killed(Exception):
     """Stands for the process being killed at that moment."""
 
 
-def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_path):
+def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_path, monkeypatch):
+    import unet_jax.train.loop as loop
+
     run_dir, _, _ = reference_run
+    real_steps, seen = loop.train_steps, {}
 
-    def killer(event):
-        if event["kind"] == "step" and event["epoch"] == 3:
-            raise Killed  # in the middle of epoch 3, after epoch 2's checkpoint
+    def note_epochs(event):
+        if event["kind"] == "epoch":
+            seen["steps_per_epoch"] = event["step"] // event["epoch"]
 
+    def killing_steps(state, data, data_key, dropout_key, start, **kwargs):
+        # Killed during epoch 3's dispatch (an epoch is one dispatch), after epoch 2's checkpoint.
+        if seen and int(start) >= 2 * seen["steps_per_epoch"]:
+            raise Killed
+        return real_steps(state, data, data_key, dropout_key, start, **kwargs)
+
+    monkeypatch.setattr(loop, "train_steps", killing_steps)
     with pytest.raises(Killed):
-        train(TINY, tmp_path, progress=killer)
+        train(TINY, tmp_path, progress=note_epochs)
+    monkeypatch.undo()
     resumed_events = []
     train(TINY, tmp_path, progress=resumed_events.append)
     start = next(e for e in resumed_events if e["kind"] == "start")

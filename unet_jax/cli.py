@@ -75,7 +75,16 @@ def _run_train(args: argparse.Namespace) -> int:
         # Before anything touches a JAX backend.
         distributed.initialize(launch, heartbeat_timeout_s=args.heartbeat_timeout)
         config = apply_overrides(config, ["distributed=true"])
+    _split_cpu(config)
     return _train_and_report(config, args.out)
+
+
+def _split_cpu(config) -> None:
+    """Before anything starts a JAX backend: the CPU as ``config.cpu_devices`` devices."""
+    from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
+
+    use_cpu_devices(cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size),
+                                     config.distributed))
 
 
 def _train_and_report(config, out: str) -> int:
@@ -155,7 +164,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from unet_jax.config import apply_overrides, demo_config
 
-    return _train_and_report(apply_overrides(demo_config(), args.overrides), args.out)
+    config = apply_overrides(demo_config(), args.overrides)
+    _split_cpu(config)
+    return _train_and_report(config, args.out)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -107,7 +107,10 @@ class TrainConfig:
 
     # Run.
     seed: int = 0
-    steps_per_dispatch: int = 0  # training steps per jitted call; 0: auto (an epoch on GPU/TPU, 1 on CPU)
+    steps_per_dispatch: int = 0  # training steps per jitted call; 0: an epoch
+    # The CPU split into this many JAX devices, the batch split over them (unet_jax.train.cpu;
+    # set by `unet-jax train` before JAX starts); 0: two on a 2+ core host with even batch sizes.
+    cpu_devices: int = 0
     checkpoint_every: int = 1  # epochs
     plots: bool = True
     distributed: bool = False  # one run as several processes (unet_jax.train.distributed)
@@ -139,6 +142,7 @@ class TrainConfig:
             ("max_train_minutes", self.max_train_minutes is None or self.max_train_minutes > 0,
              "None or a positive number of minutes"),
             ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
+            ("cpu_devices", self.cpu_devices >= 0, "0 (auto) or a positive integer"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
             ("phantom_images", self.phantom_images >= 1, "a positive integer"),
             ("hflip", 0 <= self.hflip <= 1, "a probability in [0, 1]"),

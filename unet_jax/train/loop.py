@@ -349,7 +349,8 @@ def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
 
 
 # Keys that do not change what is computed: a resumed run may set them differently.
-_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "checkpoint_every", "distributed",
+_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "cpu_devices", "checkpoint_every",
+                             "distributed",
                              "tune_inference", "max_lesion_empty", "max_train_minutes"})
 
 

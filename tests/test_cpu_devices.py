@@ -1,0 +1,48 @@
+"""The CPU split into JAX devices (unet_jax.train.cpu) and the scanned epoch as the default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from unet_jax.config import TrainConfig
+from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
+from unet_jax.train.steps import default_steps_per_dispatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_device_count_rule():
+    assert cpu_device_count(0, (16, 32), cores=2) == 2
+    assert cpu_device_count(0, (16, 32), cores=64) == 2  # more than two was never measured
+    assert cpu_device_count(0, (16, 32), cores=1) == 1
+    assert cpu_device_count(0, (16, 9), cores=2) == 1  # an odd batch cannot be split in two
+    assert cpu_device_count(0, (16, 32), distributed=True, cores=2) == 1  # processes divide the cores
+    assert cpu_device_count(3, (16, 32), cores=1) == 3  # an explicit count is taken as given
+    with pytest.raises(ValueError, match=r"config cpu_devices = -1: expected 0 \(auto\) or a positive integer"):
+        TrainConfig(cpu_devices=-1)
+
+
+def test_the_count_cannot_change_once_jax_runs(monkeypatch):
+    jax.devices()  # this process's backend is up
+    assert use_cpu_devices(2) is False
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert use_cpu_devices(2) is False  # the user's own flag wins
+
+
+def test_a_fresh_process_gets_two_cpu_devices():
+    script = "import jax; from unet_jax.train.cpu import use_cpu_devices; print(use_cpu_devices(2), len(jax.devices()))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "2"]
+
+
+def test_an_epoch_is_one_dispatch_on_every_backend():
+    assert default_steps_per_dispatch(27) == 27
