@@ -28,10 +28,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,14 +52,9 @@ FLAG_CANDIDATES = (
 
 
 def _median_ms(run, windows: int = 5, calls: int = 3) -> float:
-    run(), run()  # compile and warm up
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
+    from unet_jax.lowering import _median_ms as median_ms  # one timing rule for every table
+
+    return median_ms(run, windows, calls)
 
 
 def layers(batch: int) -> list[dict]:

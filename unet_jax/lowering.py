@@ -120,13 +120,8 @@ def conv_direct(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     Any kernel size and stride.
     """
     kh, kw, c, o = w.shape
-    if x.shape[-1] != c:
-        raise ValueError(f"conv_direct: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} "
-                         f"expects {c}")
     sh, sw = strides
-    xp = _pad_nhwc(x, pads)
-    ho, wo = _out_size(xp.shape[1], kh, sh, "height"), _out_size(xp.shape[2], kw, sw, "width")
-    n = x.shape[0]
+    xp, n, ho, wo = _padded_geometry("conv_direct", x, w, strides, pads)
     y = None
     for u in range(kh):
         for v in range(kw):
@@ -152,6 +147,18 @@ def _out_size(padded: int, k: int, s: int, what: str) -> int:
     return (padded - k) // s + 1
 
 
+def _padded_geometry(name: str, x: jax.Array, w: jax.Array, strides: Sequence[int],
+                     pads: PadPairs) -> tuple[jax.Array, int, int, int]:
+    """The padded input of a slicing lowering and ``(N, H_out, W_out)``, after checking that
+    the kernel ``(kh, kw, C, O)`` reads ``x``'s ``C`` channels and fits the padded input."""
+    kh, kw, c, _ = w.shape
+    if x.shape[-1] != c:
+        raise ValueError(f"{name}: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} expects {c}")
+    xp = _pad_nhwc(x, pads)
+    return (xp, x.shape[0], _out_size(xp.shape[1], kh, strides[0], "height"),
+            _out_size(xp.shape[2], kw, strides[1], "width"))
+
+
 def conv_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
                 pads: PadPairs = ((0, 0), (0, 0)), precision: Any = None) -> jax.Array:
     """Convolution as im2col then one GEMM: ``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)``.
@@ -167,13 +174,8 @@ def conv_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     matrix product; the price is ``kh kw`` copies of the input. Any kernel size and stride.
     """
     kh, kw, c, o = w.shape
-    if x.shape[-1] != c:
-        raise ValueError(f"conv_im2col: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} "
-                         f"expects {c}")
     sh, sw = strides
-    xp = _pad_nhwc(x, pads)
-    ho, wo = _out_size(xp.shape[1], kh, sh, "height"), _out_size(xp.shape[2], kw, sw, "width")
-    n = x.shape[0]
+    xp, n, ho, wo = _padded_geometry("conv_im2col", x, w, strides, pads)
     taps = [jax.lax.slice(xp, (0, u, v, 0), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, c),
                           (1, sh, sw, 1))
             for u in range(kh) for v in range(kw)]
@@ -516,7 +518,9 @@ def conv_shapes(model: Any, x_shape: tuple[int, ...], **call_kwargs: Any) -> lis
     return found
 
 
-def _median_ms(run: Callable[[], Any], windows: int, calls: int) -> float:
+def _median_ms(run: Callable[[], Any], windows: int = 5, calls: int = 3) -> float:
+    """Median milliseconds per call of ``run`` over ``windows`` windows of ``calls`` calls,
+    after two untimed calls (compilation and warm-up); benchmarks/cpu_conv.py uses it too."""
     run(), run()  # compile and warm up
     times = []
     for _ in range(windows):
