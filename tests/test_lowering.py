@@ -243,3 +243,13 @@ def test_tune_writes_the_table_and_show_prints_it(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     assert L.main(["show"]) == 0
     assert "32x32:3->16:b2:infer" in capsys.readouterr().out
+
+
+def test_a_damaged_table_is_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "lowering.json"
+    path.write_text('{"format": "unet_jax.lowering_table", "entries": {')  # cut short
+    with pytest.raises(ValueError, match=r"lowering\.json: not a lowering table .*delete it to tune again"):
+        L.load_table(path)
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=r"lowering\.json: not a lowering table \(expected format"):
+        L.load_table(path)

@@ -446,7 +446,11 @@ def table_path() -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _read_table(path: str, mtime_ns: int) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a lowering table ({err}); expected the JSON that "
+                         f"`python -m unet_jax.lowering tune` writes (delete it to tune again)") from None
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: not a lowering table (expected format {TABLE_FORMAT!r})")
     return data
