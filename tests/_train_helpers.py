@@ -28,3 +28,28 @@ def overflow_batch_norm_after(monkeypatch, step: int) -> None:
         return state, metrics
 
     monkeypatch.setattr(loop, "train_steps", overflowing)
+
+
+def save_untrained_run(run_dir, config: TrainConfig = TINY, poison: bool = False, which=("best",)):
+    """A run folder holding ``config``'s freshly initialised (untrained) state as its
+    checkpoint(s) ``which``, at step 0, as `unet-jax train` saves them: a loadable model in
+    a second, without training. ``poison``: one NaN in the first parameter array."""
+    import jax
+    import jax.numpy as jnp
+
+    from unet_jax.checkpoint import CheckpointStore
+    from unet_jax.config import config_to_dict
+    from unet_jax.models import build_model
+    from unet_jax.train.state import create_train_state, make_optimizer
+
+    state = create_train_state(build_model(config), make_optimizer(config, 5), jax.random.key(0, impl="rbg"),
+                               (1, config.image_size, config.image_size, config.channels))
+    if poison:  # as a damaged file or a diverged run leaves it
+        leaves, tree = jax.tree.flatten(state.params)
+        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+        state = state.replace(params=jax.tree.unflatten(tree, leaves))
+    store = CheckpointStore(run_dir)
+    for name in which:
+        store.save(name, state, {"config": config_to_dict(config), "loop": {}, "processes": 1})
+    store.close()
+    return run_dir

@@ -11,7 +11,7 @@ from _data_helpers import COUNTS, SIZE, copy_tree, make_phantom
 from PIL import Image
 
 from unet_jax.data import CLASSES, DatasetError, ReadOptions, load_busi, read_mask, scan, validate
-from unet_jax.data.busi import check_dataset
+from unet_jax.data.busi import check_dataset, mask_problem
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,70 @@ def test_read_mask_rgba_transparent_is_background():
     rgba[0, :, 3] = 0  # white but transparent
     got = read_mask(Image.fromarray(rgba, "RGBA"))
     assert got.tolist() == [[False] * 4, [True] * 4, [False] * 4, [False] * 4]
+
+
+def _recode(mask: np.ndarray, how: str) -> Image.Image:
+    """``mask`` (bool) in one of the binary encodings the reader must accept alike."""
+    m = mask.astype(np.uint8)
+    if how == "L 0/1":
+        return Image.fromarray(m, "L")
+    if how == "RGB red":
+        return Image.fromarray(np.stack([m * 200, m * 0, m * 0], -1), "RGB")
+    if how == "RGBA white on transparent":  # colour everywhere; only alpha says lesion
+        return Image.fromarray(np.dstack([np.full((*m.shape, 3), 255, np.uint8), m * 255]), "RGBA")
+    assert how == "RGB 0/1"
+    return Image.fromarray(np.repeat(m[:, :, None], 3, -1), "RGB")
+
+
+@pytest.mark.parametrize("how", ["L 0/1", "RGB red", "RGBA white on transparent", "RGB 0/1"])
+def test_every_binary_encoding_reads_as_the_same_mask(dataset, bad_copy, how):
+    # a folder whose masks are all saved as 0/1 (or a red lesion on black) read as empty
+    truth = {}
+    for p in bad_copy.rglob("*_mask*.png"):
+        truth[p] = read_mask(Image.open(p))
+        _recode(truth[p], how).save(p)
+    ds = load_busi(bad_copy, ReadOptions(size=(32, 48)))
+    np.testing.assert_array_equal(ds.masks, dataset.masks)
+    for a, b in zip(ds.original_masks, dataset.original_masks):
+        np.testing.assert_array_equal(a, b)
+    assert sum(m.any() for m in truth.values()) > 10
+    assert check_dataset(bad_copy).ok
+
+
+@pytest.mark.parametrize("values, reason", [
+    ("all 255", "every pixel as lesion"), ("all 1", "every pixel as lesion"),
+    ("128 and 255", "every pixel as lesion"), ("anti-aliased", "not two-level"),
+    ("alpha edge", "not two-level")])
+def test_mask_that_is_not_a_binary_lesion_mask_is_a_problem(bad_copy, values, reason):
+    p = bad_copy / "benign" / "benign (2)_mask.png"
+    m = read_mask(Image.open(p))
+    u8, edge = m.astype(np.uint8) * np.uint8(255), np.roll(m, 1, 0) ^ m
+    arr = {"all 255": np.full(m.shape, 255, np.uint8), "all 1": np.ones(m.shape, np.uint8),
+           "128 and 255": np.where(m, 255, 128).astype(np.uint8),
+           "anti-aliased": np.where(edge, 128, u8)}.get(values)
+    if values == "alpha edge":
+        alpha = np.where(edge, 200, u8).astype(np.uint8)  # a half-opaque rim
+        Image.fromarray(np.dstack([np.full((*m.shape, 3), 255, np.uint8), alpha]), "RGBA").save(p)
+    else:
+        Image.fromarray(arr.astype(np.uint8), "L").save(p)
+    rep = check_dataset(bad_copy)
+    assert not rep.ok and [x.path for x in rep.problems] == [str(p)]
+    assert reason in rep.problems[0].reason
+    _expect(bad_copy, "benign (2)_mask.png", reason)
+
+
+def test_real_busi_mask_encodings_pass(tmp_path):
+    # the public files: 1-bit, 0/255 RGB (normal: all black) and opaque 0/255 RGBA
+    m = np.zeros((9, 11), bool)
+    m[2:5, 3:8] = True
+    for k, im in enumerate([Image.fromarray(m).convert("1"),
+                            Image.fromarray(np.zeros((9, 11, 3), np.uint8), "RGB"),
+                            Image.fromarray(np.dstack([np.repeat(m[:, :, None] * np.uint8(255), 3, -1),
+                                                       np.full((9, 11), 255, np.uint8)]), "RGBA")]):
+        im.save(tmp_path / f"{k}.png")
+        with Image.open(tmp_path / f"{k}.png") as back:
+            assert mask_problem(back) is None
+            assert read_mask(back).sum() == (0 if k == 1 else m.sum())
 
 
 def test_three_channels_and_native_size(phantom):

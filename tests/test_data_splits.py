@@ -148,6 +148,20 @@ def test_seed_protocol(synthetic):
     assert c["test"] == {"benign": 30, "malignant": 20, "normal": 0}
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("duplicate_groups", 3, "a list of lists of ids"), ("duplicate_groups", [["a", 1]], "a list of lists of ids"),
+    ("duplicate_groups", ["ab"], "a list of lists of ids"), ("seed", "1", "an integer"),
+    ("seed", True, "an integer"), ("protocol", None, "a string"), ("params", [], "an object")])
+def test_a_hand_edited_manifest_field_is_a_clear_error(synthetic, tmp_path, key, value, expected):
+    ids, labels, groups = synthetic
+    path = write_manifest(stratified_split(ids, labels, groups, seed=1), tmp_path / "split.json")
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"split manifest '.*split.json': '{key}' is .*; expected {expected}"):
+        read_manifest(path)
+
+
 def test_fraction_validation(synthetic):
     ids, labels, groups = synthetic
     with pytest.raises(ValueError, match="sum to 1"):

@@ -3,12 +3,15 @@
 import json
 import os
 import re
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from unet_jax._io import atomic_write, new_temp_dir, swap_in, write_bytes, write_json, write_text
+from unet_jax._io import FolderLock, atomic_write, new_temp_dir, swap_in, write_bytes, write_json, write_text
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.(tmp|old)$")
 
@@ -73,3 +76,23 @@ def test_folders_use_the_same_scheme_and_replace_the_old_one_whole(tmp_path):
         (tmp / "data.txt").write_text(content)
         swap_in(tmp, out)
         assert (out / "data.txt").read_text() == content and os.listdir(tmp_path) == ["cache"]
+
+
+def test_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    path = tmp_path / "train.lock"
+    with FolderLock(path, "run folder"):
+        assert json.loads(path.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert not path.exists()
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # another machine's: cannot be checked
+    with pytest.raises(ValueError, match=r"in use by process 1 on host 'elsewhere' .*delete the lock file"):
+        FolderLock(path, "run folder").acquire()
+    path.write_text("{half written")  # garbage: stale
+    lock = FolderLock(path).acquire()
+    path.write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))  # replaced by someone else
+    lock.release()
+    assert path.exists()  # not ours to delete
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with FolderLock(path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,32 @@ def test_unknown_preset_and_field_are_refused():
         create_unet("unet++")
     with pytest.raises(ValueError, match=r"unknown UNet field\(s\) \['width'\]"):
         create_unet("seed", width=3)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("dropout_rate", 2.0, "a probability in [0, 1)"), ("dropout_rate", -0.5, "a probability in [0, 1)"),
+    ("convs_per_block", 0, "a positive integer"), ("bn_momentum", 5.0, "a number in [0, 1]"),
+    ("depth", 0, "a positive integer"), ("depth", -1, "a positive integer"),
+    ("num_classes", 0, "a positive integer"), ("features", 2.5, "a positive integer"),
+    ("kernel_size", 2, "an odd size with padding 'SAME'"), ("class_head", -1, "an integer >= 0"),
+    ("padding", "same", "one of ['SAME', 'VALID']")])
+def test_bad_model_fields_are_refused_naming_the_field(field, value, expected, tmp_path, capsys):
+    # Before: trained (dropout_rate=2, depth=0, ...) or an error blaming another field / the input size.
+    with pytest.raises(ValueError, match=rf"model\.{field} = {re.escape(repr(value))}: expected {re.escape(expected)}"):
+        create_unet("padded", **{field: value})
+    assert main(["train", "--out", str(tmp_path / "run"), f"model.{field}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.{field}" in err and err.count("\n") == 1, err  # a wrong type is the parser's error
+    assert not (tmp_path / "run").exists()
+
+
+def test_valid_mode_takes_an_even_kernel_and_every_preset_passes_its_checks():
+    assert create_unet("ronneberger", kernel_size=2).kernel_size == 2
+    from unet_jax.models import create_model, model_names
+
+    for names in model_names().values():
+        for name in names:
+            create_model(name)
 
 
 def test_presets_are_keyword_sets_of_one_definition():

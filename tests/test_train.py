@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from _train_helpers import TINY, overflow_batch_norm_after
+from PIL import Image
 
 from unet_jax.checkpoint import CheckpointStore, find_checkpoint, read_meta
 from unet_jax.config import TrainConfig
@@ -166,6 +169,94 @@ def test_tensorboard_can_read_the_event_file(reference_run):
     values = [e.value for e in accumulator.Scalars("val/dice")]
     np.testing.assert_allclose(values, [r["val/dice"] for r in history], rtol=1e-6)
     assert [e.step for e in accumulator.Scalars("val/dice")] == [r["step"] for r in history]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("image", r"1 image\(s\) with other pixels or masks \('malignant \(2\)'\)"),
+    ("mask", r"1 image\(s\) with other pixels or masks \('benign \(3\)'\)"),
+    ("removed", r"1 image\(s\) gone \('benign \(1\)'\)"),
+    ("resized", r"1 image\(s\) of another size \('normal \(1\)'; e\.g\. 'normal \(1\)' 32x32 -> 40x32, HxW\)")])
+def test_resuming_on_other_data_is_refused_naming_what_changed(reference_run, tmp_path, change, message):
+    run_dir, _, _ = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    saved = json.loads((copy / "split.json").read_text())
+    ids = [i for part in saved["partitions"].values() for i in part]
+    assert sorted(saved["extra"]["fingerprints"]) == sorted(ids)
+    data = copy / "phantom"
+    if change == "image":
+        p = data / "malignant" / "malignant (2).png"
+        Image.fromarray(255 - np.asarray(Image.open(p))).save(p)
+    elif change == "mask":
+        p = data / "benign" / "benign (3)_mask.png"
+        m = np.asarray(Image.open(p).convert("L")) > 0
+        Image.fromarray(np.roll(m, 5, axis=1).astype(np.uint8) * np.uint8(255)).save(p)
+    elif change == "removed":
+        for p in data.glob("benign/benign (1)*.png"):
+            p.unlink()
+    else:
+        for p in data.glob("normal/normal (1)*.png"):
+            Image.open(p).resize((32, 40)).save(p)
+    before = (copy / "split.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"run folder .* was trained on other data than this resume reads: {message}"):
+        train(TINY, copy)
+    assert (copy / "split.json").read_bytes() == before
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    from unet_jax.cli import main
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / "run" / "train.lock"
+        lock.parent.mkdir()
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(ValueError, match=rf"run folder '.*run' is in use by process {holder.pid} \(lock file"):
+            train(TINY, tmp_path / "run")
+        assert main(["train", "--out", str(tmp_path / "run"), "epochs=1"]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {holder.pid}" in err and err.count("\n") == 1
+        assert sorted(p.name for p in lock.parent.iterdir()) == ["train.lock"]  # nothing else touched
+        assert json.loads(lock.read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_run_folder_is_locked_while_training_and_a_stale_lock_taken_over(tmp_path, monkeypatch):
+    import unet_jax.train.loop as loop
+
+    lock = tmp_path / "train.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))  # a killed run's
+    seen = []
+
+    def spy(config, run_dir, *args):
+        seen.append(json.loads((Path(run_dir) / "train.lock").read_text()))
+        raise Killed
+
+    monkeypatch.setattr(loop, "_start_run", spy)
+    with pytest.raises(Killed):
+        train(TINY, tmp_path)
+    assert seen == [{"pid": os.getpid(), "host": socket.gethostname()}]
+    assert not lock.exists()  # released however the run ended
+
+
+def test_resuming_from_a_non_finite_checkpoint_is_refused(reference_run, tmp_path):
+    run_dir, _, _ = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    step = find_checkpoint(copy / "checkpoints" / "latest")
+    state, meta = params_of(copy)
+    state = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params))
+    store = CheckpointStore(copy)
+    store.save("latest", state, meta)  # as damaged files would read
+    store.close()
+    assert find_checkpoint(copy / "checkpoints" / "latest") == step
+    with pytest.raises(ValueError, match=r"checkpoint '.*latest' holds non-finite values \(NaN or inf\) in \d+ "
+                                         r"array\(s\), e\.g\. params/"):
+        train(TINY, copy)
 
 
 class Killed(Exception):

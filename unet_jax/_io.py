@@ -9,10 +9,13 @@ being replaced): hidden, unique per writer, and recognisable by its ``.tmp`` suf
 Files: :func:`atomic_write` (any writer given a path), :func:`write_bytes`,
 :func:`write_text`, :func:`write_json`.
 
-Folders (a data cache, a phantom dataset): :func:`check_target`, then :func:`new_temp_dir`,
-fill it, then :func:`swap_in`. ``overwrite`` replaces only an empty folder or one that the
+Folders (a data cache, a phantom dataset, an export): :func:`check_target`, then
+:func:`new_temp_dir` (which first removes the temporaries of killed writers), fill it, then
+:func:`swap_in`. ``overwrite`` replaces only an empty folder or one that the
 same writer produced (recognised by ``is_ours``): a mistyped ``--out`` must not delete a
 dataset, a home directory or anything else.
+
+A folder one process at a time works in (a run folder): :class:`FolderLock`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "check_target", "new_temp_dir", "swap_in", "write_bytes", "write_json", "write_text"]
+__all__ = ["FolderLock", "atomic_write", "check_target", "new_temp_dir", "pid_alive", "remove_stale_temps", "swap_in",
+           "write_bytes", "write_json", "write_text"]
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -98,13 +104,49 @@ def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool],
                          f"{what}; choose another output folder")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temporaries of ``out`` (``.NAME.PID-RANDOM.tmp``, or an older writer's
+    ``.NAME.PID.tmp``) left by writers that died (their PID runs no more); returns what was
+    removed. A ``.old`` folder is removed only when ``out`` exists: without it, the ``.old``
+    folder may be the only copy left."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)(?:-[0-9a-f]{{8}})?\.(tmp|old)$")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m is None or pid_alive(int(m[1])) or (m[2] == "old" and not out.exists()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def new_temp_dir(out: Path) -> Path:
-    """An empty hidden sibling of ``out``, to fill and then :func:`swap_in`.
+    """An empty hidden sibling of ``out``, to fill and then :func:`swap_in`; the stale
+    temporaries of ``out`` left by killed writers are removed first (:func:`remove_stale_temps`).
 
     Created with ``mkdir`` rather than ``tempfile.mkdtemp`` so that it gets the usual
     permissions (0777 minus the umask), not mkdtemp's private 0700, once renamed into place.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()
     return tmp
@@ -127,3 +169,65 @@ def swap_in(tmp: Path, out: Path) -> None:
         os.replace(old, out)  # put the previous folder back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# A folder used by one process at a time
+# --------------------------------------------------------------------------------------
+class FolderLock:
+    """A lock file (``O_CREAT | O_EXCL``) holding the owner's PID and host: while it exists,
+    another process asking for it gets a ValueError naming that PID. A lock left by a
+    process of this host that runs no more (killed), or that names this very process (a PID
+    reused after a restart), is taken over; one of another host cannot be checked, so it is
+    refused with the file to delete.
+
+    Use as ``with FolderLock(folder / "train.lock", "run folder"): ...``.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "folder"):
+        self.path, self.what = Path(path), what
+        self._held = False
+
+    def _owner(self) -> tuple[int | None, str]:
+        try:
+            info = json.loads(self.path.read_text())
+            return int(info["pid"]), str(info.get("host", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, ""  # being written this instant, or garbage: treated as stale below
+
+    def acquire(self) -> FolderLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid, host = self._owner()
+                if pid is not None and host and host != me["host"]:
+                    raise ValueError(f"{self.what} {str(self.path.parent)!r} is in use by process {pid} on host "
+                                     f"{host!r} (lock file {str(self.path)!r}); wait for it to finish, or delete the "
+                                     f"lock file if that process is gone") from None
+                if pid is not None and pid != me["pid"] and pid_alive(pid):
+                    raise ValueError(f"{self.what} {str(self.path.parent)!r} is in use by process {pid} (lock file "
+                                     f"{str(self.path)!r}); wait for it to finish, or choose another folder") from None
+                # stale: its process is gone (or had this PID before a restart: this process
+                # holds no lock it did not release)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return self
+        raise ValueError(f"{self.what} {str(self.path.parent)!r}: could not take the lock file {str(self.path)!r} "
+                         f"(other processes keep replacing it)")
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._owner()[0] == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -9,14 +9,18 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from unet_jax.config import TrainConfig
@@ -25,11 +29,32 @@ from unet_jax.inference import RAW, InferenceRecipe
 if TYPE_CHECKING:
     from unet_jax.train.state import TrainState
 
-__all__ = ["LATEST", "BEST", "CheckpointStore", "LoadedModel", "check_readable", "check_same_structure",
+__all__ = ["LATEST", "BEST", "CheckpointStore", "LoadedModel", "check_finite", "check_readable", "check_same_structure",
            "find_checkpoint", "finished_steps", "read_meta", "restore_variables"]
 
 LATEST, BEST = "latest", "best"
 _TMP_MARK = ".orbax-checkpoint-tmp-"
+
+
+class _NoMissingMetadataWarning(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist" warning: a step's ``state`` item has no
+    ``_CHECKPOINT_METADATA`` of its own (the step folder has it), so every restore logged
+    it, though nothing is wrong. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith("Metadata file does not exist"))
+
+
+@contextlib.contextmanager
+def _quiet_missing_metadata() -> Iterator[None]:
+    """While restoring: Orbax's harmless missing-metadata warning silenced (absl logs
+    through Python's ``absl`` logger), nothing else."""
+    logger, quiet = logging.getLogger("absl"), _NoMissingMetadataWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -76,9 +101,9 @@ class CheckpointStore:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
         check_readable(Path(manager.directory) / str(step))
         try:
-            restored = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-            )
+            with _quiet_missing_metadata():
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                         meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax/tensorstore raise several types for damaged files
             raise _unreadable(Path(manager.directory) / str(step), err) from err
         tree = restored["state"]
@@ -104,6 +129,15 @@ class LoadedModel:
     # probabilities are averaged with the first's.
     recipe: InferenceRecipe = RAW
     members: tuple[dict[str, Any], ...] = ()
+    # The file the recipe was read from (an inference.json, an export's model.json); None
+    # when none was found: then, unless ``recipe`` was given otherwise, evaluate and
+    # predict show the raw model output and say so.
+    recipe_source: str | None = None
+
+    @property
+    def recipe_tuned(self) -> bool:
+        """Whether a tuned recipe came with the model (else RAW: the model's own output)."""
+        return self.recipe_source is not None or self.recipe != RAW
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -195,15 +229,33 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
     ``ValueError`` naming what differs."""
     check_readable(step_dir)
     try:
-        target = _local_target(step_dir)
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        with _quiet_missing_metadata(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            target = _local_target(step_dir)
             restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as err:  # orbax/tensorstore raise several types for damaged files
         raise _unreadable(step_dir, err) from err
     saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
     wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
     check_same_structure(saved, wanted, step_dir)
+    check_finite(saved, step_dir)
     return saved
+
+
+def check_finite(variables: Any, source: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Raise ValueError naming ``source`` and the first parameter path whose array holds
+    NaN or inf: such weights predict nonsense (e.g. an empty mask everywhere) without any
+    error of their own. ``variables`` is a tree of host or single-device arrays."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+            bad.append((jax.tree_util.keystr(path, simple=True, separator="/"),
+                        int(arr.size - np.isfinite(arr).sum()), arr.size))
+    if bad:
+        name, count, size = bad[0]
+        raise ValueError(f"{what} {str(source)!r} holds non-finite weights (NaN or inf) in {len(bad)} parameter "
+                         f"array(s), e.g. {name} ({count} of {size} values); expected finite weights: the file is "
+                         f"damaged, or was saved from a diverged run")
 
 
 def _local_target(step_dir: Path) -> Any:

@@ -185,6 +185,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         evaluate_dataset,
         evaluation_report,
         read_for_evaluation,
+        recipe_status,
         resolve_threshold,
     )
     from unet_jax.metrics import format_summary
@@ -205,7 +206,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 loaded, dataset, native=native, recipe=recipe,
                 progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
         report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
+        status = recipe_status(loaded, args.raw)
         report["checkpoint"], report["recipe"] = str(loaded.step_dir), recipe.to_dict()
+        report["recipe_tuned"], report["recipe_description"] = status["tuned"], status["description"]
     if has_class:  # image classification: a classifier, or a U-Net's class head
         report["classification"] = evaluate_classification(loaded, dataset)
     if args.json:
@@ -214,6 +217,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"{loaded.step_dir} on {args.data}" + (f" ({args.resolution} resolution; {recipe.describe()})"
                                                    if has_mask else ""))
     if has_mask:
+        if not status["tuned"] and not args.raw:
+            print(status["description"])
         print(format_summary(aggregate))
     if has_class:
         c = report["classification"]
@@ -252,13 +257,20 @@ def _load_model(args: argparse.Namespace):
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from unet_jax.predict import predict_files
+    from unet_jax.evaluate import recipe_status
+    from unet_jax.predict import plan_prediction, predict_files
 
+    plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
+    status = recipe_status(loaded, args.raw)
+    if not status["tuned"] and not args.raw:
+        print(status["description"])
 
     def report(n: int, total: int, result) -> None:
         if result.error:
             print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
+        elif result.note:
+            print(f"[{n}/{total}] {result.note}")
         else:
             print(f"[{n}/{total}] {result.input} -> {result.mask} "
                   f"(lesion {100 * result.lesion_fraction:.1f}% of pixels)")
@@ -298,6 +310,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the model folder to write (model.json + member_*.msgpack)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the weights")
     p.add_argument("--card", default=None, help="a Markdown model card to include as MODEL_CARD.md")
+    p.add_argument("--recipe", default=None,
+                   help="an inference.json whose recipe the model carries (default: the first checkpoint's), "
+                        "e.g. the one experiments/oof.py chooses on out-of-fold predictions")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_export)
 
@@ -305,19 +320,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.evaluate import load_checkpoint, read_recipe_file
     from unet_jax.export import export_model
 
+    recipe = None if args.recipe is None else read_recipe_file(args.recipe)
     members = [load_checkpoint(c) for c in args.checkpoints]
     card = None
     if args.card is not None:
         if not Path(args.card).is_file():
             raise ValueError(f"model card {args.card!r} does not exist; expected a Markdown file")
         card = Path(args.card).read_text()
-    out = export_model(members, args.out, dtype=args.dtype, card=card, overwrite=args.overwrite)
+    out = export_model(members, args.out, recipe=recipe, dtype=args.dtype, card=card, overwrite=args.overwrite,
+                       provenance=None if args.recipe is None else {"recipe_file": str(args.recipe)})
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
-          f"recipe: {members[0].recipe.describe()}")
+          f"recipe: {(recipe or members[0].recipe).describe()}")
     return 0
 
 

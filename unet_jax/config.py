@@ -416,4 +416,6 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         changes[key] = _parse_value(key, text, types_[key])
     if model != config.model:
         changes["model"] = model
+    if model_items:  # the model's own checks (a bad value names its field), before any work
+        create_model(preset, **model)
     return dataclasses.replace(config, **changes)

@@ -22,19 +22,24 @@ import numpy as np
 from unet_jax import metrics as M
 from unet_jax._io import atomic_write
 from unet_jax.checkpoint import (
+    BEST,
+    LATEST,
     LoadedModel,
     find_checkpoint,
+    finished_steps,
     read_meta,
     restore_variables,
 )
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.data import BusiDataset, ReadOptions, load_busi
 from unet_jax.data.prompts import boxes_from_masks
-from unet_jax.export import is_exported, load_exported
+from unet_jax.export import MODEL_FILE, is_exported, load_exported
 from unet_jax.inference import RAW, InferenceRecipe, recipe_mask, tune_recipe
 from unet_jax.models import build_model, init_variables, needs_box_prompts, run_model
 
-__all__ = ["LoadedModel", "load_checkpoint", "resolve_threshold", "predict_probabilities",
+__all__ = ["LoadedModel", "NO_RECIPE", "load_checkpoint", "read_recipe", "read_recipe_file", "recipe_status",
+           "resolve_threshold",
+           "predict_probabilities",
            "predict_class_probabilities", "predict_outputs", "effective_recipe", "evaluate_dataset",
            "evaluate_classification", "evaluation_report", "read_for_evaluation", "tune_inference",
            "save_recipe", "prompt_boxes", "RECIPE_FILE"]
@@ -52,6 +57,9 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
         loaded = load_exported(path)
         _check_expected(loaded.config, expect, Path(path))
         return loaded
+    if Path(path).is_dir() and any(Path(path).glob("member_*.msgpack")):  # an export that lost its model.json
+        raise ValueError(f"exported model {str(path)!r} has no {MODEL_FILE}: {str(Path(path) / MODEL_FILE)!r} does "
+                         f"not exist; expected the file written by `unet-jax export` beside its member_*.msgpack")
     step_dir = find_checkpoint(path)
     meta = read_meta(step_dir)
     if "config" not in meta:
@@ -62,7 +70,9 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> L
     shape = (1, config.image_size, config.image_size, config.channels)
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     variables = restore_variables(step_dir, abstract)
-    return LoadedModel(model, variables, config, step_dir, read_recipe(step_dir))
+    recipe_file = step_dir / RECIPE_FILE
+    return LoadedModel(model, variables, config, step_dir, read_recipe(step_dir),
+                       recipe_source=str(recipe_file) if recipe_file.is_file() else None)
 
 
 def _check_expected(config: TrainConfig, expect: dict[str, Any] | None, where: Path) -> None:
@@ -74,16 +84,26 @@ def _check_expected(config: TrainConfig, expect: dict[str, Any] | None, where: P
 
 def read_recipe(step_dir: Path) -> InferenceRecipe:
     """The recipe saved beside a checkpoint (``<step>/inference.json``), else RAW."""
+    path = Path(step_dir) / RECIPE_FILE
+    return read_recipe_file(path) if path.is_file() else RAW
+
+
+def read_recipe_file(path: str | Path) -> InferenceRecipe:
+    """The recipe in ``path``: an ``inference.json`` as `unet-jax train` or
+    experiments/oof.py writes it (``{"recipe": {...}, ...}``), or a bare recipe object."""
     import json
 
-    path = Path(step_dir) / RECIPE_FILE
-    if not path.is_file():
-        return RAW
+    path = Path(path)
     try:
         values = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"inference recipe {str(path)!r} could not be read ({err}); expected an inference.json "
+                         f"file") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"inference recipe {str(path)!r} is not valid JSON ({err}); expected the file "
                          f"written by `unet-jax train` (delete it to use the raw model output)") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"inference recipe {str(path)!r} holds {type(values).__name__}; expected a JSON object")
     return InferenceRecipe.from_dict(values.get("recipe", values), source=str(path))
 
 
@@ -96,6 +116,28 @@ def save_recipe(loaded: LoadedModel, recipe: InferenceRecipe, report: dict[str, 
     text = json.dumps(M.to_jsonable({"recipe": recipe.to_dict(), "validation": report}), indent=2) + "\n"
     for folder in {Path(loaded.step_dir), *(() if run_dir is None else (Path(run_dir),))}:
         atomic_write(folder / RECIPE_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+NO_RECIPE = "raw model output, no tuned recipe"
+
+
+def recipe_status(loaded: LoadedModel, raw: bool = False) -> dict[str, Any]:
+    """What evaluate and predict apply, for their output and report: ``tuned`` (a tuned
+    recipe is applied), ``source`` (its file) and ``description`` (a sentence; with no
+    recipe found it says "raw model output, no tuned recipe" and where one was looked for)."""
+    if raw:
+        return {"tuned": False, "source": None, "description": "raw model output (requested)"}
+    if loaded.recipe_tuned:
+        return {"tuned": True, "source": loaded.recipe_source,
+                "description": f"tuned recipe{f' from {loaded.recipe_source}' if loaded.recipe_source else ''}: "
+                               f"{loaded.recipe.describe()}"}
+    where = Path(loaded.step_dir)
+    hint = ""
+    if where.parent.name == LATEST and any((s / RECIPE_FILE).is_file()
+                                           for s in finished_steps(where.parent.parent / BEST)):
+        hint = f"; the run's best checkpoint has one: pass the run folder {str(where.parent.parent.parent)!r}"
+    return {"tuned": False, "source": None,
+            "description": f"{NO_RECIPE} (no {RECIPE_FILE} with {str(where)!r}{hint})"}
 
 
 def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
@@ -292,8 +334,11 @@ def evaluation_report(aggregate: dict[str, Any], rows: list[dict[str, Any]], *, 
 
 def read_for_evaluation(loaded: LoadedModel, data: str | Path,
                         progress: Callable[[int, int], None] | None = None) -> BusiDataset:
-    """A BUSI-layout folder read the way the checkpoint's model was trained."""
+    """A BUSI-layout folder read the way the checkpoint's model was trained; a missing class
+    folder is no problem here (e.g. lesion images only)."""
     if not Path(data).exists():
         raise ValueError(f"data folder {str(data)!r} does not exist; expected a folder in the BUSI layout")
-    options = ReadOptions(size=loaded.input_size, channels=loaded.config.channels, keep_original=True)
+    # Any subset of the classes is a valid test set (lesion images only, normal only).
+    options = ReadOptions(size=loaded.input_size, channels=loaded.config.channels, keep_original=True,
+                          all_classes=False)
     return load_busi(data, options, progress)

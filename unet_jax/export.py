@@ -2,7 +2,10 @@
 
 Layout (``format`` ``unet_jax.exported/1``)::
 
-    model.json         config, member files, inference recipe, storage dtype, provenance
+    model.json         config, member files and their SHA-256 (``member_sha256``, verified on
+                       load; absent from exports written before it), inference recipe
+                       (``inference_tuned``: false when it is only the raw output), storage
+                       dtype, provenance
     member_0.msgpack   flax.serialization bytes of {"params", "batch_stats"} (float16 by
     member_1.msgpack   default: half the size, outputs within ~1e-3 of float32); one file
     ...                per ensemble member (same architecture), probabilities averaged
@@ -14,6 +17,7 @@ The bundled model (``unet_jax/bundled/``) is such a folder inside the package: i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,10 +30,10 @@ import jax
 import numpy as np
 from flax import serialization
 
-from unet_jax._io import new_temp_dir, swap_in
-from unet_jax.checkpoint import LoadedModel, check_same_structure
+from unet_jax._io import check_target, new_temp_dir, swap_in
+from unet_jax.checkpoint import LoadedModel, check_finite, check_same_structure
 from unet_jax.config import config_from_dict, config_to_dict
-from unet_jax.inference import InferenceRecipe
+from unet_jax.inference import RAW, InferenceRecipe
 from unet_jax.models import build_model, init_variables
 
 __all__ = ["FORMAT", "MODEL_FILE", "is_exported", "export_model", "load_exported", "bundled_path", "load_bundled"]
@@ -60,7 +64,9 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
     as an exported folder ``out``. The recipe defaults to the first member's.
 
     Written into a temporary sibling folder and renamed, so a failure leaves no
-    half-written model behind.
+    half-written model behind. ``overwrite`` replaces only an existing export folder (its
+    model.json of this format) or an empty one, never a folder that is or holds one of the
+    members' sources.
     """
     if not members:
         raise ValueError("export_model needs at least one model")
@@ -73,20 +79,21 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
             raise ValueError(f"ensemble members differ: {m.step_dir} is {key(m)}, {first.step_dir} is {key(first)}; "
                              f"expected one architecture, image size and channel count")
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise ValueError(f"export folder {str(out)!r} exists; expected a new folder (or overwrite=True)")
+    _check_export_target(out, [Path(m.step_dir) for m in members], overwrite)
     tmp = new_temp_dir(out)
     try:
-        files = []
+        files, digests = [], {}
         for i, m in enumerate(members):
             variables = {"params": m.variables["params"], "batch_stats": m.variables.get("batch_stats", {})}
             name = f"member_{i}.msgpack"
-            (tmp / name).write_bytes(serialization.to_bytes(_storage(jax.device_get(variables), dtype)))
+            data = serialization.to_bytes(_storage(jax.device_get(variables), dtype))
+            (tmp / name).write_bytes(data)
             files.append(name)
+            digests[name] = hashlib.sha256(data).hexdigest()
         info = {"format": FORMAT, "config": json.loads(json.dumps(config_to_dict(first.config))),
-                "members": files, "storage_dtype": dtype,
+                "members": files, "member_sha256": digests, "storage_dtype": dtype,
                 "inference": (recipe or first.recipe).to_dict(),
+                "inference_tuned": recipe is not None or first.recipe_tuned,
                 "sources": [str(m.step_dir) for m in members], **({"provenance": provenance} if provenance else {})}
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if card is not None:
@@ -96,6 +103,59 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads((path / MODEL_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an ``out`` that is, or holds, a source of the export, then anything
+    :func:`unet_jax._io.check_target` refuses (an existing folder that is not an export)."""
+    target = Path(os.path.realpath(out))
+    for source in sources:
+        real = Path(os.path.realpath(source))
+        if target == real or target in real.parents:
+            raise ValueError(f"refusing to write the export to {str(out)!r}: it is or holds {str(source)!r}, a "
+                             f"checkpoint being exported; choose another output folder")
+    check_target(out, overwrite, _is_export, f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})")
+
+
+def _read_member(file: Path, digest: str | None) -> dict[str, Any]:
+    """One member's variables; its bytes checked against ``digest`` (SHA-256) when given."""
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"exported model member {str(file)!r} could not be read ({err}); expected the file "
+                         f"written by `unet-jax export`") from err
+    if digest is not None and (actual := hashlib.sha256(data).hexdigest()) != digest:
+        raise ValueError(f"exported model member {str(file)!r} is damaged: its SHA-256 is {actual}, "
+                         f"{MODEL_FILE} records {digest}; expected the file written by `unet-jax export`")
+    try:
+        raw = serialization.msgpack_restore(data)
+    except Exception as err:  # truncated or corrupt msgpack
+        raise ValueError(f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
+                         f"{str(err)[:200]}); expected the file written by `unet-jax export`") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"exported model member {str(file)!r} holds {type(raw).__name__}; expected the "
+                         f"variables written by `unet-jax export`")
+    return {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
+
+
+def _digests(info: dict[str, Any], source: Path) -> dict[str, str]:
+    """``member_sha256`` of model.json ({} for an export written before it existed)."""
+    digests = info.get("member_sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise ValueError(f"exported model {str(source)!r} has member_sha256={digests!r}; expected an object "
+                         f"mapping each member file to its SHA-256 (hex)")
+    missing = [name for name in info["members"] if name not in digests]
+    if digests and missing:
+        raise ValueError(f"exported model {str(source)!r} records no SHA-256 for member(s) {missing}; expected "
+                         f"one per member file")
+    return digests
 
 
 def load_exported(path: str | os.PathLike) -> Any:
@@ -115,19 +175,18 @@ def load_exported(path: str | os.PathLike) -> Any:
     shape = (1, config.image_size, config.image_size, config.channels)
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     template = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    digests = _digests(info, source)
     members = []
     for name in info["members"]:
         file = path / name
-        try:
-            raw = serialization.msgpack_restore(file.read_bytes())
-        except Exception as err:  # missing, truncated or corrupt msgpack
-            raise ValueError(f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
-                             f"{str(err)[:200]}); expected the file written by `unet-jax export`") from err
-        raw = {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
+        raw = _read_member(file, digests.get(name))
         check_same_structure(raw, template, file)
+        check_finite(raw, file, "exported model member")
         members.append(jax.tree.map(lambda x: np.asarray(x, np.float32), raw))
     recipe = InferenceRecipe.from_dict(info.get("inference", {}), source=str(source))
-    return LoadedModel(model, members[0], config, path, recipe, tuple(members[1:]))
+    tuned = info.get("inference_tuned", recipe != RAW)  # absent from exports written before it
+    return LoadedModel(model, members[0], config, path, recipe, tuple(members[1:]),
+                       recipe_source=str(source) if tuned is True else None)
 
 
 def bundled_path() -> Path:

@@ -51,6 +51,7 @@ __all__ = [
     "check_dataset",
     "load_busi",
     "read_example",
+    "mask_problem",
     "read_mask",
     "resolve_root",
     "scan",
@@ -129,6 +130,9 @@ class ReadOptions:
     on_error: "raise" (one DatasetError listing every problem) or "skip" (drop the affected
         images and report them).
     workers: threads for decoding; PNG decoding in PIL releases the GIL.
+    all_classes: a missing class folder is a problem (training's default); False: any
+        non-empty subset of the class folders is a dataset (e.g. lesion images only, to
+        evaluate on), and only a folder holding none of them is a problem.
     """
 
     size: tuple[int, int] | None = (256, 256)
@@ -136,6 +140,7 @@ class ReadOptions:
     keep_original: bool = True
     on_error: Literal["raise", "skip"] = "raise"
     workers: int = 0  # 0: os.cpu_count()
+    all_classes: bool = True
 
     def __post_init__(self) -> None:
         if self.size is not None and (isinstance(self.size, (int, str)) or len(self.size) != 2):
@@ -259,20 +264,24 @@ def resolve_root(path: str | os.PathLike) -> Path:
     return candidates[0] if len(candidates) == 1 else root
 
 
-def scan(path: str | os.PathLike) -> Layout:
+def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
     """Index the folder by file name only (fast; nothing decoded).
 
-    Problems found here: a missing or empty class folder, a file matching no pattern (or
-    naming another class), an image without `_mask.png`, a mask without its image, a
-    `_mask_N.png` without the `_mask.png`.
+    Problems found here: a missing (unless ``all_classes`` is False: then only when every
+    class folder is missing) or empty class folder, a file matching no pattern (or naming
+    another class), an image without `_mask.png`, a mask without its image, a `_mask_N.png`
+    without the `_mask.png`.
     """
     root = resolve_root(path)
     problems: list[Problem] = []
     records: list[ImageRecord] = []
+    if not all_classes and not any((root / c).is_dir() for c in CLASSES):
+        problems.append(Problem(str(root), f"no class folder; expected one or more of {', '.join(CLASSES)}"))
     for label, cls in enumerate(CLASSES):
         folder = root / cls
         if not folder.is_dir():
-            problems.append(Problem(str(folder), "missing class folder"))
+            if all_classes:
+                problems.append(Problem(str(folder), "missing class folder"))
             continue
         images: dict[int, Path] = {}
         masks: dict[int, dict[int, Path]] = {}
@@ -352,24 +361,54 @@ class _DecodeError(Exception):
         self.problem = problem
 
 
+def _mask_pixels(im: Image.Image) -> tuple[np.ndarray, int]:
+    """A mask image's pixels as (H, W, C) integers and the number of colour channels; with
+    an alpha channel (last), a transparent pixel (alpha < 128) is zeroed in every channel."""
+    if im.mode == "1":
+        return np.asarray(im, dtype=np.uint8)[:, :, None], 1
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    arr = np.asarray(im)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if im.mode in ("LA", "RGBA"):
+        arr = np.where(arr[:, :, -1:] >= 128, arr, 0)
+        return arr, arr.shape[2] - 1
+    return arr, arr.shape[2]
+
+
 def read_mask(im: Image.Image) -> np.ndarray:
     """Binary mask bool (H, W) from a 1-bit, grayscale, RGB or RGBA PNG.
 
-    A pixel is foreground when its luminance is >= 128 and, with an alpha channel, it is
-    not transparent (alpha >= 128): some RGBA masks paint the lesion white on black, and a
-    transparent pixel must not count whatever colour it hides.
+    A pixel is foreground when any colour channel is non-zero and, with an alpha channel, it
+    is not transparent (alpha >= 128). So every binary encoding reads as the same mask: 0/1,
+    0/255, 1-bit, or a lesion of any colour on black (a transparent pixel never counts,
+    whatever colour it hides). :func:`mask_problem` says whether a mask is binary at all.
     """
-    if im.mode == "1":
-        return np.asarray(im, dtype=bool)
-    if im.mode in ("RGBA", "LA", "PA"):
-        rgba = im.convert("RGBA")
-        alpha = np.asarray(rgba.getchannel("A"))
-        lum = np.asarray(rgba.convert("RGB").convert("L"))
-        return (lum >= 128) & (alpha >= 128)
-    if im.mode in ("I", "I;16", "I;16B", "F"):
-        arr = np.asarray(im)
-        return arr > (arr.max() / 2 if arr.max() > 0 else 0)
-    return np.asarray(im.convert("L")) >= 128
+    arr, colour = _mask_pixels(im)
+    return np.any(arr[:, :, :colour] != 0, axis=2)
+
+
+def mask_problem(im: Image.Image) -> str | None:
+    """Why a decoded mask is not a usable lesion mask, or None.
+
+    Two-level means at most two distinct pixel values (whole pixels: every channel, alpha
+    included, a transparent pixel counting as 0), one of them 0. Every mask of the public
+    BUSI data is so (1-bit, or 0/255 RGB/RGBA, no anti-aliasing). Problems: more than two
+    values (anti-aliased or a photo), or every pixel foreground (an all-255 mask, or two
+    non-zero levels).
+    """
+    arr, colour = _mask_pixels(im)
+    flat = arr.reshape(-1, arr.shape[2])
+    rest = flat[np.any(flat != flat[0], axis=1)]
+    if len(rest) and np.any(rest != rest[0]):
+        return ("mask is not two-level: more than two distinct pixel values (expected a "
+                "binary mask, background 0 and one lesion value, e.g. 0/1 or 0/255)")
+    levels = [flat[0]] + ([rest[0]] if len(rest) else [])
+    if all(np.any(v[:colour] != 0) for v in levels):
+        found = " and ".join(str(v.tolist()) for v in levels)
+        return (f"mask marks every pixel as lesion (pixel values {found}); expected a lesion "
+                f"on a 0 background")
+    return None
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -404,6 +443,9 @@ def _read(record: ImageRecord, opts: ReadOptions) -> Example:
         if m.size != image.size:
             raise _DecodeError(Problem(str(mp), f"mask size {m.size[0]}x{m.size[1]} (WxH) "
                                                 f"differs from its image's {w0}x{h0}"))
+        why = mask_problem(m)
+        if why is not None:
+            raise _DecodeError(Problem(str(mp), why))
         union |= read_mask(m)
     phash = image_hash(np.asarray(image.convert("L")))
     size = (h0, w0) if opts.size is None else opts.size
@@ -462,7 +504,7 @@ def load_busi(path: str | os.PathLike, options: ReadOptions = ReadOptions(),
     if options.size is None:
         raise ValueError("load_busi needs options.size (stacking needs one size); use "
                          "read_example for native-size images")
-    layout = scan(path)
+    layout = scan(path, options.all_classes)
     results = _read_all(layout.records, options, progress)
     problems = list(layout.problems) + [r for r in results if isinstance(r, Problem)]
     if problems and options.on_error == "raise":

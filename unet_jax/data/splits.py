@@ -21,6 +21,7 @@ Protocols (``Split.protocol``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,9 +41,12 @@ __all__ = [
     "check_threshold",
     "cross_validation_splits",
     "duplicate_groups",
+    "fingerprint_changes",
     "hamming_distances",
+    "image_fingerprints",
     "image_hash",
     "kfold_split",
+    "manifest_fingerprints",
     "read_manifest",
     "seed_protocol",
     "stratified_split",
@@ -383,6 +387,79 @@ def read_manifest(path: str | os.PathLike) -> Split:
             if x in seen:
                 raise ValueError(f"{str(path)!r}: id {x!r} is in both {seen[x]!r} and {name!r}")
             seen[x] = name
+    _check_manifest_fields(doc, path)
     return Split(doc["protocol"], int(doc["seed"]), {k: tuple(v) for k, v in parts.items()},
                  dict(doc.get("params", {})),
                  tuple(tuple(g) for g in doc.get("duplicate_groups", [])))
+
+
+def _check_manifest_fields(doc: dict, path: Path) -> None:
+    """The fields besides 'partitions' (a hand-edited manifest: a clear error, not a
+    TypeError): 'protocol' a string, 'seed' an integer, 'params' an object,
+    'duplicate_groups' a list of lists of ids."""
+    groups = doc.get("duplicate_groups", [])
+    checks = [
+        ("protocol", isinstance(doc.get("protocol"), str), "a string"),
+        ("seed", isinstance(doc.get("seed"), int) and not isinstance(doc.get("seed"), bool), "an integer"),
+        ("params", isinstance(doc.get("params", {}), dict), "an object"),
+        ("duplicate_groups", isinstance(groups, list) and all(
+            isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups),
+         "a list of lists of ids"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"split manifest {str(path)!r}: {key!r} is {doc.get(key)!r}; expected {expected}")
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints of the images a split was made from (recorded in a run's split.json)
+# --------------------------------------------------------------------------------------
+def image_fingerprints(dataset, ids: Sequence[str]) -> dict[str, list]:
+    """For each id of ``ids`` (of ``dataset``, a BusiDataset): ``[height, width,
+    perceptual hash, content]``, the native size, :func:`image_hash` (hex) and the first 16
+    hex digits of the SHA-256 of the image and mask arrays the run trains on. A run records
+    them in its split.json (``write_manifest(..., fingerprints=...)``)."""
+    out = {}
+    for i, k in zip(dataset.index_of(list(ids)), ids):
+        content = hashlib.sha256(np.ascontiguousarray(dataset.images_u8[i]).tobytes())
+        content.update(np.ascontiguousarray(dataset.masks[i]).tobytes())
+        h, w = (int(v) for v in dataset.original_sizes[i])
+        out[k] = [h, w, f"{int(dataset.hashes[i]):016x}", content.hexdigest()[:16]]
+    return out
+
+
+def manifest_fingerprints(path: str | os.PathLike) -> dict[str, list] | None:
+    """The fingerprints recorded in a manifest (None: a manifest written without them, or
+    an unreadable file)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    found = doc.get("extra", {}).get("fingerprints") if isinstance(doc, dict) and isinstance(
+        doc.get("extra"), dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def fingerprint_changes(saved: Mapping[str, list], current: Mapping[str, list], limit: int = 5) -> list[str]:
+    """What differs between two :func:`image_fingerprints`, one phrase per kind (removed,
+    added, resized, other pixels or mask); empty when they agree."""
+    def listed(ids: list[str]) -> str:
+        return ", ".join(repr(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+    removed = sorted(set(saved) - set(current))
+    added = sorted(set(current) - set(saved))
+    common = sorted(set(saved) & set(current))
+    resized = [i for i in common if list(saved[i][:2]) != list(current[i][:2])]
+    edited = [i for i in common if i not in resized and list(saved[i]) != list(current[i])]
+    changes = []
+    if removed:
+        changes.append(f"{len(removed)} image(s) gone ({listed(removed)})")
+    if added:
+        changes.append(f"{len(added)} image(s) new ({listed(added)})")
+    if resized:
+        first = resized[0]
+        changes.append(f"{len(resized)} image(s) of another size ({listed(resized)}; e.g. {first!r} "
+                       f"{saved[first][0]}x{saved[first][1]} -> {current[first][0]}x{current[first][1]}, HxW)")
+    if edited:
+        changes.append(f"{len(edited)} image(s) with other pixels or masks ({listed(edited)})")
+    return changes

@@ -189,6 +189,14 @@ class UNet(nn.Module):
     gradient: Literal["auto", "xla", "explicit"] = "auto"
     lowering: str = "lax"
 
+    @staticmethod
+    def check_fields(values: dict[str, Any]) -> None:
+        """The U-Net's own constraints between fields (the shared rules are in
+        ``models._presets.FIELD_RULES``): a 'SAME' convolution needs an odd kernel."""
+        if values.get("padding") == "SAME" and values.get("kernel_size", 3) % 2 == 0:
+            raise ValueError(f"model.kernel_size = {values['kernel_size']}: expected an odd size with "
+                             f"padding 'SAME' (an even kernel cannot keep the size; or model.padding=VALID) (UNet)")
+
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
             features,

@@ -10,6 +10,7 @@ run seed and the step, so the resumed run is the same run (bitwise on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from unet_jax import metrics as M
-from unet_jax._io import write_json
+from unet_jax._io import FolderLock, write_json
 from unet_jax.checkpoint import (
     BEST,
     LATEST,
@@ -45,9 +46,12 @@ from unet_jax.data import (
     ReadOptions,
     Split,
     duplicate_groups,
+    fingerprint_changes,
+    image_fingerprints,
     load_busi,
     load_cache,
     make_sampler,
+    manifest_fingerprints,
     read_manifest,
     seed_protocol,
     stratified_split,
@@ -339,6 +343,21 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
         _check_processes(meta, run_dir)
 
 
+def _check_same_data(run_dir: Path, fingerprints: dict[str, list]) -> None:
+    """A run resumes on the images it was split and trained on: its split.json records
+    each image's fingerprint (``data.image_fingerprints``); other data (images added,
+    removed, resized or edited, other masks) would re-split silently. A split.json without
+    fingerprints (written before they were recorded) is not checked."""
+    if not finished_steps(run_dir / "checkpoints" / LATEST):
+        return
+    saved = manifest_fingerprints(run_dir / "split.json")
+    changes = [] if saved is None else fingerprint_changes(saved, fingerprints)
+    if changes:
+        raise ValueError(f"run folder {str(run_dir)!r} was trained on other data than this resume reads: "
+                         f"{'; '.join(changes)} (compared with {str(run_dir / 'split.json')!r}); resume with the "
+                         f"data it was trained on, or choose a new --out folder")
+
+
 def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
     """A run resumes with the process count it was saved with: its data shards, its batch
     placement and its checkpoint's layout depend on it."""
@@ -421,6 +440,29 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | 
     finishing, done); the library never prints.
     """
     started = time.time()
+    if config.distributed:
+        distributed.initialize(distributed.launch_from())
+    with _run_lock(run_dir):
+        return _train(config, run_dir, progress, mesh, started)
+
+
+LOCK_FILE = "train.lock"
+
+
+def _run_lock(run_dir: str | os.PathLike) -> FolderLock | contextlib.nullcontext:
+    """The run folder (created here) locked while this process trains in it (process 0
+    of several): a second `unet-jax train --out` on it is refused naming this PID."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
+    if not distributed.is_primary():
+        return contextlib.nullcontext()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return FolderLock(run_dir / LOCK_FILE, "run folder")
+
+
+def _train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None, mesh: Mesh | None,
+           started: float) -> RunResult:
     run = _start_run(config, run_dir, progress, mesh)
     state, loop = _initial_state(run)
     run.emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": run.steps_per_epoch,
@@ -446,8 +488,6 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
                mesh: Mesh | None) -> _Run:
     """Checks, the model, the data and its split (written to the run folder), the
     optimiser's pieces and the device-resident training and validation splits."""
-    if config.distributed:
-        distributed.initialize(distributed.launch_from())
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
@@ -465,8 +505,11 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     check_model_config(config, heads)
     dataset = load_run_data(config, run_dir, emit)
     split = make_split(config, dataset)
+    fingerprints = image_fingerprints(dataset, [i for part in split.partitions.values() for i in part])
+    _check_same_data(run_dir, fingerprints)
     if distributed.is_primary():
-        write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))))
+        write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))),
+                       fingerprints=fingerprints)
     _write_json(run_dir / "config.json", config_to_dict(config))
 
     n_train = len(split["train"])
@@ -512,6 +555,11 @@ def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
     loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
     if resuming:
         state, meta = run.store.restore(LATEST, state)
+        if bad := _non_finite_arrays(state):  # training saves only finite states: the files are damaged
+            run.store.close()
+            raise ValueError(f"checkpoint {str(run.run_dir / 'checkpoints' / LATEST)!r} holds non-finite values "
+                             f"(NaN or inf) in {len(bad)} array(s), e.g. {bad[0]}; expected finite weights: the "
+                             f"files are damaged (delete that checkpoint to resume from scratch, or use a new --out)")
         _check_resumable(meta["config"], config, run.run_dir)
         _check_processes(meta, run.run_dir)
         loop = meta["loop"]

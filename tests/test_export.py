@@ -1,0 +1,165 @@
+"""Exported model folders: what `export --overwrite` may replace, stale temporaries, and
+weights checked (SHA-256 per member, finite values) when a model is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from _train_helpers import save_untrained_run
+from flax import serialization
+
+from unet_jax._io import pid_alive
+from unet_jax.cli import main
+from unet_jax.evaluate import load_checkpoint
+from unet_jax.export import export_model, load_exported
+
+
+def _save_run(run_dir, poison: bool = False):
+    return save_untrained_run(run_dir, poison=poison)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _save_run(tmp_path_factory.mktemp("export") / "run")
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return load_checkpoint(run)
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_export(loaded, tmp_path, capsys):
+    data = tmp_path / "busi"
+    (data / "benign").mkdir(parents=True)
+    (data / "benign" / "benign (1).png").write_bytes(b"an image")
+    before = _snapshot(data)
+    with pytest.raises(ValueError, match=r"refusing to replace .*busi.*not empty and not a model folder of `unet-jax"):
+        export_model([loaded], data, overwrite=True)
+    assert main(["export", str(loaded.step_dir), "--out", str(data), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unet-jax export: error: refusing to replace") and err.count("\n") == 1
+    assert _snapshot(data) == before and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoints", "step"])
+def test_overwrite_refuses_a_folder_that_is_or_holds_a_source(tmp_path, where):
+    run = _save_run(tmp_path / "victim")
+    loaded = load_checkpoint(run)
+    out = {"run": run, "checkpoints": run / "checkpoints", "step": loaded.step_dir}[where]
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=r"it is or holds .*, a checkpoint being exported"):
+        export_model([loaded], out, overwrite=True)
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
+    assert _snapshot(run) == before
+
+
+def test_overwrite_replaces_an_export_but_not_itself(loaded, tmp_path):
+    out = export_model([loaded], tmp_path / "m")
+    (out / "stale.txt").write_text("from before")
+    assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()
+    again = load_checkpoint(out)  # an export as the source of a new export
+    with pytest.raises(ValueError, match="a checkpoint being exported"):
+        export_model([again], out, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    assert export_model([loaded], tmp_path / "empty", overwrite=True) == tmp_path / "empty"
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while pid_alive(pid):
+        pid -= 1
+    return pid
+
+
+def test_stale_temporaries_of_killed_exports_are_removed(loaded, tmp_path):
+    dead = tmp_path / f".m.{_dead_pid()}-0123abcd.tmp"  # what a killed export leaves
+    live = tmp_path / f".m.{os.getpid()}-89abcdef.tmp"  # another export, still writing
+    other = tmp_path / f".n.{_dead_pid()}-0123abcd.tmp"  # not this output's
+    older = tmp_path / f".m.{_dead_pid()}.tmp"  # an older writer's naming
+    for folder in (dead, live, other, older):
+        folder.mkdir()
+        (folder / "member_0.msgpack").write_bytes(b"half")
+    export_model([loaded], tmp_path / "m")
+    assert not dead.exists() and not older.exists() and live.exists() and other.exists()
+
+
+# ---- weights checked when loaded --------------------------------------------------------
+def test_member_sha256_recorded_and_verified(loaded, tmp_path):
+    out = export_model([loaded], tmp_path / "m")
+    info = json.loads((out / "model.json").read_text())
+    data = (out / "member_0.msgpack").read_bytes()
+    assert info["member_sha256"] == {"member_0.msgpack": hashlib.sha256(data).hexdigest()}
+    flipped = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 200):  # 200 flipped bytes still decode
+        flipped[i] ^= 0x01
+    (out / "member_0.msgpack").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"member_0.msgpack' is damaged: its SHA-256 is [0-9a-f]{64}, model.json"):
+        load_exported(out)
+
+
+def test_an_export_without_digests_still_loads(loaded, tmp_path):
+    out = export_model([loaded], tmp_path / "m")
+    info = json.loads((out / "model.json").read_text())
+    del info["member_sha256"]  # as written before the field existed (the bundled model)
+    (out / "model.json").write_text(json.dumps(info))
+    again = load_exported(out)
+    np.testing.assert_allclose(again.variables["params"]["head"]["kernel"],
+                               loaded.variables["params"]["head"]["kernel"], atol=1e-3)
+    info["member_sha256"] = 3
+    (out / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="member_sha256=3; expected an object"):
+        load_exported(out)
+
+
+def test_non_finite_member_is_refused_naming_file_and_parameter(loaded, tmp_path):
+    out = export_model([loaded], tmp_path / "m")
+    info = json.loads((out / "model.json").read_text())
+    del info["member_sha256"]  # an old export: only the finite check can catch it
+    (out / "model.json").write_text(json.dumps(info))
+    variables = jax.device_get({"params": loaded.variables["params"], "batch_stats": loaded.variables["batch_stats"]})
+    kernel = np.array(variables["params"]["head"]["kernel"])
+    kernel[0, 0, 0, 0] = np.nan
+    variables["params"]["head"]["kernel"] = kernel
+    (out / "member_0.msgpack").write_bytes(serialization.to_bytes(variables))
+    with pytest.raises(ValueError, match=r"member_0.msgpack' holds non-finite weights .* params/head/kernel \(1 of"):
+        load_exported(out)
+
+
+def test_non_finite_checkpoint_is_refused_naming_the_parameter(tmp_path, capsys):
+    run = _save_run(tmp_path / "run", poison=True)
+    with pytest.raises(ValueError, match=r"checkpoint .*best/0' holds non-finite weights .* e\.g\. params/\S+ \(1 of"):
+        load_checkpoint(run)
+    assert main(["export", str(run), "--out", str(tmp_path / "m")]) == 2
+    assert "non-finite weights" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_an_export_without_its_model_json_is_named(loaded, tmp_path, capsys):
+    out = export_model([loaded], tmp_path / "m")
+    (out / "model.json").unlink()
+    assert main(["predict", "--checkpoint", str(out), "x.png", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"exported model {str(out)!r} has no model.json: {str(out / 'model.json')!r} does not exist" in err
+
+
+def test_restoring_a_checkpoint_logs_no_missing_metadata_warning(run, caplog):
+    import logging
+
+    from unet_jax.checkpoint import _quiet_missing_metadata
+
+    with caplog.at_level(logging.INFO):
+        load_checkpoint(run)
+        with _quiet_missing_metadata():
+            logging.getLogger("absl").warning("another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Metadata file does not exist" in m], messages
+    assert "another warning" in messages  # only that one warning is silenced
+    assert not logging.getLogger("absl").filters

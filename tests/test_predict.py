@@ -1,0 +1,140 @@
+"""`unet-jax predict`: what it reads (mask files skipped, odd images), where it may write
+(never over its inputs or a BUSI ground truth) and what it says about the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _train_helpers import TINY, save_untrained_run
+from PIL import Image
+
+from unet_jax.cli import main
+from unet_jax.data import write_phantom
+from unet_jax.evaluate import load_checkpoint
+from unet_jax.export import export_model
+from unet_jax.inference import InferenceRecipe
+from unet_jax.predict import plan_prediction, predict_files
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_checkpoint(save_untrained_run(tmp_path_factory.mktemp("predict") / "run"))
+
+
+@pytest.fixture(scope="module")
+def untuned(loaded, tmp_path_factory):
+    return export_model([loaded], tmp_path_factory.mktemp("untuned") / "m")
+
+
+@pytest.fixture
+def busi(tmp_path):
+    write_phantom(tmp_path / "busi", counts={"benign": 2, "malignant": 1, "normal": 1}, size=(40, 48), seed=1)
+    return tmp_path / "busi"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predicting_into_the_input_folder_is_refused(untuned, busi, capsys):
+    folder = busi / "benign"
+    before = _snapshot(busi)
+    inputs = sorted(str(p) for p in folder.glob("*.png"))  # `F/*.png`: images and masks
+    assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax predict: error: output folder {str(folder)!r} holds the input") and \
+        err.count("\n") == 1
+    assert _snapshot(busi) == before
+
+
+def test_a_folder_holding_busi_masks_is_refused_even_without_its_images(untuned, busi, tmp_path, capsys):
+    image = tmp_path / "elsewhere" / "benign (1).png"
+    image.parent.mkdir()
+    image.write_bytes((busi / "benign" / "benign (1).png").read_bytes())
+    before = _snapshot(busi)
+    assert main(["predict", "--checkpoint", str(untuned), str(image), "--out", str(busi / "benign")]) == 2
+    assert "holds the BUSI mask 'benign (1)_mask.png'" in capsys.readouterr().err
+    assert _snapshot(busi) == before
+
+
+def test_mask_files_among_the_inputs_are_skipped_with_a_note(untuned, busi, tmp_path, capsys):
+    inputs = sorted(str(p) for p in (busi / "benign").glob("*.png"))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    masks = [i for i in inputs if "_mask" in Path(i).name]
+    assert masks and all(f"{m}: skipped: a mask file" in printed for m in masks)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "benign (1)_mask.png", "benign (1)_overlay.png", "benign (2)_mask.png", "benign (2)_overlay.png"]
+    # a second run into the same output folder (its X_mask.png have no X.png) is fine
+    assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out)]) == 0
+    with pytest.raises(ValueError, match=r"no image to predict: all 2 input\(s\) are mask files"):
+        plan_prediction(masks, tmp_path / "other")
+
+
+@pytest.mark.parametrize("case", ["under a file", "is a file", "not writable"])
+def test_an_unwritable_output_is_one_line_before_the_model_loads(case, tmp_path, busi, capsys, monkeypatch):
+    import tempfile
+
+    import unet_jax.cli as cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = {"under a file": blocker / "pred", "is a file": blocker, "not writable": tmp_path / "ro" / "pred"}[case]
+    if case == "not writable":  # as root, permissions do not stop a write: fail the write itself
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile.TemporaryDirectory, "__init__", refuse)
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    image = str(busi / "benign" / "benign (1).png")
+    assert main(["predict", image, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = {"under a file": f"cannot be created: {str(blocker)!r} is a file",
+                "is a file": f"output {str(blocker)!r} is a file; expected a folder",
+                "not writable": "is not writable (PermissionError: Permission denied)"}[case]
+    assert err.startswith("unet-jax predict: error: ") and expected in err and err.count("\n") == 1, err
+    assert blocker.read_text() == "x" and not (tmp_path / "ro").exists()
+
+
+# ---- the recipe ----------------------------------------------------------------------
+def test_no_tuned_recipe_is_said(untuned, loaded, busi, tmp_path, capsys):
+    image = str(busi / "malignant" / "malignant (1).png")
+    assert main(["predict", "--checkpoint", str(untuned), image, "--out", str(tmp_path / "a")]) == 0
+    assert "raw model output, no tuned recipe" in capsys.readouterr().out
+    tuned = export_model([loaded], tmp_path / "tuned", recipe=InferenceRecipe(threshold=0.4, tuned_on="validation"))
+    assert main(["predict", "--checkpoint", str(tuned), image, "--out", str(tmp_path / "b")]) == 0
+    assert "no tuned recipe" not in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(untuned), image, "--out", str(tmp_path / "c"), "--raw"]) == 0
+    assert "no tuned recipe" not in capsys.readouterr().out  # asked for: nothing to warn about
+
+
+# ---- odd images --------------------------------------------------------------------------
+def _predict_one(loaded, path, tmp_path):
+    return predict_files(loaded, [path], tmp_path / "out")[0]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (15, 40)])
+def test_a_too_small_image_is_refused(loaded, tmp_path, size):
+    path = tmp_path / "tiny.png"
+    Image.fromarray(np.full(size, 90, np.uint8)).save(path)
+    result = _predict_one(loaded, path, tmp_path)
+    assert result.mask is None and f"image of {size[1]}x{size[0]} pixels is too small" in result.error
+
+
+def test_a_multi_frame_image_is_refused(loaded, tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (10, 200, 90)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    result = _predict_one(loaded, path, tmp_path)
+    assert result.mask is None and "has 3 frames" in result.error and "expected a single image" in result.error
+
+
+def test_a_cmyk_jpeg_is_converted(loaded, tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (TINY.image_size, 40, 3), dtype=np.uint8)
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=95)
+    assert Image.open(path).mode == "CMYK"
+    result = _predict_one(loaded, path, tmp_path)
+    assert result.error is None and Image.open(result.mask).size == (40, TINY.image_size)
