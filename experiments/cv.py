@@ -11,7 +11,12 @@ intervals over images (unet_jax.metrics.aggregate), beside each fold's own means
         --cache .cache/busi128 --set epochs=8
 
 Rerunning the same command resumes: finished folds are kept, a killed fold resumes from
-its checkpoint. ``--set`` overrides the recipe's config (e.g. a shorter budget; say so
+its checkpoint. After training, every fold model predicts the images it never trained on
+(its test fold, and its validation part, which only early-stopped it):
+``fold_i/predictions/oof.npz`` holds their ids, which part each came from, the
+probability maps at the model's resolution (float16), the maps of the mirrored images
+mirrored back, and the class probabilities. experiments/oof.py chooses the inference
+recipe on them. ``--set`` overrides the recipe's config (e.g. a shorter budget; say so
 wherever the numbers are quoted). Writes ``cv_results.json`` and prints a table.
 """
 
@@ -28,9 +33,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from unet_jax import metrics as M  # noqa: E402
+from unet_jax._io import atomic_write  # noqa: E402
 from unet_jax.config import apply_overrides, load_config  # noqa: E402
-from unet_jax.data import cross_validation_splits, duplicate_groups, write_manifest  # noqa: E402
+from unet_jax.data import BusiDataset, cross_validation_splits, duplicate_groups, read_manifest, write_manifest  # noqa: E402,E501
+from unet_jax.evaluate import load_checkpoint, predict_outputs, predict_probabilities  # noqa: E402
+from unet_jax.train.cpu import cpu_device_count, use_cpu_devices  # noqa: E402
 from unet_jax.train.loop import load_run_data, train  # noqa: E402
 
 SUMMARY = ("dice", "iou", "pixel_accuracy", "hd95")
@@ -48,6 +58,34 @@ def fold_manifests(config: Any, out: Path, k: int) -> list[Path]:
     for split, path in zip(splits, paths):
         write_manifest(split, path, dict(zip(ids, labels)))
     return paths
+
+
+def save_oof(run: Path, manifest: Path, dataset: BusiDataset) -> Path:
+    """Predict (once) the images fold model ``run`` never trained on: its test fold and its
+    validation part. Writes ``run/predictions/oof.npz`` atomically and returns its path."""
+    path = run / "predictions" / "oof.npz"
+    if path.is_file():
+        return path
+    split = read_manifest(manifest)
+    ids = [*split["test"], *split["val"]]
+    parts = ["test"] * len(split["test"]) + ["val"] * len(split["val"])
+    loaded = load_checkpoint(run)
+    images = dataset.subset(ids).images_u8
+    probs, classes = predict_outputs(loaded, images, flip_tta=False)
+    mirrored = predict_probabilities(loaded, np.ascontiguousarray(images[:, :, ::-1]),
+                                     loaded.config.eval_batch_size)[:, :, ::-1]
+    arrays = {"ids": np.asarray(ids), "parts": np.asarray(parts), "probs": probs.astype(np.float16),
+              "probs_flip": np.ascontiguousarray(mirrored).astype(np.float16),
+              "step": np.asarray(int(loaded.step_dir.name))}
+    if classes is not None:
+        arrays["class_probs"] = classes.astype(np.float32)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 def pooled(rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
@@ -71,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = apply_overrides(load_config(args.config), args.set + ([f"cache={args.cache}"] if args.cache else []))
+    # Before anything starts JAX's backend: the CPU as two devices, as `unet-jax train` does.
+    use_cpu_devices(cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size),
+                                     config.distributed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifests = fold_manifests(config, out, args.folds)
@@ -83,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"fold {i + 1}/{args.folds}: training into {run}", file=sys.stderr, flush=True)
         train(dataclasses.replace(config, manifest=str(manifest.resolve())), run)
+    dataset = None
+    for i, manifest in enumerate(manifests):
+        run = out / f"fold_{i}"
+        if (run / "results.json").is_file() and not (run / "predictions" / "oof.npz").is_file():
+            print(f"fold {i + 1}/{args.folds}: out-of-fold predictions", file=sys.stderr, flush=True)
+            dataset = dataset or load_run_data(config, out)
+            save_oof(run, manifest, dataset)
     rows: dict[str, list] = {"recipe": [], "raw": []}
     folds = []
     for i in range(args.folds):

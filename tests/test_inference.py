@@ -12,14 +12,21 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unet_jax import metrics as M
 from unet_jax.inference import (
     RAW,
     InferenceRecipe,
+    LearnedGate,
+    choose_recipe,
     connected_components,
     fill_holes,
+    fit_learned_gate,
+    gate_features,
     gate_score,
     recipe_mask,
+    recipe_outcome,
     refine_probabilities,
+    score_recipes,
     select_components,
     tune_recipe,
 )
@@ -244,3 +251,131 @@ def test_cli_raw_flag_and_export(tuned_run, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "m"), "--data", str(data), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["recipe"] == tuned["recipe"]
+
+
+def test_cli_export_carries_a_recipe_chosen_elsewhere(tuned_run, tmp_path, capsys):
+    from unet_jax.cli import main
+    from unet_jax.evaluate import load_checkpoint
+
+    gate = LearnedGate(("max_logit", "normal_logit"), (0.0, 0.0), (1.0, 2.0), (1.5, -1.0), 0.2)
+    chosen = InferenceRecipe(threshold=0.4, flip_tta=True, gate="learned", gate_threshold=0.3, gate_model=gate,
+                             tuned_on="pooled out-of-fold predictions")
+    file = tmp_path / "inference.json"
+    file.write_text(json.dumps({"recipe": chosen.to_dict(), "validation": {}}))
+    assert main(["export", str(tuned_run), str(tuned_run), "--out", str(tmp_path / "m"), "--recipe", str(file)]) == 0
+    assert "2 member(s)" in capsys.readouterr().out
+    loaded = load_checkpoint(tmp_path / "m")
+    assert loaded.recipe == chosen and len(loaded.all_variables) == 2
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert info["provenance"]["recipe_file"] == str(file)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["export", str(tuned_run), "--out", str(tmp_path / "n"), "--recipe", str(tmp_path / "bad.json")]) != 0
+    assert "bad.json" in capsys.readouterr().err
+    assert main(["export", str(tuned_run), "--out", str(tmp_path / "n"), "--recipe", str(tmp_path / "none.json")]) != 0
+    assert "could not be read" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+# ---- learned gates, the score table and nested choice (issue 19) -----------------------
+def test_gate_features_closed_form():
+    prob = np.zeros((1, 10, 10), np.float32)
+    prob[0, 0, :3] = (0.9, 0.6, 0.2)  # top 1% of 100 pixels = the single largest
+    f = gate_features(prob, np.array([[0.2, 0.3, 0.5]]))
+    np.testing.assert_allclose(f[0, 0], np.log(0.9 / 0.1), rtol=1e-5)  # max_logit
+    np.testing.assert_allclose(f[0, 1], np.log(0.9 / 0.1), rtol=1e-5)  # top1_logit
+    np.testing.assert_allclose(f[0, 2], np.log(0.02 + 1e-4), rtol=1e-6)  # 2 pixels above 0.5
+    np.testing.assert_allclose(f[0, 3], np.log(1.7 / 100 + 1e-6), rtol=1e-5)  # mean probability
+    np.testing.assert_allclose(f[0, 4], 0.0, atol=1e-9)  # p(normal) = 0.5
+    with pytest.raises(ValueError, match="class head"):
+        gate_features(prob, None)
+    with pytest.raises(ValueError, match="expected some of"):
+        gate_features(prob, None, ("nope",))
+
+
+def test_learned_gate_separates_what_the_features_separate():
+    rng = np.random.default_rng(0)
+    lesion = np.arange(40) < 28
+    probs = rng.uniform(0, 0.3, (40, 16, 16)).astype(np.float32)
+    probs[lesion, 4:9, 4:9] = rng.uniform(0.7, 1.0, (int(lesion.sum()), 5, 5))  # big, confident lesions
+    probs[~lesion, 7, 7] = 0.6  # a single faint spot on normal images
+    gate = fit_learned_gate(probs, None, lesion, ("max_logit", "log_area"))
+    p = gate.lesion_probability(probs, None)
+    assert p[lesion].min() > 0.5 > p[~lesion].max()
+    same = LearnedGate(**json.loads(json.dumps(dataclasses.asdict(gate))))
+    np.testing.assert_allclose(same.lesion_probability(probs, None), p)
+    with pytest.raises(ValueError, match="with and without"):
+        fit_learned_gate(probs, None, np.ones(40, bool), ("max_logit",))
+    with pytest.raises(ValueError, match="one entry per feature"):
+        LearnedGate(("max_logit",), (0.0,), (1.0, 2.0), (1.0,), 0.0)
+
+
+def test_learned_gate_recipe_round_trip_and_application():
+    gate = LearnedGate(("max_logit",), (0.0,), (1.0,), (1.0,), 0.0)  # p(lesion) = max probability
+    recipe = InferenceRecipe(gate="learned", gate_threshold=0.7, gate_model=gate)
+    assert InferenceRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    assert "learned gate" in recipe.describe()
+    prob = np.full((8, 8), 0.1, np.float32)
+    prob[2:5, 2:5] = 0.65
+    assert not recipe_mask(prob, None, recipe, (8, 8)).any()  # p(lesion) = 0.65 < 0.7
+    prob[3, 3] = 0.8
+    assert recipe_mask(prob, None, recipe, (8, 8)).any()
+    with pytest.raises(ValueError, match="gate_model"):
+        InferenceRecipe(gate="learned", gate_threshold=0.5)
+    with pytest.raises(ValueError, match="gate_model"):
+        InferenceRecipe(gate_model=gate)
+    with pytest.raises(ValueError, match="gate_model"):
+        InferenceRecipe.from_dict({"gate": "learned", "gate_model": {"features": ["max_logit"]}})
+
+
+def test_table_outcome_matches_applying_the_recipe():
+    probs, gts, classes = _synthetic_validation()
+    flipped = probs[:, :, ::-1].copy()
+    scores = score_recipes(probs, flipped, gts)
+    gate = fit_learned_gate(probs, classes, np.array([g.any() for g in gts]), ("max_logit", "normal_logit"))
+    for recipe in (InferenceRecipe(threshold=0.4, flip_tta=True, gate="class", gate_threshold=0.5),
+                   InferenceRecipe(threshold=0.6, gate="area", gate_threshold=0.05, components="largest"),
+                   InferenceRecipe(gate="max_prob", gate_threshold=0.92, fill_holes=True),
+                   InferenceRecipe(threshold=0.3, gate="learned", gate_threshold=0.5, gate_model=gate)):
+        dice, iou, empty = recipe_outcome(scores, recipe, classes)
+        maps = 0.5 * (probs + flipped) if recipe.flip_tta else probs
+        masks = [recipe_mask(maps[i], classes[i], recipe, gts[i].shape) for i in range(len(gts))]
+        np.testing.assert_allclose(dice, [M.dice(m, g) for m, g in zip(masks, gts)])
+        np.testing.assert_allclose(iou, [M.iou(m, g) for m, g in zip(masks, gts)])
+        np.testing.assert_array_equal(empty, [not m.any() for m in masks])
+
+
+def test_choosing_on_a_subset_is_tuning_on_that_subset():
+    probs, gts, classes = _synthetic_validation(seed=3)
+    probs[12:15] += np.float32(0.3)  # three normal images look like lesions to max_prob
+    scores = score_recipes(probs, None, gts)
+    idx = np.array([0, 2, 4, 5, 7, 9, 12, 13, 15, 17])
+    chosen, report = choose_recipe(scores, classes, idx=idx, learned_gates=("map", "map+head"))
+    direct, direct_report = tune_recipe(probs[idx], None, classes[idx], [gts[i] for i in idx],
+                                        learned_gates=("map", "map+head"))
+    assert chosen == direct and report == direct_report
+    assert any(k.startswith("gate learned map+head") for k in report["levers"])
+
+
+def test_a_learned_gate_is_chosen_where_no_single_statistic_separates():
+    # Normal images: a small blob at 0.9. Lesions: large at 0.8, or small at 0.995. Neither
+    # the maximum nor the area alone separates them; together they do.
+    probs, gts = [], []
+    for i in range(30):
+        p = np.full((16, 16), 0.05, np.float32)
+        gt = np.zeros((16, 16), bool)
+        if i < 10:
+            p[7:9, 7:9] = 0.9
+        elif i < 20:
+            p[3:9, 3:9], gt[3:9, 3:9] = 0.8, True
+        else:
+            p[7:9, 7:9], gt[7:9, 7:9] = 0.995, True
+        probs.append(p)
+        gts.append(gt)
+    flat = np.tile([[0.4, 0.3, 0.3]], (30, 1))
+    recipe, report = tune_recipe(np.stack(probs), None, flat, gts, learned_gates=("map",), max_lesion_empty=0.0)
+    assert recipe.gate == "learned" and recipe.gate_model.features == ("max_logit", "top1_logit", "log_area",
+                                                                       "log_mass")
+    assert report["chosen"]["normal_false_positive_rate"] == 0.0 and report["chosen"]["lesion_empty_rate"] == 0.0
+    assert report["levers"]["gate max_prob 0.5 (best alone)"]["normal_false_positive_rate"] == 1.0
+    with pytest.raises(ValueError, match="designs"):
+        tune_recipe(np.stack(probs), None, flat, gts, learned_gates=("magic",))

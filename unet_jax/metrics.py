@@ -379,9 +379,9 @@ def bootstrap_ci(
     """Percentile-bootstrap confidence interval of the mean: resample the values with
     replacement ``n_boot`` times (all at once, an ``(n_boot, n)`` index array), and take
     the ``(1 - level)/2`` and ``(1 + level)/2`` quantiles of the resampled means.
-    Deterministic for a seed; ``(nan, nan)`` for no values."""
+    Deterministic for a seed; ``(nan, nan)`` for no values or ``n_boot = 0`` (means only)."""
     x = np.asarray(values, np.float64)
-    if x.size == 0:
+    if x.size == 0 or n_boot == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
