@@ -1,9 +1,9 @@
 """Why the seed U-Net's CPU inference trails PyTorch: its convolutions, one shape at a time,
 and the XLA:CPU flags that could change that.
 
-    python benchmarks/cpu_conv.py layers   # every 3x3 convolution shape of the seed preset at 256x256
-    python benchmarks/cpu_conv.py flags    # seed inference under each candidate XLA_FLAGS value
-    taskset -c 1 python benchmarks/cpu_conv.py lowerings --size 128 --threads 1
+    python -m benchmarks.cpu_conv layers   # every 3x3 convolution shape of the seed preset at 256x256
+    python -m benchmarks.cpu_conv flags    # seed inference under each candidate XLA_FLAGS value
+    taskset -c 1 python -m benchmarks.cpu_conv lowerings --size 128 --threads 1
                                            # each unet_jax.lowering against PyTorch, per layer
 
 ``layers``: for each (spatial size, in -> out channels) of the seed U-Net, a jitted
@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.harness import median_ms
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The seed preset's 3x3 convolutions at 256x256 (spatial side, in channels, out channels);
@@ -51,12 +53,6 @@ FLAG_CANDIDATES = (
 )
 
 
-def _median_ms(run, windows: int = 5, calls: int = 3) -> float:
-    from unet_jax.lowering import _median_ms as median_ms  # one timing rule for every table
-
-    return median_ms(run, windows, calls)
-
-
 def layers(batch: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -68,11 +64,11 @@ def layers(batch: int) -> list[dict]:
         x, w = jnp.ones((batch, side, side, c_in)), jnp.ones((3, 3, c_in, c_out))
         conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                              dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        jax_ms = _median_ms(lambda: conv(x, w).block_until_ready())
+        jax_ms = median_ms(lambda: conv(x, w).block_until_ready())
         xt = torch.ones(batch, c_in, side, side).to(memory_format=torch.channels_last)
         layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
         with torch.no_grad():
-            torch_ms = _median_ms(lambda: layer(xt))
+            torch_ms = median_ms(lambda: layer(xt))
         gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
         rows.append({"shape": f"{side}x{side} {c_in}->{c_out}", "gflop": round(gflop, 3),
                      "jax_ms": round(jax_ms, 2), "torch_ms": round(torch_ms, 2),
@@ -86,8 +82,7 @@ def preset_shapes(preset: str, size: int) -> list[tuple[int, int, int]]:
     """Distinct (side, in, out) of a preset's 3x3 stride-1 convolutions at ``size``."""
     if preset == "seed":
         return [(side * size // 256, c_in, c_out) for side, c_in, c_out in SEED_SHAPES]
-    sys.path.insert(0, str(REPO))
-    from unet_jax.lowering import conv_shapes
+    from benchmarks.lowering_table import conv_shapes
     from unet_jax.models.unet import create_unet
 
     model = create_unet(preset)
@@ -102,7 +97,7 @@ def _torch_ms(side: int, c_in: int, c_out: int, batch: int, windows: int, calls:
     x = torch.randn(batch, c_in, side, side).to(memory_format=torch.channels_last)
     layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     with torch.no_grad():
-        infer = _median_ms(lambda: layer(x), windows, calls)
+        infer = median_ms(lambda: layer(x), windows, calls)
     xg = x.clone().requires_grad_(True)
 
     def step():
@@ -110,14 +105,14 @@ def _torch_ms(side: int, c_in: int, c_out: int, batch: int, windows: int, calls:
         layer.zero_grad(set_to_none=True)
         layer(xg).sum().backward()
 
-    return infer, _median_ms(step, windows, calls)
+    return infer, median_ms(step, windows, calls)
 
 
 def lowerings(batch: int, size: int, preset: str, threads: int, windows: int, calls: int) -> list[dict]:
     import torch
 
-    sys.path.insert(0, str(REPO))
-    from unet_jax.lowering import candidates, time_lowering
+    from benchmarks.lowering_table import time_lowering
+    from unet_jax.lowering import candidates
 
     torch.set_num_threads(threads)
     rows = []
@@ -147,14 +142,13 @@ def seed_inference(batch: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(REPO))
     from unet_jax.models import create_model
 
     model = create_model("seed", in_channels=3)
     x = jnp.asarray(np.random.default_rng(0).random((batch, 256, 256, 3), np.float32))
     variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    ms = _median_ms(lambda: apply(variables, x).block_until_ready())
+    ms = median_ms(lambda: apply(variables, x).block_until_ready())
     return {"images_per_s": round(batch / ms * 1e3, 2)}
 
 
@@ -162,8 +156,8 @@ def flags(batch: int) -> list[dict]:
     rows = []
     for label, value in FLAG_CANDIDATES:
         env = {**os.environ, "XLA_FLAGS": value}
-        done = subprocess.run([sys.executable, __file__, "_one", "--batch", str(batch)], env=env,
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.cpu_conv", "_one", "--batch", str(batch)], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             row = {"flags": label, "xla_flags": value, "error": done.stderr.strip().splitlines()[-1:]}
         else:

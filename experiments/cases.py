@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 from unet_jax import metrics as M  # noqa: E402
 from unet_jax.data import read_manifest  # noqa: E402
-from unet_jax.evaluate import load_checkpoint, predict_outputs, read_for_evaluation  # noqa: E402
-from unet_jax.inference import recipe_mask  # noqa: E402
+from unet_jax.evaluate import read_for_evaluation  # noqa: E402
+from unet_jax.inference import load, predict_outputs, recipe_mask  # noqa: E402
 from unet_jax.plots import prediction_grid  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-side", type=int, default=4, help="best and worst lesion images shown")
     args = parser.parse_args(argv)
 
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = load(args.checkpoint)
     test_ids = list(read_manifest(Path(args.run) / "split.json")["test"])
     dataset = read_for_evaluation(loaded, args.data).subset(test_ids)
     probs, classes = predict_outputs(loaded, dataset.images_u8, loaded.recipe.flip_tta)

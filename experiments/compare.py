@@ -130,10 +130,11 @@ def inference_images_per_s(run_dir: Path, batch: int = 16, repeats: int = 5) -> 
     import jax.numpy as jnp
     import numpy as np
 
-    from unet_jax.evaluate import _probabilities, load_checkpoint
+    from unet_jax.inference import load
+    from unet_jax.inference.run import _probabilities
     from unet_jax.models import needs_box_prompts
 
-    loaded = load_checkpoint(run_dir)
+    loaded = load(run_dir)
     size = loaded.config.image_size
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, loaded.config.channels),
                                                            dtype=np.uint8))
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides applied to every row (e.g. epochs=2)")
     args = parser.parse_args(argv)
 
-    from unet_jax.config import apply_overrides
+    from unet_jax.models import apply_overrides
     from unet_jax.progress import ProgressPrinter
     from unet_jax.train import train
 

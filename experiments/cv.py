@@ -37,9 +37,10 @@ import numpy as np  # noqa: E402
 
 from unet_jax import metrics as M  # noqa: E402
 from unet_jax._io import atomic_write  # noqa: E402
-from unet_jax.config import apply_overrides, load_config  # noqa: E402
+from unet_jax.config import load_config  # noqa: E402
 from unet_jax.data import BusiDataset, cross_validation_splits, duplicate_groups, read_manifest, write_manifest  # noqa: E402,E501
-from unet_jax.evaluate import load_checkpoint, predict_outputs, predict_probabilities  # noqa: E402
+from unet_jax.inference import load, predict_outputs, predict_probabilities  # noqa: E402
+from unet_jax.models import apply_overrides  # noqa: E402
 from unet_jax.train.cpu import cpu_device_count, use_cpu_devices  # noqa: E402
 from unet_jax.train.loop import load_run_data, train  # noqa: E402
 
@@ -69,7 +70,7 @@ def save_oof(run: Path, manifest: Path, dataset: BusiDataset) -> Path:
     split = read_manifest(manifest)
     ids = [*split["test"], *split["val"]]
     parts = ["test"] * len(split["test"]) + ["val"] * len(split["val"])
-    loaded = load_checkpoint(run)
+    loaded = load(run)
     images = dataset.subset(ids).images_u8
     probs, classes = predict_outputs(loaded, images, flip_tta=False)
     mirrored = predict_probabilities(loaded, np.ascontiguousarray(images[:, :, ::-1]),

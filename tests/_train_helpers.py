@@ -37,9 +37,9 @@ def save_untrained_run(run_dir, config: TrainConfig = TINY, poison: bool = False
     import jax
     import jax.numpy as jnp
 
-    from unet_jax.checkpoint import CheckpointStore
     from unet_jax.config import config_to_dict
     from unet_jax.models import build_model
+    from unet_jax.train.checkpoint import CheckpointStore
     from unet_jax.train.state import create_train_state, make_optimizer
 
     state = create_train_state(build_model(config), make_optimizer(config, 5), jax.random.key(0, impl="rbg"),

@@ -4,7 +4,10 @@ exists, and every name one module imports from another is in the exporter's ``__
 its leading underscore). Also: the lint configuration of pyproject.toml holds.
 
 The importers checked are the package itself, its command line, and the experiments,
-benchmarks and tests that use it.
+benchmarks and tests that use it. The package's own imports (every one, at the top of a
+file or inside a function) form no cycle and run down the layers of /work/shared's design:
+cli -> train, evaluate, predict -> inference -> models, data, metrics, losses -> config ->
+layers -> nothing of ours.
 """
 
 from __future__ import annotations
@@ -64,6 +67,116 @@ def _imports(path: Path) -> list[tuple[int, str, str]]:
             continue
         found += [(node.lineno, module, alias.name) for alias in node.names]
     return found
+
+
+# The layers, top (imports anything below) to bottom (imports nothing of ours); a module
+# belongs to the layer of its longest listed prefix. An import may stay in its layer or go
+# down, never up. The package's __init__ (the lazy public API) stands above everything.
+LAYERS = (
+    ("unet_jax", "unet_jax.cli", "unet_jax.data.cli"),
+    ("unet_jax.train", "unet_jax.evaluate", "unet_jax.predict"),
+    ("unet_jax.inference",),
+    ("unet_jax.models", "unet_jax.data", "unet_jax.metrics", "unet_jax.losses", "unet_jax.convert",
+     "unet_jax.plots", "unet_jax.summary"),
+    ("unet_jax.config",),
+    ("unet_jax.layers", "unet_jax.lowering", "unet_jax.conv_grad", "unet_jax.reference"),
+    ("unet_jax._io", "unet_jax.progress"),
+)
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of ``module`` (0: the top), by its longest listed prefix."""
+    best = None
+    for depth, members in enumerate(LAYERS):
+        for prefix in members:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), depth)
+    assert best is not None, f"{module} is in no layer of LAYERS"
+    return best[1]
+
+
+def _import_graph() -> dict[str, set[tuple[str, int]]]:
+    """``module -> {(imported module, line)}`` of every import inside unet_jax/ (functions and
+    ``TYPE_CHECKING`` blocks included), ``from a import b`` counted as importing ``a.b`` when
+    that is a module."""
+    files = {_module_of(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[tuple[str, int]]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(node, module, path.name == "__init__.py")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:  # `import unet_jax.a.b` names a.b
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    graph[module].add((target, node.lineno))
+    return graph
+
+
+def _resolve(node: ast.ImportFrom, here: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = here.split(".") if is_package else here.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _cycles(graph: dict[str, set[tuple[str, int]]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    edges = {m: sorted({t for t, _ in targets}) for m, targets in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_imports_run_down_the_layers():
+    problems = []
+    for module, targets in sorted(_import_graph().items()):
+        for target, line in sorted(targets):
+            if _layer(target) < _layer(module):
+                problems.append(f"{module}:{line} imports {target}, a layer above it")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {("b", 1)}, "b": {("c", 1)}, "c": {("a", 1)}, "d": {("a", 1)}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _layer("unet_jax.inference.model") == 2 and _layer("unet_jax.data.cli") == 0
 
 
 def _is_submodule(module: str, name: str) -> bool:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from unet_jax.export import bundled_path, load_bundled
+from unet_jax.inference import bundled_path, load
 
 
 def test_bundled_model_is_small_and_documented():
@@ -27,7 +27,7 @@ def test_bundled_model_segments_a_phantom_lesion(tmp_path):
     from unet_jax.cli import main
     from unet_jax.data import write_phantom
 
-    loaded = load_bundled()
+    loaded = load()
     assert loaded.recipe.tuned_on and "validation" in loaded.recipe.tuned_on
     data = tmp_path / "phantom"
     write_phantom(data, counts={"benign": 3, "malignant": 1, "normal": 1}, size=(160, 200), seed=11,

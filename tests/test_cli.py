@@ -12,7 +12,8 @@ from _train_helpers import TINY
 from PIL import Image
 
 from unet_jax.cli import main
-from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from unet_jax.config import TrainConfig, config_from_dict, config_to_dict, load_config
+from unet_jax.models import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,12 +157,11 @@ def test_evaluate_at_training_resolution_and_text(trained_run, capsys):
 
 
 def test_checkpoint_of_another_architecture_is_refused(trained_run):
-    from unet_jax.checkpoint import find_checkpoint, restore_variables
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import find_checkpoint, load, restore_variables
 
     run_dir, _, _ = trained_run
     with pytest.raises(ValueError, match=r"holds preset='seed'; expected preset='padded'"):
-        load_checkpoint(run_dir, expect={"preset": "padded"})
+        load(run_dir, expect={"preset": "padded"})
     import jax
     import jax.numpy as jnp
 
@@ -277,7 +277,7 @@ def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_p
 def test_damaged_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
     import shutil
 
-    from unet_jax.checkpoint import find_checkpoint
+    from unet_jax.inference import find_checkpoint
 
     run_dir, _, _ = trained_run
     step = find_checkpoint(run_dir)
@@ -299,7 +299,7 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
 
     import orbax.checkpoint as ocp
 
-    from unet_jax.checkpoint import find_checkpoint
+    from unet_jax.inference import find_checkpoint
 
     run_dir, _, _ = trained_run
     copy = tmp_path / "checkpoints" / "best" / find_checkpoint(run_dir).name
@@ -325,7 +325,7 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
 def test_divergence_is_reported_on_its_own_line(tmp_path, monkeypatch, capsys):
     from _train_helpers import overflow_batch_norm_after
 
-    from unet_jax.checkpoint import finished_steps
+    from unet_jax.inference import finished_steps
 
     overflow_batch_norm_after(monkeypatch, 0)  # from the first step: no epoch ends finite
     overrides = [f"{k}={v}" for k, v in dataclasses.asdict(TINY).items() if v != getattr(TrainConfig(), k)]
@@ -352,11 +352,12 @@ def test_an_output_that_is_a_file_is_a_clear_error(trained_run, tmp_path, capsys
 def test_evaluation_is_at_the_native_size_unless_asked_otherwise(trained_run, tmp_path):
     # The phantom of the run is generated at the training size; these images are not.
     from unet_jax.data import write_phantom
-    from unet_jax.evaluate import evaluate_dataset, load_checkpoint, read_for_evaluation
+    from unet_jax.evaluate import evaluate_dataset, read_for_evaluation
+    from unet_jax.inference import load
 
     run_dir, _, _ = trained_run
     write_phantom(tmp_path / "busi", counts={"benign": 1, "malignant": 1, "normal": 1}, size=(40, 48), seed=3)
-    loaded = load_checkpoint(run_dir)
+    loaded = load(run_dir)
     dataset = read_for_evaluation(loaded, tmp_path / "busi")
     pixels = lambda rows: {r["tp"] + r["fp"] + r["fn"] + r["tn"] for r in rows}  # noqa: E731
     _, native = evaluate_dataset(loaded, dataset, n_boot=10)

@@ -81,15 +81,15 @@ def _epochs(run: Path) -> int:
 
 def _saved(run: Path) -> int:
     """Complete checkpoints of ``run`` (the loop logs an epoch before saving it)."""
-    from unet_jax.checkpoint import finished_steps
+    from unet_jax.inference import finished_steps
 
     return len(finished_steps(run / "checkpoints" / "latest"))
 
 
 def _variables(run: Path):
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
 
-    return load_checkpoint(run / "checkpoints" / "latest")
+    return load(run / "checkpoints" / "latest")
 
 
 def test_two_processes_equal_one_survive_a_kill_resume_and_are_read_by_one(tmp_path):
@@ -139,7 +139,7 @@ def test_two_processes_equal_one_survive_a_kill_resume_and_are_read_by_one(tmp_p
     assert results_two["test"]["images"] == json.loads((one / "results.json").read_text())["test"]["images"]
 
     # One process reads the two-process checkpoint (evaluation, prediction) ...
-    from unet_jax.evaluate import predict_probabilities
+    from unet_jax.inference import predict_probabilities
 
     images = np.zeros((2, 16, 16, 1), np.uint8)
     np.testing.assert_allclose(predict_probabilities(b, images), predict_probabilities(a, images), atol=1e-4)

@@ -11,8 +11,7 @@ from _train_helpers import save_untrained_run
 
 from unet_jax.cli import main
 from unet_jax.data import write_phantom
-from unet_jax.evaluate import NO_RECIPE, RECIPE_FILE, load_checkpoint, recipe_status
-from unet_jax.inference import InferenceRecipe
+from unet_jax.inference import NO_RECIPE, RECIPE_FILE, InferenceRecipe, load, recipe_status
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +42,11 @@ def test_no_tuned_recipe_is_said_in_the_output_and_the_report(run, busi, capsys)
 
 def test_a_tuned_recipe_is_named_and_a_latest_checkpoint_points_to_it(tmp_path, busi, capsys):
     run = save_untrained_run(tmp_path / "run", which=("latest", "best"))
-    best = load_checkpoint(run / "checkpoints" / "best")
+    best = load(run / "checkpoints" / "best")
     (best.step_dir / RECIPE_FILE).write_text(json.dumps({"recipe": InferenceRecipe(threshold=0.3).to_dict()}))
     report = _evaluate_json(run, busi, capsys)
     assert report["recipe_tuned"] is True and RECIPE_FILE in report["recipe_description"]
-    latest = load_checkpoint(run / "checkpoints" / "latest")
+    latest = load(run / "checkpoints" / "latest")
     assert not latest.recipe_tuned
     status = recipe_status(latest)
     assert status["description"].startswith(NO_RECIPE) and "the run's best checkpoint has one" in status["description"]

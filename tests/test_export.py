@@ -15,8 +15,7 @@ from flax import serialization
 
 from unet_jax._io import pid_alive
 from unet_jax.cli import main
-from unet_jax.evaluate import load_checkpoint
-from unet_jax.export import export_model, load_exported
+from unet_jax.inference import export_model, load
 
 
 def _save_run(run_dir, poison: bool = False):
@@ -30,7 +29,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    return load_checkpoint(run)
+    return load(run)
 
 
 def _snapshot(folder):
@@ -53,7 +52,7 @@ def test_overwrite_refuses_a_folder_that_is_not_an_export(loaded, tmp_path, caps
 @pytest.mark.parametrize("where", ["run", "checkpoints", "step"])
 def test_overwrite_refuses_a_folder_that_is_or_holds_a_source(tmp_path, where):
     run = _save_run(tmp_path / "victim")
-    loaded = load_checkpoint(run)
+    loaded = load(run)
     out = {"run": run, "checkpoints": run / "checkpoints", "step": loaded.step_dir}[where]
     before = _snapshot(run)
     with pytest.raises(ValueError, match=r"it is or holds .*, a checkpoint being exported"):
@@ -66,7 +65,7 @@ def test_overwrite_replaces_an_export_but_not_itself(loaded, tmp_path):
     out = export_model([loaded], tmp_path / "m")
     (out / "stale.txt").write_text("from before")
     assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()
-    again = load_checkpoint(out)  # an export as the source of a new export
+    again = load(out)  # an export as the source of a new export
     with pytest.raises(ValueError, match="a checkpoint being exported"):
         export_model([again], out, overwrite=True)
     (tmp_path / "empty").mkdir()
@@ -103,7 +102,7 @@ def test_member_sha256_recorded_and_verified(loaded, tmp_path):
         flipped[i] ^= 0x01
     (out / "member_0.msgpack").write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match=r"member_0.msgpack' is damaged: its SHA-256 is [0-9a-f]{64}, model.json"):
-        load_exported(out)
+        load(out)
 
 
 def test_an_export_without_digests_still_loads(loaded, tmp_path):
@@ -111,13 +110,13 @@ def test_an_export_without_digests_still_loads(loaded, tmp_path):
     info = json.loads((out / "model.json").read_text())
     del info["member_sha256"]  # as written before the field existed (the bundled model)
     (out / "model.json").write_text(json.dumps(info))
-    again = load_exported(out)
+    again = load(out)
     np.testing.assert_allclose(again.variables["params"]["head"]["kernel"],
                                loaded.variables["params"]["head"]["kernel"], atol=1e-3)
     info["member_sha256"] = 3
     (out / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="member_sha256=3; expected an object"):
-        load_exported(out)
+        load(out)
 
 
 def test_non_finite_member_is_refused_naming_file_and_parameter(loaded, tmp_path):
@@ -131,13 +130,13 @@ def test_non_finite_member_is_refused_naming_file_and_parameter(loaded, tmp_path
     variables["params"]["head"]["kernel"] = kernel
     (out / "member_0.msgpack").write_bytes(serialization.to_bytes(variables))
     with pytest.raises(ValueError, match=r"member_0.msgpack' holds non-finite weights .* params/head/kernel \(1 of"):
-        load_exported(out)
+        load(out)
 
 
 def test_non_finite_checkpoint_is_refused_naming_the_parameter(tmp_path, capsys):
     run = _save_run(tmp_path / "run", poison=True)
     with pytest.raises(ValueError, match=r"checkpoint .*best/0' holds non-finite weights .* e\.g\. params/\S+ \(1 of"):
-        load_checkpoint(run)
+        load(run)
     assert main(["export", str(run), "--out", str(tmp_path / "m")]) == 2
     assert "non-finite weights" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
@@ -153,11 +152,11 @@ def test_an_export_without_its_model_json_is_named(loaded, tmp_path, capsys):
 def test_restoring_a_checkpoint_logs_no_missing_metadata_warning(run, caplog):
     import logging
 
-    from unet_jax.checkpoint import _quiet_missing_metadata
+    from unet_jax.inference import quiet_missing_metadata
 
     with caplog.at_level(logging.INFO):
-        load_checkpoint(run)
-        with _quiet_missing_metadata():
+        load(run)
+        with quiet_missing_metadata():
             logging.getLogger("absl").warning("another warning")
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "Metadata file does not exist" in m], messages

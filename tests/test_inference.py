@@ -175,11 +175,11 @@ def tuned_run(tmp_path_factory):
 
 
 def test_training_tunes_saves_and_applies_the_recipe(tuned_run):
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
 
     results = json.loads((tuned_run / "results.json").read_text())
     saved = json.loads((tuned_run / "inference.json").read_text())
-    loaded = load_checkpoint(tuned_run)
+    loaded = load(tuned_run)
     assert loaded.recipe == InferenceRecipe.from_dict(saved["recipe"])
     assert (loaded.step_dir / "inference.json").is_file()  # travels with the checkpoint
     assert results["inference"]["recipe"] == saved["recipe"]
@@ -189,13 +189,12 @@ def test_training_tunes_saves_and_applies_the_recipe(tuned_run):
 
 
 def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
-    from unet_jax.evaluate import load_checkpoint, predict_outputs
-    from unet_jax.export import export_model, is_exported
+    from unet_jax.inference import export_model, is_exported, load, predict_outputs
 
-    loaded = load_checkpoint(tuned_run)
+    loaded = load(tuned_run)
     out = export_model([loaded], tmp_path / "exported")
     assert is_exported(out) and {p.name for p in out.iterdir()} == {"model.json", "member_0.msgpack"}
-    again = load_checkpoint(out)
+    again = load(out)
     assert again.recipe == loaded.recipe and again.config == loaded.config
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
     p, c = predict_outputs(loaded, images)
@@ -211,7 +210,7 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     shifted = dataclasses.replace(loaded, variables={**loaded.variables, "params": {
         **loaded.variables["params"], "head": {k: v + 0.5 for k, v in loaded.variables["params"]["head"].items()}}})
     ensemble = export_model([loaded, shifted], tmp_path / "ensemble", dtype="float32")
-    both = load_checkpoint(ensemble)
+    both = load(ensemble)
     assert len(both.members) == 1
     r, _ = predict_outputs(both, images)
     s, _ = predict_outputs(shifted, images)
@@ -220,10 +219,9 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
 
 
 def test_export_refuses_mixed_architectures_and_damaged_members(tuned_run, tmp_path):
-    from unet_jax.evaluate import load_checkpoint
-    from unet_jax.export import export_model
+    from unet_jax.inference import export_model, load
 
-    loaded = load_checkpoint(tuned_run)
+    loaded = load(tuned_run)
     other = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, image_size=64))
     with pytest.raises(ValueError, match="one architecture"):
         export_model([loaded, other], tmp_path / "mixed")
@@ -231,7 +229,7 @@ def test_export_refuses_mixed_architectures_and_damaged_members(tuned_run, tmp_p
     out = export_model([loaded], tmp_path / "ok")
     (out / "member_0.msgpack").write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="member_0.msgpack"):
-        load_checkpoint(out)
+        load(out)
 
 
 def test_cli_raw_flag_and_export(tuned_run, tmp_path, capsys):
@@ -255,7 +253,7 @@ def test_cli_raw_flag_and_export(tuned_run, tmp_path, capsys):
 
 def test_cli_export_carries_a_recipe_chosen_elsewhere(tuned_run, tmp_path, capsys):
     from unet_jax.cli import main
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
 
     gate = LearnedGate(("max_logit", "normal_logit"), (0.0, 0.0), (1.0, 2.0), (1.5, -1.0), 0.2)
     chosen = InferenceRecipe(threshold=0.4, flip_tta=True, gate="learned", gate_threshold=0.3, gate_model=gate,
@@ -264,7 +262,7 @@ def test_cli_export_carries_a_recipe_chosen_elsewhere(tuned_run, tmp_path, capsy
     file.write_text(json.dumps({"recipe": chosen.to_dict(), "validation": {}}))
     assert main(["export", str(tuned_run), str(tuned_run), "--out", str(tmp_path / "m"), "--recipe", str(file)]) == 0
     assert "2 member(s)" in capsys.readouterr().out
-    loaded = load_checkpoint(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert loaded.recipe == chosen and len(loaded.all_variables) == 2
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert info["provenance"]["recipe_file"] == str(file)

@@ -12,15 +12,13 @@ from PIL import Image
 
 from unet_jax.cli import main
 from unet_jax.data import write_phantom
-from unet_jax.evaluate import load_checkpoint
-from unet_jax.export import export_model
-from unet_jax.inference import InferenceRecipe
+from unet_jax.inference import InferenceRecipe, export_model, load
 from unet_jax.predict import plan_prediction, predict_files
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    return load_checkpoint(save_untrained_run(tmp_path_factory.mktemp("predict") / "run"))
+    return load(save_untrained_run(tmp_path_factory.mktemp("predict") / "run"))
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_train import random_device_data
 
-from unet_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
+from unet_jax.config import TrainConfig, config_from_dict, config_to_dict
 from unet_jax.data import make_sampler
 from unet_jax.data.prompts import boxes_from_masks
 from unet_jax.losses import get_loss, softmax_cross_entropy
 from unet_jax.metrics import classification_metrics, roc_auc
-from unet_jax.models import create_model, model_family, model_names, needs_box_prompts
+from unet_jax.models import apply_overrides, create_model, model_family, model_names, needs_box_prompts
 from unet_jax.train import train
 from unet_jax.train.init_from import overlay_variables
 from unet_jax.train.state import create_train_state, make_optimizer
@@ -255,9 +255,9 @@ def test_a_classifier_runs_end_to_end(tmp_path, monkeypatch, capsys):
     c = results["test_classification"]
     assert set(c) >= {"accuracy", "loss", "per_class_recall", "malignant_vs_rest_auc", "confusion_matrix"}
     assert sum(map(sum, c["confusion_matrix"])) == c["n"] > 0
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
 
-    saved = load_checkpoint(tmp_path / "classifier").variables["params"]
+    saved = load(tmp_path / "classifier").variables["params"]
     assert results["parameters"]["trainable"] == sum(np.size(x) for x in jax.tree.leaves(saved))
 
     from unet_jax.cli import main
@@ -284,14 +284,14 @@ def test_heads_and_config_must_agree(tmp_path, changes, message):
 def test_init_from_a_run_with_zero_epochs_evaluates_its_parameters(trained_run, tmp_path):
     """epochs = 0 with init_from: the parameters evaluated as they are (how SAM is used as
     released); here from a finished run, whose test scores it must reproduce."""
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
 
     run_dir, _, _ = trained_run
     events = []
     config = dataclasses.replace(TINY, init_from=str(run_dir), epochs=0)
     train(config, tmp_path / "again", progress=events.append)
     (copied,) = [e["parameters_copied"] for e in events if e["kind"] == "init_from"]
-    start, now = load_checkpoint(run_dir).variables, load_checkpoint(tmp_path / "again").variables
+    start, now = load(run_dir).variables, load(tmp_path / "again").variables
     assert copied == len(jax.tree.leaves(start))
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(now)):
         np.testing.assert_array_equal(a, b)
@@ -313,7 +313,7 @@ def test_sam_fine_tuned_from_an_official_format_checkpoint(tmp_path):
 
     from unet_jax.cli import main
     from unet_jax.convert.sam import sam_params_from_state_dict
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
     from unet_jax.models.sam import SAM_PRESETS
 
     torch_model = randomised_torch_sam(SAM_PRESETS["sam_tiny"], seed=5)
@@ -326,7 +326,7 @@ def test_sam_fine_tuned_from_an_official_format_checkpoint(tmp_path):
     (copied,) = [e["parameters_copied"] for e in events if e["kind"] == "init_from"]
     assert copied == len(jax.tree.leaves(released))  # the whole file, nothing left at its initial value
 
-    end = load_checkpoint(tmp_path / "tuned").variables["params"]
+    end = load(tmp_path / "tuned").variables["params"]
     assert jax.tree.structure(end) == jax.tree.structure(released)
     for group in ("image_encoder", "prompt_encoder", "mask_decoder"):
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(released[group]), jax.tree.leaves(end[group])))

@@ -21,12 +21,13 @@ import pytest
 from _train_helpers import TINY, overflow_batch_norm_after
 from PIL import Image
 
-from unet_jax.checkpoint import CheckpointStore, find_checkpoint, read_meta
 from unet_jax.config import TrainConfig
 from unet_jax.data import AugmentConfig, DeviceData, make_sampler
+from unet_jax.inference import find_checkpoint, read_meta
 from unet_jax.losses import get_loss
 from unet_jax.models import create_unet
 from unet_jax.train import TrainingDiverged, train
+from unet_jax.train.checkpoint import CheckpointStore
 from unet_jax.train.logs import read_jsonl
 from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import make_mesh, train_step, train_steps
@@ -397,7 +398,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     assert results["val_at_best_epoch"]["val/loss"] == pytest.approx(history[best - 1]["val/loss"])
 
     # The test split was evaluated with the best epoch's weights, not the last epoch's.
-    from unet_jax.evaluate import load_checkpoint
+    from unet_jax.inference import load
     from unet_jax.train.loop import load_run_data
 
     split = json.loads((tmp_path / "split.json").read_text())["partitions"]
@@ -406,7 +407,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     loss_fn = get_loss(config.loss)
 
     def test_loss(which):
-        loaded = load_checkpoint(tmp_path / "checkpoints" / which)
+        loaded = load(tmp_path / "checkpoints" / which)
         logits = loaded.model.apply(loaded.variables, images, train=False)
         return float(np.mean([loss_fn(logits[i : i + 1], masks[i : i + 1]) for i in range(len(images))]))
 

@@ -2,7 +2,8 @@
 
 The user API, importable from here: ``TrainConfig`` and ``train_model(config, run_dir)``
 (``unet_jax.train.train``: the name ``train`` is the training subpackage);
-``load_checkpoint(path)`` (a run, a checkpoint or an exported folder), then
+``load(path)`` (a run, a checkpoint or an exported folder; the bundled model without a path;
+also named ``load_checkpoint``), then
 ``evaluate_dataset``/``read_for_evaluation`` and ``predict_files``; the layers and models.
 The training, evaluation and prediction names are imported on first use (PEP 562), so
 ``import unet_jax`` stays as light as the layers.
@@ -28,11 +29,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "train_model": ("unet_jax.train.loop", "train"),
     "RunResult": ("unet_jax.train.loop", "RunResult"),
-    "load_checkpoint": ("unet_jax.evaluate", "load_checkpoint"),
+    "load": ("unet_jax.inference.model", "load"),
+    "load_checkpoint": ("unet_jax.inference.model", "load"),  # the same loader, by its older name
     "evaluate_dataset": ("unet_jax.evaluate", "evaluate_dataset"),
     "read_for_evaluation": ("unet_jax.evaluate", "read_for_evaluation"),
     "predict_files": ("unet_jax.predict", "predict_files"),
-    "LoadedModel": ("unet_jax.checkpoint", "LoadedModel"),
+    "LoadedModel": ("unet_jax.inference.model", "LoadedModel"),
 }
 
 __all__ = [

@@ -66,7 +66,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from unet_jax.config import apply_overrides, load_config
+    from unet_jax.config import load_config
+    from unet_jax.models import apply_overrides
     from unet_jax.train import distributed
 
     launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id)
@@ -162,7 +163,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from unet_jax.config import apply_overrides, demo_config
+    from unet_jax.config import demo_config
+    from unet_jax.models import apply_overrides
 
     config = apply_overrides(demo_config(), args.overrides)
     _split_cpu(config)
@@ -179,15 +181,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import (
-        effective_recipe,
-        evaluate_classification,
-        evaluate_dataset,
-        evaluation_report,
-        read_for_evaluation,
-        recipe_status,
-        resolve_threshold,
-    )
+    from unet_jax.evaluate import evaluate_classification, evaluate_dataset, evaluation_report, read_for_evaluation
+    from unet_jax.inference import effective_recipe, recipe_status, resolve_threshold
     from unet_jax.metrics import format_summary
     from unet_jax.models import model_heads
     from unet_jax.progress import ProgressPrinter
@@ -250,14 +245,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    from unet_jax.evaluate import load_checkpoint
-    from unet_jax.export import load_bundled
+    from unet_jax.inference import load
 
-    return load_bundled() if args.checkpoint is None else load_checkpoint(args.checkpoint)
+    return load(args.checkpoint)  # None: the bundled model
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from unet_jax.evaluate import recipe_status
+    from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
 
     plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
@@ -320,11 +314,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unet_jax.evaluate import load_checkpoint, read_recipe_file
-    from unet_jax.export import export_model
+    from unet_jax.inference import export_model, load, read_recipe_file
 
     recipe = None if args.recipe is None else read_recipe_file(args.recipe)
-    members = [load_checkpoint(c) for c in args.checkpoints]
+    members = [load(c) for c in args.checkpoints]
     card = None
     if args.card is not None:
         if not Path(args.card).is_file():

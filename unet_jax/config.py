@@ -19,11 +19,11 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "demo_config", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = ["TrainConfig", "demo_config", "load_config", "config_to_dict", "config_from_dict", "field_types",
+           "parse_value"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,7 @@ def check_types(config: TrainConfig) -> None:
     Strict where Python is lenient: a bool is not an int, a float is not an int, a string
     is not a bool (``bool("no")`` is true), a string is not a tuple of names.
     """
-    for name, annotation in _field_types().items():
+    for name, annotation in field_types().items():
         value = getattr(config, name)
         if not _has_type(value, annotation):
             raise ValueError(f"config {name} = {value!r}: expected {_describe(annotation)}")
@@ -262,7 +262,7 @@ def demo_config() -> TrainConfig:
 
 
 @functools.cache
-def _field_types() -> dict[str, Any]:
+def field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
@@ -309,7 +309,7 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         if unknown is None:
             raise
         raise ValueError(f"config file {str(path)!r}: unknown config key {unknown[1]!r}; "
-                         f"known keys: {sorted(_field_types())}") from err
+                         f"known keys: {sorted(field_types())}") from err
     if get_config is None:
         raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
     if not isinstance(config, TrainConfig):
@@ -330,7 +330,7 @@ def _get_config_of(path: Path) -> Any:
     return getattr(module, "get_config", None)
 
 
-def _parse_value(key: str, text: str, annotation: Any) -> Any:
+def parse_value(key: str, text: str, annotation: Any) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -381,41 +381,3 @@ def _coerce(key: str, text: str, value: Any, annotation: Any) -> Any:
     if annotation is Any:
         return value
     raise ValueError(f"override {key}={text!r}: expected {getattr(annotation, '__name__', annotation)}")
-
-
-def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """``config`` with ``key=value`` overrides; ``model.FIELD=value`` sets a field of the
-    preset's model (the preset as overridden in the same list)."""
-    from unet_jax.models import create_model, model_fields  # local: config stays importable without flax
-
-    types_ = _field_types()
-    changes: dict[str, Any] = {}
-    model = dict(config.model)
-    pairs = []
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        pairs.append((item, key.strip(), text))
-    model_items = [(item, key, text) for item, key, text in pairs if key.startswith("model.")]
-    if model_items:
-        preset = next((t for _, k, t in reversed(pairs) if k == "preset"), config.preset)
-        fields = model_fields(preset)
-        hints = typing.get_type_hints(type(create_model(preset)))
-    for item, key, text in model_items:
-        field = key[len("model."):]
-        if field not in fields:
-            raise ValueError(f"override {item!r}: unknown model field {field!r} of preset {preset!r}; "
-                             f"known: {sorted(fields)}")
-        model[field] = _parse_value(key, text, hints.get(field, Any))
-    for item, key, text in pairs:
-        if key.startswith("model."):
-            continue
-        if key not in types_:
-            raise ValueError(f"override {item!r}: unknown config key {key!r}; known keys: {sorted(types_)}")
-        changes[key] = _parse_value(key, text, types_[key])
-    if model != config.model:
-        changes["model"] = model
-    if model_items:  # the model's own checks (a bad value names its field), before any work
-        create_model(preset, **model)
-    return dataclasses.replace(config, **changes)

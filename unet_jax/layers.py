@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from unet_jax import lowering as lowerings  # called through the module: tests replace a lowering
 from unet_jax.conv_grad import conv_explicit_grad, use_explicit_grad
 
 __all__ = [
@@ -385,12 +386,9 @@ class Conv2D(nn.Module):
                 f"features ({self.features})"
             )
 
-        # Imported here: `python -m unet_jax.lowering` must not find itself imported already.
-        from unet_jax.lowering import lower_conv, resolve_lowering
-
         nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
         try:
-            lowering = resolve_lowering(self.lowering, kernel=kernel, strides=strides, groups=groups,
+            lowering = lowerings.resolve_lowering(self.lowering, kernel=kernel, strides=strides, groups=groups,
                                         shape=nhwc_shape, out_features=self.features, pads=pads)
         except ValueError as err:
             raise ValueError(f"{_layer_label('Conv2D', self.name)}: {err}") from None
@@ -400,7 +398,7 @@ class Conv2D(nn.Module):
             # The lowerings are written on NHWC; NCHW pays two transposes for them.
             if self.layout == "NCHW":
                 x = jnp.transpose(x, (0, 2, 3, 1))
-            y = lower_conv(lowering, x, w, strides, pads, self.precision)
+            y = lowerings.lower_conv(lowering, x, w, strides, pads, self.precision)
             if self.layout == "NCHW":
                 y = jnp.transpose(y, (0, 3, 1, 2))
             return _add_bias(y, b, self.layout)

@@ -24,14 +24,15 @@ Gradients are JAX's autodiff of each forward (for im2col the transposes of the s
 slices are pads and adds, i.e. col2im; for Winograd the transposed transforms).
 
 Which one is fastest depends on the shape and the machine, so the choice is made by
-measurement (``benchmarks/cpu_conv.py lowerings``, results in ``benchmarks/results``; on
+measurement (``python -m benchmarks.cpu_conv lowerings``, results in ``benchmarks/results``; on
 the project's shared 2-core VM, one core, batch 8, forward: ``direct`` beats XLA 3-4x on the
 3-channel first layer, Winograd some 16x16-32x32 layers with 64-128 channels by
 1.1-1.3x, XLA's own convolution the rest; forward + backward: XLA nearly everywhere. The
 im2col patch copy and the stacking of Winograd's transformed tiles are slow in XLA:CPU):
-``python -m unet_jax.lowering tune`` times every lowering on the 3x3 layer shapes of a model
-and writes a table (:func:`table_path`), and :func:`choose_lowering`
-(``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``.
+``python -m benchmarks.lowering_table tune`` times every lowering on the 3x3 layer shapes of
+a model and writes a table (:func:`table_path`), and :func:`choose_lowering`
+(``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``. Everything
+here is a pure function of arrays (and of that table): nothing imports a layer or a model.
 """
 
 from __future__ import annotations
@@ -42,10 +43,7 @@ import json
 import math
 import os
 import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +66,10 @@ __all__ = [
     "table_key",
     "table_path",
     "load_table",
-    "conv_shapes",
-    "time_lowering",
-    "tune",
+    "machine_id",
+    "TABLE_ENV",
+    "TABLE_FORMAT",
+    "PadPairs",
 ]
 
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
@@ -422,7 +421,7 @@ def table_key(h: int, w: int, c_in: int, c_out: int, batch: int, mode: str,
     return f"{h}x{w}:{c_in}->{c_out}:b{_batch_bucket(batch)}:{mode}:p{t},{b},{lft},{r}"
 
 
-def _machine_id() -> str:
+def machine_id() -> str:
     """A short hash of the CPU model: a table measured on one machine is not another's."""
     model = platform.processor() or platform.machine()
     try:
@@ -441,7 +440,7 @@ def table_path() -> Path:
     if os.environ.get(TABLE_ENV):
         return Path(os.environ[TABLE_ENV])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "unet_jax" / f"lowering-{_machine_id()}.json"
+    return cache / "unet_jax" / f"lowering-{machine_id()}.json"
 
 
 @functools.lru_cache(maxsize=8)
@@ -450,7 +449,7 @@ def _read_table(path: str, mtime_ns: int) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a lowering table ({err}); expected the JSON that "
-                         f"`python -m unet_jax.lowering tune` writes (delete it to tune again)") from None
+                         f"`python -m benchmarks.lowering_table tune` writes (delete it to tune again)") from None
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: not a lowering table (expected format {TABLE_FORMAT!r})")
     return data
@@ -490,146 +489,3 @@ def choose_lowering(h: int, w: int, c_in: int, c_out: int, *, batch: int = 8, mo
     near = [(abs(math.log2(int(k[len(prefix) + 2:].split(":", 1)[0]) / _batch_bucket(batch))), k)
             for k in entries if k.startswith(prefix + ":b") and k.endswith(":" + suffix)]
     return entries[min(near)[1]]["best"] if near else "lax"
-
-
-# --------------------------------------------------------------------------------------
-# Measuring
-# --------------------------------------------------------------------------------------
-def conv_shapes(model: Any, x_shape: tuple[int, ...], **call_kwargs: Any) -> list[dict[str, Any]]:
-    """Every :class:`~unet_jax.layers.Conv2D` call of ``model`` on an input of ``x_shape``:
-    dicts with ``shape`` (its NHWC input), ``features``, ``kernel``, ``strides``, ``pads``,
-    ``groups``, in call order (duplicates kept). Traced abstractly (no arithmetic)."""
-    from flax import linen as nn
-
-    from unet_jax.layers import Conv2D, _spatial, _tuple2, resolve_padding
-
-    found: list[dict[str, Any]] = []
-
-    def record(next_fun, args, kwargs, context):
-        mod = context.module
-        if isinstance(mod, Conv2D) and context.method_name == "__call__":
-            x = args[0]
-            shape = tuple(x.shape) if mod.layout == "NHWC" else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
-            kernel, strides = _tuple2("kernel_size", mod.kernel_size), _tuple2("strides", mod.strides)
-            found.append(dict(shape=shape, features=mod.features, kernel=kernel, strides=strides,
-                              pads=resolve_padding(mod.padding, _spatial(x, mod.layout), kernel, strides),
-                              groups=mod.feature_group_count))
-        return next_fun(*args, **kwargs)
-
-    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **call_kwargs), x)
-    return found
-
-
-def _median_ms(run: Callable[[], Any], windows: int = 5, calls: int = 3) -> float:
-    """Median milliseconds per call of ``run`` over ``windows`` windows of ``calls`` calls,
-    after two untimed calls (compilation and warm-up); benchmarks/cpu_conv.py uses it too."""
-    run(), run()  # compile and warm up
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
-
-
-def time_lowering(lowering: str, shape: tuple[int, int, int, int], c_out: int, mode: str = "infer",
-                  pads: PadPairs = ((1, 1), (1, 1)), windows: int = 5, calls: int = 3) -> float:
-    """Median milliseconds of one jitted 3x3 stride-1 convolution by ``lowering``.
-
-    ``mode='infer'``: the forward; ``'train'``: forward + backward (the input and kernel
-    gradients for a random output cotangent).
-    """
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(shape, np.float32))
-    w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], c_out), np.float32) * 0.1)
-    ho, wo = shape[1] + sum(pads[0]) - 2, shape[2] + sum(pads[1]) - 2
-    # An argument, not jnp.sum's constant ones: XLA would simplify a backward pass whose
-    # cotangent it can see (measured: conv_direct's "backward" faster than its forward).
-    dy = jnp.asarray(rng.standard_normal((shape[0], ho, wo, c_out), np.float32))
-
-    def forward(x, w):
-        return lower_conv(lowering, x, w, (1, 1), pads)
-
-    if mode == "infer":
-        fn = jax.jit(lambda x, w, dy: forward(x, w))
-    elif mode == "train":
-        fn = jax.jit(lambda x, w, dy: jax.vjp(forward, x, w)[1](dy))
-    else:
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    return _median_ms(lambda: jax.block_until_ready(fn(x, w, dy)), windows, calls)
-
-
-def tune(preset: str = "seed", size: int = 256, batch: int = 8, modes: Sequence[str] = ("infer", "train"),
-         lowerings: Sequence[str] | None = None, windows: int = 3, calls: int = 2,
-         out: str | os.PathLike | None = None,
-         report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Time every lowering on each distinct 3x3 stride-1 ungrouped Conv2D of a U-Net preset;
-    write the table (atomically) to ``out`` (default :func:`table_path`) and return it.
-
-    ``lowerings``: those to time (default :func:`candidates` of each shape). ``report``
-    receives one dict per measured (shape, mode), e.g. to print progress.
-    """
-    from unet_jax._io import write_json
-    from unet_jax.models.unet import create_unet
-
-    model = create_unet(preset)
-    shapes = conv_shapes(model, (batch, size, size, model.in_channels), train=False)
-    seen = {}
-    for s in shapes:
-        if s["kernel"] == (3, 3) and s["strides"] == (1, 1) and s["groups"] == 1:
-            seen.setdefault((s["shape"], s["features"], s["pads"]), None)
-    entries = {}
-    for (shape, c_out, pads), _ in seen.items():
-        for mode in modes:
-            ms = {name: round(time_lowering(name, shape, c_out, mode, pads, windows, calls), 3)
-                  for name in (lowerings or candidates(shape[3]))}
-            best = min(ms, key=ms.get)
-            key = table_key(shape[1], shape[2], shape[3], c_out, batch, mode, pads)
-            entries[key] = {"best": best, "ms": ms}
-            if report:
-                report({"key": key, **entries[key]})
-    table = {"format": TABLE_FORMAT, "machine": _machine_id(), "cpus": os.cpu_count(),
-             "jax": jax.__version__, "preset": preset, "size": size, "batch": batch, "entries": entries}
-    write_json(out if out is not None else table_path(), table)
-    return table
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m unet_jax.lowering tune|show``: make or print the per-machine table."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m unet_jax.lowering", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tune", help="time every lowering on a preset's 3x3 layers, write the table")
-    t.add_argument("--preset", default="seed")
-    t.add_argument("--size", type=int, default=256)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    t.add_argument("--windows", type=int, default=3)
-    t.add_argument("--out", default=None, help=f"table file (default: ${TABLE_ENV} or the user cache)")
-    s = sub.add_parser("show", help="print the table")
-    s.add_argument("--path", default=None)
-    args = parser.parse_args(argv)
-    if args.command == "tune":
-        table = tune(args.preset, args.size, args.batch, args.modes, windows=args.windows, out=args.out,
-                     report=lambda row: print(json.dumps(row), flush=True))
-        print(f"wrote {len(table['entries'])} entries to {args.out or table_path()}")
-        return 0
-    path = Path(args.path) if args.path else table_path()
-    table = load_table(path)
-    if table is None:
-        print(f"no lowering table at {path}; 'auto' means 'lax' (make one: python -m unet_jax.lowering tune)")
-        return 1
-    print(f"{path} (machine {table.get('machine')}, preset {table.get('preset')}, size {table.get('size')}, "
-          f"batch {table.get('batch')})")
-    for key, entry in table["entries"].items():
-        times = " ".join(f"{k}={v}" for k, v in entry.get("ms", {}).items())
-        print(f"{key:40s} {entry['best']:10s} {times}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,8 +26,7 @@ from PIL import Image
 
 from unet_jax._io import atomic_write
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
-from unet_jax.evaluate import LoadedModel, effective_recipe, predict_outputs
-from unet_jax.inference import recipe_mask
+from unet_jax.inference import LoadedModel, effective_recipe, predict_outputs, recipe_mask
 
 __all__ = ["MIN_SIDE", "PredictionPlan", "PredictionResult", "plan_prediction", "predict_files"]
 

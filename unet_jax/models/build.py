@@ -10,15 +10,13 @@ pair whatever the model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from unet_jax.models import create_model, needs_box_prompts
-
-if TYPE_CHECKING:
-    from unet_jax.config import TrainConfig
+from unet_jax.config import TrainConfig
+from unet_jax.models.registry import create_model, needs_box_prompts
 
 __all__ = ["Outputs", "build_model", "init_variables", "model_heads", "run_model", "split_outputs"]
 

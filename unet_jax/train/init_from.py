@@ -28,7 +28,7 @@ from flax import serialization
 
 from unet_jax.config import TrainConfig
 from unet_jax.convert.checkpoint import read_pth_variables
-from unet_jax.evaluate import load_checkpoint
+from unet_jax.inference import load
 
 __all__ = ["read_source_variables", "overlay_variables", "load_initial_variables"]
 
@@ -39,7 +39,7 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
     if not path.exists():
         raise ValueError(f"init_from {str(path)!r} does not exist; expected a .pth, a .msgpack, or a run folder")
     if path.is_dir():
-        return dict(load_checkpoint(path).variables)
+        return dict(load(path).variables)
     if path.suffix == ".msgpack":
         try:
             tree = serialization.msgpack_restore(path.read_bytes())

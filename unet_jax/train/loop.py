@@ -30,14 +30,6 @@ from PIL import Image
 
 from unet_jax import metrics as M
 from unet_jax._io import FolderLock, write_json
-from unet_jax.checkpoint import (
-    BEST,
-    LATEST,
-    CheckpointStore,
-    find_checkpoint,
-    finished_steps,
-    read_meta,
-)
 from unet_jax.config import TrainConfig, config_to_dict
 from unet_jax.data import (
     AugmentConfig,
@@ -58,23 +50,28 @@ from unet_jax.data import (
     write_manifest,
     write_phantom,
 )
-from unet_jax.evaluate import (
+from unet_jax.evaluate import evaluate_classification, evaluate_dataset, evaluation_report
+from unet_jax.inference import (
+    BEST,
+    LATEST,
+    RAW,
     LoadedModel,
-    evaluate_classification,
-    evaluate_dataset,
-    evaluation_report,
-    load_checkpoint,
+    find_checkpoint,
+    finished_steps,
+    load,
     predict_outputs,
     predict_probabilities,
     prompt_boxes,
+    read_meta,
+    recipe_mask,
     save_recipe,
     tune_inference,
 )
-from unet_jax.inference import RAW, recipe_mask
 from unet_jax.losses import get_loss
 from unet_jax.models import build_model, model_heads, needs_box_prompts
 from unet_jax.plots import plot_training_curves, prediction_grid
 from unet_jax.train import distributed
+from unet_jax.train.checkpoint import CheckpointStore
 from unet_jax.train.init_from import load_initial_variables
 from unet_jax.train.logs import MetricsLog
 from unet_jax.train.state import (
@@ -770,7 +767,7 @@ def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Pa
     the per-image test rows and the plots. Training is not repeated; ``cache`` reads the
     images from a `data prepare` cache instead of the run's own data source."""
     run_dir = Path(run_dir).resolve()
-    loaded = load_checkpoint(run_dir)
+    loaded = load(run_dir)
     config = loaded.config if cache is None else dataclasses.replace(loaded.config, cache=cache)
     latest = read_meta(find_checkpoint(run_dir / "checkpoints" / LATEST))
     previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}

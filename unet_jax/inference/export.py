@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,13 @@ import numpy as np
 from flax import serialization
 
 from unet_jax._io import check_target, new_temp_dir, swap_in
-from unet_jax.checkpoint import LoadedModel, check_finite, check_same_structure
-from unet_jax.config import config_from_dict, config_to_dict
-from unet_jax.inference import RAW, InferenceRecipe
-from unet_jax.models import build_model, init_variables
+from unet_jax.config import config_to_dict
+from unet_jax.inference.model import FORMAT, MODEL_FILE
+from unet_jax.inference.recipe import InferenceRecipe
 
-__all__ = ["FORMAT", "MODEL_FILE", "is_exported", "export_model", "load_exported", "bundled_path", "load_bundled"]
+__all__ = ["export_model"]
 
-FORMAT = "unet_jax.exported/1"
-MODEL_FILE = "model.json"
 _FP16_MAX = 60000.0  # below float16's largest finite value (65504), with margin
-
-
-def is_exported(path: str | os.PathLike) -> bool:
-    return (Path(path) / MODEL_FILE).is_file()
 
 
 def _storage(tree: Any, dtype: str) -> Any:
@@ -123,81 +115,3 @@ def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) ->
                              f"checkpoint being exported; choose another output folder")
     check_target(out, overwrite, _is_export, f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})")
 
-
-def _read_member(file: Path, digest: str | None) -> dict[str, Any]:
-    """One member's variables; its bytes checked against ``digest`` (SHA-256) when given."""
-    try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise ValueError(f"exported model member {str(file)!r} could not be read ({err}); expected the file "
-                         f"written by `unet-jax export`") from err
-    if digest is not None and (actual := hashlib.sha256(data).hexdigest()) != digest:
-        raise ValueError(f"exported model member {str(file)!r} is damaged: its SHA-256 is {actual}, "
-                         f"{MODEL_FILE} records {digest}; expected the file written by `unet-jax export`")
-    try:
-        raw = serialization.msgpack_restore(data)
-    except Exception as err:  # truncated or corrupt msgpack
-        raise ValueError(f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
-                         f"{str(err)[:200]}); expected the file written by `unet-jax export`") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"exported model member {str(file)!r} holds {type(raw).__name__}; expected the "
-                         f"variables written by `unet-jax export`")
-    return {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
-
-
-def _digests(info: dict[str, Any], source: Path) -> dict[str, str]:
-    """``member_sha256`` of model.json ({} for an export written before it existed)."""
-    digests = info.get("member_sha256", {})
-    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
-        raise ValueError(f"exported model {str(source)!r} has member_sha256={digests!r}; expected an object "
-                         f"mapping each member file to its SHA-256 (hex)")
-    missing = [name for name in info["members"] if name not in digests]
-    if digests and missing:
-        raise ValueError(f"exported model {str(source)!r} records no SHA-256 for member(s) {missing}; expected "
-                         f"one per member file")
-    return digests
-
-
-def load_exported(path: str | os.PathLike) -> Any:
-    """A LoadedModel (unet_jax.evaluate) from an exported folder, parameters in float32."""
-
-    path = Path(path).absolute()
-    source = path / MODEL_FILE
-    try:
-        info = json.loads(source.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"exported model {str(source)!r} could not be read ({err}); expected the JSON written "
-                         f"by `unet-jax export`") from err
-    if info.get("format") != FORMAT:
-        raise ValueError(f"exported model {str(source)!r} has format {info.get('format')!r}; expected {FORMAT!r}")
-    config = config_from_dict(info["config"], source=str(source))
-    model = build_model(config)
-    shape = (1, config.image_size, config.image_size, config.channels)
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
-    template = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    digests = _digests(info, source)
-    members = []
-    for name in info["members"]:
-        file = path / name
-        raw = _read_member(file, digests.get(name))
-        check_same_structure(raw, template, file)
-        check_finite(raw, file, "exported model member")
-        members.append(jax.tree.map(lambda x: np.asarray(x, np.float32), raw))
-    recipe = InferenceRecipe.from_dict(info.get("inference", {}), source=str(source))
-    tuned = info.get("inference_tuned", recipe != RAW)  # absent from exports written before it
-    return LoadedModel(model, members[0], config, path, recipe, tuple(members[1:]),
-                       recipe_source=str(source) if tuned is True else None)
-
-
-def bundled_path() -> Path:
-    """The folder of the model shipped inside the package."""
-    return Path(str(resources.files("unet_jax") / "bundled"))
-
-
-def load_bundled() -> Any:
-    """The bundled model (see unet_jax/bundled/MODEL_CARD.md)."""
-    path = bundled_path()
-    if not is_exported(path):
-        raise ValueError(f"no bundled model in {str(path)!r}; expected {MODEL_FILE} there (reinstall the "
-                         f"package, or pass --checkpoint)")
-    return load_exported(path)
