@@ -59,15 +59,15 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def train_step_ms(data, n: int, batch: int, config: AugmentConfig | None, steps: int,
-                  repeats: int, model_fields: dict | None = None) -> float:
+def train_step_ms(
+    data, n: int, batch: int, config: AugmentConfig | None, steps: int, repeats: int, model_fields: dict | None = None
+) -> float:
     """Best-of-``repeats`` mean time (ms) of one jitted training step of the `seed` U-Net
     whose batch is sampled (and, with ``config``, augmented) inside the step."""
     model = create_unet("seed", **{**(model_fields or {}), "in_channels": int(data.images.shape[-1])})
     sample = make_sampler(batch, n, config)
     # Jitted init: eager init compiles every initializer separately (a minute on a CPU).
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *data.images.shape[1:]),
-                                                                 jnp.float32))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *data.images.shape[1:]), jnp.float32))
     tx = optax.adam(1e-3)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
@@ -77,9 +77,13 @@ def train_step_ms(data, n: int, batch: int, config: AugmentConfig | None, steps:
         b = sample(data, key, i)
 
         def loss(p):
-            logits, upd = model.apply({"params": p, "batch_stats": stats}, b.images,
-                                      train=True, mutable=["batch_stats"],
-                                      rngs={"dropout": jax.random.fold_in(key, i)})
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats},
+                b.images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(key, i)},
+            )
             return optax.sigmoid_binary_cross_entropy(logits, b.masks).mean(), upd
 
         (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -125,8 +129,11 @@ def augment_only(args: argparse.Namespace) -> dict:
         tmp = Path(tempfile.mkdtemp())
         try:
             n = args.phantom_images
-            write_phantom(tmp / "p", {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3},
-                          size=(args.size, args.size))
+            write_phantom(
+                tmp / "p",
+                {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3},
+                size=(args.size, args.size),
+            )
             ds = load_busi(tmp / "p", ReadOptions(size=(args.size, args.size)))
         finally:
             shutil.rmtree(tmp)
@@ -137,24 +144,35 @@ def augment_only(args: argparse.Namespace) -> dict:
     plain = train_step_ms(data, len(ds), args.batch, None, steps, args.repeats, fields)
     aug = train_step_ms(data, len(ds), args.batch, AugmentConfig(), steps, args.repeats, fields)
     return {
-        "benchmark": "augment_share", "data": source, "images": len(ds),
-        "size": list(ds.images_u8.shape[1:3]), "channels": int(ds.images_u8.shape[-1]),
-        "batch": args.batch, "train_preset": "seed", "model_overrides": fields,
-        "train_steps": steps, "repeats": args.repeats,
+        "benchmark": "augment_share",
+        "data": source,
+        "images": len(ds),
+        "size": list(ds.images_u8.shape[1:3]),
+        "channels": int(ds.images_u8.shape[-1]),
+        "batch": args.batch,
+        "train_preset": "seed",
+        "model_overrides": fields,
+        "train_steps": steps,
+        "repeats": args.repeats,
         "augment_ms_per_batch": round(sampler_ms(data, len(ds), args.batch, steps), 3),
-        "train_step_ms_no_augment": round(plain, 3), "train_step_ms_augment": round(aug, 3),
+        "train_step_ms_no_augment": round(plain, 3),
+        "train_step_ms_augment": round(aug, 3),
         "augment_overhead": round(aug / plain - 1.0, 4),
         "augment_share_of_step": round(max(aug - plain, 0.0) / aug, 4),
-        "augment_overhead_target": 0.05, "augment_overhead_target_backend": "gpu",
-        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__, "elapsed_s": round(time.perf_counter() - t0, 1),
+        "augment_overhead_target": 0.05,
+        "augment_overhead_target_backend": "gpu",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "elapsed_s": round(time.perf_counter() - t0, 1),
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--augment-only", action="store_true",
-                    help="only augmentation's share of a training step (see above)")
+    ap.add_argument(
+        "--augment-only", action="store_true", help="only augmentation's share of a training step (see above)"
+    )
     ap.add_argument("--cache", default=None, help="--augment-only: a prepared cache folder")
     ap.add_argument("--size", type=int, default=256, help="--augment-only: phantom image size")
     ap.add_argument("--phantom-images", type=int, default=120)
@@ -164,18 +182,23 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50, help="timed augmentation batches")
-    ap.add_argument("--train-steps", type=int, default=None,
-                    help="timed training steps per variant (default: 20 on an accelerator, "
-                         "0 = skipped on a CPU)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="timed training steps per variant (default: 20 on an accelerator, 0 = skipped on a CPU)",
+    )
     args = ap.parse_args()
     if args.augment_only:
         result = augment_only(args)
         out = Path(args.out or REPO / "benchmarks" / "results" / f"augment_{result['backend']}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"augmentation, batch {args.batch} ({result['data']}): step "
-              f"{result['train_step_ms_no_augment']:.2f} ms without, {result['train_step_ms_augment']:.2f} ms "
-              f"with: +{100 * result['augment_overhead']:.1f}% (target < 5% on GPU; this is {result['backend']})")
+        print(
+            f"augmentation, batch {args.batch} ({result['data']}): step "
+            f"{result['train_step_ms_no_augment']:.2f} ms without, {result['train_step_ms_augment']:.2f} ms "
+            f"with: +{100 * result['augment_overhead']:.1f}% (target < 5% on GPU; this is {result['backend']})"
+        )
         print(f"wrote {out}")
         return 0
     if args.train_steps is None:
@@ -187,8 +210,7 @@ def main() -> int:
         save_cache(ds, tmp / "cache")
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache").iterdir()) / 1e6
         load_s, _ = best_of(lambda: load_cache(tmp / "cache"), args.repeats)
-        load_no_orig_s, _ = best_of(lambda: load_cache(tmp / "cache", original_masks=False),
-                                    args.repeats)
+        load_no_orig_s, _ = best_of(lambda: load_cache(tmp / "cache", original_masks=False), args.repeats)
     finally:
         shutil.rmtree(tmp)
 
@@ -204,41 +226,54 @@ def main() -> int:
 
     plain_ms = aug_ms = overhead = None
     if args.train_steps > 0:
-        plain_ms = train_step_ms(data, len(ds), args.batch, None, args.train_steps,
-                                 args.repeats)
-        aug_ms = train_step_ms(data, len(ds), args.batch, AugmentConfig(), args.train_steps,
-                               args.repeats)
+        plain_ms = train_step_ms(data, len(ds), args.batch, None, args.train_steps, args.repeats)
+        aug_ms = train_step_ms(data, len(ds), args.batch, AugmentConfig(), args.train_steps, args.repeats)
         overhead = aug_ms / plain_ms - 1.0
 
     backend = jax.default_backend()
     result = {
-        "benchmark": "bench_data", "images": len(ds), "size": [256, 256],
-        "read_s": round(read_s, 3), "read_target_s": 10.0,
-        "cache_mb": round(cache_mb, 2), "cache_target_mb": 30.0,
-        "cache_load_s": round(load_s, 3), "cache_load_no_original_masks_s": round(
-            load_no_orig_s, 3), "cache_load_target_s": 2.0,
-        "augment_ms_per_batch": round(augment_ms, 3), "augment_batch": args.batch,
+        "benchmark": "bench_data",
+        "images": len(ds),
+        "size": [256, 256],
+        "read_s": round(read_s, 3),
+        "read_target_s": 10.0,
+        "cache_mb": round(cache_mb, 2),
+        "cache_target_mb": 30.0,
+        "cache_load_s": round(load_s, 3),
+        "cache_load_no_original_masks_s": round(load_no_orig_s, 3),
+        "cache_load_target_s": 2.0,
+        "augment_ms_per_batch": round(augment_ms, 3),
+        "augment_batch": args.batch,
         "train_step_ms_no_augment": None if plain_ms is None else round(plain_ms, 3),
         "train_step_ms_augment": None if aug_ms is None else round(aug_ms, 3),
         "augment_overhead": None if overhead is None else round(overhead, 4),
-        "augment_overhead_target": 0.05, "augment_overhead_target_backend": "gpu",
-        "train_steps": args.train_steps, "train_preset": "seed",
-        "backend": backend, "device": str(jax.devices()[0].device_kind),
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "jax": jax.__version__, "repeats": args.repeats,
+        "augment_overhead_target": 0.05,
+        "augment_overhead_target_backend": "gpu",
+        "train_steps": args.train_steps,
+        "train_preset": "seed",
+        "backend": backend,
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "repeats": args.repeats,
     }
     print(f"read + preprocess {len(ds)} PNGs -> 256x256: {read_s:.2f} s (target < 10 s)")
-    print(f"cache: {cache_mb:.1f} MB (target <= 30 MB); load {load_s:.2f} s with native masks, "
-          f"{load_no_orig_s:.2f} s without (target < 2 s)")
-    print(f"on-device sample + augment, batch {args.batch} on {backend} "
-          f"({result['device']}): {augment_ms:.2f} ms/batch")
+    print(
+        f"cache: {cache_mb:.1f} MB (target <= 30 MB); load {load_s:.2f} s with native masks, "
+        f"{load_no_orig_s:.2f} s without (target < 2 s)"
+    )
+    print(
+        f"on-device sample + augment, batch {args.batch} on {backend} ({result['device']}): {augment_ms:.2f} ms/batch"
+    )
     if overhead is None:
-        print("augmentation vs a training step: skipped (CPU; the target is for GPU; "
-              "--train-steps N forces it)")
+        print("augmentation vs a training step: skipped (CPU; the target is for GPU; --train-steps N forces it)")
     else:
-        print(f"seed U-Net train step, batch {args.batch}: {plain_ms:.1f} ms without, "
-              f"{aug_ms:.1f} ms with augmentation: +{100 * overhead:.1f}% "
-              f"(target < 5% on GPU; this is {backend})")
+        print(
+            f"seed U-Net train step, batch {args.batch}: {plain_ms:.1f} ms without, "
+            f"{aug_ms:.1f} ms with augmentation: +{100 * overhead:.1f}% "
+            f"(target < 5% on GPU; this is {backend})"
+        )
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_data_{backend}.json"

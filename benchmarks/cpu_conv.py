@@ -38,9 +38,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The seed preset's 3x3 convolutions at 256x256 (spatial side, in channels, out channels);
 # the transposed convolutions are timed as part of the whole model in `flags`.
-SEED_SHAPES = ((256, 3, 16), (256, 16, 16), (256, 32, 16), (128, 16, 32), (128, 32, 32), (128, 64, 32),
-               (64, 32, 64), (64, 64, 64), (64, 128, 64), (32, 64, 128), (32, 128, 128), (32, 256, 128),
-               (16, 128, 256), (16, 256, 256))
+SEED_SHAPES = (
+    (256, 3, 16),
+    (256, 16, 16),
+    (256, 32, 16),
+    (128, 16, 32),
+    (128, 32, 32),
+    (128, 64, 32),
+    (64, 32, 64),
+    (64, 64, 64),
+    (64, 128, 64),
+    (32, 64, 128),
+    (32, 128, 128),
+    (32, 256, 128),
+    (16, 128, 256),
+    (16, 256, 256),
+)
 
 # XLA:CPU options that could route convolutions to another library or change codegen.
 FLAG_CANDIDATES = (
@@ -62,18 +75,26 @@ def layers(batch: int) -> list[dict]:
     rows = []
     for side, c_in, c_out in SEED_SHAPES:
         x, w = jnp.ones((batch, side, side, c_in)), jnp.ones((3, 3, c_in, c_out))
-        conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        conv = jax.jit(
+            lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        )
         jax_ms = median_ms(lambda: conv(x, w).block_until_ready())
         xt = torch.ones(batch, c_in, side, side).to(memory_format=torch.channels_last)
         layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
         with torch.no_grad():
             torch_ms = median_ms(lambda: layer(xt))
         gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
-        rows.append({"shape": f"{side}x{side} {c_in}->{c_out}", "gflop": round(gflop, 3),
-                     "jax_ms": round(jax_ms, 2), "torch_ms": round(torch_ms, 2),
-                     "jax_gflops": round(gflop / jax_ms * 1e3, 1), "torch_gflops": round(gflop / torch_ms * 1e3, 1),
-                     "jax_over_torch": round(torch_ms / jax_ms, 3)})
+        rows.append(
+            {
+                "shape": f"{side}x{side} {c_in}->{c_out}",
+                "gflop": round(gflop, 3),
+                "jax_ms": round(jax_ms, 2),
+                "torch_ms": round(torch_ms, 2),
+                "jax_gflops": round(gflop / jax_ms * 1e3, 1),
+                "torch_gflops": round(gflop / torch_ms * 1e3, 1),
+                "jax_over_torch": round(torch_ms / jax_ms, 3),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -87,8 +108,13 @@ def preset_shapes(preset: str, size: int) -> list[tuple[int, int, int]]:
 
     model = create_unet(preset)
     found = conv_shapes(model, (1, size, size, model.in_channels))
-    return list(dict.fromkeys((s["shape"][1], s["shape"][3], s["features"]) for s in found
-                              if s["kernel"] == (3, 3) and s["strides"] == (1, 1)))
+    return list(
+        dict.fromkeys(
+            (s["shape"][1], s["shape"][3], s["features"])
+            for s in found
+            if s["kernel"] == (3, 3) and s["strides"] == (1, 1)
+        )
+    )
 
 
 def _torch_ms(side: int, c_in: int, c_out: int, batch: int, windows: int, calls: int) -> tuple[float, float]:
@@ -123,15 +149,25 @@ def lowerings(batch: int, size: int, preset: str, threads: int, windows: int, ca
             shape = (batch, side, side, c_in)
             infer = time_lowering(name, shape, c_out, "infer", windows=windows, calls=calls)
             train = time_lowering(name, shape, c_out, "train", windows=windows, calls=calls)
-            rows.append({"shape": f"{side}x{side} {c_in}->{c_out}", "batch": batch, "lowering": name,
-                         "gflop": round(gflop, 3), "infer_ms": round(infer, 2), "train_ms": round(train, 2),
-                         "torch_infer_ms": round(t_infer, 2), "torch_train_ms": round(t_train, 2),
-                         "infer_gflops": round(gflop / infer * 1e3, 1),
-                         "train_gflops": round(3 * gflop / train * 1e3, 1),
-                         "torch_infer_gflops": round(gflop / t_infer * 1e3, 1),
-                         "torch_train_gflops": round(3 * gflop / t_train * 1e3, 1),
-                         "infer_vs_torch": round(t_infer / infer, 3), "train_vs_torch": round(t_train / train, 3),
-                         "torch_threads": threads})
+            rows.append(
+                {
+                    "shape": f"{side}x{side} {c_in}->{c_out}",
+                    "batch": batch,
+                    "lowering": name,
+                    "gflop": round(gflop, 3),
+                    "infer_ms": round(infer, 2),
+                    "train_ms": round(train, 2),
+                    "torch_infer_ms": round(t_infer, 2),
+                    "torch_train_ms": round(t_train, 2),
+                    "infer_gflops": round(gflop / infer * 1e3, 1),
+                    "train_gflops": round(3 * gflop / train * 1e3, 1),
+                    "torch_infer_gflops": round(gflop / t_infer * 1e3, 1),
+                    "torch_train_gflops": round(3 * gflop / t_train * 1e3, 1),
+                    "infer_vs_torch": round(t_infer / infer, 3),
+                    "train_vs_torch": round(t_train / train, 3),
+                    "torch_threads": threads,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -156,8 +192,14 @@ def flags(batch: int) -> list[dict]:
     rows = []
     for label, value in FLAG_CANDIDATES:
         env = {**os.environ, "XLA_FLAGS": value}
-        done = subprocess.run([sys.executable, "-m", "benchmarks.cpu_conv", "_one", "--batch", str(batch)], env=env,
-                              cwd=REPO, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.cpu_conv", "_one", "--batch", str(batch)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if done.returncode != 0:
             row = {"flags": label, "xla_flags": value, "error": done.stderr.strip().splitlines()[-1:]}
         else:
@@ -189,10 +231,20 @@ def main() -> int:
         import jax
         import torch
 
-        Path(args.out).write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "machine": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "jax": jax.__version__,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

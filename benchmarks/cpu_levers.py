@@ -40,8 +40,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("", []),
     "eigen_1_thread": ("--xla_cpu_multi_thread_eigen=false", []),
     "two_devices": ("--xla_force_host_platform_device_count=2", ["--mesh"]),
-    "two_devices_eigen_1_thread": ("--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false",
-                                   ["--mesh"]),
+    "two_devices_eigen_1_thread": (
+        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false",
+        ["--mesh"],
+    ),
 }
 PATHS = ("train_single", "train_scan", "infer")
 
@@ -51,9 +53,27 @@ def _throughput(args: argparse.Namespace, preset: str, framework: str, flags: st
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
-        cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--frameworks", framework,
-               "--presets", preset, "--size", str(args.size), "--batches", str(args.batch), "--dtypes", "float32",
-               "--windows", str(args.windows), "--torch-compile", "off", "--out", str(out), *extra]
+        cmd = [
+            sys.executable,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--frameworks",
+            framework,
+            "--presets",
+            preset,
+            "--size",
+            str(args.size),
+            "--batches",
+            str(args.batch),
+            "--dtypes",
+            "float32",
+            "--windows",
+            str(args.windows),
+            "--torch-compile",
+            "off",
+            "--out",
+            str(out),
+            *extra,
+        ]
         if args.model:
             cmd += ["--model", args.model]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s)
@@ -81,17 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; expected some of {sorted(VARIANTS)}")
-    result = {"benchmark": "cpu_levers", "size": args.size, "batch": args.batch, "cores": os.cpu_count(),
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "date": time.strftime("%Y-%m-%d"), "rows": {}}
+    result = {
+        "benchmark": "cpu_levers",
+        "size": args.size,
+        "batch": args.batch,
+        "cores": os.cpu_count(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": {},
+    }
     print(f"{'preset':8s} {'variant':28s} " + " ".join(f"{p:>13s}" for p in PATHS) + "  (img/s; x PyTorch)")
     for preset in args.presets.split(","):
         torch_row = _throughput(args, preset, "torch", "", [])
         result["rows"][preset] = {"torch": torch_row}
-        peer = {"train_single": _ips(torch_row, "train"), "train_scan": _ips(torch_row, "train"),
-                "infer": _ips(torch_row, "infer")}
-        print(f"{preset:8s} {'torch (eager, channels-last)':28s} "
-              + " ".join(f"{(peer[p] or 0):13.1f}" for p in PATHS))
+        peer = {
+            "train_single": _ips(torch_row, "train"),
+            "train_scan": _ips(torch_row, "train"),
+            "infer": _ips(torch_row, "infer"),
+        }
+        print(f"{preset:8s} {'torch (eager, channels-last)':28s} " + " ".join(f"{(peer[p] or 0):13.1f}" for p in PATHS))
         for name in args.variants.split(","):
             flags, extra = VARIANTS[name]
             row = _throughput(args, preset, "jax", flags, extra)
@@ -100,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                     row[path]["ratio_to_torch"] = round(_ips(row, path) / peer[path], 3)
             result["rows"][preset][name] = {"xla_flags": flags, "args": extra, **row}
             write_json(Path(args.out), result, indent=1)
-            cells = [f"{_ips(row, p):6.1f} {row[p]['ratio_to_torch']:5.2f}x" if _ips(row, p) and peer[p] else
-                     f"{'error' if 'error' in row else '-':>13s}" for p in PATHS]
+            cells = [
+                f"{_ips(row, p):6.1f} {row[p]['ratio_to_torch']:5.2f}x"
+                if _ips(row, p) and peer[p]
+                else f"{'error' if 'error' in row else '-':>13s}"
+                for p in PATHS
+            ]
             print(f"{preset:8s} {name:28s} " + " ".join(cells), flush=True)
     write_json(Path(args.out), result, indent=1)
     return 0

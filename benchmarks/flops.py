@@ -38,8 +38,7 @@ from flax import linen as nn
 
 from unet_jax.layers import Conv2D, ConvTranspose2D
 
-__all__ = ["LayerFlops", "FlopCount", "count_flops", "conv_flops", "conv_transpose_flops",
-           "TRAIN_FACTOR"]
+__all__ = ["LayerFlops", "FlopCount", "count_flops", "conv_flops", "conv_transpose_flops", "TRAIN_FACTOR"]
 
 TRAIN_FACTOR = 3  # forward + activation gradient + weight gradient
 
@@ -51,14 +50,12 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def conv_flops(kernel: tuple[int, int], c_in: int, c_out: int, out_hw: tuple[int, int],
-               groups: int = 1) -> int:
+def conv_flops(kernel: tuple[int, int], c_in: int, c_out: int, out_hw: tuple[int, int], groups: int = 1) -> int:
     """FLOPs of one image through a convolution: 2 multiply-add FLOPs per kernel tap."""
     return 2 * kernel[0] * kernel[1] * (c_in // groups) * c_out * out_hw[0] * out_hw[1]
 
 
-def conv_transpose_flops(kernel: tuple[int, int], c_in: int, c_out: int,
-                         in_hw: tuple[int, int]) -> int:
+def conv_transpose_flops(kernel: tuple[int, int], c_in: int, c_out: int, in_hw: tuple[int, int]) -> int:
     """FLOPs of one image through a transposed convolution, on the input grid."""
     return 2 * kernel[0] * kernel[1] * c_in * c_out * in_hw[0] * in_hw[1]
 
@@ -107,8 +104,7 @@ class FlopCount:
             "train_flops_per_image": self.train,
             "train_factor": TRAIN_FACTOR,
             "forward_flops_by_kind": self.by_kind(),
-            "transpose_convention": "input grid (2*k*k*cin*cout*H_in*W_in); zero-insertion "
-                                    "view reported separately",
+            "transpose_convention": "input grid (2*k*k*cin*cout*H_in*W_in); zero-insertion view reported separately",
             "forward_flops_zero_insertion_per_image": self.forward_zero_insertion,
             "layers": len(self.layers),
         }
@@ -118,16 +114,16 @@ def _record(module: nn.Module, x: Any, y: Any) -> LayerFlops | None:
     path = "/".join(str(p) for p in module.path) or type(module).__name__
     if isinstance(module, (Conv2D, nn.Conv)) and not isinstance(module, nn.ConvTranspose):
         if x.ndim != 4:
-            raise NotImplementedError(f"{path}: only 2-D NHWC convolutions are counted, got "
-                                      f"input rank {x.ndim}")
+            raise NotImplementedError(f"{path}: only 2-D NHWC convolutions are counted, got input rank {x.ndim}")
         kernel = _pair(module.kernel_size)
         groups = getattr(module, "feature_group_count", 1)
         f = conv_flops(kernel, x.shape[-1], y.shape[-1], y.shape[1:3], groups)
         return LayerFlops(path, "conv", tuple(x.shape), tuple(y.shape), kernel, f, f)
     if isinstance(module, (ConvTranspose2D, nn.ConvTranspose)):
         if x.ndim != 4:
-            raise NotImplementedError(f"{path}: only 2-D NHWC transposed convolutions are "
-                                      f"counted, got input rank {x.ndim}")
+            raise NotImplementedError(
+                f"{path}: only 2-D NHWC transposed convolutions are counted, got input rank {x.ndim}"
+            )
         kernel = _pair(module.kernel_size)
         f = conv_transpose_flops(kernel, x.shape[-1], y.shape[-1], x.shape[1:3])
         zi = conv_flops(kernel, x.shape[-1], y.shape[-1], y.shape[1:3])
@@ -178,6 +174,8 @@ if __name__ == "__main__":  # python benchmarks/flops.py [size]
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 256
     for name in ("seed", "padded"):
         fc = preset_flops(name, size)
-        print(f"{name} @ {size}: forward {fc.forward / 1e9:.3f} GFLOP/image, training "
-              f"{fc.train / 1e9:.2f}, by kind {({k: round(v / 1e9, 3) for k, v in fc.by_kind().items()})}, "
-              f"zero-insertion forward {fc.forward_zero_insertion / 1e9:.3f}")
+        print(
+            f"{name} @ {size}: forward {fc.forward / 1e9:.3f} GFLOP/image, training "
+            f"{fc.train / 1e9:.2f}, by kind { ({k: round(v / 1e9, 3) for k, v in fc.by_kind().items()}) }, "
+            f"zero-insertion forward {fc.forward_zero_insertion / 1e9:.3f}"
+        )

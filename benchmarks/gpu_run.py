@@ -74,24 +74,39 @@ STAGES = ("env", "throughput", "train_base", "train_report", "augment", "levers"
 # Share of the remaining budget each stage gets (renormalised over the stages still to run).
 # With the default 480 s: env ~15, throughput ~190, base ~100, report ~70, augment ~30,
 # levers ~65 s (a stage that ends early leaves its time to the next ones).
-SHARES = {"env": 0.03, "throughput": 0.40, "train_base": 0.22, "train_report": 0.15,
-          "augment": 0.06, "levers": 0.14}
+SHARES = {"env": 0.03, "throughput": 0.40, "train_base": 0.22, "train_report": 0.15, "augment": 0.06, "levers": 0.14}
 # Dry-run seconds of each stage measured on the 2-core CPU (the order --parallel starts them).
 DRY_COST = {"levers": 42, "throughput": 34, "train_base": 17, "train_report": 16, "augment": 14, "env": 2}
-OUT_FILES = ("summary.json", "throughput.json", "runs.tar.gz", "augment.json", "levers.json",
-             "log.txt")
+OUT_FILES = ("summary.json", "throughput.json", "runs.tar.gz", "augment.json", "levers.json", "log.txt")
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 # What a run folder contributes to runs.tar.gz (no checkpoints, no TensorBoard, no data).
-RUN_FILES = ("config.json", "split.json", "environment.json", "metrics.jsonl", "results.json",
-             "predictions/test_per_image.json", "plots/training_curves.png",
-             "plots/test_predictions.png")
+RUN_FILES = (
+    "config.json",
+    "split.json",
+    "environment.json",
+    "metrics.jsonl",
+    "results.json",
+    "predictions/test_per_image.json",
+    "plots/training_curves.png",
+    "plots/test_predictions.png",
+)
 
 # Tiny sizes of the dry run: the same code paths in seconds of CPU.
 TINY_MODEL = "features=2,depth=1,convs_per_block=1"
-TINY_TRAIN = ["data=None", "cache=None", "image_size=32", "phantom_images=24", "batch_size=2",
-              "eval_batch_size=8", "epochs=3", "model.features=2", "model.depth=1",
-              "model.convs_per_block=1", "max_train_minutes=0.0001"]
+TINY_TRAIN = [
+    "data=None",
+    "cache=None",
+    "image_size=32",
+    "phantom_images=24",
+    "batch_size=2",
+    "eval_batch_size=8",
+    "epochs=3",
+    "model.features=2",
+    "model.depth=1",
+    "model.convs_per_block=1",
+    "max_train_minutes=0.0001",
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -165,9 +180,13 @@ class Driver:
         self._lock = threading.Lock()  # the summary and the files, with stages in parallel
         self._local = threading.local()  # each stage's own start time
         self.summary: dict[str, Any] = {
-            "schema": 1, "dry_run": args.dry_run, "total_budget_s": args.total_s,
+            "schema": 1,
+            "dry_run": args.dry_run,
+            "total_budget_s": args.total_s,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join([Path(PY).name, *sys.argv]), "stages": {}, "data": {},
+            "command": " ".join([Path(PY).name, *sys.argv]),
+            "stages": {},
+            "data": {},
         }
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
@@ -193,8 +212,9 @@ class Driver:
         with log.open("a") as fh:
             fh.write(f"$ {' '.join(cmd)}   (timeout {timeout:.0f} s)\n")
             fh.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=max(timeout, 1.0))
             except subprocess.TimeoutExpired:
@@ -215,8 +235,11 @@ class Driver:
         if smi:
             try:
                 info["nvidia_smi"] = subprocess.run(
-                    [smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                     "--format=csv"], capture_output=True, text=True, timeout=30).stdout.strip()
+                    [smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout.strip()
             except (OSError, subprocess.SubprocessError) as e:
                 info["nvidia_smi"] = f"failed: {e}"
         code = (
@@ -231,13 +254,14 @@ class Driver:
             "import jax\n"
             "print('ENV_JSON ' + json.dumps({'versions': v, 'tensorflow_modules_imported': bad,"
             " 'backend': jax.default_backend(), 'devices': [str(d.device_kind) for d in jax.devices()],"
-            " 'python': sys.version.split()[0]}))\n")
+            " 'python': sys.version.split()[0]}))\n"
+        )
         # At least a minute (importing jax, flax, orbax and torch's metadata on a fresh
         # machine); 10 on a CPU dry run, whose processes may share a loaded CPU.
         rc, err = self.run_process("env", [PY, "-c", code], max(budget, 600.0 if self.args.dry_run else 60.0))
         for line in (self.work / "logs" / "env.log").read_text().splitlines():
             if line.startswith("ENV_JSON "):
-                info.update(json.loads(line[len("ENV_JSON "):]))
+                info.update(json.loads(line[len("ENV_JSON ") :]))
         self.summary["environment"] = info
         if err:
             raise RuntimeError(err)
@@ -248,16 +272,47 @@ class Driver:
     def stage_throughput(self, budget: float) -> dict[str, Any]:
         dest = self.out / "throughput.json"
         if self.args.dry_run:
-            extra = ["--presets", "seed,padded", "--size", "32", "--batches", "2", "--dtypes", "bfloat16",
-                     "--windows", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "64",
-                     "--window-s", "0.01", "--model", TINY_MODEL]
+            extra = [
+                "--presets",
+                "seed,padded",
+                "--size",
+                "32",
+                "--batches",
+                "2",
+                "--dtypes",
+                "bfloat16",
+                "--windows",
+                "2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--matmul-size",
+                "64",
+                "--window-s",
+                "0.01",
+                "--model",
+                TINY_MODEL,
+            ]
         else:
-            extra = ["--presets", "seed,padded", "--batches", "32,128", "--dtypes", "bfloat16,float32",
-                     "--windows", "3", "--window-s", "0.4"]
+            extra = [
+                "--presets",
+                "seed,padded",
+                "--batches",
+                "32,128",
+                "--dtypes",
+                "bfloat16,float32",
+                "--windows",
+                "3",
+                "--window-s",
+                "0.4",
+            ]
         # Rows start until 75% of the stage's time: a row takes up to a quarter of it.
-        rc, err = self.run_process("throughput", [PY, "benchmarks/throughput.py", *extra,
-                                                  "--budget-s", f"{0.75 * budget:.0f}", "--out",
-                                                  str(dest)], budget)
+        rc, err = self.run_process(
+            "throughput",
+            [PY, "benchmarks/throughput.py", *extra, "--budget-s", f"{0.75 * budget:.0f}", "--out", str(dest)],
+            budget,
+        )
         result = json.loads(dest.read_text()) if dest.is_file() else {}
         rows = [r for r in result.get("rows", []) if "derived" in r]
         left = budget - (self.elapsed() - self._local.start)
@@ -266,19 +321,38 @@ class Driver:
             # measure each in its own.
             for fw in ("jax", "torch"):
                 part = self.work / f"throughput_{fw}.json"
-                self.run_process("throughput", [PY, "benchmarks/throughput.py", *extra, "--frameworks", fw,
-                                                "--dtypes", "bfloat16", "--budget-s", f"{0.3 * left:.0f}",
-                                                "--out", str(part)], left / 2)
-            merged = {fw: json.loads((self.work / f"throughput_{fw}.json").read_text())
-                      for fw in ("jax", "torch") if (self.work / f"throughput_{fw}.json").is_file()}
+                self.run_process(
+                    "throughput",
+                    [
+                        PY,
+                        "benchmarks/throughput.py",
+                        *extra,
+                        "--frameworks",
+                        fw,
+                        "--dtypes",
+                        "bfloat16",
+                        "--budget-s",
+                        f"{0.3 * left:.0f}",
+                        "--out",
+                        str(part),
+                    ],
+                    left / 2,
+                )
+            merged = {
+                fw: json.loads((self.work / f"throughput_{fw}.json").read_text())
+                for fw in ("jax", "torch")
+                if (self.work / f"throughput_{fw}.json").is_file()
+            }
             if merged:
-                _write_json(dest, {"benchmark": "throughput", "separate_processes": merged,
-                                   "first_attempt_error": err})
+                _write_json(dest, {"benchmark": "throughput", "separate_processes": merged, "first_attempt_error": err})
             raise RuntimeError(f"combined run failed ({err}); frameworks measured separately")
         if err:
             raise RuntimeError(f"{err} after {len(rows)} rows")
-        errors = [f"{r['preset']}/{r['batch']}/{r['dtype']}: {r.get('jax_error') or r.get('torch_error')}"
-                  for r in rows if r.get("jax_error") or r.get("torch_error")]
+        errors = [
+            f"{r['preset']}/{r['batch']}/{r['dtype']}: {r.get('jax_error') or r.get('torch_error')}"
+            for r in rows
+            if r.get("jax_error") or r.get("torch_error")
+        ]
         if errors:
             raise RuntimeError("; ".join(errors)[:600])
         return {"rows": len(rows), "skipped": sum(1 for r in result.get("rows", []) if "skipped" in r)}
@@ -309,12 +383,16 @@ class Driver:
             raise RuntimeError(err or "no results.json")
         res = json.loads(results.read_text())
         env = json.loads((run_dir / "environment.json").read_text())
-        info = {"cap_minutes": round(cap_min, 3), "wall_time_s": round(env.get("wall_time_s", 0), 1),
-                "epochs_run": res.get("epochs_run"), "best_epoch": res.get("best_epoch"),
-                "stopped_early": res.get("stopped_early"),
-                "stopped_by_time_cap": res.get("stopped_by_time_cap"),
-                "test_training_resolution": res.get("test_training_resolution"),
-                "test_native": _headline_metrics(res)}
+        info = {
+            "cap_minutes": round(cap_min, 3),
+            "wall_time_s": round(env.get("wall_time_s", 0), 1),
+            "epochs_run": res.get("epochs_run"),
+            "best_epoch": res.get("best_epoch"),
+            "stopped_early": res.get("stopped_early"),
+            "stopped_by_time_cap": res.get("stopped_by_time_cap"),
+            "test_training_resolution": res.get("test_training_resolution"),
+            "test_native": _headline_metrics(res),
+        }
         if err:
             raise RuntimeError(err)
         return info
@@ -328,33 +406,77 @@ class Driver:
     def stage_augment(self, budget: float) -> dict[str, Any]:
         dest = self.out / "augment.json"
         if self.args.dry_run:
-            extra = ["--size", "32", "--phantom-images", "24", "--model", TINY_MODEL, "--batch", "2",
-                     "--train-steps", "2", "--repeats", "1"]
+            extra = [
+                "--size",
+                "32",
+                "--phantom-images",
+                "24",
+                "--model",
+                TINY_MODEL,
+                "--batch",
+                "2",
+                "--train-steps",
+                "2",
+                "--repeats",
+                "1",
+            ]
         else:
             extra = ["--cache", self.args.cache, "--batch", "16", "--train-steps", "20", "--repeats", "3"]
-        rc, err = self.run_process("augment", [PY, "benchmarks/bench_data.py", "--augment-only", *extra,
-                                               "--out", str(dest)], budget)
+        rc, err = self.run_process(
+            "augment", [PY, "benchmarks/bench_data.py", "--augment-only", *extra, "--out", str(dest)], budget
+        )
         if err:
             raise RuntimeError(err)
         r = json.loads(dest.read_text())
-        return {k: r.get(k) for k in ("train_step_ms_no_augment", "train_step_ms_augment",
-                                      "augment_overhead", "augment_share_of_step", "data")}
+        return {
+            k: r.get(k)
+            for k in (
+                "train_step_ms_no_augment",
+                "train_step_ms_augment",
+                "augment_overhead",
+                "augment_share_of_step",
+                "data",
+            )
+        }
 
     def stage_levers(self, budget: float) -> dict[str, Any]:
         dest = self.out / "levers.json"
         if self.args.dry_run:
-            extra = ["--preset", "padded", "--size", "32", "--batch", "2", "--model", TINY_MODEL,
-                     "--windows", "2", "--steps", "2", "--warmup", "1", "--window-s", "0.01"]
+            extra = [
+                "--preset",
+                "padded",
+                "--size",
+                "32",
+                "--batch",
+                "2",
+                "--model",
+                TINY_MODEL,
+                "--windows",
+                "2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--window-s",
+                "0.01",
+            ]
         else:
             extra = ["--preset", "padded", "--batch", "32", "--windows", "3", "--window-s", "0.4"]
             peak = _peak(self.out / "throughput.json")
             if peak:
                 extra += ["--peak", str(peak)]
-        rc, err = self.run_process("levers", [PY, "benchmarks/levers.py", *extra, "--budget-s",
-                                              f"{0.8 * budget:.0f}", "--out", str(dest)], budget)
+        rc, err = self.run_process(
+            "levers",
+            [PY, "benchmarks/levers.py", *extra, "--budget-s", f"{0.8 * budget:.0f}", "--out", str(dest)],
+            budget,
+        )
         r = json.loads(dest.read_text()) if dest.is_file() else {}
-        done = {f"{k}/{n}": v.get("vs_baseline") for k in ("train", "infer")
-                for n, v in r.get(k, {}).items() if "images_per_s" in v}
+        done = {
+            f"{k}/{n}": v.get("vs_baseline")
+            for k in ("train", "infer")
+            for n, v in r.get(k, {}).items()
+            if "images_per_s" in v
+        }
         failed = [f"{k}/{n}" for k in ("train", "infer") for n, v in r.get(k, {}).items() if "error" in v]
         if err or failed:
             raise RuntimeError(err or f"variants failed: {failed}")
@@ -434,9 +556,11 @@ def _headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     images (with the bootstrap 95% interval) and per class, the normal images' false
     positive rate, the image counts."""
     test = results.get("test") or {}
-    out: dict[str, Any] = {"images": test.get("images"),
-                           "normal_false_positive_rate": test.get("normal_false_positive_rate"),
-                           "lesion_empty_prediction_rate": test.get("lesion_empty_prediction_rate")}
+    out: dict[str, Any] = {
+        "images": test.get("images"),
+        "normal_false_positive_rate": test.get("normal_false_positive_rate"),
+        "lesion_empty_prediction_rate": test.get("lesion_empty_prediction_rate"),
+    }
     for metric in ("dice", "iou", "pixel_accuracy", "hd95"):
         d = test.get(metric)
         if not isinstance(d, dict):
@@ -452,23 +576,29 @@ def _headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
 # The one-screen summary
 # --------------------------------------------------------------------------------------
 def render_summary(summary: dict[str, Any], out: Path) -> str:
-    lines = [f"gpu_run{' (dry run)' if summary.get('dry_run') else ''}: "
-             f"{summary.get('elapsed_s', 0):.0f} s of {summary.get('total_budget_s')} s; "
-             f"{', '.join(summary.get('environment', {}).get('devices', []) or ['?'])}"]
+    lines = [
+        f"gpu_run{' (dry run)' if summary.get('dry_run') else ''}: "
+        f"{summary.get('elapsed_s', 0):.0f} s of {summary.get('total_budget_s')} s; "
+        f"{', '.join(summary.get('environment', {}).get('devices', []) or ['?'])}"
+    ]
     for name, rec in summary.get("stages", {}).items():
         status = rec.get("status", "?")
         detail = rec.get("error") or rec.get("reason") or ""
-        lines.append(f"  {name:13s} {status:8s} {rec.get('duration_s', 0):6.1f} s / "
-                     f"{rec.get('budget_s', 0):5.0f} s  {detail[:90]}")
+        lines.append(
+            f"  {name:13s} {status:8s} {rec.get('duration_s', 0):6.1f} s / "
+            f"{rec.get('budget_s', 0):5.0f} s  {detail[:90]}"
+        )
     try:
         tp = json.loads((out / "throughput.json").read_text())
     except (OSError, ValueError):
         tp = {}
     if tp.get("rows"):
-        lines.append(f"throughput ({tp.get('card')}, bf16 peak "
-                     f"{_fmt(tp.get('matmul_peak', {}).get('bf16_peak_tflops'), '{:.1f}')} TFLOP/s), "
-                     f"images/s: preset batch dtype | JAX scan / 1-step / PyTorch train = ratio, %peak "
-                     f"| JAX / PyTorch infer")
+        lines.append(
+            f"throughput ({tp.get('card')}, bf16 peak "
+            f"{_fmt(tp.get('matmul_peak', {}).get('bf16_peak_tflops'), '{:.1f}')} TFLOP/s), "
+            f"images/s: preset batch dtype | JAX scan / 1-step / PyTorch train = ratio, %peak "
+            f"| JAX / PyTorch infer"
+        )
         for r in tp["rows"]:
             head = f"  {r['preset']:7s} {r['batch']:4d} {r['dtype']:9s}"
             if "derived" not in r:
@@ -478,28 +608,37 @@ def render_summary(summary: dict[str, Any], out: Path) -> str:
             ips = lambda x, k: _fmt((x.get(k) or {}).get("images_per_s"), "{:.0f}")  # noqa: E731
             best = j.get(d.get("jax_train_headline") or "", {})
             share = best.get("share_of_bf16_peak")
-            lines.append(f"{head} | {ips(j, 'train_scan')} / {ips(j, 'train_single')} / {ips(t, 'train')} = "
-                         f"{_fmt(d.get('ratio_train'), '{:.2f}x')}, "
-                         f"{_fmt(None if share is None else 100 * share, '{:.1f}%')} | "
-                         f"{ips(j, 'infer')} / {ips(t, 'infer')}")
+            lines.append(
+                f"{head} | {ips(j, 'train_scan')} / {ips(j, 'train_single')} / {ips(t, 'train')} = "
+                f"{_fmt(d.get('ratio_train'), '{:.2f}x')}, "
+                f"{_fmt(None if share is None else 100 * share, '{:.1f}%')} | "
+                f"{ips(j, 'infer')} / {ips(t, 'infer')}"
+            )
     for stage in ("train_base", "train_report"):
         r = summary.get("stages", {}).get(stage, {}).get("result")
         if r:
             m = r.get("test_native", {})
-            lines.append(f"{stage}: {r['epochs_run']} epochs (best {r['best_epoch']}, capped "
-                         f"{r['stopped_by_time_cap']}), {r['wall_time_s']:.0f} s; test lesion Dice "
-                         f"{_fmt(m.get('dice_lesion'))} IoU {_fmt(m.get('iou_lesion'))}, normal FP "
-                         f"{_fmt(m.get('normal_false_positive_rate'), '{:.2f}')}")
+            lines.append(
+                f"{stage}: {r['epochs_run']} epochs (best {r['best_epoch']}, capped "
+                f"{r['stopped_by_time_cap']}), {r['wall_time_s']:.0f} s; test lesion Dice "
+                f"{_fmt(m.get('dice_lesion'))} IoU {_fmt(m.get('iou_lesion'))}, normal FP "
+                f"{_fmt(m.get('normal_false_positive_rate'), '{:.2f}')}"
+            )
     r = summary.get("stages", {}).get("augment", {}).get("result")
     if r and r.get("augment_overhead") is not None:
-        lines.append(f"augment: step {r['train_step_ms_no_augment']:.2f} ms -> "
-                     f"{r['train_step_ms_augment']:.2f} ms (+{100 * r['augment_overhead']:.1f}%)")
+        lines.append(
+            f"augment: step {r['train_step_ms_no_augment']:.2f} ms -> "
+            f"{r['train_step_ms_augment']:.2f} ms (+{100 * r['augment_overhead']:.1f}%)"
+        )
     r = summary.get("stages", {}).get("levers", {}).get("result")
     if r and r.get("vs_baseline"):
-        lines.append("levers (x baseline): " + ", ".join(f"{k} {_fmt(v, '{:.2f}')}"
-                                                        for k, v in r["vs_baseline"].items()))
-    lines.append(f"files in {out}: {', '.join(summary.get('out_files', []))}"
-                 + (f"; PROBLEMS: {summary['out_problems']}" if summary.get("out_problems") else ""))
+        lines.append(
+            "levers (x baseline): " + ", ".join(f"{k} {_fmt(v, '{:.2f}')}" for k, v in r["vs_baseline"].items())
+        )
+    lines.append(
+        f"files in {out}: {', '.join(summary.get('out_files', []))}"
+        + (f"; PROBLEMS: {summary['out_problems']}" if summary.get("out_problems") else "")
+    )
     return "\n".join(lines)
 
 
@@ -508,23 +647,33 @@ def _fmt(v: Any, spec: str = "{:.3f}") -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results" / "gpu_out"))
     ap.add_argument("--work", default=None, help="run folders and logs (default /tmp/gpu_run_work)")
-    ap.add_argument("--total-s", type=float, default=None,
-                    help="budget of the whole run (default 480 s; dry run 1200 s: on a loaded CPU "
-                         "its stages are slow, and its test checks their wall time itself)")
+    ap.add_argument(
+        "--total-s",
+        type=float,
+        default=None,
+        help="budget of the whole run (default 480 s; dry run 1200 s: on a loaded CPU "
+        "its stages are slow, and its test checks their wall time itself)",
+    )
     ap.add_argument("--reserve-s", type=float, default=10.0, help="kept for the files at the end")
-    ap.add_argument("--min-stage-s", type=float, default=None,
-                    help="a stage with less time than this is skipped (default 20 s; 1 s dry run)")
+    ap.add_argument(
+        "--min-stage-s",
+        type=float,
+        default=None,
+        help="a stage with less time than this is skipped (default 20 s; 1 s dry run)",
+    )
     ap.add_argument("--stages", default=",".join(STAGES), help="a subset, in priority order")
     ap.add_argument("--cache", default=os.environ.get("CACHE_GRAY", str(REPO / ".cache" / "busi256")))
     ap.add_argument("--cache-rgb", default=os.environ.get("CACHE_RGB", str(REPO / ".cache" / "busi256_rgb")))
     ap.add_argument("--log-lines", type=int, default=60, help="lines of each stage's output in log.txt")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on any device (the CPU test)")
-    ap.add_argument("--parallel", type=int, default=None,
-                    help="stages run at a time, longest first (default 1; a dry run 2)")
+    ap.add_argument(
+        "--parallel", type=int, default=None, help="stages run at a time, longest first (default 1; a dry run 2)"
+    )
     args = ap.parse_args(argv)
     if args.total_s is None:
         args.total_s = 1200.0 if args.dry_run else 480.0
@@ -533,8 +682,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.min_stage_s is None:
         args.min_stage_s = 1.0 if args.dry_run else 20.0
     if args.work is None:
-        args.work = str(Path(args.out).resolve().parent / (Path(args.out).name + "_work")) \
-            if args.dry_run else "/tmp/gpu_run_work"
+        args.work = (
+            str(Path(args.out).resolve().parent / (Path(args.out).name + "_work"))
+            if args.dry_run
+            else "/tmp/gpu_run_work"
+        )
     args.stages = [s for s in args.stages.split(",") if s]
     unknown = set(args.stages) - set(STAGES)
     if unknown:

@@ -112,44 +112,60 @@ def notebook_estimate(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def targets_table(summary: dict[str, Any], tp: dict[str, Any], runs: dict[str, Any],
-                  aug: dict[str, Any]) -> str:
+def targets_table(summary: dict[str, Any], tp: dict[str, Any], runs: dict[str, Any], aug: dict[str, Any]) -> str:
     card = tp.get("card") or ", ".join(summary.get("environment", {}).get("devices", []) or []) or "?"
-    lines = [f"Standing targets, measured by `bash benchmarks/gpu_run.sh` ({card}, "
-             f"{summary.get('started_utc', '?')}{', DRY RUN: not a GPU figure' if summary.get('dry_run') else ''}):",
-             "", "| target | measured | met |", "|---|---|---|"]
-    rows = {(r["preset"], r["batch"]): r for r in tp.get("rows", [])
-            if r.get("dtype") == "bfloat16" and "derived" in r}
+    lines = [
+        f"Standing targets, measured by `bash benchmarks/gpu_run.sh` ({card}, "
+        f"{summary.get('started_utc', '?')}{', DRY RUN: not a GPU figure' if summary.get('dry_run') else ''}):",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    rows = {(r["preset"], r["batch"]): r for r in tp.get("rows", []) if r.get("dtype") == "bfloat16" and "derived" in r}
     for preset in ("seed", "padded"):
         for batch in (32, 128):
             r = rows.get((preset, batch))
             ratio = (r or {}).get("derived", {}).get("ratio_train")
-            lines.append(f"| JAX train step >= 1.3x PyTorch (compile, bf16, channels-last), {preset}, "
-                         f"batch {batch} | {_f(ratio, '{:.2f}x')} | {_met(ratio, lambda v: v >= 1.3)} |")
+            lines.append(
+                f"| JAX train step >= 1.3x PyTorch (compile, bf16, channels-last), {preset}, "
+                f"batch {batch} | {_f(ratio, '{:.2f}x')} | {_met(ratio, lambda v: v >= 1.3)} |"
+            )
     for batch in (32, 128):
         r = rows.get(("padded", batch)) or {}
         j = r.get("jax", {})
         share = j.get(r.get("derived", {}).get("jax_train_headline") or "", {}).get("share_of_bf16_peak")
-        lines.append(f"| padded training >= 55% of the bf16 matmul peak "
-                     f"({_f(tp.get('matmul_peak', {}).get('bf16_peak_tflops'), '{:.0f}')} TFLOP/s), batch {batch} | "
-                     f"{_f(None if share is None else 100 * share, '{:.1f}%')} | {_met(share, lambda v: v >= 0.55)} |")
+        lines.append(
+            f"| padded training >= 55% of the bf16 matmul peak "
+            f"({_f(tp.get('matmul_peak', {}).get('bf16_peak_tflops'), '{:.0f}')} TFLOP/s), batch {batch} | "
+            f"{_f(None if share is None else 100 * share, '{:.1f}%')} | {_met(share, lambda v: v >= 0.55)} |"
+        )
     est = notebook_estimate(runs["report"]) if "report" in runs else {}
-    lines.append(f"| notebook protocol (75 epochs x 517 images, 256x256) <= 30 s wall incl. compilation | "
-                 f"{_f(est.get('estimate_75x517_s'), '{:.1f} s')} (estimated from {_f(est.get('epochs_run'), '{}')} "
-                 f"epochs x {_f(est.get('train_images'), '{}')} images in {_f(est.get('wall_time_s'), '{:.1f}')} s) | "
-                 f"{_met(est.get('estimate_75x517_s'), lambda v: v <= 30)} |")
+    lines.append(
+        f"| notebook protocol (75 epochs x 517 images, 256x256) <= 30 s wall incl. compilation | "
+        f"{_f(est.get('estimate_75x517_s'), '{:.1f} s')} (estimated from {_f(est.get('epochs_run'), '{}')} "
+        f"epochs x {_f(est.get('train_images'), '{}')} images in {_f(est.get('wall_time_s'), '{:.1f}')} s) | "
+        f"{_met(est.get('estimate_75x517_s'), lambda v: v <= 30)} |"
+    )
     overhead = aug.get("augment_overhead")
-    lines.append(f"| augmentation adds < 5% to a training step | "
-                 f"{_f(None if overhead is None else 100 * overhead, '{:+.1f}%')} | "
-                 f"{_met(overhead, lambda v: v < 0.05)} |")
+    lines.append(
+        f"| augmentation adds < 5% to a training step | "
+        f"{_f(None if overhead is None else 100 * overhead, '{:+.1f}%')} | "
+        f"{_met(overhead, lambda v: v < 0.05)} |"
+    )
     m = _headline_metrics(runs["base"].get("results", {})) if "base" in runs else {}
-    lines.append(f"| strong protocol: test lesion Dice >= 0.80 | {_f(m.get('dice_lesion'))} | "
-                 f"{_met(m.get('dice_lesion'), lambda v: v >= 0.80)} |")
-    lines.append(f"| strong protocol: test lesion IoU >= 0.70 | {_f(m.get('iou_lesion'))} | "
-                 f"{_met(m.get('iou_lesion'), lambda v: v >= 0.70)} |")
+    lines.append(
+        f"| strong protocol: test lesion Dice >= 0.80 | {_f(m.get('dice_lesion'))} | "
+        f"{_met(m.get('dice_lesion'), lambda v: v >= 0.80)} |"
+    )
+    lines.append(
+        f"| strong protocol: test lesion IoU >= 0.70 | {_f(m.get('iou_lesion'))} | "
+        f"{_met(m.get('iou_lesion'), lambda v: v >= 0.70)} |"
+    )
     fp = m.get("normal_false_positive_rate")
-    lines.append(f"| strong protocol: >= 90% of normal test images predicted empty | "
-                 f"{_f(None if fp is None else 100 * (1 - fp), '{:.0f}%')} | {_met(fp, lambda v: v <= 0.10)} |")
+    lines.append(
+        f"| strong protocol: >= 90% of normal test images predicted empty | "
+        f"{_f(None if fp is None else 100 * (1 - fp), '{:.0f}%')} | {_met(fp, lambda v: v <= 0.10)} |"
+    )
     return "\n".join(lines)
 
 
@@ -161,89 +177,160 @@ def throughput_table(tp: dict[str, Any]) -> str:
     if not tp.get("rows"):
         return "Not measured yet on a GPU."
     peak = tp.get("matmul_peak", {})
-    head = ["preset", "batch", "dtype", "JAX train img/s (scanned)", "JAX (1 step/dispatch)",
-            "PyTorch train", "JAX/PyTorch", "TFLOP/s", "% bf16 peak", "JAX infer", "PyTorch infer",
-            "JAX/PyTorch infer"]
-    lines = [f"{tp.get('card')}, {tp.get('time_utc')}, 256x256 unless noted, images/s (median of "
-             f"{tp.get('args', {}).get('windows')} windows); bf16 matmul peak "
-             f"{_f(peak.get('bf16_peak_tflops'), '{:.0f}')} TFLOP/s "
-             f"(`benchmarks/results/throughput_gpu.json`):", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "preset",
+        "batch",
+        "dtype",
+        "JAX train img/s (scanned)",
+        "JAX (1 step/dispatch)",
+        "PyTorch train",
+        "JAX/PyTorch",
+        "TFLOP/s",
+        "% bf16 peak",
+        "JAX infer",
+        "PyTorch infer",
+        "JAX/PyTorch infer",
+    ]
+    lines = [
+        f"{tp.get('card')}, {tp.get('time_utc')}, 256x256 unless noted, images/s (median of "
+        f"{tp.get('args', {}).get('windows')} windows); bf16 matmul peak "
+        f"{_f(peak.get('bf16_peak_tflops'), '{:.0f}')} TFLOP/s "
+        f"(`benchmarks/results/throughput_gpu.json`):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
 
     def ips(d: dict[str, Any], k: str) -> str:
         return _f((d.get(k) or {}).get("images_per_s"), "{:.0f}")
 
     for r in tp["rows"]:
         if "skipped" in r or "derived" not in r:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['dtype']} | skipped: "
-                         f"{r.get('skipped', r.get('jax_error', r.get('torch_error', '?')))} |" + " |" * 8)
+            lines.append(
+                f"| {r['preset']} | {r['batch']} | {r['dtype']} | skipped: "
+                f"{r.get('skipped', r.get('jax_error', r.get('torch_error', '?')))} |" + " |" * 8
+            )
             continue
         j, t, d = r.get("jax", {}), r.get("torch", {}), r["derived"]
         best = j.get(d.get("jax_train_headline") or "", {})
         share = best.get("share_of_bf16_peak")
-        lines.append("| " + " | ".join([
-            r["preset"], str(r["batch"]), r["dtype"] + ("" if r.get("size", 256) == 256 else f" @{r['size']}"),
-            ips(j, "train_scan"), ips(j, "train_single"), ips(t, "train"), _f(d.get("ratio_train"), "{:.2f}x"),
-            _f(best.get("tflops"), "{:.1f}"), _f(None if share is None else 100 * share, "{:.1f}%"),
-            ips(j, "infer"), ips(t, "infer"), _f(d.get("ratio_infer"), "{:.2f}x")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["preset"],
+                    str(r["batch"]),
+                    r["dtype"] + ("" if r.get("size", 256) == 256 else f" @{r['size']}"),
+                    ips(j, "train_scan"),
+                    ips(j, "train_single"),
+                    ips(t, "train"),
+                    _f(d.get("ratio_train"), "{:.2f}x"),
+                    _f(best.get("tflops"), "{:.1f}"),
+                    _f(None if share is None else 100 * share, "{:.1f}%"),
+                    ips(j, "infer"),
+                    ips(t, "infer"),
+                    _f(d.get("ratio_infer"), "{:.2f}x"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def training_table(runs: dict[str, Any]) -> str:
     if not runs:
         return "Not measured yet on a GPU."
-    head = ["run", "epochs (best)", "stopped by", "wall s", "lesion Dice [95% CI]", "lesion IoU [95% CI]",
-            "pixel acc.", "HD95 px", "normal FP", "test images"]
-    lines = ["Test split at native resolution, per image (`experiments/results/{base,report}_gpu/`):", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "run",
+        "epochs (best)",
+        "stopped by",
+        "wall s",
+        "lesion Dice [95% CI]",
+        "lesion IoU [95% CI]",
+        "pixel acc.",
+        "HD95 px",
+        "normal FP",
+        "test images",
+    ]
+    lines = [
+        "Test split at native resolution, per image (`experiments/results/{base,report}_gpu/`):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for run in ("base", "report"):
         if run not in runs:
             continue
         res, env = runs[run].get("results", {}), runs[run].get("environment", {})
         m = _headline_metrics(res)
-        stop = ("time cap" if res.get("stopped_by_time_cap") else "early stopping" if res.get("stopped_early")
-                else "last epoch")
+        stop = (
+            "time cap"
+            if res.get("stopped_by_time_cap")
+            else "early stopping"
+            if res.get("stopped_early")
+            else "last epoch"
+        )
 
         def ci(metric: str) -> str:
             lo, hi = m.get(f"{metric}_lesion_ci") or [None, None]
             return f"{_f(m.get(f'{metric}_lesion'))} [{_f(lo)}, {_f(hi)}]"
 
         images = m.get("images") or {}
-        lines.append("| " + " | ".join([
-            f"{run} (`experiments/{run}.py`)", f"{res.get('epochs_run')} ({res.get('best_epoch')})", stop,
-            _f(env.get("wall_time_s"), "{:.0f}"), ci("dice"), ci("iou"), _f(m.get("pixel_accuracy_lesion")),
-            _f(m.get("hd95_lesion"), "{:.1f}"), _f(m.get("normal_false_positive_rate"), "{:.2f}"),
-            str(images.get("overall", "-"))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{run} (`experiments/{run}.py`)",
+                    f"{res.get('epochs_run')} ({res.get('best_epoch')})",
+                    stop,
+                    _f(env.get("wall_time_s"), "{:.0f}"),
+                    ci("dice"),
+                    ci("iou"),
+                    _f(m.get("pixel_accuracy_lesion")),
+                    _f(m.get("hd95_lesion"), "{:.1f}"),
+                    _f(m.get("normal_false_positive_rate"), "{:.2f}"),
+                    str(images.get("overall", "-")),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def augment_table(aug: dict[str, Any]) -> str:
     if not aug:
         return "Not measured yet on a GPU."
-    return (f"`seed` U-Net training step, batch {aug.get('batch')}, {aug.get('data')} on {aug.get('device')}: "
-            f"{_f(aug.get('train_step_ms_no_augment'), '{:.2f}')} ms without augmentation, "
-            f"{_f(aug.get('train_step_ms_augment'), '{:.2f}')} ms with it "
-            f"({_f(None if aug.get('augment_overhead') is None else 100 * aug['augment_overhead'], '{:+.1f}%')}; "
-            f"target < 5%); sampling + augmenting alone {_f(aug.get('augment_ms_per_batch'), '{:.2f}')} ms "
-            f"per batch (`benchmarks/results/augment_gpu.json`).")
+    return (
+        f"`seed` U-Net training step, batch {aug.get('batch')}, {aug.get('data')} on {aug.get('device')}: "
+        f"{_f(aug.get('train_step_ms_no_augment'), '{:.2f}')} ms without augmentation, "
+        f"{_f(aug.get('train_step_ms_augment'), '{:.2f}')} ms with it "
+        f"({_f(None if aug.get('augment_overhead') is None else 100 * aug['augment_overhead'], '{:+.1f}%')}; "
+        f"target < 5%); sampling + augmenting alone {_f(aug.get('augment_ms_per_batch'), '{:.2f}')} ms "
+        f"per batch (`benchmarks/results/augment_gpu.json`)."
+    )
 
 
 def levers_table(lv: dict[str, Any]) -> str:
     if not lv.get("train") and not lv.get("infer"):
         return "Not measured yet on a GPU."
-    lines = [f"`{lv.get('preset')}` at {lv.get('size')}x{lv.get('size')}, batch {lv.get('batch')}, baseline "
-             f"{lv.get('dtype')} / scanned steps / donated / zero insertion / batch norm as trained, on "
-             f"{lv.get('device')}; one switch per row (`benchmarks/results/levers_gpu.json`):", "",
-             "| path | variant | images/s | x baseline | compile s | max abs diff vs baseline |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"`{lv.get('preset')}` at {lv.get('size')}x{lv.get('size')}, batch {lv.get('batch')}, baseline "
+        f"{lv.get('dtype')} / scanned steps / donated / zero insertion / batch norm as trained, on "
+        f"{lv.get('device')}; one switch per row (`benchmarks/results/levers_gpu.json`):",
+        "",
+        "| path | variant | images/s | x baseline | compile s | max abs diff vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind in ("train", "infer"):
         for name, row in lv.get(kind, {}).items():
             if "images_per_s" not in row:
                 lines.append(f"| {kind} | {name} | {row.get('skipped') or row.get('error', '?')[:80]} | | | |")
                 continue
-            lines.append(f"| {kind} | {name} | {row['images_per_s']:.0f} | {_f(row.get('vs_baseline'), '{:.2f}')} | "
-                         f"{_f(row.get('compile_s'), '{:.1f}')} | "
-                         f"{_f(row.get('max_abs_diff_vs_baseline'), '{:.2g}')} |")
+            lines.append(
+                f"| {kind} | {name} | {row['images_per_s']:.0f} | {_f(row.get('vs_baseline'), '{:.2f}')} | "
+                f"{_f(row.get('compile_s'), '{:.1f}')} | "
+                f"{_f(row.get('max_abs_diff_vs_baseline'), '{:.2g}')} |"
+            )
     return "\n".join(lines)
 
 
@@ -254,8 +341,10 @@ def ingest(src: Path, repo: Path, allow_dry_run: bool = False) -> dict[str, Any]
         raise ValueError(f"{str(src)!r} holds no summary.json; expected the files of benchmarks/gpu_run.sh")
     summary = json.loads(summary_path.read_text())
     if summary.get("dry_run") and not allow_dry_run:
-        raise ValueError(f"{str(src)!r} holds a dry run's files (no GPU figures); pass --allow-dry-run "
-                         f"with --repo pointing to a copy to ingest it anyway")
+        raise ValueError(
+            f"{str(src)!r} holds a dry run's files (no GPU figures); pass --allow-dry-run "
+            f"with --repo pointing to a copy to ingest it anyway"
+        )
 
     def load(name: str) -> dict[str, Any]:
         p = src / name
@@ -265,18 +354,29 @@ def ingest(src: Path, repo: Path, allow_dry_run: bool = False) -> dict[str, Any]
     results_dir = repo / "benchmarks" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, dest in (("summary.json", "gpu_run_summary.json"), ("throughput.json", "throughput_gpu.json"),
-                       ("augment.json", "augment_gpu.json"), ("levers.json", "levers_gpu.json")):
+    for name, dest in (
+        ("summary.json", "gpu_run_summary.json"),
+        ("throughput.json", "throughput_gpu.json"),
+        ("augment.json", "augment_gpu.json"),
+        ("levers.json", "levers_gpu.json"),
+    ):
         if (src / name).is_file():
             shutil.copyfile(src / name, results_dir / dest)
             written.append(str((results_dir / dest).relative_to(repo)))
     runs = read_runs(src / "runs.tar.gz", repo)
     written += [str(r["folder"].relative_to(repo)) for r in runs.values()]
 
-    sections = {"targets": targets_table(summary, tp, runs, aug), "throughput": throughput_table(tp),
-                "training": training_table(runs), "augment": augment_table(aug), "levers": levers_table(lv)}
-    for doc, names in ((repo / "experiments" / "RESULTS.md", RESULTS_MD_SECTIONS),
-                       (repo / "README.md", README_SECTIONS)):
+    sections = {
+        "targets": targets_table(summary, tp, runs, aug),
+        "throughput": throughput_table(tp),
+        "training": training_table(runs),
+        "augment": augment_table(aug),
+        "levers": levers_table(lv),
+    }
+    for doc, names in (
+        (repo / "experiments" / "RESULTS.md", RESULTS_MD_SECTIONS),
+        (repo / "README.md", README_SECTIONS),
+    ):
         text = doc.read_text()
         for name in names:
             text = replace_section(text, name, sections[name], str(doc))

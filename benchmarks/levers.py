@@ -79,14 +79,16 @@ def _model_fields(args: argparse.Namespace, switch: dict[str, Any]) -> dict[str,
     return {**args.model, **{k: switch[k] for k in MODEL_SWITCHES if k in switch}}
 
 
-def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any],
-                  flops: Any) -> dict[str, Any]:
+def train_variant(
+    args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any], flops: Any
+) -> dict[str, Any]:
     dtype = switch.get("dtype", args.dtype)
     fields = _model_fields(args, switch)
     model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
-    data = jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
-                                     jnp.asarray(host["labels"])))
+    data = jax.device_put(
+        DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]), jnp.asarray(host["labels"]))
+    )
     tx = make_optimizer(TrainConfig(preset=args.preset, batch_size=args.batch), max(1, n // args.batch))
     sample = make_sampler(args.batch, n, None)
     data_key, dropout_key, init_key = jax.random.split(jax.random.key(0), 3)
@@ -99,10 +101,18 @@ def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     def run(dispatches: int) -> None:
         st = holder["state"]
         for _ in range(dispatches):
-            st, metrics = steps_fn(st, data, data_key, dropout_key,
-                                   jnp.asarray(holder["step"], jnp.int32), num_steps=num_steps,
-                                   sample=sample, loss_fn=get_loss("bce_dice"), threshold=0.5,
-                                   mesh=None)
+            st, metrics = steps_fn(
+                st,
+                data,
+                data_key,
+                dropout_key,
+                jnp.asarray(holder["step"], jnp.int32),
+                num_steps=num_steps,
+                sample=sample,
+                loss_fn=get_loss("bce_dice"),
+                threshold=0.5,
+                mesh=None,
+            )
             holder["step"] += num_steps
         holder["state"] = st
         jax.block_until_ready((st, metrics))
@@ -113,34 +123,44 @@ def train_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     if args.warmup:
         run(args.warmup)
     dispatches = 1 if num_steps > 1 else pick_steps(run, args.window_s, args.steps, args.max_steps)
-    out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch,
-                flops.train, args.peak)
-    out.update(compile_s=round(compile_s, 2), steps_per_dispatch=num_steps, dtype=dtype,
-               donated=switch.get("donate", True), up_method=fields.get("up_method", "zero_insertion"),
-               layout=fields.get("layout", "NHWC"), gradient=fields.get("gradient", "auto"))
+    out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch, flops.train, args.peak)
+    out.update(
+        compile_s=round(compile_s, 2),
+        steps_per_dispatch=num_steps,
+        dtype=dtype,
+        donated=switch.get("donate", True),
+        up_method=fields.get("up_method", "zero_insertion"),
+        layout=fields.get("layout", "NHWC"),
+        gradient=fields.get("gradient", "auto"),
+    )
     holder.clear()  # the state's buffers go before the next variant
     gc.collect()
     return out
 
 
-def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any],
-                  flops: Any, reference: dict[str, Any]) -> dict[str, Any]:
+def infer_variant(
+    args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any], flops: Any, reference: dict[str, Any]
+) -> dict[str, Any]:
     dtype = switch.get("dtype", args.dtype)
     base = create_unet(args.preset, **args.model)
     if "variables" not in reference:  # the same (float32) parameters for every variant
         x = jnp.zeros((1, args.size, args.size, base.in_channels))
         variables = jax.jit(lambda k: base.init(k, x, train=False))(jax.random.key(1))
         # Running statistics that are not the identity, so folding has something to fold.
-        variables = {"params": variables["params"], "batch_stats": jax.tree.map(
-            lambda v: v + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), v.shape)),
-            variables.get("batch_stats", {}))}
+        variables = {
+            "params": variables["params"],
+            "batch_stats": jax.tree.map(
+                lambda v: v + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), v.shape)),
+                variables.get("batch_stats", {}),
+            ),
+        }
         reference["variables"] = variables
     fields = _model_fields(args, switch)
     model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
     variables = reference["variables"]
     if switch.get("fold_bn"):
         model, variables = fold_batch_norm(model, variables)
-    images = jax.device_put(jnp.asarray(host["images"][:args.batch], jnp.float32) / 255.0)
+    images = jax.device_put(jnp.asarray(host["images"][: args.batch], jnp.float32) / 255.0)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     t0 = time.perf_counter()
     y = jax.block_until_ready(apply(variables, images))
@@ -158,23 +178,30 @@ def infer_variant(args: argparse.Namespace, host: dict[str, np.ndarray], switch:
     y = np.asarray(y, np.float32)
     if "output" not in reference:
         reference["output"] = y
-    out.update(compile_s=round(compile_s, 2), dtype=dtype, fold_bn=bool(switch.get("fold_bn")),
-               up_method=fields.get("up_method", "zero_insertion"), layout=fields.get("layout", "NHWC"),
-               max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
-               max_abs_baseline=float(np.max(np.abs(reference["output"]))))
+    out.update(
+        compile_s=round(compile_s, 2),
+        dtype=dtype,
+        fold_bn=bool(switch.get("fold_bn")),
+        up_method=fields.get("up_method", "zero_insertion"),
+        layout=fields.get("layout", "NHWC"),
+        max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
+        max_abs_baseline=float(np.max(np.abs(reference["output"]))),
+    )
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="padded")
     ap.add_argument("--model", type=parse_fields, default={}, help="architecture overrides")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="steps per scanned dispatch = per window (default: ~--window-s)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per scanned dispatch = per window (default: ~--window-s)"
+    )
     ap.add_argument("--window-s", type=float, default=None, help="default 0.5 (GPU), 2 (CPU)")
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--windows", type=int, default=3)
@@ -204,12 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "benchmark": "levers", "schema": 1, "preset": args.preset, "model_overrides": args.model,
-        "size": args.size, "batch": args.batch, "dtype": args.dtype, "backend": backend,
+        "benchmark": "levers",
+        "schema": 1,
+        "preset": args.preset,
+        "model_overrides": args.model,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "args": {k: v for k, v in vars(args).items()},
-        "train_flops_per_image": flops.train, "forward_flops_per_image": flops.forward,
-        "environment": environment(None, None), "train": {}, "infer": {},
+        "train_flops_per_image": flops.train,
+        "forward_flops_per_image": flops.forward,
+        "environment": environment(None, None),
+        "train": {},
+        "infer": {},
     }
 
     def save() -> None:
@@ -233,9 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             row = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
         result[kind][name] = row
         save()
-        print(f"{kind:5s} {name:18s} " + (f"{row['images_per_s']:10.1f} img/s  compile "
-                                          f"{row['compile_s']:.1f} s" if "images_per_s" in row
-                                          else str(row)), flush=True)
+        print(
+            f"{kind:5s} {name:18s} "
+            + (
+                f"{row['images_per_s']:10.1f} img/s  compile {row['compile_s']:.1f} s"
+                if "images_per_s" in row
+                else str(row)
+            ),
+            flush=True,
+        )
     for kind in ("train", "infer"):
         base = result[kind].get("baseline", {}).get("images_per_s")
         for row in result[kind].values():

@@ -61,9 +61,16 @@ def conv_shapes(model: Any, x_shape: tuple[int, ...], **call_kwargs: Any) -> lis
             x = args[0]
             shape = tuple(x.shape) if mod.layout == "NHWC" else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
             kernel, strides = _pair(mod.kernel_size), _pair(mod.strides)
-            found.append(dict(shape=shape, features=mod.features, kernel=kernel, strides=strides,
-                              pads=resolve_padding(mod.padding, shape[1:3], kernel, strides),
-                              groups=mod.feature_group_count))
+            found.append(
+                dict(
+                    shape=shape,
+                    features=mod.features,
+                    kernel=kernel,
+                    strides=strides,
+                    pads=resolve_padding(mod.padding, shape[1:3], kernel, strides),
+                    groups=mod.feature_group_count,
+                )
+            )
         return next_fun(*args, **kwargs)
 
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
@@ -72,8 +79,15 @@ def conv_shapes(model: Any, x_shape: tuple[int, ...], **call_kwargs: Any) -> lis
     return found
 
 
-def time_lowering(lowering: str, shape: tuple[int, int, int, int], c_out: int, mode: str = "infer",
-                  pads: PadPairs = ((1, 1), (1, 1)), windows: int = 5, calls: int = 3) -> float:
+def time_lowering(
+    lowering: str,
+    shape: tuple[int, int, int, int],
+    c_out: int,
+    mode: str = "infer",
+    pads: PadPairs = ((1, 1), (1, 1)),
+    windows: int = 5,
+    calls: int = 3,
+) -> float:
     """Median milliseconds of one jitted 3x3 stride-1 convolution by ``lowering``.
 
     ``mode='infer'``: the forward; ``'train'``: forward + backward (the input and kernel
@@ -99,10 +113,17 @@ def time_lowering(lowering: str, shape: tuple[int, int, int, int], c_out: int, m
     return median_ms(lambda: jax.block_until_ready(fn(x, w, dy)), windows, calls)
 
 
-def tune(preset: str = "seed", size: int = 256, batch: int = 8, modes: Sequence[str] = ("infer", "train"),
-         lowerings: Sequence[str] | None = None, windows: int = 3, calls: int = 2,
-         out: str | os.PathLike | None = None,
-         report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def tune(
+    preset: str = "seed",
+    size: int = 256,
+    batch: int = 8,
+    modes: Sequence[str] = ("infer", "train"),
+    lowerings: Sequence[str] | None = None,
+    windows: int = 3,
+    calls: int = 2,
+    out: str | os.PathLike | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Time every lowering on each distinct 3x3 stride-1 ungrouped Conv2D of a U-Net preset;
     write the table (atomically) to ``out`` (default :func:`table_path`) and return it.
 
@@ -118,15 +139,25 @@ def tune(preset: str = "seed", size: int = 256, batch: int = 8, modes: Sequence[
     entries = {}
     for (shape, c_out, pads), _ in seen.items():
         for mode in modes:
-            ms = {name: round(time_lowering(name, shape, c_out, mode, pads, windows, calls), 3)
-                  for name in (lowerings or candidates(shape[3]))}
+            ms = {
+                name: round(time_lowering(name, shape, c_out, mode, pads, windows, calls), 3)
+                for name in (lowerings or candidates(shape[3]))
+            }
             best = min(ms, key=ms.get)
             key = table_key(shape[1], shape[2], shape[3], c_out, batch, mode, pads)
             entries[key] = {"best": best, "ms": ms}
             if report:
                 report({"key": key, **entries[key]})
-    table = {"format": TABLE_FORMAT, "machine": machine_id(), "cpus": os.cpu_count(),
-             "jax": jax.__version__, "preset": preset, "size": size, "batch": batch, "entries": entries}
+    table = {
+        "format": TABLE_FORMAT,
+        "machine": machine_id(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "preset": preset,
+        "size": size,
+        "batch": batch,
+        "entries": entries,
+    }
     write_json(out if out is not None else table_path(), table)
     return table
 
@@ -146,8 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--path", default=None)
     args = parser.parse_args(argv)
     if args.command == "tune":
-        table = tune(args.preset, args.size, args.batch, args.modes, windows=args.windows, out=args.out,
-                     report=lambda row: print(json.dumps(row), flush=True))
+        table = tune(
+            args.preset,
+            args.size,
+            args.batch,
+            args.modes,
+            windows=args.windows,
+            out=args.out,
+            report=lambda row: print(json.dumps(row), flush=True),
+        )
         print(f"wrote {len(table['entries'])} entries to {args.out or table_path()}")
         return 0
     path = Path(args.path) if args.path else table_path()
@@ -155,13 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table is None:
         print(f"no lowering table at {path}; 'auto' means 'lax' (make one: python -m benchmarks.lowering_table tune)")
         return 1
-    print(f"{path} (machine {table.get('machine')}, preset {table.get('preset')}, size {table.get('size')}, "
-          f"batch {table.get('batch')})")
+    print(
+        f"{path} (machine {table.get('machine')}, preset {table.get('preset')}, size {table.get('size')}, "
+        f"batch {table.get('batch')})"
+    )
     for key, entry in table["entries"].items():
         times = " ".join(f"{k}={v}" for k, v in entry.get("ms", {}).items())
         print(f"{key:40s} {entry['best']:10s} {times}")
     return 0
-
 
 
 if __name__ == "__main__":

@@ -82,13 +82,16 @@ def time_windows(run: Callable[[int], Any], steps: int, windows: int) -> list[fl
     return out
 
 
-def stats(seconds: list[float], steps: int, batch: int, flops_per_image: float | None,
-          peak_tflops: float | None) -> dict[str, Any]:
+def stats(
+    seconds: list[float], steps: int, batch: int, flops_per_image: float | None, peak_tflops: float | None
+) -> dict[str, Any]:
     ips = [steps * batch / s for s in seconds]
     med = statistics.median(ips)
     res: dict[str, Any] = {
-        "images_per_s": round(med, 2), "images_per_s_min": round(min(ips), 2),
-        "images_per_s_max": round(max(ips), 2), "steps_per_window": steps,
+        "images_per_s": round(med, 2),
+        "images_per_s_min": round(min(ips), 2),
+        "images_per_s_max": round(max(ips), 2),
+        "steps_per_window": steps,
         "window_s": [round(s, 5) for s in seconds],
     }
     if flops_per_image:
@@ -99,8 +102,7 @@ def stats(seconds: list[float], steps: int, batch: int, flops_per_image: float |
     return res
 
 
-def pick_steps(run: Callable[[int], Any], window_s: float, fixed: int | None,
-               max_steps: int) -> int:
+def pick_steps(run: Callable[[int], Any], window_s: float, fixed: int | None, max_steps: int) -> int:
     """Steps per window: ``fixed``, or enough for about ``window_s`` seconds."""
     if fixed:
         return fixed
@@ -130,8 +132,7 @@ def jax_matmul_tflops(n: int, dtype: Any, windows: int, window_s: float) -> floa
     return 2 * n**3 * k / statistics.median(secs) / 1e12
 
 
-def torch_matmul_tflops(torch: Any, device: Any, n: int, dtype: Any, windows: int,
-                        window_s: float) -> float:
+def torch_matmul_tflops(torch: Any, device: Any, n: int, dtype: Any, windows: int, window_s: float) -> float:
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -165,8 +166,16 @@ def make_host_data(n: int, size: int, channels: int, seed: int = 0) -> dict[str,
 # --------------------------------------------------------------------------------------
 # JAX
 # --------------------------------------------------------------------------------------
-def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np.ndarray],
-              args: argparse.Namespace, flops: Any, peak: float | None) -> dict[str, Any]:
+def bench_jax(
+    preset: str,
+    batch: int,
+    dtype: str,
+    size: int,
+    host: dict[str, np.ndarray],
+    args: argparse.Namespace,
+    flops: Any,
+    peak: float | None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"compile_s": {}}
     model = create_unet(preset, **args.model, dtype=DTYPES[dtype])
     n = host["images"].shape[0]
@@ -176,8 +185,11 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.devices()[0]
     # Held in a dict, not a local, so the training closures can read it and the end of the
     # function can still drop the device copy (a deleted closure variable is a lint error).
-    device = {"data": jax.device_put(DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]),
-                                                jnp.asarray(host["labels"])), replicated)}
+    device = {
+        "data": jax.device_put(
+            DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]), jnp.asarray(host["labels"])), replicated
+        )
+    }
     config = TrainConfig(preset=preset, batch_size=batch)
     tx = make_optimizer(config, max(1, n // batch))
     loss_fn = get_loss("bce_dice")
@@ -187,8 +199,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
     counter = {"step": 0}
 
     if "train" in modes:
-        state = jax.device_put(create_train_state(model, tx, init_key, (1, size, size, model.in_channels)),
-                               replicated)
+        state = jax.device_put(create_train_state(model, tx, init_key, (1, size, size, model.in_channels)), replicated)
         holder = {"state": state}
 
         def make_run(num_steps: int) -> Callable[[int], None]:
@@ -196,12 +207,22 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
                 st = holder["state"]
                 for _ in range(dispatches):
                     start = jnp.asarray(counter["step"], jnp.int32)
-                    st, metrics = train_steps(st, device["data"], data_key, dropout_key, start,
-                                              num_steps=num_steps, sample=sample,
-                                              loss_fn=loss_fn, threshold=0.5, mesh=mesh)
+                    st, metrics = train_steps(
+                        st,
+                        device["data"],
+                        data_key,
+                        dropout_key,
+                        start,
+                        num_steps=num_steps,
+                        sample=sample,
+                        loss_fn=loss_fn,
+                        threshold=0.5,
+                        mesh=mesh,
+                    )
                     counter["step"] += num_steps
                 holder["state"] = st
                 jax.block_until_ready((st, metrics))
+
             return run
 
         paths = [p for p in args.jax_paths if p in ("single", "scan")]
@@ -212,21 +233,20 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
         single(args.warmup)
         steps = pick_steps(single, args.window_s, args.steps, args.max_steps)
         if "single" in paths:
-            out["train_single"] = stats(time_windows(single, steps, args.windows), steps, batch,
-                                        flops.train, peak)
+            out["train_single"] = stats(time_windows(single, steps, args.windows), steps, batch, flops.train, peak)
         if "scan" in paths:
             scan = make_run(steps)
             t0 = time.perf_counter()
             scan(1)
             out["compile_s"]["train_scan"] = round(time.perf_counter() - t0, 2)
-            out["train_scan"] = stats(time_windows(scan, 1, args.windows), steps, batch,
-                                      flops.train, peak)
+            out["train_scan"] = stats(time_windows(scan, 1, args.windows), steps, batch, flops.train, peak)
             out["train_scan"]["steps_per_dispatch"] = steps
             out["train_scan"]["dispatches_per_window"] = 1
         del holder, state
     if "infer" in modes:
-        variables = jax.device_put(model.init(init_key, jnp.zeros((1, size, size, model.in_channels)),
-                                              train=False), replicated)
+        variables = jax.device_put(
+            model.init(init_key, jnp.zeros((1, size, size, model.in_channels)), train=False), replicated
+        )
         split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS)) if mesh is not None else replicated
         images = jax.device_put(jnp.asarray(host["images"][:batch], jnp.float32) / 255.0, split)
         apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -241,8 +261,7 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
         out["compile_s"]["infer"] = round(time.perf_counter() - t0, 2)
         infer(args.warmup)
         steps = pick_steps(infer, args.window_s, args.steps, args.max_steps)
-        out["infer"] = stats(time_windows(infer, steps, args.windows), steps, batch,
-                             flops.forward, peak)
+        out["infer"] = stats(time_windows(infer, steps, args.windows), steps, batch, flops.forward, peak)
         del variables, images
     device.clear()
     gc.collect()
@@ -252,15 +271,29 @@ def bench_jax(preset: str, batch: int, dtype: str, size: int, host: dict[str, np
 # --------------------------------------------------------------------------------------
 # PyTorch
 # --------------------------------------------------------------------------------------
-def bench_torch(torch: Any, device: Any, preset: str, batch: int, dtype: str,
-                host: dict[str, np.ndarray], args: argparse.Namespace, flops: Any,
-                peak: float | None) -> dict[str, Any]:
+def bench_torch(
+    torch: Any,
+    device: Any,
+    preset: str,
+    batch: int,
+    dtype: str,
+    host: dict[str, np.ndarray],
+    args: argparse.Namespace,
+    flops: Any,
+    peak: float | None,
+) -> dict[str, Any]:
     from torch_peer import PeerRunner
 
     compile_opt: bool | str = {"auto": "auto", "on": True, "off": False}[args.torch_compile]
-    runner = PeerRunner(preset, device, dtype, compile=compile_opt,
-                        compile_mode=args.torch_compile_mode,
-                        channels_last=not args.torch_no_channels_last, **args.model)
+    runner = PeerRunner(
+        preset,
+        device,
+        dtype,
+        compile=compile_opt,
+        compile_mode=args.torch_compile_mode,
+        channels_last=not args.torch_no_channels_last,
+        **args.model,
+    )
     x = runner.to_input(torch.from_numpy(host["images"][:batch]).float() / 255.0)
     y = torch.from_numpy(host["masks"][:batch]).float().permute(0, 3, 1, 2).contiguous()
     y = y.to(device)
@@ -270,14 +303,12 @@ def bench_torch(torch: Any, device: Any, preset: str, batch: int, dtype: str,
             run = runner.train_callable(x, y)
             run(args.warmup)
             steps = pick_steps(run, args.window_s, args.steps, args.max_steps)
-            out["train"] = stats(time_windows(run, steps, args.windows), steps, batch,
-                                 flops.train, peak)
+            out["train"] = stats(time_windows(run, steps, args.windows), steps, batch, flops.train, peak)
         if "infer" in args.modes:
             run = runner.infer_callable(x)
             run(args.warmup)
             steps = pick_steps(run, args.window_s, args.steps, args.max_steps)
-            out["infer"] = stats(time_windows(run, steps, args.windows), steps, batch,
-                                 flops.forward, peak)
+            out["infer"] = stats(time_windows(run, steps, args.windows), steps, batch, flops.forward, peak)
     finally:
         out["info"] = runner.info()
         del runner, x, y
@@ -307,38 +338,66 @@ def environment(torch: Any, torch_device: Any) -> dict[str, Any]:
         "jax_device_count": jax.device_count(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "versions": {d: _version(d) for d in (
-            "jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin",
-            "jax-cuda13-plugin", "torch", "triton")},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "jax",
+                "jaxlib",
+                "flax",
+                "optax",
+                "numpy",
+                "jax-cuda12-plugin",
+                "jax-cuda13-plugin",
+                "torch",
+                "triton",
+            )
+        },
         "python": platform.python_version(),
-        "env": {k: os.environ.get(k) for k in (
-            "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
-            "JAX_DEFAULT_MATMUL_PRECISION", "CUDA_VISIBLE_DEVICES")},
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "XLA_FLAGS",
+                "XLA_PYTHON_CLIENT_PREALLOCATE",
+                "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                "JAX_DEFAULT_MATMUL_PRECISION",
+                "CUDA_VISIBLE_DEVICES",
+            )
+        },
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
     }
     if torch is not None:
         t: dict[str, Any] = {"device": str(torch_device), "threads": torch.get_num_threads()}
         if torch_device.type == "cuda":
             p = torch.cuda.get_device_properties(torch_device)
-            t.update(name=p.name, multiprocessors=p.multi_processor_count,
-                     memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                     cudnn=torch.backends.cudnn.version(),
-                     cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                     matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                     cudnn_benchmark=torch.backends.cudnn.benchmark)
+            t.update(
+                name=p.name,
+                multiprocessors=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1),
+                cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+            )
         env["torch"] = t
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                           capture_output=True, timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, text=True,
-                                capture_output=True, timeout=10)
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, text=True, capture_output=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, text=True, capture_output=True, timeout=10)
         env["git_dirty_files"] = len(status.stdout.splitlines()) if status.returncode == 0 else None
     except Exception:  # noqa: BLE001
         env["git_commit"] = None
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
-                              "--format=csv,noheader"], text=True, capture_output=True,
-                             timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
+            text=True,
+            capture_output=True,
+            timeout=20,
+        )
         if smi.returncode == 0:
             env["nvidia_smi"] = smi.stdout.strip()
     except Exception:  # noqa: BLE001
@@ -358,24 +417,49 @@ def _ips(d: dict | None, key: str) -> float | None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("preset", "batch", "dtype", "jax train scan", "jax train 1/disp", "torch train",
-            "ratio", "TFLOP/s", "%peak", "jax infer", "torch infer", "ratio")
+    head = (
+        "preset",
+        "batch",
+        "dtype",
+        "jax train scan",
+        "jax train 1/disp",
+        "torch train",
+        "ratio",
+        "TFLOP/s",
+        "%peak",
+        "jax infer",
+        "torch infer",
+        "ratio",
+    )
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if r.get("skipped"):
-            lines.append(" | ".join([r["preset"], str(r["batch"]), r["dtype"],
-                                     f"skipped: {r['skipped']}"] + [""] * (len(head) - 4)))
+            lines.append(
+                " | ".join(
+                    [r["preset"], str(r["batch"]), r["dtype"], f"skipped: {r['skipped']}"] + [""] * (len(head) - 4)
+                )
+            )
             continue
         j, t, d = r.get("jax", {}), r.get("torch", {}), r.get("derived", {})
         best = j.get(d.get("jax_train_headline") or "", {})
-        lines.append(" | ".join([
-            r["preset"], str(r["batch"]), r["dtype"],
-            _f(_ips(j, "train_scan")), _f(_ips(j, "train_single")), _f(_ips(t, "train")),
-            _f(d.get("ratio_train"), "{:.2f}x"), _f(best.get("tflops"), "{:.1f}"),
-            _f(None if best.get("share_of_bf16_peak") is None else
-               100 * best["share_of_bf16_peak"], "{:.1f}%"),
-            _f(_ips(j, "infer")), _f(_ips(t, "infer")), _f(d.get("ratio_infer"), "{:.2f}x"),
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    r["preset"],
+                    str(r["batch"]),
+                    r["dtype"],
+                    _f(_ips(j, "train_scan")),
+                    _f(_ips(j, "train_single")),
+                    _f(_ips(t, "train")),
+                    _f(d.get("ratio_train"), "{:.2f}x"),
+                    _f(best.get("tflops"), "{:.1f}"),
+                    _f(None if best.get("share_of_bf16_peak") is None else 100 * best["share_of_bf16_peak"], "{:.1f}%"),
+                    _f(_ips(j, "infer")),
+                    _f(_ips(t, "infer")),
+                    _f(d.get("ratio_infer"), "{:.2f}x"),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -415,47 +499,65 @@ def parse_fields(text: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--presets", type=csv, default=["seed", "padded"])
-    ap.add_argument("--model", type=parse_fields, default={},
-                    help="architecture overrides for every preset, both frameworks (e.g. "
-                         "features=4,depth=2 for the CPU dry run of benchmarks/gpu_run.py)")
+    ap.add_argument(
+        "--model",
+        type=parse_fields,
+        default={},
+        help="architecture overrides for every preset, both frameworks (e.g. "
+        "features=4,depth=2 for the CPU dry run of benchmarks/gpu_run.py)",
+    )
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in csv(s)], default=[32, 128])
-    ap.add_argument("--dtypes", type=csv, default=["bfloat16", "float32"],
-                    help="run in this order (bf16 first: the targets)")
+    ap.add_argument(
+        "--dtypes", type=csv, default=["bfloat16", "float32"], help="run in this order (bf16 first: the targets)"
+    )
     ap.add_argument("--modes", type=csv, default=["train", "infer"])
     ap.add_argument("--frameworks", type=csv, default=["jax", "torch"])
-    ap.add_argument("--jax-paths", type=csv, default=["single", "scan"],
-                    help="single: one step per dispatch; scan: many steps per dispatch")
+    ap.add_argument(
+        "--jax-paths",
+        type=csv,
+        default=["single", "scan"],
+        help="single: one step per dispatch; scan: many steps per dispatch",
+    )
     ap.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
-    ap.add_argument("--window-s", type=float, default=None,
-                    help="target seconds per window (default 0.5 on accelerators, 2 on CPU)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="fixed steps per window (default: from --window-s)")
+    ap.add_argument(
+        "--window-s", type=float, default=None, help="target seconds per window (default 0.5 on accelerators, 2 on CPU)"
+    )
+    ap.add_argument("--steps", type=int, default=None, help="fixed steps per window (default: from --window-s)")
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
-    ap.add_argument("--dataset-size", type=int, default=None,
-                    help="device-resident images for the JAX sampler (default 2 x batch)")
-    ap.add_argument("--matmul-size", type=int, default=None,
-                    help="n of the n^3 bf16 peak matmul (default 8192 GPU, 1024 CPU)")
-    ap.add_argument("--torch-compile", choices=("auto", "on", "off"), default=None,
-                    help="auto: try, fall back to eager with the reason recorded (default "
-                         "on accelerators); off: eager (default on CPU, where Inductor "
-                         "takes minutes per graph on 2 cores)")
-    ap.add_argument("--torch-compile-mode", default=None,
-                    help="torch.compile mode (default: torch's default)")
+    ap.add_argument(
+        "--dataset-size", type=int, default=None, help="device-resident images for the JAX sampler (default 2 x batch)"
+    )
+    ap.add_argument(
+        "--matmul-size", type=int, default=None, help="n of the n^3 bf16 peak matmul (default 8192 GPU, 1024 CPU)"
+    )
+    ap.add_argument(
+        "--torch-compile",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="auto: try, fall back to eager with the reason recorded (default "
+        "on accelerators); off: eager (default on CPU, where Inductor "
+        "takes minutes per graph on 2 cores)",
+    )
+    ap.add_argument("--torch-compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     ap.add_argument("--torch-no-channels-last", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip rows that would start after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mesh", action="store_true",
-                    help="JAX data-parallel over every local device (e.g. two CPU devices with "
-                         "XLA_FLAGS=--xla_force_host_platform_device_count=2)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
-                    "throughput_<backend>_<UTC time>.json)")
+    ap.add_argument(
+        "--mesh",
+        action="store_true",
+        help="JAX data-parallel over every local device (e.g. two CPU devices with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=2)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/throughput_<backend>_<UTC time>.json)"
+    )
     ap.add_argument("--tag", default=None, help="a label stored in the JSON")
     return ap.parse_args(argv)
 
@@ -484,42 +586,43 @@ def main(argv: list[str] | None = None) -> int:
             torch, torch_error = None, f"{type(e).__name__}: {e}"
             print(f"PyTorch peer unavailable ({torch_error}); JAX only", flush=True)
         if torch is not None:
-            torch_device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available()
-                                        else "cpu")
+            torch_device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
             if backend == "gpu" and torch_device.type != "cuda":
-                raise SystemExit("JAX sees a GPU but PyTorch does not: the peer would not run "
-                                 "on the same device")
+                raise SystemExit("JAX sees a GPU but PyTorch does not: the peer would not run on the same device")
             torch.backends.cudnn.benchmark = True
 
     env = environment(torch, torch_device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_path = Path(args.out) if args.out else (
-        REPO / "benchmarks" / "results" / f"throughput_{backend}_{stamp}.json")
+    out_path = Path(args.out) if args.out else (REPO / "benchmarks" / "results" / f"throughput_{backend}_{stamp}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"device: JAX {env['jax_backend']} {env['jax_device']}; PyTorch "
-          f"{env.get('torch', {}).get('name', torch_device)}", flush=True)
+    print(
+        f"device: JAX {env['jax_backend']} {env['jax_device']}; PyTorch "
+        f"{env.get('torch', {}).get('name', torch_device)}",
+        flush=True,
+    )
 
     result: dict[str, Any] = {
-        "benchmark": "throughput", "schema": 1, "tag": args.tag,
+        "benchmark": "throughput",
+        "schema": 1,
+        "tag": args.tag,
         "time_utc": stamp,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {k: v for k, v in vars(args).items()},
         "card": env.get("torch", {}).get("name") or env["jax_device"],
-        "environment": env, "torch_error": torch_error,
+        "environment": env,
+        "torch_error": torch_error,
         "notes": {
             "images_per_s": "median over timed windows; compilation and warm-up excluded; "
-                            "each window ends with block_until_ready / cuda.synchronize",
+            "each window ends with block_until_ready / cuda.synchronize",
             "jax_train": "unet_jax.train.steps.train_steps with on-device sampling (no "
-                         "augmentation; loss bce_dice; Adam eps 1e-7; metrics computed in "
-                         "the step); train_single: num_steps=1 per dispatch; train_scan: "
-                         "steps_per_dispatch steps in one lax.scan dispatch",
+            "augmentation; loss bce_dice; Adam eps 1e-7; metrics computed in "
+            "the step); train_single: num_steps=1 per dispatch; train_scan: "
+            "steps_per_dispatch steps in one lax.scan dispatch",
             "torch_train": "compiled forward+loss (AOTAutograd backward), eager Adam "
-                           "(fused on CUDA), bf16 autocast, channels-last, cudnn.benchmark; "
-                           "no metrics",
-            "flops": "analytic, benchmarks/flops.py: conv + transposed conv (input grid), "
-                     "training = 3 x forward",
-            "float32": "JAX: default precision; PyTorch: default TF32 settings recorded in "
-                       "environment.torch",
+            "(fused on CUDA), bf16 autocast, channels-last, cudnn.benchmark; "
+            "no metrics",
+            "flops": "analytic, benchmarks/flops.py: conv + transposed conv (input grid), training = 3 x forward",
+            "float32": "JAX: default precision; PyTorch: default TF32 settings recorded in environment.torch",
         },
     }
 
@@ -535,10 +638,12 @@ def main(argv: list[str] | None = None) -> int:
             if tf != fc.forward:
                 raise SystemExit(f"{preset}: torch FlopCounter {tf} != analytic {fc.forward}")
         presets[preset] = info
-        print(f"{preset} @ {args.size}: {fc.forward / 1e9:.3f} GFLOP forward, "
-              f"{fc.train / 1e9:.2f} GFLOP per training image"
-              + (f"; params {info['param_counts']['jax_params']:,} equal in both" if
-                 torch is not None else ""), flush=True)
+        print(
+            f"{preset} @ {args.size}: {fc.forward / 1e9:.3f} GFLOP forward, "
+            f"{fc.train / 1e9:.2f} GFLOP per training image"
+            + (f"; params {info['param_counts']['jax_params']:,} equal in both" if torch is not None else ""),
+            flush=True,
+        )
     result["presets"] = presets
 
     # Matrix peak in this run.
@@ -548,13 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     peak["jax_bf16_tflops"] = sig(jax_matmul_tflops(args.matmul_size, jnp.bfloat16, args.windows, args.window_s))
     peak["jax_f32_tflops"] = sig(jax_matmul_tflops(args.matmul_size, jnp.float32, args.windows, args.window_s))
     if torch is not None:
-        peak["torch_bf16_tflops"] = sig(torch_matmul_tflops(
-            torch, torch_device, args.matmul_size, torch.bfloat16, args.windows, args.window_s))
+        peak["torch_bf16_tflops"] = sig(
+            torch_matmul_tflops(torch, torch_device, args.matmul_size, torch.bfloat16, args.windows, args.window_s)
+        )
     peak["bf16_peak_tflops"] = max(v for k, v in peak.items() if k.endswith("bf16_tflops"))
     result["matmul_peak"] = peak
     bf16_peak = peak["bf16_peak_tflops"]
-    print(f"bf16 matmul peak ({args.matmul_size}^3): {bf16_peak:.2f} TFLOP/s "
-          f"{ {k: v for k, v in peak.items() if k.endswith('tflops')} }", flush=True)
+    print(
+        f"bf16 matmul peak ({args.matmul_size}^3): {bf16_peak:.2f} TFLOP/s "
+        f"{ {k: v for k, v in peak.items() if k.endswith('tflops')} }",
+        flush=True,
+    )
 
     rows: list[dict[str, Any]] = []
     result["rows"] = rows
@@ -567,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes:
         for batch in args.batches:
             for preset in args.presets:
-                row: dict[str, Any] = {"preset": preset, "batch": batch, "dtype": dtype,
-                                       "size": args.size}
+                row: dict[str, Any] = {"preset": preset, "batch": batch, "dtype": dtype, "size": args.size}
                 rows.append(row)
                 elapsed = time.perf_counter() - t_start
                 if args.budget_s is not None and elapsed > args.budget_s:
@@ -587,16 +695,16 @@ def main(argv: list[str] | None = None) -> int:
                 t_row = time.perf_counter()
                 if torch is not None:
                     try:
-                        row["torch"] = bench_torch(torch, torch_device, preset, batch, dtype,
-                                                   hosts[key], args, fc, bf16_peak)
+                        row["torch"] = bench_torch(
+                            torch, torch_device, preset, batch, dtype, hosts[key], args, fc, bf16_peak
+                        )
                     except Exception as e:  # noqa: BLE001 - OOM or compiler failure: record
                         row["torch_error"] = f"{type(e).__name__}: {str(e)[:800]}"
                         if torch_device.type == "cuda":
                             torch.cuda.empty_cache()
                 if "jax" in args.frameworks:
                     try:
-                        row["jax"] = bench_jax(preset, batch, dtype, args.size, hosts[key],
-                                               args, fc, bf16_peak)
+                        row["jax"] = bench_jax(preset, batch, dtype, args.size, hosts[key], args, fc, bf16_peak)
                     except Exception as e:  # noqa: BLE001
                         row["jax_error"] = f"{type(e).__name__}: {str(e)[:800]}"
                 row["derived"] = derive(row, backend)
@@ -609,9 +717,11 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     print()
-    print(f"{result['card']} ({backend}), {args.size}x{args.size}, images/s (median of "
-          f"{args.windows} windows); TFLOP/s and %peak of the JAX headline train path vs "
-          f"bf16 matmul peak {bf16_peak:.1f} TFLOP/s")
+    print(
+        f"{result['card']} ({backend}), {args.size}x{args.size}, images/s (median of "
+        f"{args.windows} windows); TFLOP/s and %peak of the JAX headline train path vs "
+        f"bf16 matmul peak {bf16_peak:.1f} TFLOP/s"
+    )
     print(table(rows))
     print(f"wrote {out_path}")
     return 0

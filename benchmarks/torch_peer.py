@@ -67,20 +67,32 @@ def peer_spec(preset: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     spec = {**PRESETS[preset], **overrides}
     if spec.get("padding", "SAME") != "SAME":
-        raise NotImplementedError(f"preset {preset!r}: the PyTorch peer implements 'SAME' "
-                                  f"padding only, got {spec['padding']!r}")
+        raise NotImplementedError(
+            f"preset {preset!r}: the PyTorch peer implements 'SAME' padding only, got {spec['padding']!r}"
+        )
     return spec
 
 
 class ConvBlock(nn.Sequential):
     """``num_convs`` x (Conv2d k x k 'same', optional BatchNorm2d, ReLU)."""
 
-    def __init__(self, c_in: int, c_out: int, *, num_convs: int, kernel_size: int, norm: str,
-                 use_bias: bool, bn_momentum: float, bn_epsilon: float) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        *,
+        num_convs: int,
+        kernel_size: int,
+        norm: str,
+        use_bias: bool,
+        bn_momentum: float,
+        bn_epsilon: float,
+    ) -> None:
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, kernel_size,
-                                    padding=kernel_size // 2, bias=use_bias))
+            layers.append(
+                nn.Conv2d(c_in if i == 0 else c_out, c_out, kernel_size, padding=kernel_size // 2, bias=use_bias)
+            )
             if norm == "batch":
                 # Keras/Flax momentum m  ->  PyTorch momentum 1 - m.
                 layers.append(nn.BatchNorm2d(c_out, eps=bn_epsilon, momentum=1.0 - bn_momentum))
@@ -91,19 +103,38 @@ class ConvBlock(nn.Sequential):
 class TorchUNet(nn.Module):
     """``(N, C_in, H, W) -> (N, num_classes, H, W)`` logits; the fields of ``unet_jax.UNet``."""
 
-    def __init__(self, *, features: int = 64, depth: int = 4, convs_per_block: int = 2,
-                 kernel_size: int = 3, padding: str = "SAME", norm: str = "batch",
-                 dropout_rate: float = 0.0, up_kernel: int = 2, in_channels: int = 1,
-                 num_classes: int = 1, use_bias: bool = True, bn_momentum: float = 0.99,
-                 bn_epsilon: float = 1e-3, **unused: Any) -> None:
+    def __init__(
+        self,
+        *,
+        features: int = 64,
+        depth: int = 4,
+        convs_per_block: int = 2,
+        kernel_size: int = 3,
+        padding: str = "SAME",
+        norm: str = "batch",
+        dropout_rate: float = 0.0,
+        up_kernel: int = 2,
+        in_channels: int = 1,
+        num_classes: int = 1,
+        use_bias: bool = True,
+        bn_momentum: float = 0.99,
+        bn_epsilon: float = 1e-3,
+        **unused: Any,
+    ) -> None:
         super().__init__()
         if padding != "SAME" or kernel_size % 2 == 0:
             raise NotImplementedError("TorchUNet: 'SAME' padding with an odd kernel only")
         ignored = set(unused) - {"dtype", "param_dtype"}
         if ignored:
             raise ValueError(f"TorchUNet: unknown field(s) {sorted(ignored)}")
-        block = dict(num_convs=convs_per_block, kernel_size=kernel_size, norm=norm,
-                     use_bias=use_bias, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+        block = dict(
+            num_convs=convs_per_block,
+            kernel_size=kernel_size,
+            norm=norm,
+            use_bias=use_bias,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+        )
         self.depth = depth
         self.dropout_rate = dropout_rate
         self.enc = nn.ModuleList()
@@ -113,18 +144,16 @@ class TorchUNet(nn.Module):
             self.enc.append(ConvBlock(c, width, **block))
             c = width
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = ConvBlock(c, features * 2 ** depth, **block)
-        c = features * 2 ** depth
+        self.bottleneck = ConvBlock(c, features * 2**depth, **block)
+        c = features * 2**depth
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
         for level in range(depth, 0, -1):
             width = features * 2 ** (level - 1)
             if up_kernel % 2:  # odd kernel, 'SAME' -> output 2n
-                up = nn.ConvTranspose2d(c, width, up_kernel, stride=2, padding=up_kernel // 2,
-                                        output_padding=1)
+                up = nn.ConvTranspose2d(c, width, up_kernel, stride=2, padding=up_kernel // 2, output_padding=1)
             else:  # even kernel k: 'SAME' output 2n needs padding (k - 2) / 2
-                up = nn.ConvTranspose2d(c, width, up_kernel, stride=2,
-                                        padding=(up_kernel - 2) // 2)
+                up = nn.ConvTranspose2d(c, width, up_kernel, stride=2, padding=(up_kernel - 2) // 2)
             self.up.append(up)
             self.dec.append(ConvBlock(2 * width, width, **block))
             c = width
@@ -132,8 +161,9 @@ class TorchUNet(nn.Module):
         self.head = nn.Conv2d(c, num_classes, 1)
         for m in self.modules():  # He-normal (fan-in) as the JAX layers; zero bias
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in" if isinstance(m, nn.Conv2d)
-                                        else "fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(
+                    m.weight, mode="fan_in" if isinstance(m, nn.Conv2d) else "fan_out", nonlinearity="relu"
+                )
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
@@ -158,8 +188,7 @@ def make_peer(preset: str, **overrides: Any) -> TorchUNet:
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, buffers excluding BatchNorm's num_batches_tracked)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    buffers = sum(b.numel() for name, b in model.named_buffers()
-                  if not name.endswith("num_batches_tracked"))
+    buffers = sum(b.numel() for name, b in model.named_buffers() if not name.endswith("num_batches_tracked"))
     return trainable, buffers
 
 
@@ -190,10 +219,15 @@ def check_param_counts(preset: str, **overrides: Any) -> dict[str, Any]:
     jax_counts = jax_param_counts(preset, **overrides)
     expected = None if overrides else EXPECTED_COUNTS.get(preset)
     ok = torch_counts == jax_counts and (expected is None or jax_counts == expected)
-    result = {"preset": preset, "torch_trainable": torch_counts[0],
-              "torch_buffers": torch_counts[1], "jax_params": jax_counts[0],
-              "jax_batch_stats": jax_counts[1],
-              "expected": None if expected is None else list(expected), "equal": ok}
+    result = {
+        "preset": preset,
+        "torch_trainable": torch_counts[0],
+        "torch_buffers": torch_counts[1],
+        "jax_params": jax_counts[0],
+        "jax_batch_stats": jax_counts[1],
+        "expected": None if expected is None else list(expected),
+        "equal": ok,
+    }
     if not ok:
         raise AssertionError(f"parameter counts differ for preset {preset!r}: {result}")
     return result
@@ -240,9 +274,17 @@ class PeerRunner:
     fall back to eager and record why in ``compile_error``).
     """
 
-    def __init__(self, preset: str, device: torch.device, dtype: str, *,
-                 compile: bool | str = "auto", compile_mode: str | None = None,
-                 channels_last: bool = True, **overrides: Any) -> None:
+    def __init__(
+        self,
+        preset: str,
+        device: torch.device,
+        dtype: str,
+        *,
+        compile: bool | str = "auto",
+        compile_mode: str | None = None,
+        channels_last: bool = True,
+        **overrides: Any,
+    ) -> None:
         self.device = device
         self.bf16 = dtype == "bfloat16"
         self.channels_last = channels_last
@@ -250,8 +292,7 @@ class PeerRunner:
         self.model = make_peer(preset, **overrides).to(device)
         self.model = self.model.to(memory_format=self.memory_format)
         fused = device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7,
-                                          fused=fused)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7, fused=fused)
         self.compile_requested = compile
         self.compile_mode = compile_mode
         self.compile_error: str | None = None

@@ -21,9 +21,11 @@ def training_row(run: Path) -> str:
     results = json.loads((run / "results.json").read_text())
     env = json.loads((run / "environment.json").read_text())
     val = results.get("val_at_best_epoch", {})
-    return (f"| {run.name} | {results['best_epoch']}/{results['epochs_run']} | "
-            f"{val.get('val/dice', float('nan')):.3f} | "
-            f"{val.get('val/accuracy', float('nan')):.3f} | {env.get('wall_time_s', float('nan')) / 60:.0f} |")
+    return (
+        f"| {run.name} | {results['best_epoch']}/{results['epochs_run']} | "
+        f"{val.get('val/dice', float('nan')):.3f} | "
+        f"{val.get('val/accuracy', float('nan')):.3f} | {env.get('wall_time_s', float('nan')) / 60:.0f} |"
+    )
 
 
 def lever_rows(run: Path) -> list[str]:
@@ -31,10 +33,16 @@ def lever_rows(run: Path) -> list[str]:
     if not path.is_file():
         return []
     report = json.loads(path.read_text())["validation"]
-    rows = [("raw model output (threshold 0.5)", report["raw"]), *report["levers"].items(),
-            ("chosen recipe", report["chosen"])]
-    return [f"| {run.name} | {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-            f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |" for name, s in rows]
+    rows = [
+        ("raw model output (threshold 0.5)", report["raw"]),
+        *report["levers"].items(),
+        ("chosen recipe", report["chosen"]),
+    ]
+    return [
+        f"| {run.name} | {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
+        f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |"
+        for name, s in rows
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         print(training_row(run))
     print()
-    print("| run | lever (validation, native resolution) | lesion Dice | normal FP rate | lesion empty rate | "
-          "Dice, all images |")
+    print(
+        "| run | lever (validation, native resolution) | lesion Dice | normal FP rate | lesion empty rate | "
+        "Dice, all images |"
+    )
     print("|---|---|---|---|---|---|")
     for run in runs:
         for row in lever_rows(run):

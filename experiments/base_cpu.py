@@ -26,5 +26,12 @@ from unet_jax.config import TrainConfig
 
 
 def get_config() -> TrainConfig:
-    return dataclasses.replace(base_config(), image_size=128, model={"features": 16}, epochs=50, patience=20,
-                               warmup_epochs=2.0, dtype="float32")
+    return dataclasses.replace(
+        base_config(),
+        image_size=128,
+        model={"features": 16},
+        epochs=50,
+        patience=20,
+        warmup_epochs=2.0,
+        dtype="float32",
+    )

@@ -50,14 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     k = args.per_side
     marked = [r for r in normal if r[2].any()][:2]
     shown = lesion[:k] + lesion[-k:] + ([r for r in normal if not r[2].any()][:2]) + marked
-    images = [np.asarray(Image.fromarray(dataset.images_u8[i][..., 0]).resize((gt.shape[1], gt.shape[0]),
-                                                                              Image.Resampling.BILINEAR))
-              for i, _, _, gt in shown]
+    images = [
+        np.asarray(
+            Image.fromarray(dataset.images_u8[i][..., 0]).resize((gt.shape[1], gt.shape[0]), Image.Resampling.BILINEAR)
+        )
+        for i, _, _, gt in shown
+    ]
     titles = [f"{dataset.ids[i]} ({dataset.class_names[i]}) Dice {d:.2f}" for i, d, _, _ in shown]
-    prediction_grid(images, [r[3] for r in shown], [r[2] for r in shown], args.out, titles=titles,
-                    ncols=4, max_items=len(shown))
-    print(f"wrote {args.out}: {len(lesion[:k])} best, {len(lesion[-k:])} worst lesion images, "
-          f"{len(shown) - 2 * k} normal images ({len(marked)} of them marked)")
+    prediction_grid(
+        images, [r[3] for r in shown], [r[2] for r in shown], args.out, titles=titles, ncols=4, max_items=len(shown)
+    )
+    print(
+        f"wrote {args.out}: {len(lesion[:k])} best, {len(lesion[-k:])} worst lesion images, "
+        f"{len(shown) - 2 * k} normal images ({len(marked)} of them marked)"
+    )
     return 0
 
 

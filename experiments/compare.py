@@ -73,15 +73,35 @@ class Entry:
 def entries(profile: str, sam_checkpoint: str | None, data: dict[str, Any]) -> list[Entry]:
     """The rows of the comparison, each a full training config (one definition, overridden)."""
     best = dataclasses.replace(base_config(), **data)
-    seed = dataclasses.replace(best, preset="seed", loss="bce", optimizer="adam", learning_rate=1e-3,
-                               schedule="constant", warmup_epochs=0.0, augment=False, monitor="val/loss",
-                               batch_size=32, epochs=75, patience=20, dtype="float32")
+    seed = dataclasses.replace(
+        best,
+        preset="seed",
+        loss="bce",
+        optimizer="adam",
+        learning_rate=1e-3,
+        schedule="constant",
+        warmup_epochs=0.0,
+        augment=False,
+        monitor="val/loss",
+        batch_size=32,
+        epochs=75,
+        patience=20,
+        dtype="float32",
+    )
     resnet = dataclasses.replace(best, preset="resnet34_unet")
     classifier = dataclasses.replace(best, preset="resnet18_classifier", monitor="val/accuracy", class_weight=1.0)
     headed = dataclasses.replace(best, model={"class_head": 3}, class_weight=0.2)
-    sam = dataclasses.replace(best, preset="sam_vit_b", init_from=sam_checkpoint,
-                              freeze=("image_encoder", "prompt_encoder"), learning_rate=1e-4, batch_size=8,
-                              epochs=30, patience=10, warmup_epochs=1.0)
+    sam = dataclasses.replace(
+        best,
+        preset="sam_vit_b",
+        init_from=sam_checkpoint,
+        freeze=("image_encoder", "prompt_encoder"),
+        learning_rate=1e-4,
+        batch_size=8,
+        epochs=30,
+        patience=10,
+        warmup_epochs=1.0,
+    )
     if profile == "cpu":
         small = dict(image_size=64, epochs=12, patience=None, batch_size=16, dtype="float32", warmup_epochs=1.0)
         seed = dataclasses.replace(seed, **{**small, "batch_size": 32})
@@ -91,24 +111,49 @@ def entries(profile: str, sam_checkpoint: str | None, data: dict[str, Any]) -> l
         headed = dataclasses.replace(headed, model={"features": 16, "class_head": 3}, **small)
         sam = dataclasses.replace(sam, **{**small, "batch_size": 4})
     rows = [
-        Entry("unet_seed", "U-Net seed (notebook recipe)", seed,
-              "the report's network and recipe: BCE, Adam 1e-3, no augmentation"),
-        Entry("unet_best", "U-Net padded (best protocol)", best,
-              "BCE + Dice, AdamW + cosine, augmentation" + ("; width 16 on CPU" if profile == "cpu" else "")),
+        Entry(
+            "unet_seed",
+            "U-Net seed (notebook recipe)",
+            seed,
+            "the report's network and recipe: BCE, Adam 1e-3, no augmentation",
+        ),
+        Entry(
+            "unet_best",
+            "U-Net padded (best protocol)",
+            best,
+            "BCE + Dice, AdamW + cosine, augmentation" + ("; width 16 on CPU" if profile == "cpu" else ""),
+        ),
         Entry("resnet34_unet", "ResNet-34 U-Net", resnet, "random initialisation (no ImageNet weights here)"),
         Entry("resnet18_classifier", "ResNet-18 classifier", classifier, "benign / malignant / normal"),
         Entry("unet_class_head", "U-Net + bottleneck class head", headed, "segmentation + 0.2 x cross-entropy"),
     ]
     if sam_checkpoint is None:
-        rows.append(Entry("sam_vit_b", "SAM ViT-B (box-prompted)", None,
-                          "not run: official weights not supplied (--sam-checkpoint sam_vit_b_01ec64.pth); "
-                          "an untrained SAM's numbers are not SAM's"))
+        rows.append(
+            Entry(
+                "sam_vit_b",
+                "SAM ViT-B (box-prompted)",
+                None,
+                "not run: official weights not supplied (--sam-checkpoint sam_vit_b_01ec64.pth); "
+                "an untrained SAM's numbers are not SAM's",
+            )
+        )
     else:
-        rows.append(Entry("sam_vit_b_zero_shot", "SAM ViT-B as released (PROMPTED)",
-                          dataclasses.replace(sam, epochs=0, freeze=()),
-                          "boxes from ground-truth masks, lesion images only, no training"))
-        rows.append(Entry("sam_vit_b", "SAM ViT-B, decoder fine-tuned (PROMPTED)", sam,
-                          "boxes from ground-truth masks, lesion images only, image encoder frozen"))
+        rows.append(
+            Entry(
+                "sam_vit_b_zero_shot",
+                "SAM ViT-B as released (PROMPTED)",
+                dataclasses.replace(sam, epochs=0, freeze=()),
+                "boxes from ground-truth masks, lesion images only, no training",
+            )
+        )
+        rows.append(
+            Entry(
+                "sam_vit_b",
+                "SAM ViT-B, decoder fine-tuned (PROMPTED)",
+                sam,
+                "boxes from ground-truth masks, lesion images only, image encoder frozen",
+            )
+        )
     return rows
 
 
@@ -136,8 +181,9 @@ def inference_images_per_s(run_dir: Path, batch: int = 16, repeats: int = 5) -> 
 
     loaded = load(run_dir)
     size = loaded.config.image_size
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, loaded.config.channels),
-                                                           dtype=np.uint8))
+    images = jnp.asarray(
+        np.random.default_rng(0).integers(0, 256, (batch, size, size, loaded.config.channels), dtype=np.uint8)
+    )
     boxes = jnp.tile(jnp.asarray([[size * 0.25, size * 0.25, size * 0.75, size * 0.75]], jnp.float32), (batch, 1))
     boxes = boxes if needs_box_prompts(loaded.model) else None
     run = lambda: jax.block_until_ready(_probabilities(loaded.model, loaded.variables, images, boxes, False))  # noqa: E731
@@ -152,21 +198,36 @@ def row_of(entry: Entry, run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results.json").read_text())
     env = json.loads((run_dir / "environment.json").read_text())
     test = results.get("test_training_resolution", {})
-    row: dict[str, Any] = {"key": entry.key, "model": entry.label, "note": entry.note,
-                           "parameters": results["parameters"]["trainable"] + results["parameters"]["non_trainable"],
-                           "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in _history(run_dir)),
-                           "wall_time_s": env.get("wall_time_s"), "device": (env.get("devices") or ["?"])[0],
-                           "epochs_run": results["epochs_run"], "best_epoch": results["best_epoch"],
-                           "prompted": results.get("prompted")}
+    row: dict[str, Any] = {
+        "key": entry.key,
+        "model": entry.label,
+        "note": entry.note,
+        "parameters": results["parameters"]["trainable"] + results["parameters"]["non_trainable"],
+        "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in _history(run_dir)),
+        "wall_time_s": env.get("wall_time_s"),
+        "device": (env.get("devices") or ["?"])[0],
+        "epochs_run": results["epochs_run"],
+        "best_epoch": results["best_epoch"],
+        "prompted": results.get("prompted"),
+    }
     if "test" in results:  # a mask head: the report's pixel accuracy and BCE, Dice, IoU, HD95
         seg = results["test"]
-        row.update(accuracy=test.get("test/pixel_accuracy"), loss=test.get("test/bce"),
-                   dice=seg["dice"]["lesion"], iou=seg["iou"]["lesion"], hd95=seg["hd95"]["lesion"],
-                   normal_fp_rate=None if results.get("prompted") else seg["normal_false_positive_rate"])
+        row.update(
+            accuracy=test.get("test/pixel_accuracy"),
+            loss=test.get("test/bce"),
+            dice=seg["dice"]["lesion"],
+            iou=seg["iou"]["lesion"],
+            hd95=seg["hd95"]["lesion"],
+            normal_fp_rate=None if results.get("prompted") else seg["normal_false_positive_rate"],
+        )
     if "test_classification" in results:
         cls = results["test_classification"]
-        row.update(class_accuracy=cls["accuracy"], class_loss=cls["loss"], auc=cls["malignant_vs_rest_auc"],
-                   recall=cls["per_class_recall"])
+        row.update(
+            class_accuracy=cls["accuracy"],
+            class_loss=cls["loss"],
+            auc=cls["malignant_vs_rest_auc"],
+            recall=cls["per_class_recall"],
+        )
         if "test" not in results:
             row.update(accuracy=cls["accuracy"], loss=cls["loss"])
     row["inference_images_per_s"] = inference_images_per_s(run_dir)
@@ -193,14 +254,23 @@ def litemedsam_rows(folder: Path) -> list[dict[str, Any]]:
         r = json.loads(path.read_text())
         summ = r["summary"]
         params = r["parameters"]
-        rows.append({
-            "key": key, "model": label, "note": r["contamination"], "prompted": r["prompted"],
-            "accuracy": summ["pixel_accuracy"], "loss": summ["bce"], "dice": summ["dice_lesion"]["mean"],
-            "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
-            "normal_fp_rate": None if r["prompted"] else summ["normal_false_positive_rate"]["rate"],
-            "parameters": int(sum(v for v in params.values() if isinstance(v, int))),
-            "train_time_s": r.get("train_time_s"), "inference_images_per_s": r["cpu_img_per_s"],
-        })
+        rows.append(
+            {
+                "key": key,
+                "model": label,
+                "note": r["contamination"],
+                "prompted": r["prompted"],
+                "accuracy": summ["pixel_accuracy"],
+                "loss": summ["bce"],
+                "dice": summ["dice_lesion"]["mean"],
+                "iou": summ["iou_lesion"]["mean"],
+                "hd95": summ["hd95_lesion"]["mean"],
+                "normal_fp_rate": None if r["prompted"] else summ["normal_false_positive_rate"]["rate"],
+                "parameters": int(sum(v for v in params.values() if isinstance(v, int))),
+                "train_time_s": r.get("train_time_s"),
+                "inference_images_per_s": r["cpu_img_per_s"],
+            }
+        )
     for path_stage in ("twostage",):
         path = Path(folder) / f"{path_stage}.json"
         if path.exists():
@@ -208,15 +278,23 @@ def litemedsam_rows(folder: Path) -> list[dict[str, Any]]:
             auto = json.loads((Path(folder) / "auto.json").read_text())
             ft = "finetuned" if "finetuned" in r else "released"
             summ = r[ft]["summary"]
-            rows.append({
-                "key": "litemedsam_twostage", "note": r["contamination"], "prompted": False,
-                "model": f"LiteMedSAM two-stage automatic (light-decoder boxes, {ft} decoder)*",
-                "accuracy": summ["pixel_accuracy"], "loss": summ["bce"], "dice": summ["dice_lesion"]["mean"],
-                "iou": summ["iou_lesion"]["mean"], "hd95": summ["hd95_lesion"]["mean"],
-                "normal_fp_rate": summ["normal_false_positive_rate"]["rate"],
-                "parameters": 9_791_300 + 9_856 + auto["parameters"]["trainable"],
-                "train_time_s": auto.get("train_time_s", 0.0), "inference_images_per_s": None,
-            })
+            rows.append(
+                {
+                    "key": "litemedsam_twostage",
+                    "note": r["contamination"],
+                    "prompted": False,
+                    "model": f"LiteMedSAM two-stage automatic (light-decoder boxes, {ft} decoder)*",
+                    "accuracy": summ["pixel_accuracy"],
+                    "loss": summ["bce"],
+                    "dice": summ["dice_lesion"]["mean"],
+                    "iou": summ["iou_lesion"]["mean"],
+                    "hd95": summ["hd95_lesion"]["mean"],
+                    "normal_fp_rate": summ["normal_false_positive_rate"]["rate"],
+                    "parameters": 9_791_300 + 9_856 + auto["parameters"]["trainable"],
+                    "train_time_s": auto.get("train_time_s", 0.0),
+                    "inference_images_per_s": None,
+                }
+            )
     return rows
 
 
@@ -246,17 +324,39 @@ def _digits(rate: float | None) -> int:
 
 
 def table(rows: list[dict[str, Any]], skipped: list[Entry]) -> str:
-    header = ("model", "accuracy", "loss", "Dice", "IoU", "HD95 px", "normal FP", "class acc", "AUC mal.",
-              "params", "train s", "infer img/s")
+    header = (
+        "model",
+        "accuracy",
+        "loss",
+        "Dice",
+        "IoU",
+        "HD95 px",
+        "normal FP",
+        "class acc",
+        "AUC mal.",
+        "params",
+        "train s",
+        "infer img/s",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, acc, loss in REPORT_ROWS:
         lines.append("| " + " | ".join([name, _fmt(acc), _fmt(loss)] + ["-"] * (len(header) - 3)) + " |")
     for r in rows:
         label = r["model"] + (" (PROMPTED)" if r.get("prompted") and "PROMPTED" not in r["model"] else "")
-        cells = [label, _fmt(r.get("accuracy")), _fmt(r.get("loss")), _fmt(r.get("dice")), _fmt(r.get("iou")),
-                 _fmt(r.get("hd95"), 1), _fmt(r.get("normal_fp_rate"), 3), _fmt(r.get("class_accuracy")),
-                 _fmt(r.get("auc")), _fmt(r["parameters"]), _fmt(r["train_time_s"], 0),
-                 _fmt(r.get("inference_images_per_s"), _digits(r.get("inference_images_per_s")))]
+        cells = [
+            label,
+            _fmt(r.get("accuracy")),
+            _fmt(r.get("loss")),
+            _fmt(r.get("dice")),
+            _fmt(r.get("iou")),
+            _fmt(r.get("hd95"), 1),
+            _fmt(r.get("normal_fp_rate"), 3),
+            _fmt(r.get("class_accuracy")),
+            _fmt(r.get("auc")),
+            _fmt(r["parameters"]),
+            _fmt(r["train_time_s"], 0),
+            _fmt(r.get("inference_images_per_s"), _digits(r.get("inference_images_per_s"))),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for e in skipped:
         lines.append("| " + " | ".join([e.label, e.note] + [""] * (len(header) - 2)) + " |")
@@ -271,16 +371,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("full", "cpu"), default="full")
     parser.add_argument("--data", default=None, help="a BUSI-layout folder (default: the base config's)")
     parser.add_argument("--cache", default=None, help="a folder written by `unet-jax data prepare` (faster)")
-    parser.add_argument("--sam-checkpoint", default=None,
-                        help="official sam_vit_b_01ec64.pth (or a converted .msgpack)")
-    parser.add_argument("--litemedsam", default=str(LITEMEDSAM_RESULTS) if LITEMEDSAM_RESULTS.exists() else None,
-                        help="experiments/litemedsam.py's results folder: its measured rows join the table "
-                             "(default: results/litemedsam_cpu when present)")
-    parser.add_argument("--table-only", action="store_true",
-                        help="train nothing: rebuild table.md from --out's compare.json (and --litemedsam)")
+    parser.add_argument(
+        "--sam-checkpoint", default=None, help="official sam_vit_b_01ec64.pth (or a converted .msgpack)"
+    )
+    parser.add_argument(
+        "--litemedsam",
+        default=str(LITEMEDSAM_RESULTS) if LITEMEDSAM_RESULTS.exists() else None,
+        help="experiments/litemedsam.py's results folder: its measured rows join the table "
+        "(default: results/litemedsam_cpu when present)",
+    )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: rebuild table.md from --out's compare.json (and --litemedsam)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run (default: all)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides applied to every row (e.g. epochs=2)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides applied to every row (e.g. epochs=2)",
+    )
     args = parser.parse_args(argv)
 
     from unet_jax.models import apply_overrides
@@ -305,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only is not None and set(args.only) - known:
         raise SystemExit(f"--only {sorted(set(args.only) - known)}: unknown row(s); expected some of {sorted(known)}")
     # Rows not run stay in the table as what they are; --set changes the rows that run.
-    plan = [e if e.config is None else dataclasses.replace(e, config=apply_overrides(e.config, args.set))
-            for e in plan if e.config is None or args.only is None or e.key in args.only]
+    plan = [
+        e if e.config is None else dataclasses.replace(e, config=apply_overrides(e.config, args.set))
+        for e in plan
+        if e.config is None or args.only is None or e.key in args.only
+    ]
     split = shared_split(next(e.config for e in plan if e.config is not None), out)
     rows, skipped = [], []
     for entry in plan:
@@ -325,8 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     measured = litemedsam_rows(Path(args.litemedsam)) if args.litemedsam is not None else []
     text = table(rows + measured, skipped)
     (out / "table.md").write_text(text + "\n")
-    summary = {"profile": args.profile, "rows": rows, "litemedsam_rows": measured,
-               "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped]}
+    summary = {
+        "profile": args.profile,
+        "rows": rows,
+        "litemedsam_rows": measured,
+        "skipped": [dataclasses.asdict(e) | {"config": None} for e in skipped],
+    }
     (out / "compare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(text)
     return 0

@@ -54,8 +54,9 @@ def fold_manifests(config: Any, out: Path, k: int) -> list[Path]:
         return paths
     dataset = load_run_data(config, out)
     ids, labels = list(dataset.ids), [int(x) for x in dataset.labels]
-    splits = cross_validation_splits(ids, labels, duplicate_groups(dataset.hashes), k=k,
-                                     val_fraction=config.val_fraction, seed=config.split_seed)
+    splits = cross_validation_splits(
+        ids, labels, duplicate_groups(dataset.hashes), k=k, val_fraction=config.val_fraction, seed=config.split_seed
+    )
     for split, path in zip(splits, paths):
         write_manifest(split, path, dict(zip(ids, labels)))
     return paths
@@ -73,11 +74,16 @@ def save_oof(run: Path, manifest: Path, dataset: BusiDataset) -> Path:
     loaded = load(run)
     images = dataset.subset(ids).images_u8
     probs, classes = predict_outputs(loaded, images, flip_tta=False)
-    mirrored = predict_probabilities(loaded, np.ascontiguousarray(images[:, :, ::-1]),
-                                     loaded.config.eval_batch_size)[:, :, ::-1]
-    arrays = {"ids": np.asarray(ids), "parts": np.asarray(parts), "probs": probs.astype(np.float16),
-              "probs_flip": np.ascontiguousarray(mirrored).astype(np.float16),
-              "step": np.asarray(int(loaded.step_dir.name))}
+    mirrored = predict_probabilities(loaded, np.ascontiguousarray(images[:, :, ::-1]), loaded.config.eval_batch_size)[
+        :, :, ::-1
+    ]
+    arrays = {
+        "ids": np.asarray(ids),
+        "parts": np.asarray(parts),
+        "probs": probs.astype(np.float16),
+        "probs_flip": np.ascontiguousarray(mirrored).astype(np.float16),
+        "step": np.asarray(int(loaded.step_dir.name)),
+    }
     if classes is not None:
         arrays["class_probs"] = classes.astype(np.float32)
 
@@ -105,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--only", type=int, nargs="*", default=None,
-                        help="run only these folds (then aggregate what exists)")
+    parser.add_argument(
+        "--only", type=int, nargs="*", default=None, help="run only these folds (then aggregate what exists)"
+    )
     args = parser.parse_args(argv)
 
     config = apply_overrides(load_config(args.config), args.set + ([f"cache={args.cache}"] if args.cache else []))
     # Before anything starts JAX's backend: the CPU as two devices, as `unet-jax train` does.
-    use_cpu_devices(cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size),
-                                     config.distributed))
+    use_cpu_devices(
+        cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size), config.distributed)
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifests = fold_manifests(config, out, args.folds)
@@ -145,38 +153,56 @@ def main(argv: list[str] | None = None) -> int:
         rows["recipe"] += per_image
         rows["raw"] += raw
         env = json.loads((run / "environment.json").read_text())
-        folds.append({"fold": i, "best_epoch": results["best_epoch"], "epochs_run": results["epochs_run"],
-                      "wall_time_s": env.get("wall_time_s"), "recipe": results.get("inference", {}).get("description"),
-                      "lesion_dice": results["test"]["dice"].get("lesion"),
-                      "lesion_iou": results["test"]["iou"].get("lesion"),
-                      "normal_false_positive_rate": results["test"]["normal_false_positive_rate"],
-                      "lesion_empty_prediction_rate": results["test"]["lesion_empty_prediction_rate"]})
-    report = {"config": args.config, "overrides": args.set, "folds_done": len(folds), "folds": folds,
-              "pooled": pooled(rows["recipe"], config.seed) if rows["recipe"] else None,
-              "pooled_raw": pooled(rows["raw"], config.seed) if rows["raw"] else None,
-              "wall_time_this_call_s": time.time() - started}
+        folds.append(
+            {
+                "fold": i,
+                "best_epoch": results["best_epoch"],
+                "epochs_run": results["epochs_run"],
+                "wall_time_s": env.get("wall_time_s"),
+                "recipe": results.get("inference", {}).get("description"),
+                "lesion_dice": results["test"]["dice"].get("lesion"),
+                "lesion_iou": results["test"]["iou"].get("lesion"),
+                "normal_false_positive_rate": results["test"]["normal_false_positive_rate"],
+                "lesion_empty_prediction_rate": results["test"]["lesion_empty_prediction_rate"],
+            }
+        )
+    report = {
+        "config": args.config,
+        "overrides": args.set,
+        "folds_done": len(folds),
+        "folds": folds,
+        "pooled": pooled(rows["recipe"], config.seed) if rows["recipe"] else None,
+        "pooled_raw": pooled(rows["raw"], config.seed) if rows["raw"] else None,
+        "wall_time_this_call_s": time.time() - started,
+    }
     (out / "cv_results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     return 0
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| fold | best epoch | lesion Dice | lesion IoU | normal FP rate | lesion empty rate | recipe |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fold | best epoch | lesion Dice | lesion IoU | normal FP rate | lesion empty rate | recipe |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in report["folds"]:
-        lines.append(f"| {f['fold']} | {f['best_epoch']}/{f['epochs_run']} | {f['lesion_dice']:.3f} | "
-                     f"{f['lesion_iou']:.3f} | {f['normal_false_positive_rate']:.3f} | "
-                     f"{f['lesion_empty_prediction_rate']:.3f} | {f['recipe']} |")
+        lines.append(
+            f"| {f['fold']} | {f['best_epoch']}/{f['epochs_run']} | {f['lesion_dice']:.3f} | "
+            f"{f['lesion_iou']:.3f} | {f['normal_false_positive_rate']:.3f} | "
+            f"{f['lesion_empty_prediction_rate']:.3f} | {f['recipe']} |"
+        )
     for name in ("pooled", "pooled_raw"):
         p = report.get(name)
         if not p:
             continue
         d, i = p["dice"]["lesion"], p["iou"]["lesion"]
         nfp, le = p["normal_false_positive_rate"], p["lesion_empty_prediction_rate"]
-        lines.append(f"| {name} ({p['counts'].get('overall', '?')} images) | | {d['mean']:.3f} [{d['ci_low']:.3f}, "
-                     f"{d['ci_high']:.3f}] | {i['mean']:.3f} [{i['ci_low']:.3f}, {i['ci_high']:.3f}] | "
-                     f"{nfp['rate']:.3f} [{nfp['ci_low']:.3f}, {nfp['ci_high']:.3f}] | "
-                     f"{le['rate']:.3f} [{le['ci_low']:.3f}, {le['ci_high']:.3f}] | |")
+        lines.append(
+            f"| {name} ({p['counts'].get('overall', '?')} images) | | {d['mean']:.3f} [{d['ci_low']:.3f}, "
+            f"{d['ci_high']:.3f}] | {i['mean']:.3f} [{i['ci_low']:.3f}, {i['ci_high']:.3f}] | "
+            f"{nfp['rate']:.3f} [{nfp['ci_low']:.3f}, {nfp['ci_high']:.3f}] | "
+            f"{le['rate']:.3f} [{le['ci_low']:.3f}, {le['ci_high']:.3f}] | |"
+        )
     return "\n".join(lines)
 
 

@@ -22,8 +22,20 @@ from unet_jax.config import TrainConfig
 
 def get_config() -> TrainConfig:
     return dataclasses.replace(
-        base_config(), image_size=128, model={"features": 16, "class_head": 3}, class_weight=0.2,
-        epochs=22, patience=10, warmup_epochs=1.0, dtype="float32",
-        max_rotation_deg=15.0, scale_min=0.85, scale_max=1.2, brightness=0.15,
-        contrast_min=0.75, contrast_max=1.3, gamma_min=0.7, gamma_max=1.4,
+        base_config(),
+        image_size=128,
+        model={"features": 16, "class_head": 3},
+        class_weight=0.2,
+        epochs=22,
+        patience=10,
+        warmup_epochs=1.0,
+        dtype="float32",
+        max_rotation_deg=15.0,
+        scale_min=0.85,
+        scale_max=1.2,
+        brightness=0.15,
+        contrast_min=0.75,
+        contrast_max=1.3,
+        gamma_min=0.7,
+        gamma_max=1.4,
     )

@@ -128,16 +128,17 @@ def stage_embed(args: argparse.Namespace) -> dict[str, Any]:
         emb = np.asarray(jax.block_until_ready(encode(variables, inp.image[None])))[0]
         seconds = time.perf_counter() - start
         np.save(cache / "emb" / f"{rid}.npy", emb.astype(np.float32))
-        meta[rid] = {"new_size": list(inp.new_size), "original_size": list(inp.original_size),
-                     "encoder_s": seconds}
+        meta[rid] = {"new_size": list(inp.new_size), "original_size": list(inp.original_size), "encoder_s": seconds}
         meta_path.write_text(json.dumps(meta, indent=0))
         if n % 20 == 0 or n == len(todo) - 1:
             log(f"embed {n + 1}/{len(todo)} {rid}: {seconds:.2f} s")
     meta_path.write_text(json.dumps(meta, indent=0))
     times = np.asarray([m["encoder_s"] for m in meta.values()])
-    return {"images": len(meta), "encoder_s_per_image_median": float(np.median(times)),
-            "encoder_img_per_s": float(1.0 / np.median(times))}
-
+    return {
+        "images": len(meta),
+        "encoder_s_per_image_median": float(np.median(times)),
+        "encoder_img_per_s": float(1.0 / np.median(times)),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -198,8 +199,9 @@ def _native_row(logits256: np.ndarray, rid: str, data: Cached) -> dict[str, Any]
     from unet_jax.models.sam.litemedsam import postprocess_logits
 
     m = data.meta[rid]
-    logits = postprocess_logits(logits256.reshape(1, 256, 256, 1), tuple(m["new_size"]),
-                                tuple(m["original_size"]))[0, :, :, 0]
+    logits = postprocess_logits(logits256.reshape(1, 256, 256, 1), tuple(m["new_size"]), tuple(m["original_size"]))[
+        0, :, :, 0
+    ]
     gt = data.mask(rid)
     row = image_metrics(logits > 0, gt)
     # the report's loss: pixel binary cross-entropy of sigmoid(logits), natively
@@ -216,16 +218,20 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     agg = aggregate(rows)
     lesion = [r for r in rows if r["class"] != "normal"]
-    return to_jsonable({
-        "dice_lesion": agg["dice"]["lesion"], "iou_lesion": agg["iou"]["lesion"],
-        "hd95_lesion": agg["hd95"]["lesion"],
-        "pixel_accuracy": float(np.mean([r["pixel_accuracy"] for r in rows])),
-        "pixel_accuracy_lesion": float(np.mean([r["pixel_accuracy"] for r in lesion])),
-        "bce": float(np.mean([r["bce"] for r in rows])),
-        "normal_false_positive_rate": agg["normal_false_positive_rate"],
-        "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"],
-        "counts": agg["counts"], "per_class_dice": {c: agg["dice"][c] for c in ("benign", "malignant", "normal")},
-    })
+    return to_jsonable(
+        {
+            "dice_lesion": agg["dice"]["lesion"],
+            "iou_lesion": agg["iou"]["lesion"],
+            "hd95_lesion": agg["hd95"]["lesion"],
+            "pixel_accuracy": float(np.mean([r["pixel_accuracy"] for r in rows])),
+            "pixel_accuracy_lesion": float(np.mean([r["pixel_accuracy"] for r in lesion])),
+            "bce": float(np.mean([r["bce"] for r in rows])),
+            "normal_false_positive_rate": agg["normal_false_positive_rate"],
+            "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"],
+            "counts": agg["counts"],
+            "per_class_dice": {c: agg["dice"][c] for c in ("benign", "malignant", "normal")},
+        }
+    )
 
 
 def _decoder_fns(model: Any):
@@ -260,8 +266,11 @@ def _count(tree: Any) -> int:
 
 def _embed_summary(data: Cached) -> dict[str, float]:
     times = np.asarray([m["encoder_s"] for m in data.meta.values()])
-    return {"encoder_s_per_image_median": float(np.median(times)), "encoder_s_per_image_min": float(times.min()),
-            "n": int(times.size)}
+    return {
+        "encoder_s_per_image_median": float(np.median(times)),
+        "encoder_s_per_image_min": float(times.min()),
+        "n": int(times.size),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -275,11 +284,18 @@ def stage_released(args: argparse.Namespace) -> dict[str, Any]:
     test = data.lesion("test")
     rows, dec_s = _evaluate_prompted(variables, model, data, test)
     enc_s = _embed_summary(data)["encoder_s_per_image_median"]
-    return {"row": "LiteMedSAM as released, GT boxes (PROMPTED)", "prompted": True,
-            "contamination": CONTAMINATION, "test_images": len(test),
-            "parameters": {"trainable": 9_791_300, "batch_norm_statistics": _count(variables["batch_stats"])},
-            "decoder_s_per_image_median": dec_s, "encoder_s_per_image_median": enc_s,
-            "cpu_img_per_s": 1.0 / (enc_s + dec_s), "summary": _summary(rows), "rows": rows}
+    return {
+        "row": "LiteMedSAM as released, GT boxes (PROMPTED)",
+        "prompted": True,
+        "contamination": CONTAMINATION,
+        "test_images": len(test),
+        "parameters": {"trainable": 9_791_300, "batch_norm_statistics": _count(variables["batch_stats"])},
+        "decoder_s_per_image_median": dec_s,
+        "encoder_s_per_image_median": enc_s,
+        "cpu_img_per_s": 1.0 / (enc_s + dec_s),
+        "summary": _summary(rows),
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -332,8 +348,11 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     def val_dice(dec) -> float:
         v = {"params": {**frozen, "mask_decoder": dec}, "batch_stats": variables["batch_stats"]}
-        return float(np.mean([_frame_dice(np.asarray(decode(v, data.emb([i]), data.box256(i)[None]))[0], targets[i])
-                              for i in val]))
+        return float(
+            np.mean(
+                [_frame_dice(np.asarray(decode(v, data.emb([i]), data.box256(i)[None]))[0], targets[i]) for i in val]
+            )
+        )
 
     dec = variables["params"]["mask_decoder"]
     state = opt.init(dec)
@@ -346,15 +365,21 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
         order = rng.permutation(len(train))
         losses = []
         for b in range(0, len(order) - bs + 1, bs):
-            ids = [train[k] for k in order[b:b + bs]]
+            ids = [train[k] for k in order[b : b + bs]]
             # MedSAM's box jitter: each coordinate shifted by up to 5 px in the 256 frame
             boxes = np.stack([data.box256(i) for i in ids]) + rng.integers(-5, 6, (len(ids), 4))
             boxes = np.clip(boxes, 0, 255).astype(np.float32)
             dec, state, loss = step(dec, state, data.emb(ids), boxes, np.stack([targets[i] for i in ids]))
             losses.append(float(loss))
         vd = val_dice(dec)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice_256": vd,
-                        "elapsed_s": time.time() - started})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_dice_256": vd,
+                "elapsed_s": time.time() - started,
+            }
+        )
         log(f"finetune: epoch {epoch} loss {np.mean(losses):.4f} val Dice (256 frame) {vd:.4f}")
         if vd > best[0]:
             best = (vd, epoch, dec)
@@ -364,19 +389,35 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
     tuned = {"params": {**frozen, "mask_decoder": best[2]}, "batch_stats": variables["batch_stats"]}
     from flax import serialization
 
-    (Path(args.cache) / "finetuned_mask_decoder.msgpack").write_bytes(serialization.msgpack_serialize(
-        jax.tree_util.tree_map(np.asarray, best[2])))
+    (Path(args.cache) / "finetuned_mask_decoder.msgpack").write_bytes(
+        serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, best[2]))
+    )
     rows, dec_s = _evaluate_prompted(tuned, model, data, test)
     enc_s = _embed_summary(data)["encoder_s_per_image_median"]
-    return {"row": "LiteMedSAM, mask decoder fine-tuned, GT boxes (PROMPTED)", "prompted": True,
-            "contamination": CONTAMINATION, "train_images": len(train), "val_images": len(val),
-            "test_images": len(test), "lr": args.ft_lr, "batch_size": bs, "best_epoch": best[1],
-            "selection": "validation Dice in the 256 frame (lesion validation images); test never used",
-            "train_time_s": time.time() - started, "history": history,
-            "parameters": {"trainable": 4_058_340, "frozen": 9_791_300 - 4_058_340,
-                           "batch_norm_statistics": _count(variables["batch_stats"])},
-            "decoder_s_per_image_median": dec_s, "encoder_s_per_image_median": enc_s,
-            "cpu_img_per_s": 1.0 / (enc_s + dec_s), "summary": _summary(rows), "rows": rows}
+    return {
+        "row": "LiteMedSAM, mask decoder fine-tuned, GT boxes (PROMPTED)",
+        "prompted": True,
+        "contamination": CONTAMINATION,
+        "train_images": len(train),
+        "val_images": len(val),
+        "test_images": len(test),
+        "lr": args.ft_lr,
+        "batch_size": bs,
+        "best_epoch": best[1],
+        "selection": "validation Dice in the 256 frame (lesion validation images); test never used",
+        "train_time_s": time.time() - started,
+        "history": history,
+        "parameters": {
+            "trainable": 4_058_340,
+            "frozen": 9_791_300 - 4_058_340,
+            "batch_norm_statistics": _count(variables["batch_stats"]),
+        },
+        "decoder_s_per_image_median": dec_s,
+        "encoder_s_per_image_median": enc_s,
+        "cpu_img_per_s": 1.0 / (enc_s + dec_s),
+        "summary": _summary(rows),
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -432,7 +473,7 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
     def val_score(p) -> float:  # mean per-image Dice over all validation images (normal: 1 if empty)
         out = []
         for b in range(0, len(val), 8):
-            ids = val[b:b + 8]
+            ids = val[b : b + 8]
             logits = np.asarray(predict(p, data.emb(ids)))
             out += [_frame_dice(logits[k], targets[i]) for k, i in enumerate(ids)]
         return float(np.mean(out))
@@ -445,13 +486,19 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
         order = rng.permutation(len(train))
         losses = []
         for b in range(0, len(order) - bs + 1, bs):
-            ids = [train[k] for k in order[b:b + bs]]
+            ids = [train[k] for k in order[b : b + bs]]
             emb, target = data.emb(ids), np.stack([targets[i] for i in ids])
             params, state, loss = step(params, state, emb, target)
             losses.append(float(loss))
         vs = val_score(params)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice_256_all": vs,
-                        "elapsed_s": time.time() - started})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_dice_256_all": vs,
+                "elapsed_s": time.time() - started,
+            }
+        )
         log(f"auto: epoch {epoch} loss {np.mean(losses):.4f} val Dice (256 frame, all images) {vs:.4f}")
         if vs > best[0]:
             best = (vs, epoch, params)
@@ -460,7 +507,8 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
             break
     params = best[2]
     (Path(args.cache) / "auto_decoder.msgpack").write_bytes(
-        serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
+        serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, params))
+    )
     rows, seconds = [], []
     for rid in test:
         start = time.perf_counter()
@@ -469,14 +517,26 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(_native_row(logits[0, :, :, 0], rid, data))
     enc_s = _embed_summary(data)["encoder_s_per_image_median"]
     dec_s = float(np.median(seconds[1:]))
-    return {"row": "LiteMedSAM encoder (frozen) + light decoder, automatic (no prompt)", "prompted": False,
-            "contamination": CONTAMINATION, "train_images": len(train), "val_images": len(val),
-            "test_images": len(test), "lr": args.auto_lr, "batch_size": bs, "best_epoch": best[1],
-            "selection": "mean per-image validation Dice in the 256 frame, all validation images; test never used",
-            "train_time_s": time.time() - started, "history": history,
-            "parameters": {"trainable": n_params, "frozen_encoder": 5_726_740, "batch_norm_statistics": 9_856},
-            "decoder_s_per_image_median": dec_s, "encoder_s_per_image_median": enc_s,
-            "cpu_img_per_s": 1.0 / (enc_s + dec_s), "summary": _summary(rows), "rows": rows}
+    return {
+        "row": "LiteMedSAM encoder (frozen) + light decoder, automatic (no prompt)",
+        "prompted": False,
+        "contamination": CONTAMINATION,
+        "train_images": len(train),
+        "val_images": len(val),
+        "test_images": len(test),
+        "lr": args.auto_lr,
+        "batch_size": bs,
+        "best_epoch": best[1],
+        "selection": "mean per-image validation Dice in the 256 frame, all validation images; test never used",
+        "train_time_s": time.time() - started,
+        "history": history,
+        "parameters": {"trainable": n_params, "frozen_encoder": 5_726_740, "batch_norm_statistics": 9_856},
+        "decoder_s_per_image_median": dec_s,
+        "encoder_s_per_image_median": enc_s,
+        "cpu_img_per_s": 1.0 / (enc_s + dec_s),
+        "summary": _summary(rows),
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -500,13 +560,19 @@ def stage_twostage(args: argparse.Namespace) -> dict[str, Any]:
     decoders = {"released": variables}
     if ft_path.exists():
         dec = serialization.from_bytes(variables["params"]["mask_decoder"], ft_path.read_bytes())
-        decoders["finetuned"] = {"params": {**variables["params"], "mask_decoder": dec},
-                                 "batch_stats": variables["batch_stats"]}
+        decoders["finetuned"] = {
+            "params": {**variables["params"], "mask_decoder": dec},
+            "batch_stats": variables["batch_stats"],
+        }
     decode = _decoder_fns(model)
-    out: dict[str, Any] = {"row": "two-stage automatic: light-decoder boxes as LiteMedSAM prompts",
-                           "prompted": False, "contamination": CONTAMINATION, "test_images": len(test),
-                           "box_rule": "the 256-frame box of all pixels the light decoder predicts (logit > 0) "
-                                       "inside the resized image; no pixel: the image is predicted empty"}
+    out: dict[str, Any] = {
+        "row": "two-stage automatic: light-decoder boxes as LiteMedSAM prompts",
+        "prompted": False,
+        "contamination": CONTAMINATION,
+        "test_images": len(test),
+        "box_rule": "the 256-frame box of all pixels the light decoder predicts (logit > 0) "
+        "inside the resized image; no pixel: the image is predicted empty",
+    }
     for name, v in decoders.items():
         rows = []
         for rid in test:
@@ -535,19 +601,26 @@ def stage_report(args: argparse.Namespace) -> dict[str, Any]:
     def rate(r: dict) -> str:
         return "-" if r["n"] == 0 else f"{r['count']}/{r['n']} ({r['rate']:.2f})"
 
-    lines = ["| row | images | lesion Dice [95% CI] | lesion IoU | HD95 px | pixel acc. | pixel BCE | "
-             "normal FP | lesion empty | params | CPU img/s |", "|" + "---|" * 11]
+    lines = [
+        "| row | images | lesion Dice [95% CI] | lesion IoU | HD95 px | pixel acc. | pixel BCE | "
+        "normal FP | lesion empty | params | CPU img/s |",
+        "|" + "---|" * 11,
+    ]
 
     def add(label: str, r: dict, summ: dict, params: str, speed: str) -> None:
-        lines.append(f"| {label} | {sum(summ['counts'][c] for c in ('benign', 'malignant', 'normal'))} | "
-                     f"{ci(summ['dice_lesion'])} | {summ['iou_lesion']['mean']:.3f} | "
-                     f"{summ['hd95_lesion']['mean']:.1f} | "
-                     f"{summ['pixel_accuracy']:.4f} | {summ['bce']:.4f} | {rate(summ['normal_false_positive_rate'])} | "
-                     f"{rate(summ['lesion_empty_prediction_rate'])} | {params} | {speed} |")
+        lines.append(
+            f"| {label} | {sum(summ['counts'][c] for c in ('benign', 'malignant', 'normal'))} | "
+            f"{ci(summ['dice_lesion'])} | {summ['iou_lesion']['mean']:.3f} | "
+            f"{summ['hd95_lesion']['mean']:.1f} | "
+            f"{summ['pixel_accuracy']:.4f} | {summ['bce']:.4f} | {rate(summ['normal_false_positive_rate'])} | "
+            f"{rate(summ['lesion_empty_prediction_rate'])} | {params} | {speed} |"
+        )
 
-    labels = {"released": "1. as released, GT boxes (PROMPTED)",
-              "finetune": "2. mask decoder fine-tuned, GT boxes (PROMPTED)",
-              "auto": "3. frozen encoder + light decoder, no prompt"}
+    labels = {
+        "released": "1. as released, GT boxes (PROMPTED)",
+        "finetune": "2. mask decoder fine-tuned, GT boxes (PROMPTED)",
+        "auto": "3. frozen encoder + light decoder, no prompt",
+    }
     for stage, label in labels.items():
         path = out / f"{stage}.json"
         if path.exists():
@@ -567,8 +640,14 @@ def stage_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"table": text}
 
 
-STAGES = {"embed": stage_embed, "released": stage_released, "finetune": stage_finetune, "auto": stage_auto,
-          "twostage": stage_twostage, "report": stage_report}
+STAGES = {
+    "embed": stage_embed,
+    "released": stage_released,
+    "finetune": stage_finetune,
+    "auto": stage_auto,
+    "twostage": stage_twostage,
+    "report": stage_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,9 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "litemedsam_cpu"))
     parser.add_argument("--split", default=str(SPLIT))
     parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="use a seeded class-stratified subset of this many training images "
-                             "(embeddings: test, validation, then these only)")
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="use a seeded class-stratified subset of this many training images "
+        "(embeddings: test, validation, then these only)",
+    )
     parser.add_argument("--ft-lr", type=float, default=3e-5)
     parser.add_argument("--ft-batch", type=int, default=4)
     parser.add_argument("--ft-epochs", type=int, default=6)

@@ -90,15 +90,22 @@ def pool_test_parts(folds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     return out
 
 
-def image_rows(oof: dict[str, np.ndarray], idx: np.ndarray, recipe: Any, gts: list[np.ndarray],
-               classes: list[str]) -> list[dict[str, Any]]:
+def image_rows(
+    oof: dict[str, np.ndarray], idx: np.ndarray, recipe: Any, gts: list[np.ndarray], classes: list[str]
+) -> list[dict[str, Any]]:
     """Per-image metrics (unet_jax.metrics.image_metrics) of images ``idx`` under ``recipe``."""
     maps = 0.5 * (oof["probs"] + oof["probs_flip"]) if recipe.flip_tta else oof["probs"]
     rows = []
     for i in idx:
         pred = recipe_mask(maps[i], oof["class_probs"][i], recipe, gts[i].shape)
-        rows.append({"id": str(oof["ids"][i]), "class": classes[i], "fold": int(oof["fold"][i]),
-                     **M.image_metrics(pred, gts[i])})
+        rows.append(
+            {
+                "id": str(oof["ids"][i]),
+                "class": classes[i],
+                "fold": int(oof["fold"][i]),
+                **M.image_metrics(pred, gts[i]),
+            }
+        )
     return rows
 
 
@@ -110,24 +117,37 @@ def summary(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     return M.to_jsonable(out)
 
 
-def nested(scores: Any, oof: dict[str, np.ndarray], gts: list[np.ndarray], classes: list[str],
-           max_lesion_empty: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def nested(
+    scores: Any, oof: dict[str, np.ndarray], gts: list[np.ndarray], classes: list[str], max_lesion_empty: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """For each fold: the recipe chosen on the other folds, applied to this one. Returns
     (per-fold rows, recipe rows, raw rows)."""
     per_fold, rows, raw_rows = [], [], []
     for f in np.unique(oof["fold"]):
         held, others = np.flatnonzero(oof["fold"] == f), np.flatnonzero(oof["fold"] != f)
-        recipe, _ = choose_recipe(scores, oof["class_probs"], idx=others, max_lesion_empty=max_lesion_empty,
-                                  tuned_on=f"out-of-fold predictions of the folds other than {f}",
-                                  learned_gates=DESIGNS)
+        recipe, _ = choose_recipe(
+            scores,
+            oof["class_probs"],
+            idx=others,
+            max_lesion_empty=max_lesion_empty,
+            tuned_on=f"out-of-fold predictions of the folds other than {f}",
+            learned_gates=DESIGNS,
+        )
         fold_rows = image_rows(oof, held, recipe, gts, classes)
         fold_raw = image_rows(oof, held, RAW, gts, classes)
         agg = M.aggregate(fold_rows, n_boot=0)
-        per_fold.append({"fold": int(f), "images": int(len(held)), "recipe": recipe.describe(),
-                         "lesion_dice": agg["dice"]["lesion"]["mean"], "lesion_iou": agg["iou"]["lesion"]["mean"],
-                         "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
-                         "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
-                         "raw_lesion_dice": M.aggregate(fold_raw, n_boot=0)["dice"]["lesion"]["mean"]})
+        per_fold.append(
+            {
+                "fold": int(f),
+                "images": int(len(held)),
+                "recipe": recipe.describe(),
+                "lesion_dice": agg["dice"]["lesion"]["mean"],
+                "lesion_iou": agg["iou"]["lesion"]["mean"],
+                "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
+                "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
+                "raw_lesion_dice": M.aggregate(fold_raw, n_boot=0)["dice"]["lesion"]["mean"],
+            }
+        )
         rows += fold_rows
         raw_rows += fold_raw
         log(f"nested fold {f}: {recipe.describe()}")
@@ -147,14 +167,15 @@ def lesion_scores(oof: dict[str, np.ndarray], is_lesion: np.ndarray, flip: bool)
     """Out-of-fold lesion-vs-normal scores of each design (learned gates fitted on the
     other folds and scored on the held-out one)."""
     maps = 0.5 * (oof["probs"] + oof["probs_flip"]) if flip else oof["probs"]
-    out = {"class head: 1 - p(normal)": 1.0 - oof["class_probs"][:, NORMAL_CLASS],
-           "max pixel probability": maps.reshape(len(maps), -1).max(axis=1)}
+    out = {
+        "class head: 1 - p(normal)": 1.0 - oof["class_probs"][:, NORMAL_CLASS],
+        "max pixel probability": maps.reshape(len(maps), -1).max(axis=1),
+    }
     for design in DESIGNS:
         score = np.zeros(len(maps))
         for f in np.unique(oof["fold"]):
             held, others = oof["fold"] == f, oof["fold"] != f
-            gate = fit_learned_gate(maps[others], oof["class_probs"][others], is_lesion[others],
-                                    LEARNED_GATES[design])
+            gate = fit_learned_gate(maps[others], oof["class_probs"][others], is_lesion[others], LEARNED_GATES[design])
             score[held] = gate.lesion_probability(maps[held], oof["class_probs"][held])
         out[f"learned gate ({design})"] = score
     return out
@@ -171,21 +192,28 @@ def plot_roc(curves: dict[str, np.ndarray], is_lesion: np.ndarray, operating: di
         fpr, tpr = roc_points(score, is_lesion)
         ax.plot(fpr, tpr, label=f"{name} (AUC {M.roc_auc(score, is_lesion):.3f})")
     # Axes as a user reads them: normal images marked (x) against lesion images kept (y).
-    ax.plot(operating["normal_marked_rate"], operating["lesion_kept_rate"], "k*", markersize=12,
-            label=f"chosen gate ({operating['normal_marked_rate']:.2f}, {operating['lesion_kept_rate']:.2f})")
+    ax.plot(
+        operating["normal_marked_rate"],
+        operating["lesion_kept_rate"],
+        "k*",
+        markersize=12,
+        label=f"chosen gate ({operating['normal_marked_rate']:.2f}, {operating['lesion_kept_rate']:.2f})",
+    )
     ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
     ax.set_xlabel("normal images marked as lesion (false-positive rate)")
     ax.set_ylabel("lesion images marked as lesion (true-positive rate)")
-    ax.set_title(f"Lesion vs normal, out of fold ({int(is_lesion.sum())} lesion, {int((~is_lesion).sum())} normal)",
-                 fontsize=9)
+    ax.set_title(
+        f"Lesion vs normal, out of fold ({int(is_lesion.sum())} lesion, {int((~is_lesion).sum())} normal)", fontsize=9
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
-def transfer_check(folds: list[dict[str, np.ndarray]], oof: dict[str, np.ndarray], recipe: Any,
-                   gts_by_id: dict[str, np.ndarray]) -> dict[str, Any]:
+def transfer_check(
+    folds: list[dict[str, np.ndarray]], oof: dict[str, np.ndarray], recipe: Any, gts_by_id: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """The recipe on one member against a two-member average, on the same images: those of
     a fold's validation part (out of that fold's model and of their own test fold's model)."""
     position = {str(i): k for k, i in enumerate(oof["ids"])}
@@ -197,8 +225,11 @@ def transfer_check(folds: list[dict[str, np.ndarray]], oof: dict[str, np.ndarray
                 continue
             j = position[image]
             p1 = (oof["probs"][j], oof["probs_flip"][j], oof["class_probs"][j])
-            p2 = (np.asarray(z["probs"][k], np.float32), np.asarray(z["probs_flip"][k], np.float32),
-                  z["class_probs"][k])
+            p2 = (
+                np.asarray(z["probs"][k], np.float32),
+                np.asarray(z["probs_flip"][k], np.float32),
+                z["class_probs"][k],
+            )
             single.append(p1)
             pair.append(tuple(0.5 * (a + b) for a, b in zip(p1, p2)))
             ids.append(image)
@@ -208,20 +239,27 @@ def transfer_check(folds: list[dict[str, np.ndarray]], oof: dict[str, np.ndarray
         for image, (prob, flipped, cls) in zip(ids, preds):
             maps = 0.5 * (prob + flipped) if recipe.flip_tta else prob
             gt = gts_by_id[image]
-            rows.append({"class": "normal" if not gt.any() else "lesion",
-                         **M.image_metrics(recipe_mask(maps, cls, recipe, gt.shape), gt)})
+            rows.append(
+                {
+                    "class": "normal" if not gt.any() else "lesion",
+                    **M.image_metrics(recipe_mask(maps, cls, recipe, gt.shape), gt),
+                }
+            )
         agg = M.aggregate(rows, classes=("lesion", "normal"), lesion_classes=("lesion",), n_boot=0)
         maps = np.stack([0.5 * (p + f) if recipe.flip_tta else p for p, f, _ in preds])
         cls = np.stack([c for _, _, c in preds])
         has_lesion = np.array([r["class"] == "lesion" for r in rows])
         maxima = maps.reshape(len(maps), -1).max(axis=1)
-        out[name] = {"lesion_dice": agg["dice"]["lesion"]["mean"],
-                     "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
-                     "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
-                     "normal_images": agg["counts"]["normal"], "lesion_images": agg["counts"]["lesion"],
-                     "median_max_probability": float(np.median(maxima)),
-                     "auc_max_probability": M.roc_auc(maxima, has_lesion),
-                     "auc_class_head": M.roc_auc(1.0 - cls[:, NORMAL_CLASS], has_lesion)}
+        out[name] = {
+            "lesion_dice": agg["dice"]["lesion"]["mean"],
+            "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
+            "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
+            "normal_images": agg["counts"]["normal"],
+            "lesion_images": agg["counts"]["lesion"],
+            "median_max_probability": float(np.median(maxima)),
+            "auc_max_probability": M.roc_auc(maxima, has_lesion),
+            "auc_class_head": M.roc_auc(1.0 - cls[:, NORMAL_CLASS], has_lesion),
+        }
         if recipe.gate == "learned":
             out[name]["auc_learned_gate"] = M.roc_auc(recipe.gate_model.lesion_probability(maps, cls), has_lesion)
     return out
@@ -250,28 +288,42 @@ def main(argv: list[str] | None = None) -> int:
     is_lesion = np.array([g.any() for g in gts])
 
     log("scoring every segmentation setting on every image")
-    scores = score_recipes(oof["probs"], oof["probs_flip"], gts,
-                           progress=lambda d, n: log(f"  setting {d}/{n}") if d % 10 == 0 else None)
-    recipe, report = choose_recipe(scores, oof["class_probs"], max_lesion_empty=args.max_lesion_empty,
-                                   tuned_on=f"pooled out-of-fold predictions of {len(folds)} fold models "
-                                            f"({len(gts)} images)", learned_gates=DESIGNS)
+    scores = score_recipes(
+        oof["probs"], oof["probs_flip"], gts, progress=lambda d, n: log(f"  setting {d}/{n}") if d % 10 == 0 else None
+    )
+    recipe, report = choose_recipe(
+        scores,
+        oof["class_probs"],
+        max_lesion_empty=args.max_lesion_empty,
+        tuned_on=f"pooled out-of-fold predictions of {len(folds)} fold models ({len(gts)} images)",
+        learned_gates=DESIGNS,
+    )
     log(f"pooled recipe: {recipe.describe()}")
     per_fold, rows, raw_rows = nested(scores, oof, gts, classes, args.max_lesion_empty)
     curves = lesion_scores(oof, is_lesion, recipe.flip_tta)
     off = np.array([not r["pred_area"] for r in rows])
     lesion_rows = np.array([r["class"] != "normal" for r in rows])
-    operating = {"normal_marked_rate": float(np.mean(~off[~lesion_rows])),
-                 "lesion_kept_rate": float(np.mean(~off[lesion_rows])),
-                 "note": "nested: each fold's recipe (gate included) chosen on the other folds"}
+    operating = {
+        "normal_marked_rate": float(np.mean(~off[~lesion_rows])),
+        "lesion_kept_rate": float(np.mean(~off[lesion_rows])),
+        "note": "nested: each fold's recipe (gate included) chosen on the other folds",
+    }
     results = {
-        "cv": str(cv), "images": len(gts), "lesion_images": int(is_lesion.sum()),
-        "normal_images": int((~is_lesion).sum()), "recipe": recipe.to_dict(), "recipe_description": recipe.describe(),
-        "pooled_choice": report, "nested_folds": per_fold,
-        "nested": summary(rows), "nested_raw": summary(raw_rows),
+        "cv": str(cv),
+        "images": len(gts),
+        "lesion_images": int(is_lesion.sum()),
+        "normal_images": int((~is_lesion).sum()),
+        "recipe": recipe.to_dict(),
+        "recipe_description": recipe.describe(),
+        "pooled_choice": report,
+        "nested_folds": per_fold,
+        "nested": summary(rows),
+        "nested_raw": summary(raw_rows),
         "lesion_vs_normal_auc": {k: M.roc_auc(v, is_lesion) for k, v in curves.items()},
         "operating_point": operating,
         "transfer": transfer_check(folds, oof, recipe, dict(zip(map(str, oof["ids"]), gts))),
-        "per_image": rows, "wall_time_s": time.time() - started,
+        "per_image": rows,
+        "wall_time_s": time.time() - started,
     }
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(M.to_jsonable(results), indent=1) + "\n"
@@ -292,41 +344,65 @@ def _rate(s: dict[str, Any]) -> str:
 
 
 def format_tables(r: dict[str, Any]) -> str:
-    lines = ["| fold | recipe chosen on the other folds | lesion Dice | lesion IoU | normals marked | "
-             "lesion images empty | raw lesion Dice |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fold | recipe chosen on the other folds | lesion Dice | lesion IoU | normals marked | "
+        "lesion images empty | raw lesion Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in r["nested_folds"]:
-        lines.append(f"| {f['fold']} | {f['recipe']} | {f['lesion_dice']:.3f} | {f['lesion_iou']:.3f} | "
-                     f"{f['normal_false_positive_rate']:.3f} | {f['lesion_empty_prediction_rate']:.3f} | "
-                     f"{f['raw_lesion_dice']:.3f} |")
-    lines += ["", "| pooled, nested | lesion Dice | lesion IoU | HD95 (px) | normals predicted empty | "
-              "lesion images empty |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {f['fold']} | {f['recipe']} | {f['lesion_dice']:.3f} | {f['lesion_iou']:.3f} | "
+            f"{f['normal_false_positive_rate']:.3f} | {f['lesion_empty_prediction_rate']:.3f} | "
+            f"{f['raw_lesion_dice']:.3f} |"
+        )
+    lines += [
+        "",
+        "| pooled, nested | lesion Dice | lesion IoU | HD95 (px) | normals predicted empty | lesion images empty |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in ("nested", "nested_raw"):
         s = r[name]
         nfp = s["normal_false_positive_rate"]
         empty_normals = {"count": nfp["n"] - nfp["count"], "n": nfp["n"], "rate": 1 - nfp["rate"]}
-        lines.append(f"| {name} | {_ci(s['dice']['lesion'])} | {_ci(s['iou']['lesion'])} | "
-                     f"{s['hd95']['lesion']['mean']:.1f} | {_rate(empty_normals)} | "
-                     f"{_rate(s['lesion_empty_prediction_rate'])} |")
-    lines += ["", f"Pooled recipe: {r['recipe_description']}", "",
-              "| lever alone (pooled out-of-fold, not nested) | lesion Dice | normal FP rate | lesion empty rate | "
-              "Dice, all images |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {_ci(s['dice']['lesion'])} | {_ci(s['iou']['lesion'])} | "
+            f"{s['hd95']['lesion']['mean']:.1f} | {_rate(empty_normals)} | "
+            f"{_rate(s['lesion_empty_prediction_rate'])} |"
+        )
+    lines += [
+        "",
+        f"Pooled recipe: {r['recipe_description']}",
+        "",
+        "| lever alone (pooled out-of-fold, not nested) | lesion Dice | normal FP rate | lesion empty rate | "
+        "Dice, all images |",
+        "|---|---|---|---|---|",
+    ]
     choice = r["pooled_choice"]
     rows = [("raw model output", choice["raw"]), *choice["levers"].items(), ("chosen recipe", choice["chosen"])]
     for name, s in rows:
-        lines.append(f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-                     f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |")
+        lines.append(
+            f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
+            f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |"
+        )
     lines += ["", "| lesion-vs-normal score (out of fold) | AUC |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["lesion_vs_normal_auc"].items()]
     t = r["transfer"]
-    lines += ["", f"Transfer to an average ({t['images']} validation-part images):", "",
-              "| predictions | lesion Dice | normal FP rate | lesion empty rate | median max probability | "
-              "AUC max prob | AUC class head | AUC learned gate |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Transfer to an average ({t['images']} validation-part images):",
+        "",
+        "| predictions | lesion Dice | normal FP rate | lesion empty rate | median max probability | "
+        "AUC max prob | AUC class head | AUC learned gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("one member", "two-member average"):
         s = t[name]
-        lines.append(f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-                     f"{s['lesion_empty_prediction_rate']:.3f} | {s['median_max_probability']:.3f} | "
-                     f"{s['auc_max_probability']:.3f} | {s['auc_class_head']:.3f} | "
-                     f"{s.get('auc_learned_gate', float('nan')):.3f} |")
+        lines.append(
+            f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
+            f"{s['lesion_empty_prediction_rate']:.3f} | {s['median_max_probability']:.3f} | "
+            f"{s['auc_max_probability']:.3f} | {s['auc_class_head']:.3f} | "
+            f"{s.get('auc_learned_gate', float('nan')):.3f} |"
+        )
     return "\n".join(lines)
 
 

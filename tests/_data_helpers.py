@@ -15,8 +15,7 @@ SIZE = (64, 80)
 
 def make_phantom(root: Path, duplicates: int = 3, seed: int = 0) -> PhantomInfo:
     """A small phantom: 22 images of 64x80, some multi-mask, ``duplicates`` near-copies."""
-    return write_phantom(root, COUNTS, size=SIZE, seed=seed, duplicates=duplicates,
-                         multi_mask_fraction=0.3)
+    return write_phantom(root, COUNTS, size=SIZE, seed=seed, duplicates=duplicates, multi_mask_fraction=0.3)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -4,8 +4,17 @@ from unet_jax.config import TrainConfig
 
 # A run small enough for CI: 30 phantom images of 32x32, a 2-level 4-wide seed U-Net.
 TINY = TrainConfig(
-    preset="seed", model={"features": 4, "depth": 2}, image_size=32, phantom_images=30,
-    batch_size=4, eval_batch_size=8, epochs=3, patience=None, learning_rate=3e-3, seed=7, plots=False,
+    preset="seed",
+    model={"features": 4, "depth": 2},
+    image_size=32,
+    phantom_images=30,
+    batch_size=4,
+    eval_batch_size=8,
+    epochs=3,
+    patience=None,
+    learning_rate=3e-3,
+    seed=7,
+    plots=False,
 )
 
 
@@ -42,8 +51,12 @@ def save_untrained_run(run_dir, config: TrainConfig = TINY, poison: bool = False
     from unet_jax.train.checkpoint import CheckpointStore
     from unet_jax.train.state import create_train_state, make_optimizer
 
-    state = create_train_state(build_model(config), make_optimizer(config, 5), jax.random.key(0, impl="rbg"),
-                               (1, config.image_size, config.image_size, config.channels))
+    state = create_train_state(
+        build_model(config),
+        make_optimizer(config, 5),
+        jax.random.key(0, impl="rbg"),
+        (1, config.image_size, config.image_size, config.channels),
+    )
     if poison:  # as a damaged file or a diverged run leaves it
         leaves, tree = jax.tree.flatten(state.params)
         leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)

@@ -12,8 +12,9 @@ from pathlib import Path
 # every test that compares numbers still compares them. Set before jax is imported, and
 # through the environment so that the subprocesses of the suite (CLI runs, the GPU dry run,
 # the multi-device checks) inherit it. UNET_JAX_TEST_XLA_OPT=1 keeps XLA's default.
-if os.environ.get("UNET_JAX_TEST_XLA_OPT") != "1" and \
-        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+if os.environ.get("UNET_JAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 # Implicit dtype promotion hides precision bugs (a float64 NumPy constant turning a float32
@@ -32,9 +33,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 # Compilation makes the first example of a property slow; deadlines would be flaky.
-settings.register_profile(
-    "ci", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("ci", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

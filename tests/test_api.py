@@ -76,8 +76,15 @@ LAYERS = (
     ("unet_jax", "unet_jax.cli", "unet_jax.data.cli"),
     ("unet_jax.train", "unet_jax.evaluate", "unet_jax.predict"),
     ("unet_jax.inference",),
-    ("unet_jax.models", "unet_jax.data", "unet_jax.metrics", "unet_jax.losses", "unet_jax.convert",
-     "unet_jax.plots", "unet_jax.summary"),
+    (
+        "unet_jax.models",
+        "unet_jax.data",
+        "unet_jax.metrics",
+        "unet_jax.losses",
+        "unet_jax.convert",
+        "unet_jax.plots",
+        "unet_jax.summary",
+    ),
     ("unet_jax.config",),
     ("unet_jax.layers", "unet_jax.lowering", "unet_jax.conv_grad", "unet_jax.reference"),
     ("unet_jax._io", "unet_jax.progress"),
@@ -213,16 +220,31 @@ def test_top_level_api_resolves():
     # The lazy names (PEP 562) included: each one is imported here.
     for name in unet_jax.__all__:
         assert getattr(unet_jax, name) is not None, name
-    for name in ("TrainConfig", "train_model", "load_checkpoint", "evaluate_dataset", "predict_files",
-                 "LoadedModel", "RunResult", "UNet", "create_model", "Conv2D"):
+    for name in (
+        "TrainConfig",
+        "train_model",
+        "load_checkpoint",
+        "evaluate_dataset",
+        "predict_files",
+        "LoadedModel",
+        "RunResult",
+        "UNet",
+        "create_model",
+        "Conv2D",
+    ):
         assert name in unet_jax.__all__, name
     assert sorted(dir(unet_jax)) == sorted(unet_jax.__all__)
 
 
 def test_ruff_clean():
-    """``ruff check`` (configured in pyproject.toml) passes on the code and its users."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", *IMPORTERS],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    """``ruff check`` and ``ruff format --check`` (configured in pyproject.toml) pass on the
+    code and its users."""
+    for command in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *IMPORTERS],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, " ".join(command) + ": " + proc.stdout + proc.stderr

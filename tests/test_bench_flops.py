@@ -59,8 +59,7 @@ def test_strided_and_flax_conv_count_the_output_grid():
 def test_transposed_conv_on_the_input_grid():
     # 3x3 stride-2 'SAME', 4 -> 2 channels, 5x5 -> 10x10: useful MACs are per input pixel;
     # the zero-insertion view does s*s = 4 times as many (on the 10x10 output grid).
-    fc = flops.count_flops(Single(ConvTranspose2D(2, 3, strides=2, padding="SAME")),
-                           (1, 5, 5, 4))
+    fc = flops.count_flops(Single(ConvTranspose2D(2, 3, strides=2, padding="SAME")), (1, 5, 5, 4))
     (layer,) = fc.layers
     assert layer.kind == "conv_transpose" and layer.out_shape == (1, 10, 10, 2)
     assert fc.forward == 2 * 9 * 4 * 2 * 25 == 3_600
@@ -74,8 +73,7 @@ def test_dense():
     assert fc.forward == 2 * 5 * 7
 
 
-def closed_form_unet(features, depth, convs_per_block, kernel_size, up_kernel, in_channels,
-                     num_classes, size, **_):
+def closed_form_unet(features, depth, convs_per_block, kernel_size, up_kernel, in_channels, num_classes, size, **_):
     """Forward FLOPs per image of a 'SAME' U-Net from its fields alone."""
     k2, total, c, n = kernel_size**2, 0, in_channels, size
     widths = [features * 2**level for level in range(depth + 1)]
@@ -94,11 +92,14 @@ def closed_form_unet(features, depth, convs_per_block, kernel_size, up_kernel, i
     return total + 2 * c * num_classes * n * n  # 1x1 head
 
 
-@pytest.mark.parametrize("preset, forward", [
-    # Equal to torch.utils.flop_counter on the PyTorch peer (benchmarks/torch_peer.py).
-    ("seed", 9_118_416_896),
-    ("padded", 96_183_779_328),
-])
+@pytest.mark.parametrize(
+    "preset, forward",
+    [
+        # Equal to torch.utils.flop_counter on the PyTorch peer (benchmarks/torch_peer.py).
+        ("seed", 9_118_416_896),
+        ("padded", 96_183_779_328),
+    ],
+)
 def test_presets_at_256(preset, forward):
     fc = flops.preset_flops(preset, 256)
     assert fc.forward == forward == closed_form_unet(**PRESETS[preset], size=256)
@@ -106,8 +107,13 @@ def test_presets_at_256(preset, forward):
     assert round(fc.train / 1e9) == {"seed": 27, "padded": 289}[preset]
     kinds = fc.by_kind()
     assert set(kinds) == {"conv", "conv_transpose"}
-    assert len(fc.layers) == 1 + 2 * PRESETS[preset]["depth"] * (PRESETS[preset]["convs_per_block"]) \
-        + PRESETS[preset]["convs_per_block"] + PRESETS[preset]["depth"]
+    assert (
+        len(fc.layers)
+        == 1
+        + 2 * PRESETS[preset]["depth"] * (PRESETS[preset]["convs_per_block"])
+        + PRESETS[preset]["convs_per_block"]
+        + PRESETS[preset]["depth"]
+    )
     summary = fc.summary()
     assert summary["train_flops_per_image"] == 3 * forward
 
@@ -124,15 +130,21 @@ def test_throughput_helpers():
     s = tp.stats([1.0, 2.0, 0.5], steps=4, batch=8, flops_per_image=1e12, peak_tflops=100.0)
     assert s["images_per_s"] == 32.0 and s["images_per_s_min"] == 16.0
     assert s["tflops"] == 32.0 and s["share_of_bf16_peak"] == 0.32
-    row = {"preset": "seed", "batch": 8, "dtype": "bfloat16",
-           "jax": {"train_single": {"images_per_s": 10.0}, "train_scan": {"images_per_s": 30.0},
-                   "infer": {"images_per_s": 50.0}},
-           "torch": {"train": {"images_per_s": 20.0}, "infer": {"images_per_s": 25.0}}}
+    row = {
+        "preset": "seed",
+        "batch": 8,
+        "dtype": "bfloat16",
+        "jax": {
+            "train_single": {"images_per_s": 10.0},
+            "train_scan": {"images_per_s": 30.0},
+            "infer": {"images_per_s": 50.0},
+        },
+        "torch": {"train": {"images_per_s": 20.0}, "infer": {"images_per_s": 25.0}},
+    }
     d = tp.derive(row, "gpu")
     assert d["jax_train_headline"] == "train_scan" and d["ratio_train"] == 1.5
     assert d["ratio_train_single"] == 0.5 and d["ratio_infer"] == 2.0
     assert tp.derive(row, "cpu")["ratio_train"] == 0.5
     row["derived"] = d
-    text = tp.table([row, {"preset": "padded", "batch": 8, "dtype": "float32",
-                           "skipped": "time budget"}])
+    text = tp.table([row, {"preset": "padded", "batch": 8, "dtype": "float32", "skipped": "time budget"}])
     assert "1.50x" in text and "skipped: time budget" in text

@@ -12,7 +12,11 @@ def test_conv_shapes_of_a_unet():
     model = UNet(features=4, depth=1, convs_per_block=1, in_channels=3)
     shapes = T.conv_shapes(model, (2, 8, 8, 3))
     assert [(s["shape"], s["features"], s["kernel"]) for s in shapes] == [
-        ((2, 8, 8, 3), 4, (3, 3)), ((2, 4, 4, 4), 8, (3, 3)), ((2, 8, 8, 8), 4, (3, 3)), ((2, 8, 8, 4), 1, (1, 1))]
+        ((2, 8, 8, 3), 4, (3, 3)),
+        ((2, 4, 4, 4), 8, (3, 3)),
+        ((2, 8, 8, 8), 4, (3, 3)),
+        ((2, 8, 8, 4), 1, (1, 1)),
+    ]
 
 
 def test_tune_writes_the_table_and_show_prints_it(tmp_path, monkeypatch, capsys):

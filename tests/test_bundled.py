@@ -18,8 +18,12 @@ def test_bundled_model_is_small_and_documented():
     info = json.loads((folder / "model.json").read_text())
     assert info["storage_dtype"] == "float16"
     card = (folder / "MODEL_CARD.md").read_text()
-    for needed in ("BUSI", "not a medical device", "unet-jax train --config experiments/bundle_cpu.py",
-                   "cross-validat"):
+    for needed in (
+        "BUSI",
+        "not a medical device",
+        "unet-jax train --config experiments/bundle_cpu.py",
+        "cross-validat",
+    ):
         assert needed in card
 
 
@@ -30,8 +34,9 @@ def test_bundled_model_segments_a_phantom_lesion(tmp_path):
     loaded = load()
     assert loaded.recipe.tuned_on and "validation" in loaded.recipe.tuned_on
     data = tmp_path / "phantom"
-    write_phantom(data, counts={"benign": 3, "malignant": 1, "normal": 1}, size=(160, 200), seed=11,
-                  multi_mask_fraction=0.0)
+    write_phantom(
+        data, counts={"benign": 3, "malignant": 1, "normal": 1}, size=(160, 200), seed=11, multi_mask_fraction=0.0
+    )
     image = sorted((data / "benign").glob("benign (1).png"))[0]
     out = tmp_path / "pred"
     assert main(["predict", str(image), "--out", str(out)]) == 0  # no --checkpoint: the bundled model

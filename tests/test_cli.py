@@ -22,10 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 # Configuration
 # --------------------------------------------------------------------------------------
 def test_overrides_are_typed_and_unknown_keys_refused():
-    config = apply_overrides(TrainConfig(), ["epochs=5", "learning_rate=3e-4", "model.dropout_rate=0.1",
-                                             "patience=None", "augment=false", "loss=bce"])
+    config = apply_overrides(
+        TrainConfig(),
+        ["epochs=5", "learning_rate=3e-4", "model.dropout_rate=0.1", "patience=None", "augment=false", "loss=bce"],
+    )
     assert (config.epochs, config.learning_rate, config.patience, config.augment, config.loss) == (
-        5, 3e-4, None, False, "bce")
+        5,
+        3e-4,
+        None,
+        False,
+        "bce",
+    )
     assert config.model == {"dropout_rate": 0.1}
     with pytest.raises(ValueError, match=r"override 'epoch=5': unknown config key 'epoch'"):
         apply_overrides(TrainConfig(), ["epoch=5"])
@@ -46,7 +53,12 @@ def test_experiment_configs_load(name):
     if name.startswith("report"):
         # The notebook's protocol: seed preset, lesion images, 80/20, RGB, BCE, Adam 1e-3, batch 32.
         assert (config.preset, config.classes, config.split, config.channels, config.loss) == (
-            "seed", "lesion", "seed", 3, "bce")
+            "seed",
+            "lesion",
+            "seed",
+            3,
+            "bce",
+        )
         assert (config.optimizer, config.learning_rate, config.batch_size, config.patience) == ("adam", 1e-3, 32, 20)
 
 
@@ -59,25 +71,30 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("string.py", "TrainConfig(epochs='abc')", "config epochs = 'abc': expected an integer (int)"),
-    ("quoted.py", "TrainConfig(image_size='32')", "config image_size = '32': expected an integer (int)"),
-    ("float.py", "TrainConfig(epochs=1.5)", "config epochs = 1.5: expected an integer (int)"),
-    ("word.py", "TrainConfig(augment='no')", "config augment = 'no': expected true or false (a bool)"),
-    ("name.py", "TrainConfig(freeze='image_encoder')", "config freeze = 'image_encoder': expected a list"),
-    ("unknown.py", "TrainConfig(epochz=3)", "unknown config key 'epochz'; known keys: ["),
-    ("variant.py", "dataclasses.replace(TrainConfig(), epochz=3)", "unknown config key 'epochz'; known keys: ["),
-    ("config.json", '{"epochs": "abc"}', "config epochs = 'abc': expected an integer (int)"),
-    ("config.json", '{"epochz": 3}', "unknown config key(s) ['epochz']"),
-    ("config.json", '{"augment": "no"}', "config augment = 'no': expected true or false (a bool)"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("string.py", "TrainConfig(epochs='abc')", "config epochs = 'abc': expected an integer (int)"),
+        ("quoted.py", "TrainConfig(image_size='32')", "config image_size = '32': expected an integer (int)"),
+        ("float.py", "TrainConfig(epochs=1.5)", "config epochs = 1.5: expected an integer (int)"),
+        ("word.py", "TrainConfig(augment='no')", "config augment = 'no': expected true or false (a bool)"),
+        ("name.py", "TrainConfig(freeze='image_encoder')", "config freeze = 'image_encoder': expected a list"),
+        ("unknown.py", "TrainConfig(epochz=3)", "unknown config key 'epochz'; known keys: ["),
+        ("variant.py", "dataclasses.replace(TrainConfig(), epochz=3)", "unknown config key 'epochz'; known keys: ["),
+        ("config.json", '{"epochs": "abc"}', "config epochs = 'abc': expected an integer (int)"),
+        ("config.json", '{"epochz": 3}', "unknown config key(s) ['epochz']"),
+        ("config.json", '{"augment": "no"}', "config augment = 'no': expected true or false (a bool)"),
+    ],
+)
 def test_config_files_are_checked_like_overrides(tmp_path, capsys, name, text, message):
     # Before: a traceback not naming the key, or (1.5 epochs, augment='no') a run doing
     # something else than the file says.
     path = tmp_path / name
-    path.write_text(text if name.endswith(".json") else
-                    "import dataclasses\nfrom unet_jax.config import TrainConfig\n\n"
-                    f"def get_config():\n    return {text}\n")
+    path.write_text(
+        text
+        if name.endswith(".json")
+        else f"import dataclasses\nfrom unet_jax.config import TrainConfig\n\ndef get_config():\n    return {text}\n"
+    )
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"unet-jax train: error: config file {str(path)!r}: ") and message in err, err
@@ -101,7 +118,12 @@ def test_every_way_into_a_config_gets_the_same_check():
     # become tuples.
     config = TrainConfig(learning_rate=1, pos_weight=2, epochs=np.int64(3), threshold=np.float32(0.25), freeze=["x"])
     assert (config.learning_rate, config.pos_weight, config.epochs, config.threshold, config.freeze) == (
-        1.0, 2.0, 3, 0.25, ("x",))
+        1.0,
+        2.0,
+        3,
+        0.25,
+        ("x",),
+    )
     numbers = (config.learning_rate, config.pos_weight, config.epochs, config.threshold)
     assert [type(v) for v in numbers] == [float, float, int, float]
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
@@ -117,8 +139,20 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 def test_demo_end_to_end(tmp_path, capsys):
     # The README's main job with its size turned down for CI (the real one: `unet-jax demo`).
-    code = main(["demo", "--out", str(tmp_path / "demo"), "epochs=2", "image_size=32", "phantom_images=24",
-                 "batch_size=4", "model.features=4", "model.depth=2", "plots=false"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "epochs=2",
+            "image_size=32",
+            "phantom_images=24",
+            "batch_size=4",
+            "model.features=4",
+            "model.depth=2",
+            "plots=false",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "accuracy*" in out.out and "Dice" in out.out and "IoU" in out.out
@@ -151,8 +185,20 @@ def test_evaluate_json(trained_run, capsys):
 
 def test_evaluate_at_training_resolution_and_text(trained_run, capsys):
     run_dir, _, _ = trained_run
-    assert main(["evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best"), "--data", str(run_dir / "phantom"),
-                 "--resolution", "training"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run_dir / "checkpoints" / "best"),
+                "--data",
+                str(run_dir / "phantom"),
+                "--resolution",
+                "training",
+            ]
+        )
+        == 0
+    )
     assert "dice" in capsys.readouterr().out
 
 
@@ -169,8 +215,11 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run):
 
     other = create_unet("seed", in_channels=1, features=8, depth=2)
     abstract = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
-    with pytest.raises(ValueError, match=r"saved from a different architecture: \d+ shape\(s\) differ, "
-                                         r"e.g. .*: checkpoint \(\d+,\) vs model"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved from a different architecture: \d+ shape\(s\) differ, "
+        r"e.g. .*: checkpoint \(\d+,\) vs model",
+    ):
         restore_variables(find_checkpoint(run_dir), abstract)
 
 
@@ -187,8 +236,9 @@ def test_predict_writes_masks_at_original_size_and_skips_bad_files(trained_run, 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "pred"
-    code = main(["predict", "--checkpoint", str(run_dir), str(images[0]), str(broken), str(big),
-                 "--out", str(out), "--tta"])
+    code = main(
+        ["predict", "--checkpoint", str(run_dir), str(images[0]), str(broken), str(big), "--out", str(out), "--tta"]
+    )
     captured = capsys.readouterr()
     assert code == 1  # one input could not be read; the others were predicted
     assert "skipped" in captured.err and "broken.png" in captured.err
@@ -214,17 +264,20 @@ def test_resume_after_finishing_trains_nothing_more(trained_run, tmp_path):
 # --------------------------------------------------------------------------------------
 # Bad input: a clear error naming the value and what was expected
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, message", [
-    (["split=seed"], r"config split = 'seed' with classes = 'all': .*expected classes = 'lesion'"),
-    (["hflip=1.5"], r"config hflip = 1.5: expected a probability in \[0, 1\]"),
-    (["scale_min=1.2", "scale_max=1.1"], r"config scale_min = 1.2: expected above 0 and at most scale_max"),
-    (["gamma_min=0"], r"config gamma_min = 0.0: expected above 0 and at most gamma_max"),
-    (["pos_weight=-1"], r"config pos_weight = -1.0: expected None or a positive number"),
-    (["loss=dice", "pos_weight=2"], r"config pos_weight = 2.0 with loss = 'dice'"),
-    (["bce_weight=0", "dice_weight=0"], r"config bce_weight = 0 and dice_weight = 0"),
-    (["warmup_epochs=-1"], r"config warmup_epochs = -1.0: expected a number of epochs >= 0"),
-    (["grad_clip_norm=0"], r"config grad_clip_norm = 0.0: expected None or a positive number"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["split=seed"], r"config split = 'seed' with classes = 'all': .*expected classes = 'lesion'"),
+        (["hflip=1.5"], r"config hflip = 1.5: expected a probability in \[0, 1\]"),
+        (["scale_min=1.2", "scale_max=1.1"], r"config scale_min = 1.2: expected above 0 and at most scale_max"),
+        (["gamma_min=0"], r"config gamma_min = 0.0: expected above 0 and at most gamma_max"),
+        (["pos_weight=-1"], r"config pos_weight = -1.0: expected None or a positive number"),
+        (["loss=dice", "pos_weight=2"], r"config pos_weight = 2.0 with loss = 'dice'"),
+        (["bce_weight=0", "dice_weight=0"], r"config bce_weight = 0 and dice_weight = 0"),
+        (["warmup_epochs=-1"], r"config warmup_epochs = -1.0: expected a number of epochs >= 0"),
+        (["grad_clip_norm=0"], r"config grad_clip_norm = 0.0: expected None or a positive number"),
+    ],
+)
 def test_invalid_values_and_combinations_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(TrainConfig(), overrides)
@@ -239,18 +292,23 @@ def test_cache_of_another_size_is_a_clear_error(trained_run, tmp_path, capsys):
     run_dir, _, _ = trained_run
     prepare(run_dir / "phantom", tmp_path / "cache16", ReadOptions(size=(16, 16), channels=1))
     assert main(["train", "--out", str(tmp_path / "run"), f"cache={tmp_path / 'cache16'}", "image_size=32"]) == 2
-    assert ("holds images of shape (16, 16, 1); the config expects (32, 32, 1) (image_size=32, channels=1)"
-            in capsys.readouterr().err)
+    assert (
+        "holds images of shape (16, 16, 1); the config expects (32, 32, 1) (image_size=32, channels=1)"
+        in capsys.readouterr().err
+    )
 
 
 def test_threshold_outside_0_1_is_refused(trained_run, tmp_path, capsys):
     run_dir, _, _ = trained_run
     image = next((run_dir / "phantom" / "benign").glob("*).png"))
-    assert main(["evaluate", "--checkpoint", str(run_dir), "--threshold", "1.5",
-                 "--data", str(run_dir / "phantom")]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", str(run_dir), "--threshold", "1.5", "--data", str(run_dir / "phantom")]) == 2
+    )
     assert "threshold 1.5: expected a probability in (0, 1)" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", str(run_dir), "--threshold", "0", str(image),
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(run_dir), "--threshold", "0", str(image), "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "threshold 0.0: expected a probability in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # refused before anything is written
 
@@ -264,8 +322,12 @@ def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_p
     Image.fromarray(np.full((20, 24), 40000, np.uint16)).save(deep)  # 16-bit: would be clipped to white
     assert Image.open(deep).mode.startswith("I")
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(run_dir), str(tmp_path), str(text), str(deep), str(good),
-                 "--out", str(out)]) == 1
+    assert (
+        main(
+            ["predict", "--checkpoint", str(run_dir), str(tmp_path), str(text), str(deep), str(good), "--out", str(out)]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"{tmp_path}: is a folder; expected an image file" in err
     assert f"{text}: unreadable image" in err
@@ -314,11 +376,13 @@ def test_unreadable_checkpoint_fails_before_orbax_starts_reading(trained_run, tm
     monkeypatch.setattr(ocp.Checkpointer, "restore", concurrent_restore)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"unet-jax evaluate: error: checkpoint {str(copy)!r} could not be read "
-                          "(ValueError: DATA_LOSS")
+    assert err.startswith(
+        f"unet-jax evaluate: error: checkpoint {str(copy)!r} could not be read (ValueError: DATA_LOSS"
+    )
     assert "concurrent restore" not in err
-    proc = subprocess.run([sys.executable, "-m", "unet_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unet_jax.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -23,8 +23,15 @@ def _dilated(n: int, d: int) -> int:
     return 1 + d * (n - 1)
 
 
-@given(n=st.integers(1, 8), k=st.integers(1, 4), s=st.integers(1, 3), d=st.integers(1, 2),
-       lo=st.integers(0, 3), hi=st.integers(0, 3), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(1, 4),
+    s=st.integers(1, 3),
+    d=st.integers(1, 2),
+    lo=st.integers(0, 3),
+    hi=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_explicit_gradients_equal_autodiff(n, k, s, d, lo, hi, seed):
     """Strides, input dilation (the transposed convolution), asymmetric and over-wide padding."""
     assume(_dilated(n, d) + lo + hi >= k and _dilated(n + 1, d) + lo + hi >= k)
@@ -35,8 +42,9 @@ def test_explicit_gradients_equal_autodiff(n, k, s, d, lo, hi, seed):
     strides, pads, dilation = (s, s), ((lo, hi), (hi, lo)), (d, d)
 
     def xla(x, w):
-        return jax.lax.conv_general_dilated(x, w, strides, pads, lhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+        return jax.lax.conv_general_dilated(
+            x, w, strides, pads, lhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST
+        )
 
     y, explicit_vjp = jax.vjp(lambda x, w: conv_explicit_grad(x, w, strides, pads, dilation, HIGHEST), x, w)
     y_xla, xla_vjp = jax.vjp(xla, x, w)
@@ -52,11 +60,14 @@ def test_a_dilated_input_with_strides_is_refused():
         conv_explicit_grad(jnp.zeros((1, 4, 4, 1)), jnp.zeros((2, 2, 1, 1)), (2, 1), ((0, 0), (0, 0)), (2, 2))
 
 
-@pytest.mark.parametrize("layer", [
-    Conv2D(3, 3, strides=2, padding="SAME"),
-    ConvTranspose2D(3, 2, strides=2),
-    ConvTranspose2D(3, 3, strides=2, padding=1, output_padding=1, method="subpixel"),
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Conv2D(3, 3, strides=2, padding="SAME"),
+        ConvTranspose2D(3, 2, strides=2),
+        ConvTranspose2D(3, 3, strides=2, padding=1, output_padding=1, method="subpixel"),
+    ],
+)
 def test_layers_give_the_same_values_and_gradients_either_way(layer):
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
     variables = layer.init(jax.random.key(1), x)
@@ -98,6 +109,7 @@ def test_every_convolution_of_a_scanned_gradient_step_is_canonical():
     (convolutions, pooling, a transposed convolution) scanned in a while loop must reach it
     with none left in another layout (the 25x slower scanned step of issue 12). With JAX's
     own gradients some are not, so the check can fail."""
+
     def compiled_labels(gradient: str) -> list[str]:
         model = create_unet("seed", in_channels=1, features=4, depth=1, gradient=gradient)
         x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))

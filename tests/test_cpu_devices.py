@@ -38,8 +38,14 @@ def test_the_count_cannot_change_once_jax_runs(monkeypatch):
 def test_a_fresh_process_gets_two_cpu_devices():
     script = "import jax; from unet_jax.train.cpu import use_cpu_devices; print(use_cpu_devices(2), len(jax.devices()))"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "2"]
 

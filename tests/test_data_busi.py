@@ -124,17 +124,26 @@ def test_every_binary_encoding_reads_as_the_same_mask(dataset, bad_copy, how):
     assert check_dataset(bad_copy).ok
 
 
-@pytest.mark.parametrize("values, reason", [
-    ("all 255", "every pixel as lesion"), ("all 1", "every pixel as lesion"),
-    ("128 and 255", "every pixel as lesion"), ("anti-aliased", "not two-level"),
-    ("alpha edge", "not two-level")])
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        ("all 255", "every pixel as lesion"),
+        ("all 1", "every pixel as lesion"),
+        ("128 and 255", "every pixel as lesion"),
+        ("anti-aliased", "not two-level"),
+        ("alpha edge", "not two-level"),
+    ],
+)
 def test_mask_that_is_not_a_binary_lesion_mask_is_a_problem(bad_copy, values, reason):
     p = bad_copy / "benign" / "benign (2)_mask.png"
     m = read_mask(Image.open(p))
     u8, edge = m.astype(np.uint8) * np.uint8(255), np.roll(m, 1, 0) ^ m
-    arr = {"all 255": np.full(m.shape, 255, np.uint8), "all 1": np.ones(m.shape, np.uint8),
-           "128 and 255": np.where(m, 255, 128).astype(np.uint8),
-           "anti-aliased": np.where(edge, 128, u8)}.get(values)
+    arr = {
+        "all 255": np.full(m.shape, 255, np.uint8),
+        "all 1": np.ones(m.shape, np.uint8),
+        "128 and 255": np.where(m, 255, 128).astype(np.uint8),
+        "anti-aliased": np.where(edge, 128, u8),
+    }.get(values)
     if values == "alpha edge":
         alpha = np.where(edge, 200, u8).astype(np.uint8)  # a half-opaque rim
         Image.fromarray(np.dstack([np.full((*m.shape, 3), 255, np.uint8), alpha]), "RGBA").save(p)
@@ -150,10 +159,15 @@ def test_real_busi_mask_encodings_pass(tmp_path):
     # the public files: 1-bit, 0/255 RGB (normal: all black) and opaque 0/255 RGBA
     m = np.zeros((9, 11), bool)
     m[2:5, 3:8] = True
-    for k, im in enumerate([Image.fromarray(m).convert("1"),
-                            Image.fromarray(np.zeros((9, 11, 3), np.uint8), "RGB"),
-                            Image.fromarray(np.dstack([np.repeat(m[:, :, None] * np.uint8(255), 3, -1),
-                                                       np.full((9, 11), 255, np.uint8)]), "RGBA")]):
+    for k, im in enumerate(
+        [
+            Image.fromarray(m).convert("1"),
+            Image.fromarray(np.zeros((9, 11, 3), np.uint8), "RGB"),
+            Image.fromarray(
+                np.dstack([np.repeat(m[:, :, None] * np.uint8(255), 3, -1), np.full((9, 11), 255, np.uint8)]), "RGBA"
+            ),
+        ]
+    ):
         im.save(tmp_path / f"{k}.png")
         with Image.open(tmp_path / f"{k}.png") as back:
             assert mask_problem(back) is None
@@ -211,8 +225,7 @@ def test_mask_size_differs(bad_copy):
 def test_unreadable_png(bad_copy, how):
     p = bad_copy / "benign" / "benign (2).png"
     data = p.read_bytes()
-    p.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a png" * 10,
-                   "empty": b""}[how])
+    p.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a png" * 10, "empty": b""}[how])
     _expect(bad_copy, "benign (2).png", "unreadable image")
 
 
@@ -248,13 +261,20 @@ def test_16_bit_image_is_refused_not_clipped(bad_copy):
 NO_PATTERN = "file name matches no pattern"
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("notes.txt", NO_PATTERN), ("benign 5.png", NO_PATTERN), ("benign (7).jpg", NO_PATTERN),
-    ("benign (1)_mask_x.png", NO_PATTERN), ("Benign (3).png", NO_PATTERN),
-    # a leading zero would silently share the id of "benign (1)"
-    ("benign (01).png", NO_PATTERN), ("benign (1)_mask_01.png", NO_PATTERN),
-    ("malignant (99).png", "file of class 'malignant' inside the 'benign' folder"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("notes.txt", NO_PATTERN),
+        ("benign 5.png", NO_PATTERN),
+        ("benign (7).jpg", NO_PATTERN),
+        ("benign (1)_mask_x.png", NO_PATTERN),
+        ("Benign (3).png", NO_PATTERN),
+        # a leading zero would silently share the id of "benign (1)"
+        ("benign (01).png", NO_PATTERN),
+        ("benign (1)_mask_01.png", NO_PATTERN),
+        ("malignant (99).png", "file of class 'malignant' inside the 'benign' folder"),
+    ],
+)
 def test_file_matching_no_pattern(bad_copy, name, reason):
     (bad_copy / "benign" / name).write_bytes(b"x")
     err = _expect(bad_copy, name)
@@ -262,10 +282,8 @@ def test_file_matching_no_pattern(bad_copy, name, reason):
 
 
 def test_orphan_mask_and_extra_without_main(bad_copy):
-    shutil.copy(bad_copy / "benign" / "benign (1)_mask.png",
-                bad_copy / "benign" / "benign (50)_mask.png")
-    (bad_copy / "benign" / "benign (4)_mask.png").rename(
-        bad_copy / "benign" / "benign (4)_mask_1.png")
+    shutil.copy(bad_copy / "benign" / "benign (1)_mask.png", bad_copy / "benign" / "benign (50)_mask.png")
+    (bad_copy / "benign" / "benign (4)_mask.png").rename(bad_copy / "benign" / "benign (4)_mask_1.png")
     _expect(bad_copy, "mask without its image", "benign (4).png", "has only")
 
 
@@ -273,8 +291,7 @@ def test_missing_and_empty_class_folder(bad_copy):
     shutil.rmtree(bad_copy / "normal")
     for f in (bad_copy / "malignant").iterdir():
         f.unlink()
-    err = _expect(bad_copy, "normal: missing class folder", "malignant: class folder holds "
-                                                             "no images")
+    err = _expect(bad_copy, "normal: missing class folder", "malignant: class folder holds no images")
     assert len(err.problems) == 2
 
 
@@ -288,8 +305,7 @@ def test_every_problem_in_one_error_and_skip_mode(bad_copy):
     ds = load_busi(bad_copy, ReadOptions(size=(16, 16), on_error="skip"))
     assert len(ds) == sum(COUNTS.values()) - 2
     assert "benign (3)" not in ds.ids and "malignant (1)" not in ds.ids
-    assert {Path(p.path).name for p in ds.skipped} == {"benign (3).png", "malignant (1).png",
-                                                       "README"}
+    assert {Path(p.path).name for p in ds.skipped} == {"benign (3).png", "malignant (1).png", "README"}
 
 
 def test_nothing_left_is_an_error(tmp_path):
@@ -317,8 +333,7 @@ def test_check_report(phantom, bad_copy):
 def test_shared_busi(shared_busi):
     layout = scan(shared_busi)
     assert not layout.problems
-    n_masks = {c: sum(len(r.mask_paths) for r in layout.records if r.class_name == c)
-               for c in CLASSES}
+    n_masks = {c: sum(len(r.mask_paths) for r in layout.records if r.class_name == c) for c in CLASSES}
     assert n_masks == {"benign": 364, "malignant": 168, "normal": 106}
     ds = load_busi(shared_busi, ReadOptions(size=(64, 64)))
     assert ds.class_counts() == {"benign": 350, "malignant": 168, "normal": 106}

@@ -26,10 +26,8 @@ def _entries(folder):
 
 
 def test_phantom_is_deterministic(tmp_path):
-    a = write_phantom(tmp_path / "a", {"benign": 3, "malignant": 3, "normal": 1}, size=(32, 32),
-                      seed=5, duplicates=1)
-    b = write_phantom(tmp_path / "b", {"benign": 3, "malignant": 3, "normal": 1}, size=(32, 32),
-                      seed=5, duplicates=1)
+    a = write_phantom(tmp_path / "a", {"benign": 3, "malignant": 3, "normal": 1}, size=(32, 32), seed=5, duplicates=1)
+    b = write_phantom(tmp_path / "b", {"benign": 3, "malignant": 3, "normal": 1}, size=(32, 32), seed=5, duplicates=1)
     files = sorted(p.relative_to(a.root) for p in a.root.rglob("*.png"))
     assert files == sorted(p.relative_to(b.root) for p in b.root.rglob("*.png"))
     assert all((a.root / f).read_bytes() == (b.root / f).read_bytes() for f in files)
@@ -104,30 +102,48 @@ def test_cli_check_text_and_problems(phantom, tmp_path, capsys):
 
 
 def test_cli_prepare_phantom_split(tmp_path, capsys):
-    assert main(["data", "phantom", "--out", str(tmp_path / "p"), "--size", "32",
-                 "--counts", "4", "3", "2", "--duplicates", "1"]) == 0
-    assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "c"),
-                 "--size", "16", "24"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "phantom",
+                "--out",
+                str(tmp_path / "p"),
+                "--size",
+                "32",
+                "--counts",
+                "4",
+                "3",
+                "2",
+                "--duplicates",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "c"), "--size", "16", "24"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_cache(tmp_path / "c").images_u8.shape == (9, 16, 24, 1)
     assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 2
     assert "exists" in capsys.readouterr().err
-    assert main(["data", "split", str(tmp_path / "c"), "--out", str(tmp_path / "s.json"),
-                 "--protocol", "kfold", "--k", "3"]) == 0
+    assert (
+        main(
+            ["data", "split", str(tmp_path / "c"), "--out", str(tmp_path / "s.json"), "--protocol", "kfold", "--k", "3"]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "s.json").read_text())
     assert sorted(doc["partitions"]) == ["fold_0", "fold_1", "fold_2"]
     (tmp_path / "p" / "normal" / "normal (1).png").write_bytes(b"")
     assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "d")]) == 2
     assert "normal (1).png" in capsys.readouterr().err and not (tmp_path / "d").exists()
-    assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "d"),
-                 "--skip-bad"]) == 0
+    assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "d"), "--skip-bad"]) == 0
     assert "skipped" in capsys.readouterr().out
 
 
 # ---- outputs never destroy data, and are never half-written -------------------------------
 def test_prepare_refuses_an_output_in_or_around_the_dataset(tmp_path):
-    src = write_phantom(tmp_path / "src", {"benign": 2, "malignant": 1, "normal": 1},
-                        size=(16, 16)).root
+    src = write_phantom(tmp_path / "src", {"benign": 2, "malignant": 1, "normal": 1}, size=(16, 16)).root
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
     for out in (src, src / "benign", src / "cache", tmp_path):
         with pytest.raises(ValueError, match="lies inside the dataset folder"):
@@ -160,9 +176,10 @@ def test_outputs_get_the_usual_permissions(phantom, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     ds = load_busi(phantom.root, ReadOptions(size=(8, 8), keep_original=False))
-    for out in (save_cache(ds, tmp_path / "c"),
-                write_phantom(tmp_path / "p", {"benign": 1, "malignant": 1, "normal": 1},
-                              size=(8, 8)).root):
+    for out in (
+        save_cache(ds, tmp_path / "c"),
+        write_phantom(tmp_path / "p", {"benign": 1, "malignant": 1, "normal": 1}, size=(8, 8)).root,
+    ):
         assert out.stat().st_mode & 0o777 == 0o777 & ~umask, out
 
 
@@ -180,15 +197,18 @@ def test_damaged_cache_index_is_a_clear_error(phantom, tmp_path):
 
 
 # ---- the phantom generator refuses what would make an invalid or silently wrong dataset ---
-@pytest.mark.parametrize("kwargs, message", [
-    ({"counts": {"benign": 2, "malignant": 1, "normal": 0}}, r"counts\['normal'\] must be"),
-    ({"counts": {"benign": -1, "malignant": 1, "normal": 1}}, r"counts\['benign'\] must be"),
-    ({"counts": {"benign": 1, "malignant": 1, "normal": 1, "cyst": 1}}, "unknown class"),
-    ({"size": (4, 64)}, r"both >= 8 .*got \(4, 64\)"),
-    ({"duplicates": -1}, "duplicates must be >= 0"),
-    ({"duplicates": 50}, "duplicates=50 is more than these counts allow"),
-    ({"multi_mask_fraction": 1.5}, r"multi_mask_fraction must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"counts": {"benign": 2, "malignant": 1, "normal": 0}}, r"counts\['normal'\] must be"),
+        ({"counts": {"benign": -1, "malignant": 1, "normal": 1}}, r"counts\['benign'\] must be"),
+        ({"counts": {"benign": 1, "malignant": 1, "normal": 1, "cyst": 1}}, "unknown class"),
+        ({"size": (4, 64)}, r"both >= 8 .*got \(4, 64\)"),
+        ({"duplicates": -1}, "duplicates must be >= 0"),
+        ({"duplicates": 50}, "duplicates=50 is more than these counts allow"),
+        ({"multi_mask_fraction": 1.5}, r"multi_mask_fraction must be in \[0, 1\]"),
+    ],
+)
 def test_phantom_refuses_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         write_phantom(tmp_path / "p", **{"size": (16, 16), **kwargs})
@@ -209,8 +229,9 @@ def test_phantom_overwrite_replaces_only_a_phantom(tmp_path):
 
 
 def test_smallest_phantom_still_has_a_lesion_in_every_lesion_image(tmp_path):
-    info = write_phantom(tmp_path / "p", {"benign": 12, "malignant": 12, "normal": 2},
-                         size=(8, 8), multi_mask_fraction=0.5)
+    info = write_phantom(
+        tmp_path / "p", {"benign": 12, "malignant": 12, "normal": 2}, size=(8, 8), multi_mask_fraction=0.5
+    )
     ds = load_busi(info.root, ReadOptions(size=(8, 8)))
     for i, cls in enumerate(ds.class_names):
         assert ds.original_masks[i].any() == (cls != "normal"), ds.ids[i]
@@ -218,8 +239,7 @@ def test_smallest_phantom_still_has_a_lesion_in_every_lesion_image(tmp_path):
 
 def test_cli_reports_file_system_errors_in_one_line(phantom, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert main(["data", "split", str(phantom.root), "--out",
-                 str(tmp_path / "file" / "s.json")]) == 2
+    assert main(["data", "split", str(phantom.root), "--out", str(tmp_path / "file" / "s.json")]) == 2
     err = capsys.readouterr().err
     *progress, last = err.splitlines()  # the reading progress, then the error on its own line
     assert all(line.startswith("reading images ") for line in progress)
@@ -232,9 +252,11 @@ def test_cli_outputs_are_replaced_only_with_overwrite(phantom, tmp_path, capsys,
     # `data split` used to overwrite a manifest silently, and to name its temporary file
     # when --out was a folder; the three commands now behave alike.
     out = tmp_path / ("s.json" if command == "split" else "out")
-    argv = {"phantom": ["data", "phantom", "--counts", "2", "1", "1", "--size", "16"],
-            "prepare": ["data", "prepare", str(phantom.root), "--size", "16"],
-            "split": ["data", "split", str(phantom.root)]}[command] + ["--out", str(out)]
+    argv = {
+        "phantom": ["data", "phantom", "--counts", "2", "1", "1", "--size", "16"],
+        "prepare": ["data", "prepare", str(phantom.root), "--size", "16"],
+        "split": ["data", "split", str(phantom.root)],
+    }[command] + ["--out", str(out)]
     assert main(argv) == 0
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*")} if out.is_dir() else out.read_bytes()
     capsys.readouterr()

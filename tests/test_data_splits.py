@@ -33,12 +33,10 @@ def ds(tmp_path_factory):
 def synthetic():
     """300 ids in 3 unbalanced classes with 40 planted groups (some spanning classes)."""
     rng = np.random.default_rng(0)
-    ids = [f"{c} ({n})" for c, k in (("benign", 150), ("malignant", 100), ("normal", 50))
-           for n in range(1, k + 1)]
+    ids = [f"{c} ({n})" for c, k in (("benign", 150), ("malignant", 100), ("normal", 50)) for n in range(1, k + 1)]
     labels = [0] * 150 + [1] * 100 + [2] * 50
     perm = rng.permutation(300)
-    groups = [tuple(int(x) for x in perm[i:i + s])
-              for i, s in zip(range(0, 120, 3), rng.integers(2, 4, size=40))]
+    groups = [tuple(int(x) for x in perm[i : i + s]) for i, s in zip(range(0, 120, 3), rng.integers(2, 4, size=40))]
     return ids, labels, groups
 
 
@@ -50,12 +48,15 @@ def test_hash_and_distances():
     rng = np.random.default_rng(1)
     a = (rng.random((60, 70)) * 255).astype(np.uint8)
     h = image_hash(a)
-    assert 0 <= h < 2 ** 63
+    assert 0 <= h < 2**63
     assert image_hash(a) == h and image_hash(a[:, :, None]) == h
     assert image_hash(np.repeat(a[:, :, None], 3, axis=2)) == h
     d = hamming_distances([h, h ^ 0b1011, 0])
-    assert d.tolist() == [[0, 3, bin(h).count("1")], [3, 0, bin(h ^ 0b1011).count("1")],
-                          [bin(h).count("1"), bin(h ^ 0b1011).count("1"), 0]]
+    assert d.tolist() == [
+        [0, 3, bin(h).count("1")],
+        [3, 0, bin(h ^ 0b1011).count("1")],
+        [bin(h).count("1"), bin(h ^ 0b1011).count("1"), 0],
+    ]
     with pytest.raises(ValueError, match="shape"):
         image_hash(np.zeros((2, 2, 2, 2)))
 
@@ -78,8 +79,9 @@ def test_phantom_duplicates_found(ds):
 def test_stratified_deterministic_and_complete(synthetic):
     ids, labels, groups = synthetic
     a = stratified_split(ids, labels, groups, seed=3)
-    assert a == stratified_split(list(reversed(ids)), list(reversed(labels)),
-                                 [tuple(ids[i] for i in g) for g in groups], seed=3)
+    assert a == stratified_split(
+        list(reversed(ids)), list(reversed(labels)), [tuple(ids[i] for i in g) for g in groups], seed=3
+    )
     assert a != stratified_split(ids, labels, groups, seed=4)
     all_ids = [x for p in a.partitions.values() for x in p]
     assert sorted(all_ids) == sorted(ids)  # disjoint and complete
@@ -133,8 +135,9 @@ def test_kfold_refuses_more_folds_than_units():
     # 5 images, two of them one duplicate group: 4 units, so a 5th fold would be empty
     ids = [f"benign ({n})" for n in range(1, 6)]
     labels = [0] * 5
-    assert all(kfold_split(ids, labels, [(0, 1)], k=4, seed=s).partitions[f"fold_{i}"]
-               for s in range(3) for i in range(4))
+    assert all(
+        kfold_split(ids, labels, [(0, 1)], k=4, seed=s).partitions[f"fold_{i}"] for s in range(3) for i in range(4)
+    )
     with pytest.raises(ValueError, match=r"k=5 folds need at least k units.*expected k <= 4"):
         kfold_split(ids, labels, [(0, 1)], k=5)
 
@@ -148,10 +151,18 @@ def test_seed_protocol(synthetic):
     assert c["test"] == {"benign": 30, "malignant": 20, "normal": 0}
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("duplicate_groups", 3, "a list of lists of ids"), ("duplicate_groups", [["a", 1]], "a list of lists of ids"),
-    ("duplicate_groups", ["ab"], "a list of lists of ids"), ("seed", "1", "an integer"),
-    ("seed", True, "an integer"), ("protocol", None, "a string"), ("params", [], "an object")])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("duplicate_groups", 3, "a list of lists of ids"),
+        ("duplicate_groups", [["a", 1]], "a list of lists of ids"),
+        ("duplicate_groups", ["ab"], "a list of lists of ids"),
+        ("seed", "1", "an integer"),
+        ("seed", True, "an integer"),
+        ("protocol", None, "a string"),
+        ("params", [], "an object"),
+    ],
+)
 def test_a_hand_edited_manifest_field_is_a_clear_error(synthetic, tmp_path, key, value, expected):
     ids, labels, groups = synthetic
     path = write_manifest(stratified_split(ids, labels, groups, seed=1), tmp_path / "split.json")
@@ -171,8 +182,7 @@ def test_fraction_validation(synthetic):
 def test_manifest_round_trip_and_errors(synthetic, tmp_path):
     ids, labels, groups = synthetic
     split = stratified_split(ids, labels, groups, seed=1)
-    path = write_manifest(split, tmp_path / "m" / "split.json", dict(zip(ids, labels)),
-                          source="x")
+    path = write_manifest(split, tmp_path / "m" / "split.json", dict(zip(ids, labels)), source="x")
     assert read_manifest(path) == split
     assert list(tmp_path.joinpath("m").iterdir()) == [path]  # no temp file left
     doc = json.loads(path.read_text())

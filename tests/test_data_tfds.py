@@ -49,6 +49,8 @@ def test_bad_resolution(tmp_path):
 
 
 def test_importing_the_package_does_not_import_tfds():
-    code = ("import sys, unet_jax, unet_jax.data, unet_jax.data.augment, unet_jax.data.cache; "
-            "assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'")
+    code = (
+        "import sys, unet_jax, unet_jax.data, unet_jax.data.augment, unet_jax.data.cache; "
+        "assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,9 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small, and long enough per epoch (30 steps) for a process to be killed mid-run. Plain SGD:
 # its updates follow the gradients, so one and two processes agree to rounding (Adam would
 # magnify the rounding of near-zero gradients into full-size steps).
-OVERRIDES = ["preset=padded", "model.features=2", "model.depth=1", "image_size=16", "phantom_images=90",
-             "batch_size=2", "eval_batch_size=16", "epochs=5", "patience=None", "optimizer=sgd",
-             "learning_rate=0.05", "seed=3", "plots=False", "tune_inference=False"]
+OVERRIDES = [
+    "preset=padded",
+    "model.features=2",
+    "model.depth=1",
+    "image_size=16",
+    "phantom_images=90",
+    "batch_size=2",
+    "eval_batch_size=16",
+    "epochs=5",
+    "patience=None",
+    "optimizer=sgd",
+    "learning_rate=0.05",
+    "seed=3",
+    "plots=False",
+    "tune_inference=False",
+]
 LIMIT_S = 240
 
 
@@ -53,11 +66,20 @@ def _free_port() -> int:
 def _train(out: Path, *extra: str, processes: int = 0, port: int = 0, pid: int = 0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "unet_jax.cli", "train", "--out", str(out), *OVERRIDES, *extra]
     if processes:
-        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(pid),
-                "--heartbeat-timeout", "30"]
+        cmd += [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(processes),
+            "--process-id",
+            str(pid),
+            "--heartbeat-timeout",
+            "30",
+        ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, str]]:
@@ -120,7 +142,7 @@ def test_two_processes_equal_one_survive_a_kill_resume_and_are_read_by_one(tmp_p
     for rc, log in results:
         assert rc == 0, log[-3000:]
         assert "resuming after epoch" in log, log[-3000:]
-    (rc, log), = _finish([reference], deadline)
+    ((rc, log),) = _finish([reference], deadline)
     assert rc == 0, log[-3000:]
 
     # Equal to the one-process run with the same global batch, to rounding.
@@ -144,5 +166,5 @@ def test_two_processes_equal_one_survive_a_kill_resume_and_are_read_by_one(tmp_p
     images = np.zeros((2, 16, 16, 1), np.uint8)
     np.testing.assert_allclose(predict_probabilities(b, images), predict_probabilities(a, images), atol=1e-4)
     # ... but does not resume it: the data shards and the batch placement depend on the count.
-    (rc, log), = _finish([_train(two)], deadline)
+    ((rc, log),) = _finish([_train(two)], deadline)
     assert rc == 2 and "was trained as 2 process(es); this launch has 1" in log, log[-2000:]

@@ -111,8 +111,9 @@ def test_an_export_without_digests_still_loads(loaded, tmp_path):
     del info["member_sha256"]  # as written before the field existed (the bundled model)
     (out / "model.json").write_text(json.dumps(info))
     again = load(out)
-    np.testing.assert_allclose(again.variables["params"]["head"]["kernel"],
-                               loaded.variables["params"]["head"]["kernel"], atol=1e-3)
+    np.testing.assert_allclose(
+        again.variables["params"]["head"]["kernel"], loaded.variables["params"]["head"]["kernel"], atol=1e-3
+    )
     info["member_sha256"] = 3
     (out / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="member_sha256=3; expected an object"):

@@ -40,14 +40,20 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_out")
     # A generous budget: on a loaded CPU the stages are slow, and a stage cut short by its
     # share of the budget would fail this test for the machine's sake, not the code's.
-    env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "TOTAL_S": os.environ.get("GPU_RUN_DRY_TOTAL_S", "3000"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           # bench_data.py calls optax directly, and optax's Adam raises a float to an int
-           # step count, which strict promotion refuses (train_step runs it under standard).
-           "JAX_NUMPY_DTYPE_PROMOTION": "standard"}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "DRY_RUN": "1",
+        "TOTAL_S": os.environ.get("GPU_RUN_DRY_TOTAL_S", "3000"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        # bench_data.py calls optax directly, and optax's Adam raises a float to an int
+        # step count, which strict promotion refuses (train_step runs it under standard).
+        "JAX_NUMPY_DTYPE_PROMOTION": "standard",
+    }
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(BENCH / "gpu_run.sh")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=3700)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_run.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=3700
+    )
     wall = time.monotonic() - t0
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return out, proc, summary, wall
@@ -69,8 +75,10 @@ def test_dry_run_runs_every_stage_and_returns_the_files(dry_run):
     screen = proc.stdout.strip().splitlines()
     assert screen[0].startswith("gpu_run (dry run)") and screen[-1].startswith("files in ")
     assert len(screen) <= 40
-    print(f"dry run: {wall:.1f} s wall; stages "
-          + ", ".join(f"{k} {v['duration_s']} s" for k, v in summary["stages"].items()))
+    print(
+        f"dry run: {wall:.1f} s wall; stages "
+        + ", ".join(f"{k} {v['duration_s']} s" for k, v in summary["stages"].items())
+    )
 
 
 def test_dry_run_throughput_measures_both_frameworks_on_both_paths(dry_run):
@@ -91,8 +99,14 @@ def test_dry_run_training_stops_at_its_cap_and_still_evaluates(dry_run):
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
         for run in ("base", "report"):
-            for rel in ("config.json", "results.json", "metrics.jsonl", "plots/training_curves.png",
-                        "split.json", "environment.json"):
+            for rel in (
+                "config.json",
+                "results.json",
+                "metrics.jsonl",
+                "plots/training_curves.png",
+                "split.json",
+                "environment.json",
+            ):
                 assert f"{run}/{rel}" in names
             results = json.loads(tar.extractfile(f"{run}/results.json").read())
             config = json.loads(tar.extractfile(f"{run}/config.json").read())
@@ -101,8 +115,7 @@ def test_dry_run_training_stops_at_its_cap_and_still_evaluates(dry_run):
         assert not any("checkpoints" in n or "tensorboard" in n for n in names)
     base = summary["stages"]["train_base"]["result"]
     assert base["stopped_by_time_cap"] and base["test_native"]["dice_lesion"] is not None
-    assert json.loads(tarfile.open(out / "runs.tar.gz").extractfile("report/config.json").read())[
-        "channels"] == 3
+    assert json.loads(tarfile.open(out / "runs.tar.gz").extractfile("report/config.json").read())["channels"] == 3
 
 
 def test_dry_run_augment_and_levers(dry_run):
@@ -134,7 +147,8 @@ def test_ingest_updates_results_and_tables(dry_run, tmp_path):
     for run in ("base_gpu", "report_gpu"):
         folder = repo / "experiments" / "results" / run
         assert {"results.json", "metrics.jsonl", "config.json", "training_curves.png"} <= {
-            p.name for p in folder.iterdir()}
+            p.name for p in folder.iterdir()
+        }
     results_md = (repo / "experiments" / "RESULTS.md").read_text()
     readme = (repo / "README.md").read_text()
     assert "DRY RUN" in results_md and "DRY RUN" in readme
@@ -146,8 +160,10 @@ def test_ingest_updates_results_and_tables(dry_run, tmp_path):
     ingest_gpu.main([str(out), "--repo", str(repo), "--allow-dry-run"])
     assert (repo / "experiments" / "RESULTS.md").read_text() == results_md
     # The repository's own documents carry every marker.
-    for doc, names in ((REPO / "experiments" / "RESULTS.md", ingest_gpu.RESULTS_MD_SECTIONS),
-                       (REPO / "README.md", ingest_gpu.README_SECTIONS)):
+    for doc, names in (
+        (REPO / "experiments" / "RESULTS.md", ingest_gpu.RESULTS_MD_SECTIONS),
+        (REPO / "README.md", ingest_gpu.README_SECTIONS),
+    ):
         text = doc.read_text()
         for name in names:
             ingest_gpu.replace_section(text, name, "x", str(doc))
@@ -187,8 +203,23 @@ def test_out_dir_rules(tmp_path):
 
 def test_a_failed_stage_does_not_stop_the_others_and_short_budgets_skip(tmp_path, monkeypatch, capsys):
     # One stage at a time, as on a GPU (a dry run's default is two).
-    args = gpu_run.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--stages", "env,augment,levers",
-                               "--total-s", "1000", "--reserve-s", "0", "--min-stage-s", "100", "--parallel", "1"])
+    args = gpu_run.parse_args(
+        [
+            "--dry-run",
+            "--out",
+            str(tmp_path / "out"),
+            "--stages",
+            "env,augment,levers",
+            "--total-s",
+            "1000",
+            "--reserve-s",
+            "0",
+            "--min-stage-s",
+            "100",
+            "--parallel",
+            "1",
+        ]
+    )
     driver = gpu_run.Driver(args)
 
     def boom(budget):
@@ -236,6 +267,7 @@ def test_parallel_stages_overlap_keep_their_order_and_their_failures_apart(tmp_p
             if fail:
                 raise RuntimeError(f"{name} broke")
             return {"name": name}
+
         return run
 
     for name in ("env", "augment", "levers"):

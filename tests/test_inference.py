@@ -32,8 +32,13 @@ from unet_jax.inference import (
 )
 
 masks = st.integers(0, 2**31 - 1).map(
-    lambda seed: np.random.default_rng(seed).random((np.random.default_rng(seed).integers(1, 24),
-                                                     np.random.default_rng(seed + 1).integers(1, 24))) < 0.45)
+    lambda seed: (
+        np.random.default_rng(seed).random(
+            (np.random.default_rng(seed).integers(1, 24), np.random.default_rng(seed + 1).integers(1, 24))
+        )
+        < 0.45
+    )
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -101,12 +106,25 @@ def test_recipe_mask_gates_and_resizes():
 
 
 def test_recipe_validation_and_round_trip():
-    recipe = InferenceRecipe(threshold=0.4, flip_tta=True, gate="area", gate_threshold=0.01, components="largest",
-                             fill_holes=True, tuned_on="val")
+    recipe = InferenceRecipe(
+        threshold=0.4,
+        flip_tta=True,
+        gate="area",
+        gate_threshold=0.01,
+        components="largest",
+        fill_holes=True,
+        tuned_on="val",
+    )
     assert InferenceRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
     assert "gate area 0.01" in recipe.describe() and "flip TTA" in recipe.describe()
-    for bad in ({"threshold": 1.0}, {"gate": "magic"}, {"components": "some"}, {"min_component_fraction": 1.0},
-                {"flip_tta": "yes"}, {"gate_threshold": -0.1}):
+    for bad in (
+        {"threshold": 1.0},
+        {"gate": "magic"},
+        {"components": "some"},
+        {"min_component_fraction": 1.0},
+        {"flip_tta": "yes"},
+        {"gate_threshold": -0.1},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             InferenceRecipe(**bad)
     with pytest.raises(ValueError, match="unknown key"):
@@ -207,8 +225,16 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()  # replaced whole
     # An ensemble of two copies predicts what one member does; of a model and a perturbed
     # copy, the mean of the two.
-    shifted = dataclasses.replace(loaded, variables={**loaded.variables, "params": {
-        **loaded.variables["params"], "head": {k: v + 0.5 for k, v in loaded.variables["params"]["head"].items()}}})
+    shifted = dataclasses.replace(
+        loaded,
+        variables={
+            **loaded.variables,
+            "params": {
+                **loaded.variables["params"],
+                "head": {k: v + 0.5 for k, v in loaded.variables["params"]["head"].items()},
+            },
+        },
+    )
     ensemble = export_model([loaded, shifted], tmp_path / "ensemble", dtype="float32")
     both = load(ensemble)
     assert len(both.members) == 1
@@ -256,8 +282,14 @@ def test_cli_export_carries_a_recipe_chosen_elsewhere(tuned_run, tmp_path, capsy
     from unet_jax.inference import load
 
     gate = LearnedGate(("max_logit", "normal_logit"), (0.0, 0.0), (1.0, 2.0), (1.5, -1.0), 0.2)
-    chosen = InferenceRecipe(threshold=0.4, flip_tta=True, gate="learned", gate_threshold=0.3, gate_model=gate,
-                             tuned_on="pooled out-of-fold predictions")
+    chosen = InferenceRecipe(
+        threshold=0.4,
+        flip_tta=True,
+        gate="learned",
+        gate_threshold=0.3,
+        gate_model=gate,
+        tuned_on="pooled out-of-fold predictions",
+    )
     file = tmp_path / "inference.json"
     file.write_text(json.dumps({"recipe": chosen.to_dict(), "validation": {}}))
     assert main(["export", str(tuned_run), str(tuned_run), "--out", str(tmp_path / "m"), "--recipe", str(file)]) == 0
@@ -330,10 +362,12 @@ def test_table_outcome_matches_applying_the_recipe():
     flipped = probs[:, :, ::-1].copy()
     scores = score_recipes(probs, flipped, gts)
     gate = fit_learned_gate(probs, classes, np.array([g.any() for g in gts]), ("max_logit", "normal_logit"))
-    for recipe in (InferenceRecipe(threshold=0.4, flip_tta=True, gate="class", gate_threshold=0.5),
-                   InferenceRecipe(threshold=0.6, gate="area", gate_threshold=0.05, components="largest"),
-                   InferenceRecipe(gate="max_prob", gate_threshold=0.92, fill_holes=True),
-                   InferenceRecipe(threshold=0.3, gate="learned", gate_threshold=0.5, gate_model=gate)):
+    for recipe in (
+        InferenceRecipe(threshold=0.4, flip_tta=True, gate="class", gate_threshold=0.5),
+        InferenceRecipe(threshold=0.6, gate="area", gate_threshold=0.05, components="largest"),
+        InferenceRecipe(gate="max_prob", gate_threshold=0.92, fill_holes=True),
+        InferenceRecipe(threshold=0.3, gate="learned", gate_threshold=0.5, gate_model=gate),
+    ):
         dice, iou, empty = recipe_outcome(scores, recipe, classes)
         maps = 0.5 * (probs + flipped) if recipe.flip_tta else probs
         masks = [recipe_mask(maps[i], classes[i], recipe, gts[i].shape) for i in range(len(gts))]
@@ -348,8 +382,9 @@ def test_choosing_on_a_subset_is_tuning_on_that_subset():
     scores = score_recipes(probs, None, gts)
     idx = np.array([0, 2, 4, 5, 7, 9, 12, 13, 15, 17])
     chosen, report = choose_recipe(scores, classes, idx=idx, learned_gates=("map", "map+head"))
-    direct, direct_report = tune_recipe(probs[idx], None, classes[idx], [gts[i] for i in idx],
-                                        learned_gates=("map", "map+head"))
+    direct, direct_report = tune_recipe(
+        probs[idx], None, classes[idx], [gts[i] for i in idx], learned_gates=("map", "map+head")
+    )
     assert chosen == direct and report == direct_report
     assert any(k.startswith("gate learned map+head") for k in report["levers"])
 
@@ -371,8 +406,12 @@ def test_a_learned_gate_is_chosen_where_no_single_statistic_separates():
         gts.append(gt)
     flat = np.tile([[0.4, 0.3, 0.3]], (30, 1))
     recipe, report = tune_recipe(np.stack(probs), None, flat, gts, learned_gates=("map",), max_lesion_empty=0.0)
-    assert recipe.gate == "learned" and recipe.gate_model.features == ("max_logit", "top1_logit", "log_area",
-                                                                       "log_mass")
+    assert recipe.gate == "learned" and recipe.gate_model.features == (
+        "max_logit",
+        "top1_logit",
+        "log_area",
+        "log_mass",
+    )
     assert report["chosen"]["normal_false_positive_rate"] == 0.0 and report["chosen"]["lesion_empty_rate"] == 0.0
     assert report["levers"]["gate max_prob 0.5 (best alone)"]["normal_false_positive_rate"] == 1.0
     with pytest.raises(ValueError, match="designs"):

@@ -186,8 +186,16 @@ def explicit(p):
     return (p, p) if isinstance(p, int) else p
 
 
-@given(n=st.integers(1, 10), m=st.integers(1, 10), k=st.integers(1, 4), s=st.integers(1, 3),
-       p=pad_amount, c_in=st.integers(1, 3), c_out=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 10),
+    m=st.integers(1, 10),
+    k=st.integers(1, 4),
+    s=st.integers(1, 3),
+    p=pad_amount,
+    c_in=st.integers(1, 3),
+    c_out=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_conv2d_matches_formula_and_literal_sum(n, m, k, s, p, c_in, c_out, seed):
     pads = (explicit(p), explicit(p))
     layer = Conv2D(c_out, k, strides=s, padding=pads, precision=HIGHEST)
@@ -204,12 +212,15 @@ def test_conv2d_matches_formula_and_literal_sum(n, m, k, s, p, c_in, c_out, seed
     np.testing.assert_allclose(y[0], expected.reshape(y.shape[1:]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, k, s, p, groups, per_in, per_out, seed", [
-    (6, 3, 2, 1, 3, 1, 1, 0),  # depthwise, stride 2, explicit padding 1 (TinyViT's PatchMerging)
-    (5, 3, 1, 1, 2, 1, 1, 1),  # depthwise 3x3 (MBConv, local_conv)
-    (5, 2, 1, 0, 2, 2, 3, 2),  # grouped, 2 in / 3 out channels per group
-    (4, 1, 1, 0, 1, 2, 2, 3),  # G = 1: the ordinary convolution
-])
+@pytest.mark.parametrize(
+    "n, k, s, p, groups, per_in, per_out, seed",
+    [
+        (6, 3, 2, 1, 3, 1, 1, 0),  # depthwise, stride 2, explicit padding 1 (TinyViT's PatchMerging)
+        (5, 3, 1, 1, 2, 1, 1, 1),  # depthwise 3x3 (MBConv, local_conv)
+        (5, 2, 1, 0, 2, 2, 3, 2),  # grouped, 2 in / 3 out channels per group
+        (4, 1, 1, 0, 1, 2, 2, 3),  # G = 1: the ordinary convolution
+    ],
+)
 def test_grouped_and_depthwise_conv2d_match_literal_sum(n, k, s, p, groups, per_in, per_out, seed):
     # feature_group_count = G: kernel (k, k, C_in / G, C_out); per_in = per_out = 1 is the
     # depthwise convolution (LiteMedSAM's TinyViT), against the literal grouped sum.
@@ -238,8 +249,15 @@ def test_grouped_conv2d_refuses_groups_that_do_not_divide():
         reference.conv2d(np.ones((4, 4, 3)), np.ones((3, 3, 1, 2)), groups=2)
 
 
-@given(n=st.integers(1, 10), m=st.integers(1, 10), k=st.integers(1, 4), s=st.integers(1, 3),
-       p=st.integers(0, 1), c=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 10),
+    m=st.integers(1, 10),
+    k=st.integers(1, 4),
+    s=st.integers(1, 3),
+    p=st.integers(0, 1),
+    c=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_maxpool_matches_formula_and_literal_max(n, m, k, s, p, c, seed):
     assume(n + 2 * p >= k and m + 2 * p >= k)
     x = jax.random.normal(jax.random.key(seed), (1, n, m, c))
@@ -248,9 +266,17 @@ def test_maxpool_matches_formula_and_literal_max(n, m, k, s, p, c, seed):
     np.testing.assert_array_equal(y[0], reference.maxpool2d(np.asarray(x[0]), k, s, ((p, p), (p, p))))
 
 
-@given(n=st.integers(1, 6), m=st.integers(1, 6), k=st.integers(1, 4), s=st.integers(1, 3),
-       p=st.integers(0, 2), op=st.integers(0, 2), c_in=st.integers(1, 3), c_out=st.integers(1, 2),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 6),
+    m=st.integers(1, 6),
+    k=st.integers(1, 4),
+    s=st.integers(1, 3),
+    p=st.integers(0, 2),
+    op=st.integers(0, 2),
+    c_in=st.integers(1, 3),
+    c_out=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
 def test_conv_transpose2d_matches_formula_and_both_definitions(n, m, k, s, p, op, c_in, c_out, seed):
     assume(op < s and p <= k - 1)
     assume(s * (min(n, m) - 1) + k - 2 * p + op >= 1)
@@ -270,8 +296,15 @@ def test_conv_transpose2d_matches_formula_and_both_definitions(n, m, k, s, p, op
 # --------------------------------------------------------------------------------------
 # 4. Transposed convolution is the adjoint of convolution
 # --------------------------------------------------------------------------------------
-@given(n=st.integers(3, 7), k=st.integers(1, 3), s=st.integers(1, 3), p=st.integers(0, 1),
-       c_in=st.integers(1, 2), c_out=st.integers(1, 2), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(3, 7),
+    k=st.integers(1, 3),
+    s=st.integers(1, 3),
+    p=st.integers(0, 1),
+    c_in=st.integers(1, 2),
+    c_out=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
 def test_transposed_convolution_jacobian_is_the_transpose_of_convolutions(n, k, s, p, c_in, c_out, seed):
     assume(p <= k - 1 and n + 2 * p >= k)
     m = conv_output_size(n, k, s, p)
@@ -303,8 +336,13 @@ def test_same_convolution_matches_lax_same(n, k, s):
     kernel = np.random.default_rng(0).normal(size=(k, k, 3, 4))
     y = apply_with_kernel(Conv2D(4, k, strides=s, padding="SAME", precision=HIGHEST), x, kernel)
     expected = jax.lax.conv_general_dilated(
-        x, jnp.asarray(kernel, jnp.float32), (s, s), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+        x,
+        jnp.asarray(kernel, jnp.float32),
+        (s, s),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=HIGHEST,
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -316,8 +354,15 @@ def test_same_transposed_convolution_matches_keras_placement(n, k, s):
     kernel = np.random.default_rng(1).normal(size=(k, k, 3, 5))  # ours: (kh, kw, in, out)
     y = apply_with_kernel(ConvTranspose2D(5, k, strides=s, padding="SAME", precision=HIGHEST), x, kernel)
     keras_kernel = jnp.asarray(kernel.transpose(0, 1, 3, 2), jnp.float32)
-    expected = jax.lax.conv_transpose(x, keras_kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      transpose_kernel=True, precision=HIGHEST)
+    expected = jax.lax.conv_transpose(
+        x,
+        keras_kernel,
+        (s, s),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        transpose_kernel=True,
+        precision=HIGHEST,
+    )
     assert y.shape == (2, s * n, s * n, 5)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -409,8 +454,13 @@ def test_size_formulas_refuse_impossible_arguments():
 # --------------------------------------------------------------------------------------
 # Tiled max pooling: the reduce_window values and gradient, ties included
 # --------------------------------------------------------------------------------------
-@given(h=st.integers(2, 9), w=st.integers(2, 9), k=st.integers(1, 3), layout=st.sampled_from(LAYOUTS),
-       seed=st.integers(0, 2**16))
+@given(
+    h=st.integers(2, 9),
+    w=st.integers(2, 9),
+    k=st.integers(1, 3),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
 def test_tiled_max_pool_equals_reduce_window_with_ties(h, w, k, layout, seed):
     """Integer-valued inputs make ties common: the gradient must go to the first maximum of
     each window, as reduce_window's select_and_scatter does; rows past the last whole

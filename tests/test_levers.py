@@ -21,25 +21,27 @@ from unet_jax.train.state import create_train_state, make_optimizer
 from unet_jax.train.steps import get_train_steps, train_steps, train_steps_undonated
 
 
-@pytest.mark.parametrize("kernel, stride, padding, output_padding", [
-    (2, 2, "SAME", 0),             # the padded preset's up-convolution
-    (3, 2, "SAME", 0),             # the seed preset's (Keras placement)
-    (2, 2, "VALID", 0),            # Ronneberger's
-    (3, 2, "VALID", 0),            # odd output 2n + 1
-    (3, 2, 1, 1),                  # PyTorch's (k=3, s=2, p=1, output_padding=1)
-    (4, 2, ((2, 0), (1, 1)), 0),   # asymmetric crops
-    (5, 2, 2, 1),
-    (3, 3, "SAME", 0),
-    (1, 2, "VALID", 1),            # a phase without any kernel tap
-    ((3, 2), (2, 3), "VALID", 0),  # non-square kernel and strides
-])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, output_padding",
+    [
+        (2, 2, "SAME", 0),  # the padded preset's up-convolution
+        (3, 2, "SAME", 0),  # the seed preset's (Keras placement)
+        (2, 2, "VALID", 0),  # Ronneberger's
+        (3, 2, "VALID", 0),  # odd output 2n + 1
+        (3, 2, 1, 1),  # PyTorch's (k=3, s=2, p=1, output_padding=1)
+        (4, 2, ((2, 0), (1, 1)), 0),  # asymmetric crops
+        (5, 2, 2, 1),
+        (3, 3, "SAME", 0),
+        (1, 2, "VALID", 1),  # a phase without any kernel tap
+        ((3, 2), (2, 3), "VALID", 0),  # non-square kernel and strides
+    ],
+)
 def test_subpixel_transposed_convolution_equals_zero_insertion(kernel, stride, padding, output_padding):
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
     zero = ConvTranspose2D(4, kernel, strides=stride, padding=padding, output_padding=output_padding)
     sub = zero.clone(method="subpixel")
     variables = zero.init(jax.random.key(1), x)
-    variables = {"params": {**variables["params"],
-                            "bias": jax.random.normal(jax.random.key(2), (4,))}}
+    variables = {"params": {**variables["params"], "bias": jax.random.normal(jax.random.key(2), (4,))}}
     a, b = zero.apply(variables, x), sub.apply(variables, x)
     assert a.shape == b.shape
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
@@ -67,8 +69,7 @@ def _tiny(preset, **fields):
 def _trained_stats(model, x):
     """Variables whose running statistics are a batch's, not the initial (0, 1)."""
     v = model.init(jax.random.key(1), x)
-    _, upd = model.apply(v, x * 3.0 + 0.5, train=True, mutable=["batch_stats"],
-                         rngs={"dropout": jax.random.key(2)})
+    _, upd = model.apply(v, x * 3.0 + 0.5, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
     return {"params": v["params"], "batch_stats": upd["batch_stats"]}
 
 
@@ -104,13 +105,14 @@ def test_donated_and_undonated_steps_give_the_same_state():
     assert get_train_steps(True) is train_steps and get_train_steps(False) is train_steps_undonated
     model = _tiny("seed")
     rng = np.random.default_rng(0)
-    data = DeviceData(jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
-                      jnp.asarray(rng.integers(0, 2, (8, 32, 32, 1), dtype=np.uint8)),
-                      jnp.zeros(8, jnp.int32))
+    data = DeviceData(
+        jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, 2, (8, 32, 32, 1), dtype=np.uint8)),
+        jnp.zeros(8, jnp.int32),
+    )
     tx = make_optimizer(TrainConfig(batch_size=4), 2)
     keys = jax.random.split(jax.random.key(0), 2)
-    common = dict(num_steps=2, sample=make_sampler(4, 8, None), loss_fn=get_loss("bce_dice"),
-                  threshold=0.5, mesh=None)
+    common = dict(num_steps=2, sample=make_sampler(4, 8, None), loss_fn=get_loss("bce_dice"), threshold=0.5, mesh=None)
     out = {}
     for donate in (True, False):
         state = create_train_state(model, tx, jax.random.key(3), (1, 32, 32, 3))
@@ -143,14 +145,17 @@ def _nchw(x):
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("layer", [
-    Conv2D(4, 3, strides=2, padding="SAME"),
-    Conv2D(4, (3, 2), padding=((1, 0), (2, 1)), use_bias=True),
-    MaxPool2D(3, strides=2, padding="SAME"),
-    ConvTranspose2D(4, 3, strides=2, padding="SAME"),
-    ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, method="subpixel"),
-    ConvTranspose2D(4, 1, strides=2, padding="VALID", output_padding=1, method="subpixel"),
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Conv2D(4, 3, strides=2, padding="SAME"),
+        Conv2D(4, (3, 2), padding=((1, 0), (2, 1)), use_bias=True),
+        MaxPool2D(3, strides=2, padding="SAME"),
+        ConvTranspose2D(4, 3, strides=2, padding="SAME"),
+        ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, method="subpixel"),
+        ConvTranspose2D(4, 1, strides=2, padding="VALID", output_padding=1, method="subpixel"),
+    ],
+)
 def test_each_layer_in_nchw_is_the_nhwc_layer_transposed(layer):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
     v = layer.init(jax.random.key(1), x)
@@ -170,8 +175,10 @@ def test_an_unknown_layout_or_a_wrong_rank_is_refused_by_name():
         _tiny("padded", layout="CHWN").init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
 
 
-@pytest.mark.parametrize("preset, fields", [("seed", {}), ("padded", {"class_head": 3, "up_method": "subpixel"}),
-                                            ("ronneberger", {"norm": "batch"})])
+@pytest.mark.parametrize(
+    "preset, fields",
+    [("seed", {}), ("padded", {"class_head": 3, "up_method": "subpixel"}), ("ronneberger", {"norm": "batch"})],
+)
 def test_unet_in_nchw_keeps_parameters_and_outputs(preset, fields):
     model = create_unet(preset, features=4, depth=1, **fields)
     size = 32 if model.padding == "SAME" else nearest_valid_sizes(28, **model._size_spec())[1]
@@ -193,8 +200,7 @@ def test_unet_in_nchw_trains_alike():
     v = _trained_stats(model, x)
 
     def loss(m, params):
-        out, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                           mutable=["batch_stats"])
+        out, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
         return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out)), upd
 
     (la, ua), ga = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(v["params"])

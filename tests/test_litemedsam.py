@@ -66,6 +66,7 @@ def _timm_shim() -> None:
     try:
         from timm.models.layers import DropPath, to_2tuple, trunc_normal_  # noqa: F401
         from timm.models.registry import register_model  # noqa: F401
+
         return
     except Exception:  # ModuleNotFoundError (torchvision) or torchvision's operator error
         for name in [n for n in sys.modules if n == "timm" or n.startswith("timm.")]:
@@ -86,8 +87,9 @@ def _timm_shim() -> None:
     layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = DropPath, to_2tuple, torch.nn.init.trunc_normal_
     registry.register_model = lambda fn: fn
     timm.models, models.layers, models.registry = models, layers, registry
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                        "timm.models.registry": registry})
+    sys.modules.update(
+        {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+    )
 
 
 def _import_reference():
@@ -142,16 +144,19 @@ def test_parity_embeddings_low_res_logits_and_masks(models, example):
     with torch.no_grad():
         t_emb = tmodel.image_encoder(torch.from_numpy(batch.transpose(0, 3, 1, 2)))
         t_low = tmodel.mask_decoder(
-            image_embeddings=t_emb[:1], image_pe=tmodel.prompt_encoder.get_dense_pe(),
+            image_embeddings=t_emb[:1],
+            image_pe=tmodel.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=tmodel.prompt_encoder(None, torch.from_numpy(box256[None, None]), None)[0],
             dense_prompt_embeddings=tmodel.prompt_encoder(None, torch.from_numpy(box256[None, None]), None)[1],
-            multimask_output=False)[0]
+            multimask_output=False,
+        )[0]
         t_full = tmodel.postprocess_masks(t_low, inp.new_size, inp.original_size)
         t_forward = tmodel(torch.from_numpy(batch[:1].transpose(0, 3, 1, 2)), box256[None])
 
     emb = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))(variables, jnp.asarray(batch))
     low, _ = jax.jit(lambda v, e, b: model.apply(v, e, boxes=b, method="decode"))(
-        variables, emb[:1], jnp.asarray(box256[None]))
+        variables, emb[:1], jnp.asarray(box256[None])
+    )
     full = postprocess_logits(low, inp.new_size, inp.original_size)
 
     assert emb.shape == (2, 64, 64, 256) and low.shape == (1, 256, 256, 1)
@@ -177,8 +182,9 @@ def test_attention_bias_index_matches_reference(models):
         np.testing.assert_array_equal(idx, attn.attention_bias_idxs.numpy())
         assert n == attn.attention_biases.shape[1]
         # eval() cached the gathered table from the loaded (non-zero) biases
-        np.testing.assert_array_equal(attn.ab.numpy(),
-                                      attn.attention_biases[:, attn.attention_bias_idxs].detach().numpy())
+        np.testing.assert_array_equal(
+            attn.ab.numpy(), attn.attention_biases[:, attn.attention_bias_idxs].detach().numpy()
+        )
         assert float(attn.ab.abs().max()) > 0
 
 
@@ -191,8 +197,10 @@ def test_conversion_counts_and_collections(models):
     assert len(sd) == 435
     assert infer_sam_preset(sd) == "litemedsam"
     n_params = sum(p.numel() for p in tmodel.parameters())
-    parts = {k: sum(p.numel() for p in getattr(tmodel, k).parameters())
-             for k in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    parts = {
+        k: sum(p.numel() for p in getattr(tmodel, k).parameters())
+        for k in ("image_encoder", "prompt_encoder", "mask_decoder")
+    }
     assert n_params == 9_791_300
     assert parts == {"image_encoder": 5_726_740, "prompt_encoder": 6_220, "mask_decoder": 4_058_340}
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
@@ -210,7 +218,8 @@ def test_conversion_counts_and_collections(models):
     # the random-init tree has the same structure as the converted one
     shapes = jax.eval_shape(lambda: sam_init_variables(Sam(**SAM_PRESETS["litemedsam"])))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(
-        jax.tree_util.tree_map(np.asarray, variables))
+        jax.tree_util.tree_map(np.asarray, variables)
+    )
     # params alone would lose the statistics: refused with a pointer
     with pytest.raises(SamCheckpointError, match="batch_stats"):
         sam_params_from_state_dict({k: v.numpy() for k, v in sd.items()}, "litemedsam")
@@ -276,4 +285,9 @@ def test_postprocess_crops_then_resizes_like_the_reference():
     # the package's own MedSAMLite.postprocess_masks is the same operation
     np.testing.assert_allclose(
         ref.MedSAMLite.postprocess_masks(None, torch.from_numpy(low.transpose(0, 3, 1, 2)), (183, 256), (300, 420))
-        .numpy().transpose(0, 2, 3, 1), theirs, rtol=0, atol=0)
+        .numpy()
+        .transpose(0, 2, 3, 1),
+        theirs,
+        rtol=0,
+        atol=0,
+    )

@@ -33,8 +33,16 @@ def decoded(event) -> np.ndarray:
 
 
 def record(epoch: int) -> dict:
-    return {"epoch": epoch, "step": 10 * epoch, "train/loss": 1 / epoch, "val/dice": 0.1 * epoch,
-            "val/iou": float("nan"), "lr": 1e-3, "epoch_time_s": 1.5, "flag/bool": True}
+    return {
+        "epoch": epoch,
+        "step": 10 * epoch,
+        "train/loss": 1 / epoch,
+        "val/dice": 0.1 * epoch,
+        "val/iou": float("nan"),
+        "lr": 1e-3,
+        "epoch_time_s": 1.5,
+        "flag/bool": True,
+    }
 
 
 def test_scalars_and_images_reach_tensorboard(tmp_path):
@@ -65,10 +73,13 @@ def test_scalars_and_images_reach_tensorboard(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["val/iou"] is None and rows[0]["lr"] == 1e-3
 
 
-@pytest.mark.parametrize("value, expected", [
-    (np.zeros((4, 4), np.float32), "float32 array of shape (4, 4)"),
-    (np.zeros((4, 4, 2), np.uint8), "uint8 array of shape (4, 4, 2)"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (np.zeros((4, 4), np.float32), "float32 array of shape (4, 4)"),
+        (np.zeros((4, 4, 2), np.uint8), "uint8 array of shape (4, 4, 2)"),
+    ],
+)
 def test_an_image_that_is_not_one_is_refused_by_its_tag(tmp_path, value, expected):
     log = MetricsLog(tmp_path)
     try:
@@ -133,8 +144,10 @@ def test_predictions_run_the_model_once_and_log_its_overlays(tmp_path):
 
     state = tiny_state()
     rng = np.random.default_rng(0)
-    examples = SimpleNamespace(images_u8=rng.integers(0, 256, (3, 32, 32, 1), dtype=np.uint8),
-                               masks=(rng.random((3, 32, 32, 1)) > 0.5).astype(np.uint8))
+    examples = SimpleNamespace(
+        images_u8=rng.integers(0, 256, (3, 32, 32, 1), dtype=np.uint8),
+        masks=(rng.random((3, 32, 32, 1)) > 0.5).astype(np.uint8),
+    )
     log = MetricsLog(tmp_path)
     log.predictions(7, state, examples, threshold=0.5)
     log.predictions(8, state, SimpleNamespace(images_u8=examples.images_u8[:0], masks=examples.masks[:0]), 0.5)
@@ -165,8 +178,11 @@ def test_a_training_run_logs_overlays_every_epoch_and_the_curves_at_the_end(trai
 
 def test_without_tensorboardx_the_metrics_file_is_still_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
-    with pytest.warns(RuntimeWarning, match=r"tensorboardX cannot be imported .*: no TensorBoard events in '.*"
-                                            r"tensorboard' for this run, metrics.jsonl has every value"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"tensorboardX cannot be imported .*: no TensorBoard events in '.*"
+        r"tensorboard' for this run, metrics.jsonl has every value",
+    ):
         log = MetricsLog(tmp_path)
     log.write(record(1), 10)
     log.images(10, {"val/picture": np.zeros((2, 2, 3), np.uint8)})
@@ -176,15 +192,31 @@ def test_without_tensorboardx_the_metrics_file_is_still_written(tmp_path, monkey
 
 
 def test_tensorboardx_is_imported_without_torch():
-    code = ("import sys, importlib.util; from unet_jax.train import logs; logs._tensorboardx(); "
-            "print('tensorboardX' in sys.modules, 'torch' in sys.modules, "
-            "importlib.util.find_spec('torch') is not None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    code = (
+        "import sys, importlib.util; from unet_jax.train import logs; logs._tensorboardx(); "
+        "print('tensorboardX' in sys.modules, 'torch' in sys.modules, "
+        "importlib.util.find_spec('torch') is not None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
     loaded, torch_loaded, torch_installed = out.stdout.split()
     assert (loaded, torch_loaded) == ("True", "False"), out.stderr[-2000:]
     if torch_installed == "True":  # and torch still imports afterwards
         code += "; import torch; print('torch ok')"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=300,
+        )
         assert out.stdout.split()[-2:] == ["torch", "ok"], out.stderr[-2000:]

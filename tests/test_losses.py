@@ -63,23 +63,26 @@ def test_bce_reductions_agree():
     assert per_pixel.shape == logits.shape
     per_image = binary_cross_entropy(logits, masks, reduction="per_image")
     assert per_image.shape == (3,)
-    np.testing.assert_allclose(float(binary_cross_entropy(logits, masks, reduction="sum")),
-                               float(per_pixel.sum()), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(binary_cross_entropy(logits, masks, reduction="sum")), float(per_pixel.sum()), rtol=1e-6
+    )
     # Equal-size images: the mean of per-image means is the mean over all pixels.
-    np.testing.assert_allclose(float(per_image.mean()), float(binary_cross_entropy(logits, masks)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(per_image.mean()), float(binary_cross_entropy(logits, masks)), rtol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         binary_cross_entropy(logits, masks, reduction="avg")
 
 
-@pytest.mark.parametrize("x, y, expected", [
-    (1e4, 1.0, 0.0),     # confidently right
-    (-1e4, 0.0, 0.0),
-    (1e4, 0.0, 1e4),     # confidently wrong: -log(1 - p) = softplus(x) ≈ x
-    (-1e4, 1.0, 1e4),
-    (0.0, 1.0, np.log(2.0)),
-    (0.0, 0.0, np.log(2.0)),
-])
+@pytest.mark.parametrize(
+    "x, y, expected",
+    [
+        (1e4, 1.0, 0.0),  # confidently right
+        (-1e4, 0.0, 0.0),
+        (1e4, 0.0, 1e4),  # confidently wrong: -log(1 - p) = softplus(x) ≈ x
+        (-1e4, 1.0, 1e4),
+        (0.0, 1.0, np.log(2.0)),
+        (0.0, 0.0, np.log(2.0)),
+    ],
+)
 def test_bce_is_exact_and_finite_at_extreme_logits(x, y, expected):
     logits = jnp.full((1, 2, 2, 1), x, jnp.float32)
     masks = jnp.full((1, 2, 2, 1), y, jnp.float32)
@@ -99,14 +102,17 @@ def test_pos_weight_scales_the_positive_term_only():
     logits, masks = random_batch(6)
     x, y = jnp.asarray(logits), jnp.asarray(masks)
     for w in (1.0, 2.5, 10.0):
-        np.testing.assert_allclose(float(binary_cross_entropy(x, y, pos_weight=w)),
-                                   literal_bce(logits, masks, w), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(binary_cross_entropy(x, y, pos_weight=w)), literal_bce(logits, masks, w), rtol=1e-5
+        )
     # On an all-background batch the weight changes nothing; on all-foreground it scales.
     zeros, ones = jnp.zeros_like(y), jnp.ones_like(y)
-    np.testing.assert_allclose(float(binary_cross_entropy(x, zeros, pos_weight=5.0)),
-                               float(binary_cross_entropy(x, zeros)), rtol=1e-6)
-    np.testing.assert_allclose(float(binary_cross_entropy(x, ones, pos_weight=5.0)),
-                               5.0 * float(binary_cross_entropy(x, ones)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(binary_cross_entropy(x, zeros, pos_weight=5.0)), float(binary_cross_entropy(x, zeros)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(binary_cross_entropy(x, ones, pos_weight=5.0)), 5.0 * float(binary_cross_entropy(x, ones)), rtol=1e-6
+    )
     assert float(binary_cross_entropy(x, y, pos_weight=3.0)) > float(binary_cross_entropy(x, y))
 
 
@@ -149,8 +155,7 @@ def test_dice_loss_is_nearly_one_for_disjoint_masks():
 def test_dice_loss_matches_the_formula_per_image_then_mean():
     logits, masks = random_batch(7)
     p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    per_image = [1 - (2 * (p[i] * masks[i]).sum() + 1) / (p[i].sum() + masks[i].sum() + 1)
-                 for i in range(len(p))]
+    per_image = [1 - (2 * (p[i] * masks[i]).sum() + 1) / (p[i].sum() + masks[i].sum() + 1) for i in range(len(p))]
     got = soft_dice_loss(jnp.asarray(logits), jnp.asarray(masks))
     np.testing.assert_allclose(float(got), np.mean(per_image), rtol=1e-5)
     batch = 1 - (2 * (p * masks).sum() + 1) / (p.sum() + masks.sum() + 1)
@@ -181,18 +186,20 @@ def test_bce_dice_is_the_weighted_sum():
     logits, masks = (jnp.asarray(a) for a in random_batch(8))
     bce, dice = binary_cross_entropy(logits, masks), soft_dice_loss(logits, masks)
     np.testing.assert_allclose(float(bce_dice_loss(logits, masks)), float(bce + dice), rtol=1e-6)
-    np.testing.assert_allclose(float(bce_dice_loss(logits, masks, bce_weight=0.5, dice_weight=2.0)),
-                               float(0.5 * bce + 2.0 * dice), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(bce_dice_loss(logits, masks, bce_weight=0.5, dice_weight=2.0)), float(0.5 * bce + 2.0 * dice), rtol=1e-6
+    )
     np.testing.assert_allclose(
         float(bce_dice_loss(logits, masks, pos_weight=3.0)),
-        float(binary_cross_entropy(logits, masks, pos_weight=3.0) + dice), rtol=1e-6)
+        float(binary_cross_entropy(logits, masks, pos_weight=3.0) + dice),
+        rtol=1e-6,
+    )
 
 
 def test_get_loss_binds_options_and_names_the_known_losses():
     logits, masks = (jnp.asarray(a) for a in random_batch(9))
     loss = get_loss("bce_dice", dice_weight=0.0)
-    np.testing.assert_allclose(float(loss(logits, masks)),
-                               float(binary_cross_entropy(logits, masks)), rtol=1e-6)
+    np.testing.assert_allclose(float(loss(logits, masks)), float(binary_cross_entropy(logits, masks)), rtol=1e-6)
     assert set(LOSSES) == {"bce", "dice", "bce_dice"}
     with pytest.raises(ValueError, match=r"unknown loss 'focal'.*\['bce', 'bce_dice', 'dice'\]"):
         get_loss("focal")

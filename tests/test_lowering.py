@@ -62,14 +62,22 @@ def test_winograd_multiply_counts():
 # 2. Every lowering equals the literal sum
 # --------------------------------------------------------------------------------------
 pads_st = st.one_of(
-    st.just("SAME"), st.just("VALID"),
+    st.just("SAME"),
+    st.just("VALID"),
     st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.tuples(st.integers(0, 2), st.integers(0, 2))),
 )
 
 
 @settings(max_examples=10)  # every example compiles a new program (~1 s on a loaded core)
-@given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c_in=st.integers(1, 4),
-       c_out=st.integers(1, 4), pads=pads_st, seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 2),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    c_in=st.integers(1, 4),
+    c_out=st.integers(1, 4),
+    pads=pads_st,
+    seed=st.integers(0, 2**16),
+)
 def test_lowerings_equal_literal_sum(n, h, w, c_in, c_out, pads, seed):
     pads = {"SAME": ((1, 1), (1, 1)), "VALID": ((0, 0), (0, 0))}.get(pads, pads) if isinstance(pads, str) else pads
     if h + sum(pads[0]) < 3 or w + sum(pads[1]) < 3:
@@ -111,6 +119,7 @@ def test_gradients_equal_lax(shape, pads):
     def grads(x, k):
         def loss(x, k, lowering):
             return jnp.sum(L.lower_conv(lowering, x, k, (1, 1), pads, jax.lax.Precision.HIGHEST) * probe)
+
         return {name: jax.grad(loss, argnums=(0, 1))(x, k, name) for name in L.LOWERINGS}
 
     found = grads(x, k)
@@ -201,8 +210,13 @@ def test_auto_reads_the_table(tmp_path, monkeypatch):
     monkeypatch.setenv(L.TABLE_ENV, str(path))
     assert L.table_path() == path
     assert L.choose_lowering(6, 5, 3, 4, batch=2) == "lax"  # no table yet
-    _write_table(path, {L.table_key(6, 5, 3, 4, 8, "infer"): {"best": "winograd4"},
-                        L.table_key(6, 5, 3, 4, 8, "train"): {"best": "im2col"}})
+    _write_table(
+        path,
+        {
+            L.table_key(6, 5, 3, 4, 8, "infer"): {"best": "winograd4"},
+            L.table_key(6, 5, 3, 4, 8, "train"): {"best": "im2col"},
+        },
+    )
     assert json.loads(path.read_text())["format"] == L.TABLE_FORMAT
     assert L.choose_lowering(6, 5, 3, 4, batch=2) == "winograd4"  # nearest bucket: 8
     assert L.choose_lowering(6, 5, 3, 4, batch=8, mode="train") == "im2col"
@@ -218,10 +232,6 @@ def test_auto_reads_the_table(tmp_path, monkeypatch):
     Conv2D(4, lowering="auto-train").apply(variables, x)
     Conv2D(4, lowering="auto").apply(variables, x[..., :2, :])  # 6x2: not in the table
     assert seen == ["winograd4", "im2col"]
-
-
-
-
 
 
 def test_a_damaged_table_is_a_clear_error_naming_the_file(tmp_path):

@@ -198,9 +198,7 @@ def test_hd95_on_a_native_size_image_is_fast_enough():
 # --------------------------------------------------------------------------------------
 # 4. Properties for any pair of masks
 # --------------------------------------------------------------------------------------
-mask_pairs = st.integers(2, 12).flatmap(
-    lambda n: st.tuples(arrays(bool, (n, n)), arrays(bool, (n, n)))
-)
+mask_pairs = st.integers(2, 12).flatmap(lambda n: st.tuples(arrays(bool, (n, n)), arrays(bool, (n, n))))
 
 
 @given(mask_pairs)
@@ -231,8 +229,9 @@ def test_sigmoid_and_threshold():
         p = M.sigmoid(x)
     np.testing.assert_allclose(p, [0.0, 1 / (1 + np.e**2), 0.5, 1 / (1 + np.e**-2), 1.0], rtol=1e-6)
     np.testing.assert_array_equal(M.threshold(p), [False, False, False, True, True])  # p > 0.5
-    np.testing.assert_array_equal(M.binarize(np.asarray([[0, 255], [1, 0]], np.uint8)[..., None]),
-                                  [[False, True], [True, False]])
+    np.testing.assert_array_equal(
+        M.binarize(np.asarray([[0, 255], [1, 0]], np.uint8)[..., None]), [[False, True], [True, False]]
+    )
 
 
 def test_resize_mask_to_native_resolution():

@@ -115,8 +115,14 @@ def test_ronneberger_has_23_conv_layers_and_maps_572_to_388():
 
 @pytest.mark.parametrize(
     "preset, size, expected",
-    [("ronneberger", 572, 388), ("ronneberger", 252, 68), ("seed", 256, 256), ("seed", 128, 128),
-     ("padded", 256, 256), ("padded", 96, 96)],
+    [
+        ("ronneberger", 572, 388),
+        ("ronneberger", 252, 68),
+        ("seed", 256, 256),
+        ("seed", 128, 128),
+        ("padded", 256, 256),
+        ("padded", 96, 96),
+    ],
 )
 def test_preset_output_shapes(preset, size, expected):
     model = create_unet(preset)
@@ -162,8 +168,9 @@ def test_crop_concat_takes_the_centre_of_the_skip_and_puts_up_first():
 def test_same_mode_refuses_sizes_not_divisible_by_2_to_the_depth():
     # The message names the wrong axis: height 250 here, width 250 below.
     model = create_unet("seed")
-    with pytest.raises(ValueError,
-                       match=r"input height 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"):
+    with pytest.raises(
+        ValueError, match=r"input height 250 .*multiple of 2\*\*depth = 16.*nearest valid sizes: 240 or 256"
+    ):
         model.init(jax.random.key(0), jnp.ones((1, 250, 256, 3)))
     with pytest.raises(ValueError, match=r"input width 250 .*nearest valid sizes: 240 or 256"):
         model.init(jax.random.key(0), jnp.ones((1, 256, 250, 3)))
@@ -185,8 +192,9 @@ def test_valid_mode_refuses_sizes_that_do_not_pool_evenly():
 def test_non_positive_sizes_are_refused_as_such(hw, axis, value):
     # Not "cannot pass the pooling steps": a size below 1 is no size at all.
     spec = create_unet("seed")._size_spec()
-    with pytest.raises(ValueError,
-                       match=rf"input {axis} must be a positive integer, got {value}; smallest valid size: 16"):
+    with pytest.raises(
+        ValueError, match=rf"input {axis} must be a positive integer, got {value}; smallest valid size: 16"
+    ):
         check_input_size(hw, spec)
 
 
@@ -202,13 +210,22 @@ def test_unknown_preset_and_field_are_refused():
         create_unet("seed", width=3)
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("dropout_rate", 2.0, "a probability in [0, 1)"), ("dropout_rate", -0.5, "a probability in [0, 1)"),
-    ("convs_per_block", 0, "a positive integer"), ("bn_momentum", 5.0, "a number in [0, 1]"),
-    ("depth", 0, "a positive integer"), ("depth", -1, "a positive integer"),
-    ("num_classes", 0, "a positive integer"), ("features", 2.5, "a positive integer"),
-    ("kernel_size", 2, "an odd size with padding 'SAME'"), ("class_head", -1, "an integer >= 0"),
-    ("padding", "same", "one of ['SAME', 'VALID']")])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("dropout_rate", 2.0, "a probability in [0, 1)"),
+        ("dropout_rate", -0.5, "a probability in [0, 1)"),
+        ("convs_per_block", 0, "a positive integer"),
+        ("bn_momentum", 5.0, "a number in [0, 1]"),
+        ("depth", 0, "a positive integer"),
+        ("depth", -1, "a positive integer"),
+        ("num_classes", 0, "a positive integer"),
+        ("features", 2.5, "a positive integer"),
+        ("kernel_size", 2, "an odd size with padding 'SAME'"),
+        ("class_head", -1, "an integer >= 0"),
+        ("padding", "same", "one of ['SAME', 'VALID']"),
+    ],
+)
 def test_bad_model_fields_are_refused_naming_the_field(field, value, expected, tmp_path, capsys):
     # Before: trained (dropout_rate=2, depth=0, ...) or an error blaming another field / the input size.
     with pytest.raises(ValueError, match=rf"model\.{field} = {re.escape(repr(value))}: expected {re.escape(expected)}"):
@@ -358,8 +375,10 @@ def test_the_package_exports_the_user_api_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, unet_jax; assert 'unet_jax.train.loop' not in sys.modules; "
-            "from unet_jax import train_model, TrainConfig, load_checkpoint, evaluate_dataset, predict_files; "
-            "import unet_jax.train.loop as loop; assert train_model is loop.train; print(sorted(unet_jax.__all__))")
+    code = (
+        "import sys, unet_jax; assert 'unet_jax.train.loop' not in sys.modules; "
+        "from unet_jax import train_model, TrainConfig, load_checkpoint, evaluate_dataset, predict_files; "
+        "import unet_jax.train.loop as loop; assert train_model is loop.train; print(sorted(unet_jax.__all__))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "train_model" in out and "Conv2D" in out

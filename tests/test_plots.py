@@ -28,8 +28,13 @@ def no_temporary_files(folder: Path) -> bool:
 def history(epochs: int = 6, with_dice: bool = True) -> list[dict]:
     rows = []
     for e in range(1, epochs + 1):
-        row = {"epoch": e, "train/loss": 1 / e, "val/loss": 1 / e + 0.1 * (e > 4),
-               "train/pixel_accuracy": 1 - 0.5 / e, "val/pixel_accuracy": 1 - 0.6 / e}
+        row = {
+            "epoch": e,
+            "train/loss": 1 / e,
+            "val/loss": 1 / e + 0.1 * (e > 4),
+            "train/pixel_accuracy": 1 - 0.5 / e,
+            "val/pixel_accuracy": 1 - 0.6 / e,
+        }
         if with_dice:
             row.update({"train/dice": 1 - 1 / e, "val/dice": 0.9 - 1 / e})
         rows.append(row)
@@ -77,8 +82,9 @@ def test_prediction_grid_png(tmp_path):
         m[5:20, 8:25] = True
         masks.append(m)
         preds.append(np.roll(m, 3, axis=1) if i != 1 else np.zeros_like(m))  # one empty prediction
-    path = plots.prediction_grid(images, masks, preds, tmp_path / "grid.png",
-                                 titles=[f"dice {i}" for i in range(5)], max_items=4, ncols=2)
+    path = plots.prediction_grid(
+        images, masks, preds, tmp_path / "grid.png", titles=[f"dice {i}" for i in range(5)], max_items=4, ncols=2
+    )
     rgb = read_png(path)
     # 2 x 2 cells of 3.0 x 3.1 in, plus 0.4 in for the legend, at 100 dpi.
     assert rgb.shape[1] == pytest.approx(600, abs=5) and rgb.shape[0] == pytest.approx(660, abs=5)

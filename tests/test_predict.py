@@ -42,8 +42,10 @@ def test_predicting_into_the_input_folder_is_refused(untuned, busi, capsys):
     inputs = sorted(str(p) for p in folder.glob("*.png"))  # `F/*.png`: images and masks
     assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"unet-jax predict: error: output folder {str(folder)!r} holds the input") and \
-        err.count("\n") == 1
+    assert (
+        err.startswith(f"unet-jax predict: error: output folder {str(folder)!r} holds the input")
+        and err.count("\n") == 1
+    )
     assert _snapshot(busi) == before
 
 
@@ -65,7 +67,11 @@ def test_mask_files_among_the_inputs_are_skipped_with_a_note(untuned, busi, tmp_
     masks = [i for i in inputs if "_mask" in Path(i).name]
     assert masks and all(f"{m}: skipped: a mask file" in printed for m in masks)
     assert sorted(p.name for p in out.iterdir()) == [
-        "benign (1)_mask.png", "benign (1)_overlay.png", "benign (2)_mask.png", "benign (2)_overlay.png"]
+        "benign (1)_mask.png",
+        "benign (1)_overlay.png",
+        "benign (2)_mask.png",
+        "benign (2)_overlay.png",
+    ]
     # a second run into the same output folder (its X_mask.png have no X.png) is fine
     assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out)]) == 0
     with pytest.raises(ValueError, match=r"no image to predict: all 2 input\(s\) are mask files"):
@@ -82,16 +88,20 @@ def test_an_unwritable_output_is_one_line_before_the_model_loads(case, tmp_path,
     blocker.write_text("x")
     out = {"under a file": blocker / "pred", "is a file": blocker, "not writable": tmp_path / "ro" / "pred"}[case]
     if case == "not writable":  # as root, permissions do not stop a write: fail the write itself
+
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
+
         monkeypatch.setattr(tempfile.TemporaryDirectory, "__init__", refuse)
     monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
     image = str(busi / "benign" / "benign (1).png")
     assert main(["predict", image, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    expected = {"under a file": f"cannot be created: {str(blocker)!r} is a file",
-                "is a file": f"output {str(blocker)!r} is a file; expected a folder",
-                "not writable": "is not writable (PermissionError: Permission denied)"}[case]
+    expected = {
+        "under a file": f"cannot be created: {str(blocker)!r} is a file",
+        "is a file": f"output {str(blocker)!r} is a file; expected a folder",
+        "not writable": "is not writable (PermissionError: Permission denied)",
+    }[case]
     assert err.startswith("unet-jax predict: error: ") and expected in err and err.count("\n") == 1, err
     assert blocker.read_text() == "x" and not (tmp_path / "ro").exists()
 

@@ -20,14 +20,43 @@ def read(printer: ProgressPrinter, total: int, upto: int | None = None) -> None:
 
 
 def epochs(printer: ProgressPrinter, n: int, steps: int = 100, chunk: int = 5) -> None:
-    printer({"kind": "start", "epochs": n, "steps_per_epoch": steps, "resumed_epoch": 0, "train": 400, "val": 80,
-             "test": 80, "devices": 1})
+    printer(
+        {
+            "kind": "start",
+            "epochs": n,
+            "steps_per_epoch": steps,
+            "resumed_epoch": 0,
+            "train": 400,
+            "val": 80,
+            "test": 80,
+            "devices": 1,
+        }
+    )
     for epoch in range(1, n + 1):
         for step in range(chunk, steps, chunk):
-            printer({"kind": "step", "epoch": epoch, "step": step, "steps_per_epoch": steps, "train/loss": 0.5,
-                     "train/dice": 0.25})
-        printer({"kind": "epoch", "epoch": epoch, "train/loss": 0.5, "train/dice": 0.25, "val/loss": 0.75,
-                 "val/dice": 0.125, "val/iou": 0.0625, "epoch_time_s": 2.0, "improved": epoch == 1})
+            printer(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": step,
+                    "steps_per_epoch": steps,
+                    "train/loss": 0.5,
+                    "train/dice": 0.25,
+                }
+            )
+        printer(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "train/loss": 0.5,
+                "train/dice": 0.25,
+                "val/loss": 0.75,
+                "val/dice": 0.125,
+                "val/iou": 0.0625,
+                "epoch_time_s": 2.0,
+                "improved": epoch == 1,
+            }
+        )
 
 
 def test_a_log_gets_a_few_plain_lines_for_a_long_read():
@@ -56,8 +85,11 @@ def test_a_log_gets_one_line_per_epoch_and_few_within_one():
     assert "\r" not in stream.getvalue()
     assert lines[0] == "train 400 / val 80 / test 80 images, 100 steps per epoch on 1 device(s)"
     ends = [line for line in lines if " | val " in line]
-    assert ends == [f"epoch   {e}/3 loss 0.5000 dice 0.2500 | val loss 0.7500 dice 0.1250 iou 0.0625 (2.0s)"
-                    + (" *" if e == 1 else "") for e in (1, 2, 3)]
+    assert ends == [
+        f"epoch   {e}/3 loss 0.5000 dice 0.2500 | val loss 0.7500 dice 0.1250 iou 0.0625 (2.0s)"
+        + (" *" if e == 1 else "")
+        for e in (1, 2, 3)
+    ]
     # Steps: these epochs are quick, so only the first one shows that training started.
     assert [line for line in lines if " step " in line] == ["epoch   1/3 step 5/100 loss 0.5000 dice 0.2500"]
     # A long epoch (no least interval here) shows about every 10%.

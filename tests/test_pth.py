@@ -64,8 +64,7 @@ def _error(path: Path, **kwargs) -> str:
 def _all_dtypes() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, generator=g) * 100
-    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40,
-                            3.0e38, -1.5, 65504.0, 1e-7])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, 3.0e38, -1.5, 65504.0, 1e-7])
     return {
         "f32": x,
         "f64": x.double() / 3,
@@ -194,8 +193,7 @@ def test_parameters_and_ordered_dict(tmp_path):
 def test_wrapped_checkpoint_and_key_selection(tmp_path):
     sd = _small_net().state_dict()
     opt = {"state": {0: {"step": 3}}, "param_groups": [{"lr": 0.1}]}
-    path = _save({"model": sd, "epoch": 3, "optimizer": opt, "note": "hi"},
-                 tmp_path / "wrapped.pth")
+    path = _save({"model": sd, "epoch": 3, "optimizer": opt, "note": "hi"}, tmp_path / "wrapped.pth")
     for got in (read_torch_checkpoint(path), read_torch_checkpoint(path, key="model")):
         assert list(got) == list(sd)
         for k, t in sd.items():
@@ -213,8 +211,7 @@ def test_state_dict_and_params_wrappers_and_nesting(tmp_path):
     w = torch.randn(2, 2)
     got = read_torch_checkpoint(_save({"state_dict": {"w": w}, "step": 1}, tmp_path / "a.pth"))
     _assert_same(got["w"], w)
-    got = read_torch_checkpoint(_save({"params": {"enc": {"w": w}, "b": w[0]}},
-                                      tmp_path / "b.pth"))
+    got = read_torch_checkpoint(_save({"params": {"enc": {"w": w}, "b": w[0]}}, tmp_path / "b.pth"))
     assert sorted(got) == ["b", "enc.w"]
     _assert_same(got["enc.w"], w)
     got = read_torch_checkpoint(_save({"model": {"w": w}}, tmp_path / "only.pth"))
@@ -241,14 +238,23 @@ def test_no_identifiable_state_dict_lists_the_keys(tmp_path):
 
 
 def test_big_endian_byteorder_is_honoured(tmp_path):
-    sd = {"f": torch.randn(3, 4), "bf": torch.randn(5).bfloat16(), "i": torch.arange(6),
-          "u8": torch.arange(4, dtype=torch.uint8), "t": torch.randn(3, 2).t()}
+    sd = {
+        "f": torch.randn(3, 4),
+        "bf": torch.randn(5).bfloat16(),
+        "i": torch.arange(6),
+        "u8": torch.arange(4, dtype=torch.uint8),
+        "t": torch.randn(3, 2).t(),
+    }
     src = _save(sd, tmp_path / "little.pth")
     with zipfile.ZipFile(src) as zf:
         # persistent ids in key order: f, bf, i, u8, t -> itemsizes
-        sizes = {n.rsplit("/", 1)[1]: s for n, s in zip(sorted(
-            (n for n in zf.namelist() if "/data/" in n), key=lambda n: int(n.rsplit("/", 1)[1])),
-            (4, 2, 8, 1, 4))}
+        sizes = {
+            n.rsplit("/", 1)[1]: s
+            for n, s in zip(
+                sorted((n for n in zf.namelist() if "/data/" in n), key=lambda n: int(n.rsplit("/", 1)[1])),
+                (4, 2, 8, 1, 4),
+            )
+        }
 
     def to_big(name, data):
         if name.endswith("/byteorder"):
@@ -308,8 +314,7 @@ def test_legacy_format_says_how_to_resave(tmp_path):
     assert "legacy (pre-1.6)" in msg
     assert "re-save it with torch.save(..., _use_new_zipfile_serialization=True)" in msg
     assert "on a machine with PyTorch" in msg
-    path = _save(sd, tmp_path / "legacy4.pth", _use_new_zipfile_serialization=False,
-                 pickle_protocol=4)
+    path = _save(sd, tmp_path / "legacy4.pth", _use_new_zipfile_serialization=False, pickle_protocol=4)
     assert "legacy (pre-1.6)" in _error(path)
 
 
@@ -327,8 +332,7 @@ def test_truncated_file(tmp_path):
 
 def test_short_storage_record_is_refused(tmp_path):
     src = _save({"w": torch.randn(10, 10)}, tmp_path / "full.pth")
-    short = _rewrite(src, tmp_path / "short.pth",
-                     lambda n, d: d[:-4] if "/data/" in n else d)
+    short = _rewrite(src, tmp_path / "short.pth", lambda n, d: d[:-4] if "/data/" in n else d)
     msg = _error(short)
     assert "truncated storage record" in msg and "expected 100 x 4 = 400" in msg
     gone = _rewrite(src, tmp_path / "gone.pth", lambda n, d: None if "/data/" in n else d)
@@ -342,8 +346,8 @@ def test_corrupt_storage_bytes_fail_the_crc(tmp_path):
         info = next(i for i in zf.infolist() if "/data/" in i.filename)
     # the record's data follows its 30-byte local header, name and extra field
     h = info.header_offset
-    name_len = int.from_bytes(data[h + 26: h + 28], "little")
-    extra_len = int.from_bytes(data[h + 28: h + 30], "little")
+    name_len = int.from_bytes(data[h + 26 : h + 28], "little")
+    extra_len = int.from_bytes(data[h + 28 : h + 30], "little")
     data[h + 30 + name_len + extra_len + 5] ^= 0xFF
     bad = tmp_path / "bitflip.pth"
     bad.write_bytes(bytes(data))
@@ -352,8 +356,7 @@ def test_corrupt_storage_bytes_fail_the_crc(tmp_path):
 
 def test_missing_data_pkl(tmp_path):
     src = _save({"w": torch.randn(3)}, tmp_path / "full.pth")
-    path = _rewrite(src, tmp_path / "nopkl.pth",
-                    lambda n, d: None if n.endswith("data.pkl") else d)
+    path = _rewrite(src, tmp_path / "nopkl.pth", lambda n, d: None if n.endswith("data.pkl") else d)
     msg = _error(path)
     assert "'<archive>/data.pkl'" in msg and "expected a torch.save checkpoint" in msg
     plain = tmp_path / "plain.zip"
@@ -406,8 +409,7 @@ def test_disallowed_classes_are_refused(tmp_path, value, refused):
 
 def test_refused_code_is_never_run(tmp_path):
     target = tmp_path / "pwned"
-    path = _save({"w": torch.randn(2), "x": Evil((os.mkdir, (str(target),)))},
-                 tmp_path / "evil.pth")
+    path = _save({"w": torch.randn(2), "x": Evil((os.mkdir, (str(target),)))}, tmp_path / "evil.pth")
     msg = _error(path)
     assert "mkdir" in msg and "refusing to load" in msg
     assert not target.exists()
@@ -419,14 +421,18 @@ def test_unknown_storage_dtype(tmp_path):
     assert "unknown storage dtype torch.float8_e4m3fn" in msg and "expected one of" in msg
     # a legacy storage class with no numpy dtype
     src = _save({"w": torch.zeros(4)}, tmp_path / "f32.pth")
-    path = _rewrite(src, tmp_path / "qint.pth", lambda n, d: d.replace(
-        b"torch\nFloatStorage", b"torch\nQInt8Storage") if n.endswith("data.pkl") else d)
+    path = _rewrite(
+        src,
+        tmp_path / "qint.pth",
+        lambda n, d: d.replace(b"torch\nFloatStorage", b"torch\nQInt8Storage") if n.endswith("data.pkl") else d,
+    )
     msg = _error(path)
     assert "unknown storage dtype 'QInt8Storage'" in msg and "expected one of" in msg
 
 
 def test_tensor_outside_its_storage_is_refused(tmp_path):
     src = _save({"w": torch.arange(6.0)}, tmp_path / "ok.pth")
+
     # shrink the declared storage to 2 elements (and its record with it): size 6 reaches past
     def shrink(name, data):
         if name.endswith("data.pkl"):

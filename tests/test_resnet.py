@@ -51,7 +51,8 @@ class TorchBasicBlock(tnn.Module):
         self.downsample = None
         if stride != 1 or inplanes != planes:
             self.downsample = tnn.Sequential(
-                tnn.Conv2d(inplanes, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes))
+                tnn.Conv2d(inplanes, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -87,8 +88,7 @@ class TorchResNet(tnn.Module):
 
 
 def conv_bn_relu(c_in, c_out):  # smp's Conv2dReLU with use_batchnorm=True
-    return tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                          tnn.BatchNorm2d(c_out), tnn.ReLU())
+    return tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, padding=1, bias=False), tnn.BatchNorm2d(c_out), tnn.ReLU())
 
 
 class TorchDecoderBlock(tnn.Module):
@@ -110,8 +110,7 @@ class TorchUnetDecoder(tnn.Module):
         enc = list(encoder_channels)[::-1]
         in_ch = [enc[0], *decoder_channels[:-1]]
         skip_ch = [*enc[1:], 0]
-        self.blocks = tnn.ModuleList(
-            TorchDecoderBlock(i, s, o) for i, s, o in zip(in_ch, skip_ch, decoder_channels))
+        self.blocks = tnn.ModuleList(TorchDecoderBlock(i, s, o) for i, s, o in zip(in_ch, skip_ch, decoder_channels))
 
     def forward(self, feats):
         x, skips = feats[-1], feats[-2::-1]
@@ -128,7 +127,8 @@ class TorchUnet(tnn.Module):  # smp.Unet(encoder_name="resnet34", classes, aux_p
         self.segmentation_head = tnn.Sequential(tnn.Conv2d(16, classes, 3, padding=1))
         if aux_classes:
             self.classification_head = tnn.Sequential(
-                tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Identity(), tnn.Linear(512, aux_classes))
+                tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Identity(), tnn.Linear(512, aux_classes)
+            )
 
     def forward(self, x):
         feats = self.encoder.features(x)
@@ -237,8 +237,7 @@ def test_unet_and_classifier_parameter_counts():
     assert count(abstract_variables(create_resnet("resnet34_unet"))["params"]) == 24_430_097
     assert count(abstract_variables(create_resnet("resnet18_unet"))["params"]) == 14_321_937
 
-    for name, sizes, pinned in (("resnet34_classifier", R34, 21_286_211),
-                                ("resnet18_classifier", R18, 11_178_051)):
+    for name, sizes, pinned in (("resnet34_classifier", R34, 21_286_211), ("resnet18_classifier", R18, 11_178_051)):
         variables = abstract_variables(create_resnet(name))  # num_classes=3, RGB
         assert count(variables["params"]) == pinned == closed_form_encoder(sizes) + 512 * 3 + 3
         assert pinned == sum(p.numel() for p in TorchResNet(sizes, num_classes=3).parameters())
@@ -263,8 +262,13 @@ def test_encoder_features_match_torch(unet34):
     feats = encoder.apply(enc_vars, x, train=False)
     with torch.no_grad():
         expected = torch_model.encoder.features(to_nchw(x))
-    assert [f.shape for f in feats] == [(2, 32, 32, 64), (2, 16, 16, 64), (2, 8, 8, 128),
-                                        (2, 4, 4, 256), (2, 2, 2, 512)]
+    assert [f.shape for f in feats] == [
+        (2, 32, 32, 64),
+        (2, 16, 16, 64),
+        (2, 8, 8, 128),
+        (2, 4, 4, 256),
+        (2, 2, 2, 512),
+    ]
     for ours, theirs in zip(feats, expected):
         assert rel_err(ours, to_nhwc(theirs)) <= 1e-4
 
@@ -314,8 +318,7 @@ def test_train_mode_updates_batch_stats_as_torch(resnet18):
     # 64x64: layer4 sees 2 x 2 x 2 values per channel (at 32x32 only 2, too few for a
     # well-conditioned variance).
     x = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)
-    feats, updated = ResNetEncoder(stage_sizes=R18).apply(
-        variables, x, train=True, mutable=["batch_stats"])
+    feats, updated = ResNetEncoder(stage_sizes=R18).apply(variables, x, train=True, mutable=["batch_stats"])
     torch_model.train()
     try:
         with torch.no_grad():
@@ -348,8 +351,9 @@ def test_unet_output_shape_equals_input_and_bfloat16_gives_float32_logits(unet34
     assert rel_err(y16, y) < 0.1  # bfloat16 keeps ~3 significant digits per layer
     # Non-square inputs and the preset (grayscale, one class) through shape evaluation.
     model1 = create_resnet("resnet34_unet", dtype=jnp.bfloat16)
-    out = jax.eval_shape(lambda v, x: model1.apply(v, x), abstract_variables(model1),
-                         jax.ShapeDtypeStruct((3, 96, 160, 1), jnp.float32))
+    out = jax.eval_shape(
+        lambda v, x: model1.apply(v, x), abstract_variables(model1), jax.ShapeDtypeStruct((3, 96, 160, 1), jnp.float32)
+    )
     assert out.shape == (3, 96, 160, 1) and out.dtype == jnp.float32
 
 
@@ -367,12 +371,12 @@ def test_input_sizes_that_are_not_multiples_of_32_are_refused():
 
 
 def test_presets_and_overrides():
-    assert sorted(RESNET_PRESETS) == ["resnet18_classifier", "resnet18_unet",
-                                      "resnet34_classifier", "resnet34_unet"]
+    assert sorted(RESNET_PRESETS) == ["resnet18_classifier", "resnet18_unet", "resnet34_classifier", "resnet34_unet"]
     assert create_resnet("resnet34_unet").stage_sizes == (3, 4, 6, 3)
     assert create_resnet("resnet18_classifier", num_classes=5).num_classes == 5
-    with pytest.raises(ValueError,
-                       match=r"unknown ResNet preset 'resnet50_unet'; expected one of \['resnet18_classifier'"):
+    with pytest.raises(
+        ValueError, match=r"unknown ResNet preset 'resnet50_unet'; expected one of \['resnet18_classifier'"
+    ):
         create_resnet("resnet50_unet")
     with pytest.raises(ValueError, match=r"unknown ResNetUNet field\(s\) \['classes'\]"):
         create_resnet("resnet34_unet", classes=2)

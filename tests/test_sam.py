@@ -198,8 +198,11 @@ def test_prompt_encoder_parity(tiny_pair, kinds):
     rng = np.random.default_rng(3)
     pts, labels, boxes = _prompts(rng, 3, 4, 64)
     masks = rng.normal(size=(3, 32, 32, 1)).astype(np.float32)
-    use = {"points": "points" in kinds or kinds == "all", "boxes": "boxes" in kinds or kinds == "all",
-           "masks": kinds in ("masks", "all")}
+    use = {
+        "points": "points" in kinds or kinds == "all",
+        "boxes": "boxes" in kinds or kinds == "all",
+        "masks": kinds in ("masks", "all"),
+    }
     t_args = dict(
         points=(torch.from_numpy(pts), torch.from_numpy(labels)) if use["points"] else None,
         boxes=torch.from_numpy(boxes) if use["boxes"] else None,
@@ -241,8 +244,9 @@ def test_mask_decoder_parity(tiny_pair, multimask):
         )
 
     def run(mdl):
-        return mdl.mask_decoder(jnp.asarray(emb), mdl.get_dense_pe(), jnp.asarray(sparse),
-                                jnp.asarray(dense), multimask)
+        return mdl.mask_decoder(
+            jnp.asarray(emb), mdl.get_dense_pe(), jnp.asarray(sparse), jnp.asarray(dense), multimask
+        )
 
     masks, iou = japply(module, variables, method=run)
     m = 3 if multimask else 1
@@ -275,8 +279,13 @@ def test_sam_forward_parity_end_to_end(tiny_pair, multimask):
         logits_t = tmodel.postprocess_masks(out_t["low_res_logits"], (64, 48), original).numpy()
         small_t = tmodel.postprocess_masks(out_t["low_res_logits"], (64, 48), (21, 17)).numpy()
     out = japply(
-        module, variables, jnp.asarray(image), (jnp.asarray(pts), jnp.asarray(labels)),
-        jnp.asarray(boxes), jnp.asarray(mask_in), multimask_output=multimask,
+        module,
+        variables,
+        jnp.asarray(image),
+        (jnp.asarray(pts), jnp.asarray(labels)),
+        jnp.asarray(boxes),
+        jnp.asarray(mask_in),
+        multimask_output=multimask,
         original_size=original,
     )
     m = 3 if multimask else 1
@@ -306,11 +315,14 @@ def _torch_segmenter(tmodel, images: np.ndarray, boxes: np.ndarray, multimask: b
         scale = np.asarray([s / w, s / h, s / w, s / h], np.float32)
         want = []
         for i in range(b):
-            sparse, dense = tmodel.prompt_encoder(points=None, boxes=torch.from_numpy(boxes[i : i + 1] * scale),
-                                                  masks=None)
+            sparse, dense = tmodel.prompt_encoder(
+                points=None, boxes=torch.from_numpy(boxes[i : i + 1] * scale), masks=None
+            )
             low, iou = tmodel.mask_decoder(
-                image_embeddings=emb[i : i + 1], image_pe=tmodel.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                image_embeddings=emb[i : i + 1],
+                image_pe=tmodel.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
             if multimask:
@@ -352,8 +364,7 @@ def test_segmenter_init_tree_and_rgb(preset_tiny):
     params = preset_tiny[1]
     assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(params)
     assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(params)
-    assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(full),
-                                                  jax.tree_util.tree_leaves(params)))
+    assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(params)))
     out = jax.eval_shape(partial(seg.apply, train=True), {"params": params}, images, box)
     assert out.shape == (1, 32, 32, 1) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match=r"expected \(B, H, W, 3\)"):
@@ -368,17 +379,34 @@ def test_segmenter_init_tree_and_rgb(preset_tiny):
 # Presets and parameter counts
 # --------------------------------------------------------------------------------------
 def test_presets_match_build_sam():
-    common = dict(image_size=1024, patch_size=16, encoder_window_size=14, encoder_mlp_ratio=4.0,
-                  prompt_embed_dim=256, mask_in_chans=16, decoder_depth=2, decoder_mlp_dim=2048,
-                  decoder_num_heads=8, num_multimask_outputs=3, iou_head_depth=3,
-                  iou_head_hidden_dim=256, encoder_qkv_bias=True, encoder_use_rel_pos=True)
+    common = dict(
+        image_size=1024,
+        patch_size=16,
+        encoder_window_size=14,
+        encoder_mlp_ratio=4.0,
+        prompt_embed_dim=256,
+        mask_in_chans=16,
+        decoder_depth=2,
+        decoder_mlp_dim=2048,
+        decoder_num_heads=8,
+        num_multimask_outputs=3,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+        encoder_qkv_bias=True,
+        encoder_use_rel_pos=True,
+    )
     for name, (dim, depth, heads, glob) in {
         "sam_vit_b": (768, 12, 12, (2, 5, 8, 11)),
         "sam_vit_l": (1024, 24, 16, (5, 11, 17, 23)),
         "sam_vit_h": (1280, 32, 16, (7, 15, 23, 31)),
     }.items():
-        assert SAM_PRESETS[name] == dict(common, encoder_embed_dim=dim, encoder_depth=depth,
-                                         encoder_num_heads=heads, encoder_global_attn_indexes=glob)
+        assert SAM_PRESETS[name] == dict(
+            common,
+            encoder_embed_dim=dim,
+            encoder_depth=depth,
+            encoder_num_heads=heads,
+            encoder_global_attn_indexes=glob,
+        )
 
 
 @pytest.mark.parametrize("name", ["sam_vit_b", "sam_vit_l", "sam_vit_h", "sam_tiny"])
@@ -438,16 +466,19 @@ def test_conversion_layouts_roundtrip(tiny_pair, tiny_state):
     params = tiny_pair[2]["params"]
     np.testing.assert_array_equal(
         params["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
-        tiny_state["image_encoder.blocks.0.attn.qkv.weight"].T)
+        tiny_state["image_encoder.blocks.0.attn.qkv.weight"].T,
+    )
     np.testing.assert_array_equal(
-        params["image_encoder"]["neck_2"]["kernel"],
-        tiny_state["image_encoder.neck.2.weight"].transpose(2, 3, 1, 0))
+        params["image_encoder"]["neck_2"]["kernel"], tiny_state["image_encoder.neck.2.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(
         params["mask_decoder"]["output_upscaling_0"]["kernel"],
-        tiny_state["mask_decoder.output_upscaling.0.weight"].transpose(2, 3, 0, 1))
+        tiny_state["mask_decoder.output_upscaling.0.weight"].transpose(2, 3, 0, 1),
+    )
     np.testing.assert_array_equal(
         params["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
-        tiny_state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"])
+        tiny_state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"],
+    )
 
 
 def _fake_pth_module(monkeypatch):
@@ -525,8 +556,7 @@ def test_convert_with_project_pth_reader(preset_tiny, tmp_path):
     pth = tmp_path / "sam.pth"
     torch.save(tmodel.state_dict(), pth)
     out = convert_sam_checkpoint(pth, tmp_path / "sam.msgpack")
-    for a, b in zip(jax.tree_util.tree_leaves(load_sam_params(out)),
-                    jax.tree_util.tree_leaves(variables["params"])):
+    for a, b in zip(jax.tree_util.tree_leaves(load_sam_params(out)), jax.tree_util.tree_leaves(variables["params"])):
         np.testing.assert_array_equal(a, b)
     broken = tmp_path / "broken.pth"
     broken.write_bytes(pth.read_bytes()[:100])
@@ -550,8 +580,10 @@ def test_full_vit_b_parity():
     pts, labels, boxes = _prompts(rng, 2, 2, 768)
     original = (1200, 900)
     record = {
-        "image": torch.from_numpy(image[0].transpose(2, 0, 1)), "original_size": original,
-        "point_coords": torch.from_numpy(pts), "point_labels": torch.from_numpy(labels),
+        "image": torch.from_numpy(image[0].transpose(2, 0, 1)),
+        "original_size": original,
+        "point_coords": torch.from_numpy(pts),
+        "point_labels": torch.from_numpy(labels),
         "boxes": torch.from_numpy(boxes),
     }
     with torch.no_grad():
@@ -561,14 +593,11 @@ def test_full_vit_b_parity():
 
     @jax.jit
     def run(variables, image, pts, labels, boxes):
-        out = module.apply(variables, image, (pts, labels), boxes, multimask_output=True,
-                           original_size=original)
-        emb = module.apply(variables, module.apply(variables, image, method="preprocess"),
-                           method="encode_image")
+        out = module.apply(variables, image, (pts, labels), boxes, multimask_output=True, original_size=original)
+        emb = module.apply(variables, module.apply(variables, image, method="preprocess"), method="encode_image")
         return out, emb
 
-    out, emb = run(variables, jnp.asarray(image), jnp.asarray(pts), jnp.asarray(labels),
-                   jnp.asarray(boxes))
+    out, emb = run(variables, jnp.asarray(image), jnp.asarray(pts), jnp.asarray(labels), jnp.asarray(boxes))
     errs = {
         "embeddings": rel_err(nchw(emb), emb_t),
         "low_res_logits": rel_err(nchw(out["low_res_logits"]), out_t["low_res_logits"].numpy()),

@@ -83,18 +83,20 @@ def test_roc_auc_equals_the_fraction_of_correctly_ordered_pairs(pairs):
 
 def test_classification_metrics_closed_form():
     labels = np.asarray([0, 0, 1, 1, 2, 2])
-    probs = np.asarray([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .1, .8], [.6, .2, .2]])
+    probs = np.asarray(
+        [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]]
+    )
     m = classification_metrics(labels, probs)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["per_class_recall"] == pytest.approx({"benign": 0.5, "malignant": 1.0, "normal": 0.5})
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert m["loss"] == pytest.approx(-np.mean(np.log([.8, .2, .8, .6, .8, .2])))
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.8, 0.2, 0.8, 0.6, 0.8, 0.2])))
     # malignant scores: positives .8 .6 against negatives .1 .7 .1 .2 -> 7 of 8 pairs ordered
     assert m["malignant_vs_rest_auc"] == pytest.approx(7 / 8)
     # A class with no image has no recall (NaN, not 0); tiny probabilities are not clipped away.
-    m = classification_metrics(np.asarray([0, 1]), np.asarray([[.9, .05, .05], [.5, 1e-9, .5 - 1e-9]]))
+    m = classification_metrics(np.asarray([0, 1]), np.asarray([[0.9, 0.05, 0.05], [0.5, 1e-9, 0.5 - 1e-9]]))
     assert np.isnan(m["per_class_recall"]["normal"])
-    assert m["loss"] == pytest.approx(np.mean([-np.log(.9), -np.log(1e-9)]))
+    assert m["loss"] == pytest.approx(np.mean([-np.log(0.9), -np.log(1e-9)]))
 
 
 # --------------------------------------------------------------------------------------
@@ -149,10 +151,12 @@ def test_boxes_reach_the_model_jittered_in_training_only():
     masks = np.zeros((4, 16, 16, 1), np.float32)
     masks[:, 4:9, 3:12] = 1
     tight = np.asarray(boxes_from_masks(jnp.asarray(masks)))
-    apply_model(state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=False, key=jax.random.key(0),
-                box_jitter=0.1)
-    apply_model(state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=True, key=jax.random.key(0),
-                box_jitter=0.1)
+    apply_model(
+        state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=False, key=jax.random.key(0), box_jitter=0.1
+    )
+    apply_model(
+        state, {}, jnp.zeros((4, 16, 16, 1)), jnp.asarray(masks), train=True, key=jax.random.key(0), box_jitter=0.1
+    )
     np.testing.assert_array_equal(seen[0], tight)
     assert not np.array_equal(seen[1], tight)
 
@@ -179,11 +183,18 @@ def test_a_classifier_step_lowers_its_cross_entropy():
 
 
 def test_frozen_groups_do_not_move_even_with_weight_decay():
-    config = dataclasses.replace(TINY, model={"features": 4, "depth": 1, "class_head": 3}, optimizer="adamw",
-                                 weight_decay=0.5, freeze=("enc1", "class_head"), class_weight=1.0)
+    config = dataclasses.replace(
+        TINY,
+        model={"features": 4, "depth": 1, "class_head": 3},
+        optimizer="adamw",
+        weight_decay=0.5,
+        freeze=("enc1", "class_head"),
+        class_weight=1.0,
+    )
     model = create_model("seed", in_channels=1, **config.model)
-    state = create_train_state(model, make_optimizer(config, 5), jax.random.key(0, impl="rbg"), (1, 16, 16, 1),
-                               frozen=config.freeze)
+    state = create_train_state(
+        model, make_optimizer(config, 5), jax.random.key(0, impl="rbg"), (1, 16, 16, 1), frozen=config.freeze
+    )
     batch = make_sampler(8, 16, None)(_labelled(16, 16), jax.random.key(1), 0)
     before = jax.device_get(state.params)
     step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=1.0))
@@ -206,8 +217,9 @@ def _headed_state(frozen=()):
 def test_class_weight_scales_the_cross_entropy_in_the_loss():
     state, batch = _headed_state()
     mean = lambda m, k: float(m[k][0] / m[k][1])  # noqa: E731
-    step = lambda w: jax.jit(lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS,  # noqa: E731
-                                                     class_weight=w)[1])
+    step = lambda w: jax.jit(  # noqa: E731
+        lambda s, b: train_step(s, b, jax.random.key(2), loss_fn=TINY_LOSS, class_weight=w)[1]
+    )
     m = {w: jax.device_get(step(w)(state, batch)) for w in (0.0, 0.5)}
     assert mean(m[0.5], "loss") - mean(m[0.0], "loss") == pytest.approx(0.5 * mean(m[0.5], "class_loss"), rel=1e-4)
 
@@ -218,14 +230,18 @@ def test_frozen_groups_get_no_gradient_even_without_an_optimiser_mask():
     after, _ = step(state, batch)
     for a, b in zip(jax.tree.leaves(state.params["enc1"]), jax.tree.leaves(after.params["enc1"])):
         np.testing.assert_array_equal(a, b)
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params["class_head"]),
-                                                      jax.tree.leaves(after.params["class_head"]))]
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state.params["class_head"]), jax.tree.leaves(after.params["class_head"]))
+    ]
     assert all(moved)
 
 
 def test_overlay_grafts_a_subtree_and_names_a_wrong_shape():
-    target = {"params": {"encoder": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}}, "head": {"bias": np.zeros(1)}},
-              "batch_stats": {}}
+    target = {
+        "params": {"encoder": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}}, "head": {"bias": np.zeros(1)}},
+        "batch_stats": {},
+    }
     source = {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4))}}}
     merged, copied = overlay_variables(target, source, "x.msgpack")
     assert copied == 1 and merged["params"]["encoder"]["conv1"]["kernel"].sum() == 36
@@ -247,8 +263,9 @@ def test_a_classifier_runs_end_to_end(tmp_path, monkeypatch, capsys):
     """Train, then `unet-jax evaluate` (given a relative path, which Orbax alone refuses).
     (A U-Net with a class head runs end to end in tests/test_compare.py.)"""
     # A narrow ResNet-18: the full width's 11 M parameters would only slow the test.
-    classifier = dataclasses.replace(TINY, preset="resnet18_classifier", model={"widths": (8, 16, 32, 64)}, epochs=1,
-                                     monitor="val/accuracy")
+    classifier = dataclasses.replace(
+        TINY, preset="resnet18_classifier", model={"widths": (8, 16, 32, 64)}, epochs=1, monitor="val/accuracy"
+    )
     train(classifier, tmp_path / "classifier")
     results = json.loads((tmp_path / "classifier" / "results.json").read_text())
     assert "test" not in results  # no mask head: no segmentation rows
@@ -270,11 +287,14 @@ def test_a_classifier_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert 0 <= report["classification"]["accuracy"] <= 1
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(preset="resnet18_classifier", model={}, monitor="val/dice"), "a classifier.*expected monitor"),
-    (dict(monitor="val/accuracy"), "no class head"),
-    (dict(model={"features": 4, "depth": 2, "class_head": 3}), "class_weight = 0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(preset="resnet18_classifier", model={}, monitor="val/dice"), "a classifier.*expected monitor"),
+        (dict(monitor="val/accuracy"), "no class head"),
+        (dict(model={"features": 4, "depth": 2, "class_head": 3}), "class_weight = 0"),
+    ],
+)
 def test_heads_and_config_must_agree(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         train(dataclasses.replace(TINY, **changes), tmp_path / "run")
@@ -319,8 +339,16 @@ def test_sam_fine_tuned_from_an_official_format_checkpoint(tmp_path):
     torch_model = randomised_torch_sam(SAM_PRESETS["sam_tiny"], seed=5)
     torch.save(torch_model.state_dict(), tmp_path / "sam_tiny.pth")
     released = sam_params_from_state_dict(torch_state_numpy(torch_model), "sam_tiny")
-    config = dataclasses.replace(TINY, preset="sam_tiny", model={}, epochs=1, init_from=str(tmp_path / "sam_tiny.pth"),
-                                 freeze=("image_encoder", "prompt_encoder"), learning_rate=1e-3, monitor="val/dice")
+    config = dataclasses.replace(
+        TINY,
+        preset="sam_tiny",
+        model={},
+        epochs=1,
+        init_from=str(tmp_path / "sam_tiny.pth"),
+        freeze=("image_encoder", "prompt_encoder"),
+        learning_rate=1e-3,
+        monitor="val/dice",
+    )
     events = []
     train(config, tmp_path / "tuned", progress=events.append)
     (copied,) = [e["parameters_copied"] for e in events if e["kind"] == "init_from"]
@@ -354,8 +382,21 @@ def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, 
 
     torch_model = randomised(TorchResNet(R18, num_classes=1000), seed=3)
     torch.save(torch_model.state_dict(), tmp_path / "resnet18.pth")
-    assert main(["convert", str(tmp_path / "resnet18.pth"), "--preset", "resnet18_unet", "--channels", "1",
-                 "--out", str(tmp_path / "resnet18.msgpack")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "resnet18.pth"),
+                "--preset",
+                "resnet18_unet",
+                "--channels",
+                "1",
+                "--out",
+                str(tmp_path / "resnet18.msgpack"),
+            ]
+        )
+        == 0
+    )
     assert "resnet18_unet" in capsys.readouterr().out
 
     config = dataclasses.replace(TINY, preset="resnet18_unet", model={}, init_from=str(tmp_path / "resnet18.msgpack"))
@@ -368,8 +409,11 @@ def test_convert_a_torchvision_resnet_and_start_a_resnet_unet_from_it(tmp_path, 
     assert copied == 20 + 20 * 4  # 20 convolution kernels, 20 batch norms x (scale, bias, mean, var)
     # The decoder is not in the file: it keeps its initial values.
     decoder = [k for k in merged["params"] if k.startswith("decoder")]
-    assert decoder and all(np.array_equal(a, b) for k in decoder
-                           for a, b in zip(jax.tree.leaves(merged["params"][k]), jax.tree.leaves(fresh["params"][k])))
+    assert decoder and all(
+        np.array_equal(a, b)
+        for k in decoder
+        for a, b in zip(jax.tree.leaves(merged["params"][k]), jax.tree.leaves(fresh["params"][k]))
+    )
 
 
 def test_convert_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):

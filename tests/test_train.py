@@ -47,10 +47,13 @@ def random_device_data(n: int = 16, size: int = 16) -> DeviceData:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
     centres = rng.integers(size // 4, size - size // 4, (n, 2))
-    masks = ((yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2 < (size / 5) ** 2)
+    masks = (yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2 < (size / 5) ** 2
     images = np.clip(120 + 40 * rng.standard_normal((n, size, size)) - 80 * masks, 0, 255)
-    return DeviceData(images=jnp.asarray(images[..., None], jnp.uint8), masks=jnp.asarray(masks[..., None], jnp.uint8),
-                      labels=jnp.zeros(n, jnp.int32))
+    return DeviceData(
+        images=jnp.asarray(images[..., None], jnp.uint8),
+        masks=jnp.asarray(masks[..., None], jnp.uint8),
+        labels=jnp.zeros(n, jnp.int32),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -63,8 +66,12 @@ def test_one_step_lowers_the_loss():
     loss_fn = get_loss("bce_dice")
 
     def loss_on_batch(state):
-        logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch.images,
-                                   train=True, mutable=["batch_stats"])
+        logits, _ = state.apply_fn(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            batch.images,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return float(loss_fn(logits, batch.masks))
 
     before = loss_on_batch(state)
@@ -93,8 +100,17 @@ def test_scanned_steps_equal_single_steps_and_never_recompile():
     loss_fn = get_loss("bce_dice")
     mesh = make_mesh()
     run = lambda state, start, n: train_steps(  # noqa: E731
-        state, data, jax.random.key(3), jax.random.key(4), jnp.asarray(start, jnp.int32), num_steps=n,
-        sample=sample, loss_fn=loss_fn, threshold=0.5, mesh=mesh)
+        state,
+        data,
+        jax.random.key(3),
+        jax.random.key(4),
+        jnp.asarray(start, jnp.int32),
+        num_steps=n,
+        sample=sample,
+        loss_fn=loss_fn,
+        threshold=0.5,
+        mesh=mesh,
+    )
 
     # Plain SGD: Adam would scale the rounding noise in the gradients of the conv biases
     # before batch norm (mathematically zero) up to the learning rate.
@@ -134,8 +150,16 @@ def params_of(run_dir: Path):
 
 def test_run_folder_holds_everything(reference_run):
     run_dir, result, events = reference_run
-    for name in ("config.json", "split.json", "environment.json", "metrics.jsonl", "results.json",
-                 "plots/training_curves.png", "plots/test_predictions.png", "predictions/test_per_image.json"):
+    for name in (
+        "config.json",
+        "split.json",
+        "environment.json",
+        "metrics.jsonl",
+        "results.json",
+        "plots/training_curves.png",
+        "plots/test_predictions.png",
+        "predictions/test_per_image.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "config.json").read_text())["image_size"] == 32
     environment = json.loads((run_dir / "environment.json").read_text())
@@ -172,11 +196,15 @@ def test_tensorboard_can_read_the_event_file(reference_run):
     assert [e.step for e in accumulator.Scalars("val/dice")] == [r["step"] for r in history]
 
 
-@pytest.mark.parametrize("change, message", [
-    ("image", r"1 image\(s\) with other pixels or masks \('malignant \(2\)'\)"),
-    ("mask", r"1 image\(s\) with other pixels or masks \('benign \(3\)'\)"),
-    ("removed", r"1 image\(s\) gone \('benign \(1\)'\)"),
-    ("resized", r"1 image\(s\) of another size \('normal \(1\)'; e\.g\. 'normal \(1\)' 32x32 -> 40x32, HxW\)")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("image", r"1 image\(s\) with other pixels or masks \('malignant \(2\)'\)"),
+        ("mask", r"1 image\(s\) with other pixels or masks \('benign \(3\)'\)"),
+        ("removed", r"1 image\(s\) gone \('benign \(1\)'\)"),
+        ("resized", r"1 image\(s\) of another size \('normal \(1\)'; e\.g\. 'normal \(1\)' 32x32 -> 40x32, HxW\)"),
+    ],
+)
 def test_resuming_on_other_data_is_refused_naming_what_changed(reference_run, tmp_path, change, message):
     run_dir, _, _ = reference_run
     copy = tmp_path / "run"
@@ -255,8 +283,11 @@ def test_resuming_from_a_non_finite_checkpoint_is_refused(reference_run, tmp_pat
     store.save("latest", state, meta)  # as damaged files would read
     store.close()
     assert find_checkpoint(copy / "checkpoints" / "latest") == step
-    with pytest.raises(ValueError, match=r"checkpoint '.*latest' holds non-finite values \(NaN or inf\) in \d+ "
-                                         r"array\(s\), e\.g\. params/"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint '.*latest' holds non-finite values \(NaN or inf\) in \d+ "
+        r"array\(s\), e\.g\. params/",
+    ):
         train(TINY, copy)
 
 
@@ -299,8 +330,9 @@ def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_pa
 
 def test_resuming_with_another_configuration_is_refused(reference_run, tmp_path):
     run_dir, _, _ = reference_run
-    with pytest.raises(ValueError,
-                       match=r"holds a checkpoint of a different configuration \(learning_rate: 0.003 -> 0.01"):
+    with pytest.raises(
+        ValueError, match=r"holds a checkpoint of a different configuration \(learning_rate: 0.003 -> 0.01"
+    ):
         train(dataclasses.replace(TINY, learning_rate=1e-2), run_dir)
 
 
@@ -330,10 +362,14 @@ def test_a_non_finite_state_is_never_saved(tmp_path, monkeypatch):
     # Finite loss and metrics, inf in the batch statistics from epoch 2 on: the guard used
     # to save that state as `latest` and `best`.
     overflow_batch_norm_after(monkeypatch, 5)  # TINY: 5 steps per epoch
-    with pytest.raises(TrainingDiverged, match=(
+    with pytest.raises(
+        TrainingDiverged,
+        match=(
             r"training diverged at epoch 2: non-finite values in \d+ array\(s\) of the training state, e.g. "
             rf"batch_stats/\S+/var; nothing of that epoch was saved; kept in {tmp_path / 'checkpoints'}: "
-            r"latest \(epoch 1\), best \(epoch 1\)")):
+            r"latest \(epoch 1\), best \(epoch 1\)"
+        ),
+    ):
         train(TINY, tmp_path)
     store = CheckpointStore(tmp_path)
     for which in ("latest", "best"):
@@ -369,8 +405,9 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, monkeypatch):
         accumulator = EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=purge)
         accumulator.Reload()
         assert [e.step for e in accumulator.Scalars("val/dice")] == [r["step"] for r in history]
-        np.testing.assert_allclose([e.value for e in accumulator.Scalars("val/dice")],
-                                   [r["val/dice"] for r in history], rtol=1e-6)
+        np.testing.assert_allclose(
+            [e.value for e in accumulator.Scalars("val/dice")], [r["val/dice"] for r in history], rtol=1e-6
+        )
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
@@ -456,8 +493,9 @@ def test_four_devices_equal_one_device():
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
 
@@ -504,8 +542,9 @@ def test_a_damaged_latest_checkpoint_is_a_clear_error(reference_run, tmp_path):
     biggest.write_bytes(biggest.read_bytes()[:64])
     store = CheckpointStore(tmp_path)
     target = jax.eval_shape(tiny_state)  # shapes only: nothing to compile
-    with pytest.raises(ValueError,
-                       match=rf"checkpoint '{step}' could not be read \(.*\); expected a complete checkpoint"):
+    with pytest.raises(
+        ValueError, match=rf"checkpoint '{step}' could not be read \(.*\); expected a complete checkpoint"
+    ):
         store.restore("latest", target)
     store.close()
 

@@ -31,8 +31,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FolderLock", "atomic_write", "check_target", "new_temp_dir", "pid_alive", "remove_stale_temps", "swap_in",
-           "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "FolderLock",
+    "atomic_write",
+    "check_target",
+    "new_temp_dir",
+    "pid_alive",
+    "remove_stale_temps",
+    "swap_in",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -84,8 +94,7 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> P
 # --------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------
-def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool],
-                 what: str) -> None:
+def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
     """Raise ValueError unless ``out`` may be written: it does not exist, or ``overwrite``
     is set and ``out`` is an empty folder or a ``what`` (``is_ours(out)``)."""
     if not out.exists() and not out.is_symlink():
@@ -94,14 +103,15 @@ def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool],
             raise ValueError(f"cannot write {str(out)!r}: {str(parent)!r} is not a directory")
         return
     if not overwrite:
-        raise ValueError(f"output {str(out)!r} exists; pass overwrite=True (--overwrite) to "
-                         f"replace it")
+        raise ValueError(f"output {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     if out.is_symlink() or not out.is_dir():
-        raise ValueError(f"refusing to replace {str(out)!r}: it is not a directory; expected "
-                         f"an empty folder or a {what}")
+        raise ValueError(
+            f"refusing to replace {str(out)!r}: it is not a directory; expected an empty folder or a {what}"
+        )
     if any(out.iterdir()) and not is_ours(out):
-        raise ValueError(f"refusing to replace {str(out)!r}: it is not empty and not a "
-                         f"{what}; choose another output folder")
+        raise ValueError(
+            f"refusing to replace {str(out)!r}: it is not empty and not a {what}; choose another output folder"
+        )
 
 
 def pid_alive(pid: int) -> bool:
@@ -203,12 +213,16 @@ class FolderLock:
             except FileExistsError:
                 pid, host = self._owner()
                 if pid is not None and host and host != me["host"]:
-                    raise ValueError(f"{self.what} {str(self.path.parent)!r} is in use by process {pid} on host "
-                                     f"{host!r} (lock file {str(self.path)!r}); wait for it to finish, or delete the "
-                                     f"lock file if that process is gone") from None
+                    raise ValueError(
+                        f"{self.what} {str(self.path.parent)!r} is in use by process {pid} on host "
+                        f"{host!r} (lock file {str(self.path)!r}); wait for it to finish, or delete the "
+                        f"lock file if that process is gone"
+                    ) from None
                 if pid is not None and pid != me["pid"] and pid_alive(pid):
-                    raise ValueError(f"{self.what} {str(self.path.parent)!r} is in use by process {pid} (lock file "
-                                     f"{str(self.path)!r}); wait for it to finish, or choose another folder") from None
+                    raise ValueError(
+                        f"{self.what} {str(self.path.parent)!r} is in use by process {pid} (lock file "
+                        f"{str(self.path)!r}); wait for it to finish, or choose another folder"
+                    ) from None
                 # stale: its process is gone (or had this PID before a restart: this process
                 # holds no lock it did not release)
                 self.path.unlink(missing_ok=True)
@@ -217,8 +231,10 @@ class FolderLock:
                 json.dump(me, f)
             self._held = True
             return self
-        raise ValueError(f"{self.what} {str(self.path.parent)!r}: could not take the lock file {str(self.path)!r} "
-                         f"(other processes keep replacing it)")
+        raise ValueError(
+            f"{self.what} {str(self.path.parent)!r}: could not take the lock file {str(self.path)!r} "
+            f"(other processes keep replacing it)"
+        )
 
     def release(self) -> None:
         if self._held:

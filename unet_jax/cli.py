@@ -17,8 +17,14 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
     names = sorted(n for members in model_names().values() for n in members)
     p = sub.add_parser("summary", help="layer-by-layer shapes and parameter counts of a preset")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=names)
-    p.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
-                   help="input height [width]; default: the preset's canonical size")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        metavar=("H", "W"),
+        default=None,
+        help="input height [width]; default: the preset's canonical size",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_run_summary)
@@ -42,6 +48,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     from unet_jax.data.cli import add_data_commands
 
     add_data_commands(sub)
+
+
 # ---- end data commands -------------------------------------------------------------
 
 
@@ -50,18 +58,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a U-Net (config file + key=value overrides)")
     p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, model.FIELD=VALUE for the model")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, model.FIELD=VALUE for the model"
+    )
     dist = p.add_argument_group(
         "several processes (one run on N processes or hosts; implies distributed=true)",
         "the same command on every process, each with its own --process-id; without these flags JAX's "
         "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or its cluster detection "
-        "(SLURM, Open MPI, Kubernetes) with distributed=true")
+        "(SLURM, Open MPI, Kubernetes) with distributed=true",
+    )
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (reachable by all)")
     dist.add_argument("--num-processes", type=int, metavar="N")
     dist.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1 (0 writes the run folder)")
-    dist.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
-                      help="seconds before a silent process is declared dead (default 100)")
+    dist.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="S",
+        help="seconds before a silent process is declared dead (default 100)",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -84,8 +99,9 @@ def _split_cpu(config) -> None:
     """Before anything starts a JAX backend: the CPU as ``config.cpu_devices`` devices."""
     from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
 
-    use_cpu_devices(cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size),
-                                     config.distributed))
+    use_cpu_devices(
+        cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size), config.distributed)
+    )
 
 
 def _train_and_report(config, out: str) -> int:
@@ -122,36 +138,54 @@ def _results_table(run_dir) -> str:
 
     results = json.loads((run_dir / "results.json").read_text())
     train_, test = results["train_at_best_epoch"], results["test_training_resolution"]
-    lines = [f"best epoch {results['best_epoch']} of {results['epochs_run']} (monitor {results['monitor']})",
-             "", "            accuracy*   loss      Dice      IoU",
-             f"training    {train_.get('train/pixel_accuracy', float('nan')):.4f}    "
-             f"{train_.get('train/loss', float('nan')):.4f}    {train_.get('train/dice', float('nan')):.4f}    "
-             f"{train_.get('train/iou', float('nan')):.4f}"]
+    lines = [
+        f"best epoch {results['best_epoch']} of {results['epochs_run']} (monitor {results['monitor']})",
+        "",
+        "            accuracy*   loss      Dice      IoU",
+        f"training    {train_.get('train/pixel_accuracy', float('nan')):.4f}    "
+        f"{train_.get('train/loss', float('nan')):.4f}    {train_.get('train/dice', float('nan')):.4f}    "
+        f"{train_.get('train/iou', float('nan')):.4f}",
+    ]
     if test:
-        lines.append(f"testing     {test.get('test/pixel_accuracy', float('nan')):.4f}    {test['test/loss']:.4f}    "
-                     f"{test.get('test/dice', float('nan')):.4f}    {test.get('test/iou', float('nan')):.4f}")
+        lines.append(
+            f"testing     {test.get('test/pixel_accuracy', float('nan')):.4f}    {test['test/loss']:.4f}    "
+            f"{test.get('test/dice', float('nan')):.4f}    {test.get('test/iou', float('nan')):.4f}"
+        )
     lines.append("* pixel accuracy: what the report's Keras 'accuracy' measured (not IoU)")
     if results.get("prompted"):
         lines.append(f"PROMPTED: {results['prompted']}; not comparable with unprompted segmentation")
     if "test_classification" in results:
         c = results["test_classification"]
         recall = ", ".join(f"{k} {_number(v, 3)}" for k, v in c["per_class_recall"].items())
-        lines += ["", f"test classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
-                  f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}", f"  recall: {recall}"]
+        lines += [
+            "",
+            f"test classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
+            f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}",
+            f"  recall: {recall}",
+        ]
     if "inference" in results:
         lines += ["", f"inference recipe (chosen on the validation split): {results['inference']['description']}"]
     if "test_raw" in results:
         raw = results["test_raw"]
-        lines += [f"  raw model output on the test split: lesion Dice {_number(raw['dice'].get('lesion'), 4)}, "
-                  f"normal false-positive rate {_number(raw['normal_false_positive_rate'], 3)}"]
+        lines += [
+            f"  raw model output on the test split: lesion Dice {_number(raw['dice'].get('lesion'), 4)}, "
+            f"normal false-positive rate {_number(raw['normal_false_positive_rate'], 3)}"
+        ]
     if "test" in results:
         report = results["test"]
         metrics = ("dice", "iou", "pixel_accuracy", "precision", "recall", "hd95")
-        lines += ["", f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
-                  format_summary({**{m: report[m]["summary"] for m in metrics},
-                                  "normal_false_positive_rate": report["normal_false_positive"],
-                                  "lesion_empty_prediction_rate": report["lesion_empty_prediction"],
-                                  "counts": report["images"]})]
+        lines += [
+            "",
+            f"test split at {report['resolution']} resolution (per image, mean [95% CI]):",
+            format_summary(
+                {
+                    **{m: report[m]["summary"] for m in metrics},
+                    "normal_false_positive_rate": report["normal_false_positive"],
+                    "lesion_empty_prediction_rate": report["lesion_empty_prediction"],
+                    "counts": report["images"],
+                }
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -198,8 +232,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         recipe = effective_recipe(loaded, args.threshold, True if args.tta else None, args.raw)
         with ProgressPrinter() as printer:
             aggregate, rows = evaluate_dataset(
-                loaded, dataset, native=native, recipe=recipe,
-                progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}))
+                loaded,
+                dataset,
+                native=native,
+                recipe=recipe,
+                progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}),
+            )
         report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
         status = recipe_status(loaded, args.raw)
         report["checkpoint"], report["recipe"] = str(loaded.step_dir), recipe.to_dict()
@@ -209,8 +247,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{loaded.step_dir} on {args.data}" + (f" ({args.resolution} resolution; {recipe.describe()})"
-                                                   if has_mask else ""))
+    print(
+        f"{loaded.step_dir} on {args.data}"
+        + (f" ({args.resolution} resolution; {recipe.describe()})" if has_mask else "")
+    )
     if has_mask:
         if not status["tuned"] and not args.raw:
             print(status["description"])
@@ -218,8 +258,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if has_class:
         c = report["classification"]
         recall = ", ".join(f"{k} {_number(v, 3)}" for k, v in c["per_class_recall"].items())
-        print(f"classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
-              f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}; recall: {recall}")
+        print(
+            f"classification ({c['n']} images): accuracy {c['accuracy']:.4f}, loss {c['loss']:.4f}, "
+            f"malignant-vs-rest AUC {_number(c['malignant_vs_rest_auc'], 4)}; recall: {recall}"
+        )
     return 0
 
 
@@ -232,16 +274,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None,
-                   help="a run folder, a checkpoint folder or an exported model folder; default: the bundled "
-                        "model (unet_jax/bundled, see its MODEL_CARD.md)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's recipe")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction "
-                                                      "(default: as the checkpoint's recipe says)")
-    p.add_argument("--raw", action="store_true",
-                   help="the model's own output (its config's threshold, no gate, no post-processing, no TTA) "
-                        "instead of the checkpoint's tuned inference recipe")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a run folder, a checkpoint folder or an exported model folder; default: the bundled "
+        "model (unet_jax/bundled, see its MODEL_CARD.md)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability in (0, 1) above which a pixel is lesion; default: the checkpoint's recipe",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average with the horizontally flipped prediction (default: as the checkpoint's recipe says)",
+    )
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="the model's own output (its config's threshold, no gate, no post-processing, no TTA) "
+        "instead of the checkpoint's tuned inference recipe",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -266,11 +321,19 @@ def _run_predict(args: argparse.Namespace) -> int:
         elif result.note:
             print(f"[{n}/{total}] {result.note}")
         else:
-            print(f"[{n}/{total}] {result.input} -> {result.mask} "
-                  f"(lesion {100 * result.lesion_fraction:.1f}% of pixels)")
+            print(
+                f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of pixels)"
+            )
 
-    results = predict_files(loaded, args.inputs, args.out, threshold=args.threshold,
-                            flip_tta=True if args.tta else None, raw=args.raw, progress=report)
+    results = predict_files(
+        loaded,
+        args.inputs,
+        args.out,
+        threshold=args.threshold,
+        flip_tta=True if args.tta else None,
+        raw=args.raw,
+        progress=report,
+    )
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
@@ -278,15 +341,24 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert",
-                       help="convert an official PyTorch checkpoint (SAM, torchvision ResNet) to Flax msgpack")
+    p = sub.add_parser(
+        "convert", help="convert an official PyTorch checkpoint (SAM, torchvision ResNet) to Flax msgpack"
+    )
     p.add_argument("checkpoint", help="the .pth file (read without PyTorch; nothing is downloaded)")
     p.add_argument("--out", required=True, help="the .msgpack file to write (then init_from=FILE)")
-    p.add_argument("--preset", default=None,
-                   help="target preset (sam_vit_b, sam_vit_l, sam_vit_h, resnet34_unet, ...); "
-                        "default: a SAM preset inferred from the shapes")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=3,
-                   help="input channels of the runs that start from it (ResNet: 1 sums the RGB stem)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="target preset (sam_vit_b, sam_vit_l, sam_vit_h, resnet34_unet, ...); "
+        "default: a SAM preset inferred from the shapes",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="input channels of the runs that start from it (ResNet: 1 sums the RGB stem)",
+    )
     p.set_defaults(func=_run_convert)
 
 
@@ -304,9 +376,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the model folder to write (model.json + member_*.msgpack)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the weights")
     p.add_argument("--card", default=None, help="a Markdown model card to include as MODEL_CARD.md")
-    p.add_argument("--recipe", default=None,
-                   help="an inference.json whose recipe the model carries (default: the first checkpoint's), "
-                        "e.g. the one experiments/oof.py chooses on out-of-fold predictions")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="an inference.json whose recipe the model carries (default: the first checkpoint's), "
+        "e.g. the one experiments/oof.py chooses on out-of-fold predictions",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_export)
 
@@ -323,17 +398,27 @@ def _run_export(args: argparse.Namespace) -> int:
         if not Path(args.card).is_file():
             raise ValueError(f"model card {args.card!r} does not exist; expected a Markdown file")
         card = Path(args.card).read_text()
-    out = export_model(members, args.out, recipe=recipe, dtype=args.dtype, card=card, overwrite=args.overwrite,
-                       provenance=None if args.recipe is None else {"recipe_file": str(args.recipe)})
+    out = export_model(
+        members,
+        args.out,
+        recipe=recipe,
+        dtype=args.dtype,
+        card=card,
+        overwrite=args.overwrite,
+        provenance=None if args.recipe is None else {"recipe_file": str(args.recipe)},
+    )
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
-          f"recipe: {(recipe or members[0].recipe).describe()}")
+    print(
+        f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
+        f"recipe: {(recipe or members[0].recipe).describe()}"
+    )
     return 0
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune",
-                       help="choose a run's inference recipe on its validation split, re-evaluate its test split")
+    p = sub.add_parser(
+        "tune", help="choose a run's inference recipe on its validation split, re-evaluate its test split"
+    )
     p.add_argument("run", help="a run folder written by `unet-jax train`")
     p.add_argument("--cache", default=None, help="a `data prepare` cache to read the images from (default: the run's)")
     p.set_defaults(func=_run_tune)

@@ -22,8 +22,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "demo_config", "load_config", "config_to_dict", "config_from_dict", "field_types",
-           "parse_value"]
+__all__ = [
+    "TrainConfig",
+    "demo_config",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+    "field_types",
+    "parse_value",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +146,11 @@ class TrainConfig:
             ("val_fraction + test_fraction", self.val_fraction + self.test_fraction < 1, "below 1"),
             ("threshold", 0 < self.threshold < 1, "in (0, 1)"),
             ("patience", self.patience is None or self.patience >= 1, "None or a positive integer"),
-            ("max_train_minutes", self.max_train_minutes is None or self.max_train_minutes > 0,
-             "None or a positive number of minutes"),
+            (
+                "max_train_minutes",
+                self.max_train_minutes is None or self.max_train_minutes > 0,
+                "None or a positive number of minutes",
+            ),
             ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
             ("cpu_devices", self.cpu_devices >= 0, "0 (auto) or a positive integer"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
@@ -169,18 +179,25 @@ class TrainConfig:
                 raise ValueError(f"config {name} = {value!r}: expected {expected}")
         # Combinations that would silently do something other than what they say.
         if self.split == "seed" and self.classes != "lesion" and self.manifest is None:
-            raise ValueError(f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
-                             f"splits benign and malignant images only; expected classes = 'lesion' "
-                             f"(or split = 'stratified' to keep the normal images)")
+            raise ValueError(
+                f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
+                f"splits benign and malignant images only; expected classes = 'lesion' "
+                f"(or split = 'stratified' to keep the normal images)"
+            )
         if self.epochs == 0 and self.init_from is None:
-            raise ValueError("config epochs = 0 evaluates the parameters of init_from without training; "
-                             "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1")
+            raise ValueError(
+                "config epochs = 0 evaluates the parameters of init_from without training; "
+                "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1"
+            )
         if self.loss == "bce_dice" and self.bce_weight == 0 and self.dice_weight == 0:
-            raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; "
-                             "expected a positive weight")
+            raise ValueError(
+                "config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight"
+            )
         if self.loss == "dice" and self.pos_weight is not None:
-            raise ValueError(f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
-                             f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None")
+            raise ValueError(
+                f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
+                f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None"
+            )
 
 
 def check_types(config: TrainConfig) -> None:
@@ -244,8 +261,13 @@ def _describe(annotation: Any) -> str:
         return " or ".join("None" if a is type(None) else _describe(a) for a in args)
     if origin is tuple:
         return f"a list, each item {_describe(args[0])}"
-    return {bool: "true or false (a bool)", int: "an integer (int)", float: "a number (float)",
-            str: "a string", dict: "a dict of model field names to values"}.get(annotation, str(annotation))
+    return {
+        bool: "true or false (a bool)",
+        int: "an integer (int)",
+        float: "a number (float)",
+        str: "a string",
+        dict: "a dict of model field names to values",
+    }.get(annotation, str(annotation))
 
 
 def _as_tuples(value: Any) -> Any:
@@ -255,9 +277,20 @@ def _as_tuples(value: Any) -> Any:
 def demo_config() -> TrainConfig:
     """The README's main job: a small U-Net on generated phantom data, minutes on 2 CPU cores."""
     return TrainConfig(
-        preset="padded", model={"features": 16, "class_head": 3}, class_weight=0.2, image_size=64, channels=1,
-        phantom_images=160, loss="bce_dice", batch_size=16, epochs=20, patience=None,
-        monitor="val/dice", schedule="cosine", warmup_epochs=1.0, learning_rate=3e-3,
+        preset="padded",
+        model={"features": 16, "class_head": 3},
+        class_weight=0.2,
+        image_size=64,
+        channels=1,
+        phantom_images=160,
+        loss="bce_dice",
+        batch_size=16,
+        epochs=20,
+        patience=None,
+        monitor="val/dice",
+        schedule="cosine",
+        warmup_epochs=1.0,
+        learning_rate=3e-3,
     )
 
 
@@ -290,14 +323,16 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         return TrainConfig()
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist; "
-                         "expected a .py file with get_config() or a config.json")
+        raise ValueError(
+            f"config file {str(path)!r} does not exist; expected a .py file with get_config() or a config.json"
+        )
     if path.suffix == ".json":
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON ({err}); "
-                             "expected a run's config.json") from err
+            raise ValueError(
+                f"config file {str(path)!r} is not valid JSON ({err}); expected a run's config.json"
+            ) from err
         return config_from_dict(values, source=f"config file {str(path)!r}")
     try:
         get_config = _get_config_of(path)
@@ -308,8 +343,9 @@ def load_config(path: str | os.PathLike | None) -> TrainConfig:
         unknown = re.search(r"TrainConfig\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
         if unknown is None:
             raise
-        raise ValueError(f"config file {str(path)!r}: unknown config key {unknown[1]!r}; "
-                         f"known keys: {sorted(field_types())}") from err
+        raise ValueError(
+            f"config file {str(path)!r}: unknown config key {unknown[1]!r}; known keys: {sorted(field_types())}"
+        ) from err
     if get_config is None:
         raise ValueError(f"config file {str(path)!r} defines no get_config(); expected get_config() -> TrainConfig")
     if not isinstance(config, TrainConfig):

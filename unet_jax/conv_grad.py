@@ -61,8 +61,10 @@ def use_explicit_grad(gradient: str, layout: str, groups: int, layer: str) -> bo
         raise ValueError(f"{layer}: gradient must be one of {GRADIENTS}, got {gradient!r}")
     supported = layout == "NHWC" and groups == 1
     if gradient == "explicit" and not supported:
-        raise ValueError(f"{layer}: gradient='explicit' needs layout 'NHWC' and feature_group_count 1, got "
-                         f"layout {layout!r} and {groups} group(s); use gradient='xla' or 'auto'")
+        raise ValueError(
+            f"{layer}: gradient='explicit' needs layout 'NHWC' and feature_group_count 1, got "
+            f"layout {layout!r} and {groups} group(s); use gradient='xla' or 'auto'"
+        )
     if gradient == "auto":
         return supported and jax.default_backend() == "cpu"
     return gradient == "explicit"
@@ -86,8 +88,15 @@ def _kernel_gradient_pads(n: int, m: int, k: int, s: int, lo: int) -> tuple[int,
     return lo, _dilated(m, s) - n + k - 1 - lo
 
 
-def _kernel_gradient(x: jax.Array, w: jax.Array, dy: jax.Array, strides: tuple[int, int], pads: PadPairs,
-                     lhs_dilation: tuple[int, int], precision: Any) -> jax.Array:
+def _kernel_gradient(
+    x: jax.Array,
+    w: jax.Array,
+    dy: jax.Array,
+    strides: tuple[int, int],
+    pads: PadPairs,
+    lhs_dilation: tuple[int, int],
+    precision: Any,
+) -> jax.Array:
     """``dw`` as a canonical correlation, batch and channels exchanged (module docstring).
 
     A dilated input (a transposed convolution) would put the dilation on the correlation's
@@ -98,19 +107,37 @@ def _kernel_gradient(x: jax.Array, w: jax.Array, dy: jax.Array, strides: tuple[i
     k = w.shape[:2]
     if lhs_dilation == (1, 1):
         geometry = zip(x.shape[1:3], dy.shape[1:3], k, strides, (lo for lo, _ in pads))
-        dw = jax.lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
-                                          [_kernel_gradient_pads(*g) for g in geometry], rhs_dilation=strides,
-                                          dimension_numbers=_NHWC, precision=precision)
+        dw = jax.lax.conv_general_dilated(
+            jnp.transpose(x, (3, 1, 2, 0)),
+            jnp.transpose(dy, (1, 2, 0, 3)),
+            (1, 1),
+            [_kernel_gradient_pads(*g) for g in geometry],
+            rhs_dilation=strides,
+            dimension_numbers=_NHWC,
+            precision=precision,
+        )
         return jnp.transpose(dw, (1, 2, 0, 3))  # (C, kh, kw, F) -> (kh, kw, C, F)
-    dw = jax.lax.conv_general_dilated(jnp.transpose(dy, (3, 1, 2, 0)), jnp.transpose(x, (1, 2, 0, 3)), (1, 1),
-                                      [(kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, pads)],
-                                      rhs_dilation=lhs_dilation, dimension_numbers=_NHWC, precision=precision)
+    dw = jax.lax.conv_general_dilated(
+        jnp.transpose(dy, (3, 1, 2, 0)),
+        jnp.transpose(x, (1, 2, 0, 3)),
+        (1, 1),
+        [(kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, pads)],
+        rhs_dilation=lhs_dilation,
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
     return jnp.transpose(jnp.flip(dw, (1, 2)), (1, 2, 3, 0))  # (F, kh, kw, C) -> (kh, kw, C, F)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv_explicit_grad(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: PadPairs,
-                       lhs_dilation: tuple[int, int] = (1, 1), precision: Any = None) -> jax.Array:
+def conv_explicit_grad(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    pads: PadPairs,
+    lhs_dilation: tuple[int, int] = (1, 1),
+    precision: Any = None,
+) -> jax.Array:
     """``lax.conv_general_dilated(x, w, strides, pads, lhs_dilation)`` in NHWC/HWIO (no
     groups, no kernel dilation) whose gradients are canonical convolutions (module
     docstring).
@@ -121,8 +148,9 @@ def conv_explicit_grad(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad
     """
     if lhs_dilation != (1, 1) and strides != (1, 1):
         raise ValueError(f"conv_explicit_grad: input dilation {lhs_dilation} needs unit strides, got {strides}")
-    return jax.lax.conv_general_dilated(x, w, strides, pads, lhs_dilation=lhs_dilation, dimension_numbers=_NHWC,
-                                        precision=precision)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, pads, lhs_dilation=lhs_dilation, dimension_numbers=_NHWC, precision=precision
+    )
 
 
 def _forward(x, w, strides, pads, lhs_dilation, precision):
@@ -133,8 +161,15 @@ def _backward(strides, pads, lhs_dilation, precision, residuals, dy):
     x, w = residuals
     geometry = zip(x.shape[1:3], dy.shape[1:3], w.shape[:2], strides, lhs_dilation, (lo for lo, _ in pads))
     flipped = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)  # (kh, kw, F, C)
-    dx = jax.lax.conv_general_dilated(dy, flipped, lhs_dilation, [_input_gradient_pads(*g) for g in geometry],
-                                      lhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
+    dx = jax.lax.conv_general_dilated(
+        dy,
+        flipped,
+        lhs_dilation,
+        [_input_gradient_pads(*g) for g in geometry],
+        lhs_dilation=strides,
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
     dw = _kernel_gradient(x, w, dy, strides, pads, lhs_dilation, precision)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 

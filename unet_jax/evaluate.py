@@ -33,10 +33,17 @@ from unet_jax.models import needs_box_prompts
 __all__ = ["evaluate_dataset", "evaluate_classification", "evaluation_report", "read_for_evaluation"]
 
 
-def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = True,
-                     threshold: float | None = None, flip_tta: bool | None = None, n_boot: int = 1000,
-                     progress: Callable[[int, int], None] | None = None, raw: bool = False,
-                     recipe: InferenceRecipe | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate_dataset(
+    loaded: LoadedModel,
+    dataset: BusiDataset,
+    native: bool = True,
+    threshold: float | None = None,
+    flip_tta: bool | None = None,
+    n_boot: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+    raw: bool = False,
+    recipe: InferenceRecipe | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Aggregated metrics and per-image rows of ``loaded`` on ``dataset``.
 
     native=True compares at each image's original size with its original (union) mask;
@@ -57,8 +64,7 @@ def evaluate_dataset(loaded: LoadedModel, dataset: BusiDataset, native: bool = T
     else:
         if recipe.gate != "none":
             raise ValueError("a box-prompted model is prompted on lesion images only; its recipe cannot gate")
-        probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, recipe.flip_tta,
-                                      boxes)
+        probs = predict_probabilities(loaded, dataset.images_u8, loaded.config.eval_batch_size, recipe.flip_tta, boxes)
         classes = None
     rows = []
     for i, prob in enumerate(probs):
@@ -78,17 +84,23 @@ def evaluate_classification(loaded: LoadedModel, dataset: BusiDataset) -> dict[s
     return M.to_jsonable(M.classification_metrics(np.asarray(dataset.labels), probs))
 
 
-def evaluation_report(aggregate: dict[str, Any], rows: list[dict[str, Any]], *, native: bool,
-                      source: str) -> dict[str, Any]:
+def evaluation_report(
+    aggregate: dict[str, Any], rows: list[dict[str, Any]], *, native: bool, source: str
+) -> dict[str, Any]:
     """The JSON object of ``unet-jax evaluate --json``: for every metric its overall mean,
     per-class and lesion means and the full summaries; the normal false-positive rate."""
-    report: dict[str, Any] = {"source": source, "resolution": "native" if native else "training",
-                              "images": aggregate["counts"]}
+    report: dict[str, Any] = {
+        "source": source,
+        "resolution": "native" if native else "training",
+        "images": aggregate["counts"],
+    }
     for metric in M.METRICS:
         groups = aggregate[metric]
-        report[metric] = {"mean": groups["overall"]["mean"],
-                          **{g: groups[g]["mean"] for g in groups if g != "overall"},
-                          "summary": groups}
+        report[metric] = {
+            "mean": groups["overall"]["mean"],
+            **{g: groups[g]["mean"] for g in groups if g != "overall"},
+            "summary": groups,
+        }
     report["normal_false_positive_rate"] = aggregate["normal_false_positive_rate"]["rate"]
     report["normal_false_positive"] = aggregate["normal_false_positive_rate"]
     report["lesion_empty_prediction_rate"] = aggregate["lesion_empty_prediction_rate"]["rate"]
@@ -97,14 +109,15 @@ def evaluation_report(aggregate: dict[str, Any], rows: list[dict[str, Any]], *, 
     return M.to_jsonable(report)
 
 
-def read_for_evaluation(loaded: LoadedModel, data: str | Path,
-                        progress: Callable[[int, int], None] | None = None) -> BusiDataset:
+def read_for_evaluation(
+    loaded: LoadedModel, data: str | Path, progress: Callable[[int, int], None] | None = None
+) -> BusiDataset:
     """A BUSI-layout folder read the way the checkpoint's model was trained; a missing class
     folder is no problem here (e.g. lesion images only)."""
     if not Path(data).exists():
         raise ValueError(f"data folder {str(data)!r} does not exist; expected a folder in the BUSI layout")
     # Any subset of the classes is a valid test set (lesion images only, normal only).
-    options = ReadOptions(size=loaded.input_size, channels=loaded.config.channels, keep_original=True,
-                          all_classes=False)
+    options = ReadOptions(
+        size=loaded.input_size, channels=loaded.config.channels, keep_original=True, all_classes=False
+    )
     return load_busi(data, options, progress)
-

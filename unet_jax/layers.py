@@ -124,10 +124,7 @@ def conv_transpose_output_size(
     _check_positive("kernel size", k)
     _check_positive("stride", s)
     if not 0 <= output_padding < s:
-        raise ValueError(
-            f"output_padding must satisfy 0 <= output_padding < stride ({s}), "
-            f"got {output_padding}"
-        )
+        raise ValueError(f"output_padding must satisfy 0 <= output_padding < stride ({s}), got {output_padding}")
     lo, hi = (p, p) if isinstance(p, (int, np.integer)) else p
     out = s * (n - 1) + k - lo - hi + output_padding
     if out < 1:
@@ -184,17 +181,14 @@ def resolve_padding(
         pairs = (_pair("padding", rows), _pair("padding", cols))
     except (TypeError, ValueError):
         raise ValueError(
-            f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
-            f"got {padding!r}"
+            f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {padding!r}"
         ) from None
     if min(min(p) for p in pairs) < 0:
         raise ValueError(f"padding must be >= 0, got {padding!r}")
     return pairs
 
 
-def resolve_transpose_padding(
-    padding: Padding, kernel: tuple[int, int], strides: tuple[int, int]
-) -> PadPairs:
+def resolve_transpose_padding(padding: Padding, kernel: tuple[int, int], strides: tuple[int, int]) -> PadPairs:
     """Explicit ``((top, bottom), (left, right))`` cropping ``p`` of a transposed convolution.
 
     ``p`` is the ``p`` of ``s (n - 1) + k - 2p``: rows removed from the full output.
@@ -250,10 +244,7 @@ def _check_input(layer: str, x: jax.Array, in_features: int | None = None, layou
         raise ValueError(f"{layer}: layout must be one of {LAYOUTS}, got {layout!r}")
     if x.ndim != 4:
         axes = "(batch, height, width, channels)" if layout == "NHWC" else "(batch, channels, height, width)"
-        raise ValueError(
-            f"{layer}: input must be rank 4 {axes}, "
-            f"got rank {x.ndim} with shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{layer}: input must be rank 4 {axes}, got rank {x.ndim} with shape {tuple(x.shape)}")
     if in_features is not None and _channels(x, layout) != in_features:
         raise ValueError(
             f"{layer}: input has {_channels(x, layout)} channels (shape {tuple(x.shape)}, "
@@ -293,12 +284,14 @@ def _tuple2(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
-def _kernel_and_bias(layer: Any, kernel: tuple[int, int], x: jax.Array,
-                     groups: int = 1) -> tuple[jax.Array, jax.Array, Any]:
+def _kernel_and_bias(
+    layer: Any, kernel: tuple[int, int], x: jax.Array, groups: int = 1
+) -> tuple[jax.Array, jax.Array, Any]:
     """The ``(kh, kw, in / groups, out)`` kernel and ``(out,)`` bias of a (transposed)
     convolution, and the input, all cast to the layer's computation dtype."""
-    w = layer.param("kernel", layer.kernel_init, (*kernel, _channels(x, layer.layout) // groups, layer.features),
-                    layer.param_dtype)
+    w = layer.param(
+        "kernel", layer.kernel_init, (*kernel, _channels(x, layer.layout) // groups, layer.features), layer.param_dtype
+    )
     b = layer.param("bias", layer.bias_init, (layer.features,), layer.param_dtype) if layer.use_bias else None
     return nn.dtypes.promote_dtype(x, w, b, dtype=layer.dtype)
 
@@ -388,8 +381,15 @@ class Conv2D(nn.Module):
 
         nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
         try:
-            lowering = lowerings.resolve_lowering(self.lowering, kernel=kernel, strides=strides, groups=groups,
-                                        shape=nhwc_shape, out_features=self.features, pads=pads)
+            lowering = lowerings.resolve_lowering(
+                self.lowering,
+                kernel=kernel,
+                strides=strides,
+                groups=groups,
+                shape=nhwc_shape,
+                out_features=self.features,
+                pads=pads,
+            )
         except ValueError as err:
             raise ValueError(f"{_layer_label('Conv2D', self.name)}: {err}") from None
         explicit = use_explicit_grad(self.gradient, self.layout, groups, _layer_label("Conv2D", self.name))
@@ -403,8 +403,9 @@ class Conv2D(nn.Module):
                 y = jnp.transpose(y, (0, 3, 1, 2))
             return _add_bias(y, b, self.layout)
         if explicit:
-            return _add_bias(conv_explicit_grad(x, w, strides, _int_pairs(pads), (1, 1), self.precision), b,
-                             self.layout)
+            return _add_bias(
+                conv_explicit_grad(x, w, strides, _int_pairs(pads), (1, 1), self.precision), b, self.layout
+            )
         y = jax.lax.conv_general_dilated(
             x,
             w,
@@ -465,8 +466,12 @@ def _tiled_max_pool_backward(window, layout, residuals, dy):
         rows.append(jnp.concatenate(row, axis=axes[1]))
     dx = jnp.concatenate(rows, axis=axes[0])
     shape = list(tiles.shape)
-    cropped = shape[: axes[0] - 1] + [shape[axes[0] - 1] * shape[axes[0]]] + \
-        [shape[axes[1] - 1] * shape[axes[1]]] + shape[axes[1] + 1:]
+    cropped = (
+        shape[: axes[0] - 1]
+        + [shape[axes[0] - 1] * shape[axes[0]]]
+        + [shape[axes[1] - 1] * shape[axes[1]]]
+        + shape[axes[1] + 1 :]
+    )
     spatial = (1, 2) if layout == "NHWC" else (2, 3)
     pads = [(0, x.shape[a] - cropped[a]) if a in spatial else (0, 0) for a in range(4)]
     return (jnp.pad(dx.reshape(cropped), pads),)
@@ -579,17 +584,17 @@ class ConvTranspose2D(nn.Module):
             conv_transpose_output_size(hw[axis], kernel[axis], strides[axis], crop[axis], out_pad[axis])
 
         if self.method not in ("zero_insertion", "subpixel"):
-            raise ValueError(f"{_layer_label('ConvTranspose2D', self.name)}: method must be 'zero_insertion' "
-                             f"or 'subpixel', got {self.method!r}")
+            raise ValueError(
+                f"{_layer_label('ConvTranspose2D', self.name)}: method must be 'zero_insertion' "
+                f"or 'subpixel', got {self.method!r}"
+            )
         x, w, b = _kernel_and_bias(self, kernel, x)
         explicit = use_explicit_grad(self.gradient, self.layout, 1, _layer_label("ConvTranspose2D", self.name))
         if self.method == "subpixel":
             y = subpixel_conv_transpose(x, w, strides, crop, out_pad, self.precision, self.layout, explicit)
             return _add_bias(y, b, self.layout)
         # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
-        pads = tuple(
-            (k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad)
-        )
+        pads = tuple((k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad))
         if explicit:
             y = conv_explicit_grad(x, jnp.flip(w, axis=(0, 1)), (1, 1), _int_pairs(pads), strides, self.precision)
             return _add_bias(y, b, self.layout)
@@ -633,9 +638,16 @@ def _subpixel_axis(n: int, k: int, s: int, crop: tuple[int, int], op: int) -> tu
     return taps, j0, pad_lo, pad_hi, n_out
 
 
-def subpixel_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int], crop: PadPairs,
-                            output_padding: tuple[int, int] = (0, 0), precision: Any = None,
-                            layout: str = "NHWC", explicit_grad: bool = False) -> jax.Array:
+def subpixel_conv_transpose(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    crop: PadPairs,
+    output_padding: tuple[int, int] = (0, 0),
+    precision: Any = None,
+    layout: str = "NHWC",
+    explicit_grad: bool = False,
+) -> jax.Array:
     """The transposed convolution of :class:`ConvTranspose2D` (no bias) as one convolution
     on the input grid followed by depth-to-space.
 
@@ -669,8 +681,9 @@ def subpixel_conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]
     if explicit_grad:
         y = conv_explicit_grad(x, k, (1, 1), _int_pairs(pads), (1, 1), precision)
     else:
-        y = jax.lax.conv_general_dilated(x, k, window_strides=(1, 1), padding=pads,
-                                         dimension_numbers=(layout, "HWIO", layout), precision=precision)
+        y = jax.lax.conv_general_dilated(
+            x, k, window_strides=(1, 1), padding=pads, dimension_numbers=(layout, "HWIO", layout), precision=precision
+        )
     if layout == "NHWC":
         qh, qw = y.shape[1], y.shape[2]
         y = y.reshape(n, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * sh, qw * sw, f)

@@ -175,8 +175,10 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     computed with a log-sum-exp so that large logits do not overflow.
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"softmax_cross_entropy: logits (B, K) and labels (B,) expected, got "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"softmax_cross_entropy: logits (B, K) and labels (B,) expected, got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(log_probs, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
 

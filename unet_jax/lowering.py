@@ -87,14 +87,25 @@ TABLE_FORMAT = "unet_jax.lowering_table"
 # --------------------------------------------------------------------------------------
 # XLA's convolution
 # --------------------------------------------------------------------------------------
-def conv_lax(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
-             pads: PadPairs = ((0, 0), (0, 0)), precision: Any = None) -> jax.Array:
+def conv_lax(
+    x: jax.Array,
+    w: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    pads: PadPairs = ((0, 0), (0, 0)),
+    precision: Any = None,
+) -> jax.Array:
     """``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)`` by ``lax.conv_general_dilated``.
 
     ``Ho = (H + top + bottom - kh) // s_h + 1`` (likewise ``Wo``).
     """
-    return jax.lax.conv_general_dilated(x, w, window_strides=tuple(strides), padding=tuple(pads),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=tuple(strides),
+        padding=tuple(pads),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
 
 
 def candidates(c_in: int) -> tuple[str, ...]:
@@ -106,8 +117,9 @@ def candidates(c_in: int) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------
 # The direct sum
 # --------------------------------------------------------------------------------------
-def conv_direct(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
-                pads: PadPairs = ((0, 0), (0, 0))) -> jax.Array:
+def conv_direct(
+    x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1), pads: PadPairs = ((0, 0), (0, 0))
+) -> jax.Array:
     """The convolution sum as written: ``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)``.
 
     ``y = sum_{u, v, c} xpad[:, u::s_h, v::s_w, c:c+1] * w[u, v, c]``: ``kh kw C`` broadcast
@@ -125,8 +137,9 @@ def conv_direct(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     for u in range(kh):
         for v in range(kw):
             for ci in range(c):
-                shifted = jax.lax.slice(xp, (0, u, v, ci), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, ci + 1),
-                                        (1, sh, sw, 1))
+                shifted = jax.lax.slice(
+                    xp, (0, u, v, ci), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, ci + 1), (1, sh, sw, 1)
+                )
                 term = shifted * w[u, v, ci].reshape(1, 1, 1, o)
                 y = term if y is None else y + term
     return y
@@ -141,25 +154,36 @@ def _pad_nhwc(x: jax.Array, pads: PadPairs) -> jax.Array:
 
 def _out_size(padded: int, k: int, s: int, what: str) -> int:
     if padded < k:
-        raise ValueError(f"kernel {what} {k} is larger than the padded input {padded}; "
-                         f"expected kernel {what} <= {padded}")
+        raise ValueError(
+            f"kernel {what} {k} is larger than the padded input {padded}; expected kernel {what} <= {padded}"
+        )
     return (padded - k) // s + 1
 
 
-def _padded_geometry(name: str, x: jax.Array, w: jax.Array, strides: Sequence[int],
-                     pads: PadPairs) -> tuple[jax.Array, int, int, int]:
+def _padded_geometry(
+    name: str, x: jax.Array, w: jax.Array, strides: Sequence[int], pads: PadPairs
+) -> tuple[jax.Array, int, int, int]:
     """The padded input of a slicing lowering and ``(N, H_out, W_out)``, after checking that
     the kernel ``(kh, kw, C, O)`` reads ``x``'s ``C`` channels and fits the padded input."""
     kh, kw, c, _ = w.shape
     if x.shape[-1] != c:
         raise ValueError(f"{name}: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} expects {c}")
     xp = _pad_nhwc(x, pads)
-    return (xp, x.shape[0], _out_size(xp.shape[1], kh, strides[0], "height"),
-            _out_size(xp.shape[2], kw, strides[1], "width"))
+    return (
+        xp,
+        x.shape[0],
+        _out_size(xp.shape[1], kh, strides[0], "height"),
+        _out_size(xp.shape[2], kw, strides[1], "width"),
+    )
 
 
-def conv_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
-                pads: PadPairs = ((0, 0), (0, 0)), precision: Any = None) -> jax.Array:
+def conv_im2col(
+    x: jax.Array,
+    w: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    pads: PadPairs = ((0, 0), (0, 0)),
+    precision: Any = None,
+) -> jax.Array:
     """Convolution as im2col then one GEMM: ``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)``.
 
     1. Pad, then take ``kh * kw`` strided slices ``xpad[:, u::s_h, v::s_w, :]`` (each
@@ -175,9 +199,11 @@ def conv_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
     kh, kw, c, o = w.shape
     sh, sw = strides
     xp, n, ho, wo = _padded_geometry("conv_im2col", x, w, strides, pads)
-    taps = [jax.lax.slice(xp, (0, u, v, 0), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, c),
-                          (1, sh, sw, 1))
-            for u in range(kh) for v in range(kw)]
+    taps = [
+        jax.lax.slice(xp, (0, u, v, 0), (n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        for u in range(kh)
+        for v in range(kw)
+    ]
     patches = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * c)
     y = jax.lax.dot_general(patches, w.reshape(kh * kw * c, o), (((1,), (0,)), ((), ())), precision=precision)
     return y.reshape(n, ho, wo, o)
@@ -188,36 +214,30 @@ def conv_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
 # --------------------------------------------------------------------------------------
 # Lavin and Gray (2016), section 4.1: F(2, 3) from the interpolation points 0, 1, -1, inf.
 _F23 = dict(
-    BT=((1, 0, -1, 0),
-        (0, 1, 1, 0),
-        (0, -1, 1, 0),
-        (0, 1, 0, -1)),
-    G=((1, 0, 0),
-       (1 / 2, 1 / 2, 1 / 2),
-       (1 / 2, -1 / 2, 1 / 2),
-       (0, 0, 1)),
-    AT=((1, 1, 1, 0),
-        (0, 1, -1, -1)),
+    BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    G=((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    AT=((1, 1, 1, 0), (0, 1, -1, -1)),
 )
 # Lavin and Gray (2016), section 4.2 (as generated by wincnn): F(4, 3) from the points
 # 0, 1, -1, 2, -2, inf. Larger points make larger entries, hence more float32 rounding.
 _F43 = dict(
-    BT=((4, 0, -5, 0, 1, 0),
+    BT=(
+        (4, 0, -5, 0, 1, 0),
         (0, -4, -4, 1, 1, 0),
         (0, 4, -4, -1, 1, 0),
         (0, -2, -1, 2, 1, 0),
         (0, 2, -1, -2, 1, 0),
-        (0, 4, 0, -5, 0, 1)),
-    G=((1 / 4, 0, 0),
-       (-1 / 6, -1 / 6, -1 / 6),
-       (-1 / 6, 1 / 6, -1 / 6),
-       (1 / 24, 1 / 12, 1 / 6),
-       (1 / 24, -1 / 12, 1 / 6),
-       (0, 0, 1)),
-    AT=((1, 1, 1, 1, 1, 0),
-        (0, 1, -1, 2, -2, 0),
-        (0, 1, 1, 4, 4, 0),
-        (0, 1, -1, 8, -8, 1)),
+        (0, 4, 0, -5, 0, 1),
+    ),
+    G=(
+        (1 / 4, 0, 0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0, 0, 1),
+    ),
+    AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
 )
 _WINOGRAD = {2: _F23, 4: _F43}
 
@@ -269,8 +289,7 @@ def _input_transform(xp: jax.Array, bt: np.ndarray, m: int, tiles: tuple[int, in
     rows = [jax.lax.slice(xp, (0, k, 0, 0), (n, k + (th - 1) * m + 1, wp, c), (1, m, 1, 1)) for k in range(a)]
     v = []
     for row in _combine(bt, rows):  # (N, th, Wp, C) each
-        cols = [jax.lax.slice(row, (0, 0, k, 0), (n, th, k + (tw - 1) * m + 1, c), (1, 1, m, 1))
-                for k in range(a)]
+        cols = [jax.lax.slice(row, (0, 0, k, 0), (n, th, k + (tw - 1) * m + 1, c), (1, 1, m, 1)) for k in range(a)]
         v.extend(_combine(bt, cols))  # (N, th, tw, C) each
     return jnp.stack(v).reshape(a * a, n * th * tw, c)
 
@@ -294,8 +313,9 @@ def _output_transform(mm: jax.Array, at: np.ndarray, shape: tuple[int, int, int]
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, o)
 
 
-def conv_winograd(x: jax.Array, w: jax.Array, pads: PadPairs = ((0, 0), (0, 0)), m: int = 2,
-                  precision: Any = None) -> jax.Array:
+def conv_winograd(
+    x: jax.Array, w: jax.Array, pads: PadPairs = ((0, 0), (0, 0)), m: int = 2, precision: Any = None
+) -> jax.Array:
     """3x3, stride-1 convolution by Winograd's ``F(m x m, 3 x 3)``: ``(N, H, W, C) * (3, 3, C, O) -> (N, Ho, Wo, O)``.
 
     Lavin and Gray (2016), equation (8): for each ``(m + 2) x (m + 2)`` input tile ``d`` and
@@ -325,8 +345,9 @@ def conv_winograd(x: jax.Array, w: jax.Array, pads: PadPairs = ((0, 0), (0, 0)),
         raise ValueError(f"conv_winograd: only 3x3 kernels, got kernel shape {tuple(w.shape)}")
     mats = winograd_matrices(m)
     if x.shape[-1] != w.shape[2]:
-        raise ValueError(f"conv_winograd: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} "
-                         f"expects {w.shape[2]}")
+        raise ValueError(
+            f"conv_winograd: input has {x.shape[-1]} channels, kernel {tuple(w.shape)} expects {w.shape[2]}"
+        )
     xp = _pad_nhwc(x, pads)
     ho, wo = _out_size(xp.shape[1], 3, 1, "height"), _out_size(xp.shape[2], 3, 1, "width")
     th, tw = math.ceil(ho / m), math.ceil(wo / m)
@@ -353,9 +374,16 @@ def _winograd_fits(kernel: Sequence[int], strides: Sequence[int], groups: int) -
     return None
 
 
-def resolve_lowering(lowering: str, *, kernel: Sequence[int], strides: Sequence[int], groups: int = 1,
-                     shape: tuple[int, int, int, int] | None = None, out_features: int | None = None,
-                     pads: PadPairs | None = None) -> str:
+def resolve_lowering(
+    lowering: str,
+    *,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    groups: int = 1,
+    shape: tuple[int, int, int, int] | None = None,
+    out_features: int | None = None,
+    pads: PadPairs | None = None,
+) -> str:
     """The concrete lowering (one of :data:`LOWERINGS`) that computes this convolution.
 
     ``'auto'`` / ``'auto-train'`` ask :func:`choose_lowering` (inference / forward +
@@ -373,22 +401,34 @@ def resolve_lowering(lowering: str, *, kernel: Sequence[int], strides: Sequence[
         # The table holds 3x3 stride-1 ungrouped layers only; everything else stays on lax.
         if shape is None or out_features is None or _winograd_fits(kernel, strides, groups):
             return "lax"
-        choice = choose_lowering(shape[1], shape[2], shape[3], out_features, batch=shape[0],
-                                 mode="train" if lowering == "auto-train" else "infer", pads=pads)
+        choice = choose_lowering(
+            shape[1],
+            shape[2],
+            shape[3],
+            out_features,
+            batch=shape[0],
+            mode="train" if lowering == "auto-train" else "infer",
+            pads=pads,
+        )
         return choice if choice in LOWERINGS else "lax"
     if lowering != "lax" and groups != 1:
-        raise ValueError(f"lowering {lowering!r} computes ungrouped convolutions only, got "
-                         f"feature_group_count {groups}; use lowering='lax' or 'auto'")
+        raise ValueError(
+            f"lowering {lowering!r} computes ungrouped convolutions only, got "
+            f"feature_group_count {groups}; use lowering='lax' or 'auto'"
+        )
     if lowering.startswith("winograd"):
         reason = _winograd_fits(kernel, strides, groups)
         if reason:
-            raise ValueError(f"lowering {lowering!r} needs a 3x3 kernel and stride 1, got {reason}; "
-                             f"use lowering='lax', 'direct', 'im2col' or 'auto'")
+            raise ValueError(
+                f"lowering {lowering!r} needs a 3x3 kernel and stride 1, got {reason}; "
+                f"use lowering='lax', 'direct', 'im2col' or 'auto'"
+            )
     return lowering
 
 
-def lower_conv(lowering: str, x: jax.Array, w: jax.Array, strides: Sequence[int], pads: PadPairs,
-               precision: Any = None) -> jax.Array:
+def lower_conv(
+    lowering: str, x: jax.Array, w: jax.Array, strides: Sequence[int], pads: PadPairs, precision: Any = None
+) -> jax.Array:
     """NHWC convolution by a concrete lowering, one of :data:`LOWERINGS` (no ``'auto'``:
     see :func:`resolve_lowering`)."""
     if lowering == "lax":
@@ -412,8 +452,9 @@ def _batch_bucket(batch: int) -> int:
     return 1 << (max(int(batch), 1).bit_length() - 1)
 
 
-def table_key(h: int, w: int, c_in: int, c_out: int, batch: int, mode: str,
-              pads: PadPairs | None = ((1, 1), (1, 1))) -> str:
+def table_key(
+    h: int, w: int, c_in: int, c_out: int, batch: int, mode: str, pads: PadPairs | None = ((1, 1), (1, 1))
+) -> str:
     """``'HxW:Cin->Cout:b<bucket>:<infer|train>:p<t,b,l,r>'``, one 3x3 stride-1 layer shape."""
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
@@ -448,8 +489,10 @@ def _read_table(path: str, mtime_ns: int) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a lowering table ({err}); expected the JSON that "
-                         f"`python -m benchmarks.lowering_table tune` writes (delete it to tune again)") from None
+        raise ValueError(
+            f"{path}: not a lowering table ({err}); expected the JSON that "
+            f"`python -m benchmarks.lowering_table tune` writes (delete it to tune again)"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: not a lowering table (expected format {TABLE_FORMAT!r})")
     return data
@@ -469,8 +512,17 @@ def load_table(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
     return _read_table(str(path), mtime)
 
 
-def choose_lowering(h: int, w: int, c_in: int, c_out: int, *, batch: int = 8, mode: str = "infer",
-                    pads: PadPairs | None = ((1, 1), (1, 1)), table: dict[str, Any] | None = None) -> str:
+def choose_lowering(
+    h: int,
+    w: int,
+    c_in: int,
+    c_out: int,
+    *,
+    batch: int = 8,
+    mode: str = "infer",
+    pads: PadPairs | None = ((1, 1), (1, 1)),
+    table: dict[str, Any] | None = None,
+) -> str:
     """The measured-fastest lowering for a 3x3 stride-1 layer on an ``(N, h, w, c_in)`` input.
 
     Looks the shape up in ``table`` (default: :func:`load_table`): the entry of the same
@@ -486,6 +538,9 @@ def choose_lowering(h: int, w: int, c_in: int, c_out: int, *, batch: int = 8, mo
         return entries[key]["best"]
     prefix, _, rest = key.partition(":b")
     suffix = rest.split(":", 1)[1]
-    near = [(abs(math.log2(int(k[len(prefix) + 2:].split(":", 1)[0]) / _batch_bucket(batch))), k)
-            for k in entries if k.startswith(prefix + ":b") and k.endswith(":" + suffix)]
+    near = [
+        (abs(math.log2(int(k[len(prefix) + 2 :].split(":", 1)[0]) / _batch_bucket(batch))), k)
+        for k in entries
+        if k.startswith(prefix + ":b") and k.endswith(":" + suffix)
+    ]
     return entries[min(near)[1]]["best"] if near else "lax"

@@ -126,9 +126,7 @@ def _as_2d(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def resize_mask(
-    mask_or_prob: np.ndarray, size: tuple[int, int], t: float | None = 0.5
-) -> np.ndarray:
+def resize_mask(mask_or_prob: np.ndarray, size: tuple[int, int], t: float | None = 0.5) -> np.ndarray:
     """Resize a probability map (or a mask) to ``size = (height, width)``.
 
     Bilinear interpolation of the *probabilities* (PIL, float32 ``'F'`` images: pixel
@@ -448,8 +446,13 @@ def aggregate(
 
     def rate(flags: list[bool], stream: int) -> dict[str, float | int]:
         s = summarize(np.asarray(flags, np.float64), n_boot=n_boot, seed=(seed, stream), level=level)
-        return {"rate": s["mean"], "count": int(sum(flags)), "n": s["n"],
-                "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+        return {
+            "rate": s["mean"],
+            "count": int(sum(flags)),
+            "n": s["n"],
+            "ci_low": s["ci_low"],
+            "ci_high": s["ci_high"],
+        }
 
     normal = [r for r in rows if r.get("class") == normal_class]
     out["normal_false_positive_rate"] = rate([_pred_area(r) > 0 for r in normal], 10_000)
@@ -478,8 +481,9 @@ def format_summary(agg: Mapping[str, Any], metrics: Sequence[str] = METRICS, dig
         cells = [m]
         for g in groups:
             s = agg[m][g]
-            cells.append("-" if s["n"] == 0 else
-                         f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]")
+            cells.append(
+                "-" if s["n"] == 0 else f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+            )
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
@@ -534,8 +538,9 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
-                           positive_class: str = "malignant") -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, positive_class: str = "malignant"
+) -> dict[str, Any]:
     """Image-level metrics of class probabilities ``probs`` (N, K) against ``labels`` (N,).
 
     Returns ``accuracy`` (argmax), ``loss`` (mean cross-entropy, the report's "loss"
@@ -546,14 +551,17 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Seque
     labels = np.asarray(labels, np.int64)
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or probs.shape[1] != len(classes):
-        raise ValueError(f"classification_metrics: probs (N, {len(classes)}) and labels (N,) expected, "
-                         f"got {probs.shape} and {labels.shape}")
+        raise ValueError(
+            f"classification_metrics: probs (N, {len(classes)}) and labels (N,) expected, "
+            f"got {probs.shape} and {labels.shape}"
+        )
     predicted = probs.argmax(axis=1)
     k = len(classes)
     matrix = np.zeros((k, k), np.int64)
     np.add.at(matrix, (labels, predicted), 1)
-    recall = {c: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else float("nan"))
-              for i, c in enumerate(classes)}
+    recall = {
+        c: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else float("nan")) for i, c in enumerate(classes)
+    }
     picked = probs[np.arange(len(labels)), labels]
     positive = classes.index(positive_class)
     return {

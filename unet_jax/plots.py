@@ -171,8 +171,7 @@ def plot_training_curves(
 
     fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    styles = {"train": dict(color="tab:blue", label="train"),
-              "val": dict(color="tab:orange", label="validation")}
+    styles = {"train": dict(color="tab:blue", label="train"), "val": dict(color="tab:orange", label="validation")}
     for ax, (label, curves) in zip(axes, panels):
         for split, xs, ys in curves:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, **styles[split])
@@ -215,9 +214,7 @@ def prediction_grid(
     if n == 0:
         raise ValueError("prediction_grid: no images")
     if len(masks) < n or len(preds) < n:
-        raise ValueError(
-            f"prediction_grid: {len(images)} images but {len(masks)} masks and {len(preds)} predictions"
-        )
+        raise ValueError(f"prediction_grid: {len(images)} images but {len(masks)} masks and {len(preds)} predictions")
     if titles is not None and len(titles) < n:
         raise ValueError(f"prediction_grid: {len(titles)} titles for {n} items")
     cols = min(ncols, n)
@@ -240,8 +237,12 @@ def prediction_grid(
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize="small")
     fig.legend(
-        handles=[Line2D([], [], color=gt_rgb, label="ground truth"),
-                 Line2D([], [], color=pred_rgb, label="prediction")],
-        loc="outside lower center", ncols=2, fontsize="small",
+        handles=[
+            Line2D([], [], color=gt_rgb, label="ground truth"),
+            Line2D([], [], color=pred_rgb, label="prediction"),
+        ],
+        loc="outside lower center",
+        ncols=2,
+        fontsize="small",
     )
     return _save_figure(fig, path, dpi)

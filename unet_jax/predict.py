@@ -70,13 +70,16 @@ def _check_writable(out_dir: Path) -> None:
         raise ValueError(f"output {str(out_dir)!r} is a file; expected a folder (created if missing)")
     existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"output folder {str(out_dir)!r} cannot be created: {str(existing)!r} is a file; "
-                         f"expected a folder path")
+        raise ValueError(
+            f"output folder {str(out_dir)!r} cannot be created: {str(existing)!r} is a file; expected a folder path"
+        )
     try:  # os.access says nothing true for root, nor on some network file systems: try it
         tempfile.TemporaryDirectory(dir=existing, prefix=".unet-jax-write-check-").cleanup()
     except OSError as err:
-        raise ValueError(f"output folder {str(out_dir)!r} is not writable ({type(err).__name__}: "
-                         f"{err.strerror or err}); expected a folder you can write to") from None
+        raise ValueError(
+            f"output folder {str(out_dir)!r} is not writable ({type(err).__name__}: "
+            f"{err.strerror or err}); expected a folder you can write to"
+        ) from None
 
 
 def _check_not_sources(out_dir: Path, images: Sequence[Path]) -> None:
@@ -87,13 +90,17 @@ def _check_not_sources(out_dir: Path, images: Sequence[Path]) -> None:
     real = Path(os.path.realpath(out_dir))
     for image in images:
         if image.is_file() and Path(os.path.realpath(image)).parent == real:
-            raise ValueError(f"output folder {str(out_dir)!r} holds the input {str(image)!r}; expected another "
-                             f"folder (predicted masks are named X_mask.png, as BUSI's ground truth)")
+            raise ValueError(
+                f"output folder {str(out_dir)!r} holds the input {str(image)!r}; expected another "
+                f"folder (predicted masks are named X_mask.png, as BUSI's ground truth)"
+            )
     for entry in sorted(out_dir.iterdir()):
         m = _BUSI_MASK.match(entry.name)
         if m is not None and (out_dir / f"{m['image']}.png").is_file():
-            raise ValueError(f"output folder {str(out_dir)!r} holds the BUSI mask {entry.name!r} (beside its image "
-                             f"{m['image'] + '.png'!r}), which a prediction would overwrite; expected another folder")
+            raise ValueError(
+                f"output folder {str(out_dir)!r} holds the BUSI mask {entry.name!r} (beside its image "
+                f"{m['image'] + '.png'!r}), which a prediction would overwrite; expected another folder"
+            )
 
 
 def plan_prediction(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> PredictionPlan:
@@ -106,11 +113,15 @@ def plan_prediction(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     out_dir = Path(out_dir)
     paths = [Path(p) for p in inputs]
     images = tuple(p for p in paths if not _is_mask_name(p))
-    skipped = tuple(PredictionResult(str(p), note=f"{p}: skipped: a mask file (its name has '_mask'), not an "
-                                                  f"image to segment") for p in paths if _is_mask_name(p))
+    skipped = tuple(
+        PredictionResult(str(p), note=f"{p}: skipped: a mask file (its name has '_mask'), not an image to segment")
+        for p in paths
+        if _is_mask_name(p)
+    )
     if not images:
-        raise ValueError(f"no image to predict: all {len(paths)} input(s) are mask files (names with '_mask'); "
-                         f"expected image files")
+        raise ValueError(
+            f"no image to predict: all {len(paths)} input(s) are mask files (names with '_mask'); expected image files"
+        )
     _check_writable(out_dir)
     _check_not_sources(out_dir, images)
     return PredictionPlan(images, skipped, out_dir)
@@ -131,14 +142,19 @@ def _load(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except Exception as err:  # PIL raises several types for corrupt files
-        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); "
-                         "expected a PNG/JPEG/BMP/TIFF image") from None
+        raise ValueError(
+            f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image"
+        ) from None
     if frames > 1:
-        raise ValueError(f"{path}: has {frames} frames (an animation or a multi-page file); expected a single "
-                         f"image (save the frame to segment as PNG)")
+        raise ValueError(
+            f"{path}: has {frames} frames (an animation or a multi-page file); expected a single "
+            f"image (save the frame to segment as PNG)"
+        )
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
-        raise ValueError(f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
-                         f"at least {MIN_SIDE} pixels")
+        raise ValueError(
+            f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
+            f"at least {MIN_SIDE} pixels"
+        )
     if image.mode == "CMYK":  # a CMYK JPEG: converted (PIL's conversion), not refused
         image = image.convert("RGB")
     if image.mode not in IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
@@ -156,9 +172,15 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
-def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  threshold: float | None = None, flip_tta: bool | None = None, raw: bool = False,
-                  progress: Callable[[int, int, PredictionResult], None] | None = None) -> list[PredictionResult]:
+def predict_files(
+    loaded: LoadedModel,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    threshold: float | None = None,
+    flip_tta: bool | None = None,
+    raw: bool = False,
+    progress: Callable[[int, int, PredictionResult], None] | None = None,
+) -> list[PredictionResult]:
     """Predict every input; write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png``.
 
     The checkpoint's inference recipe is applied (``raw``: the model's own output);
@@ -171,9 +193,11 @@ def predict_files(loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out_
 
     recipe = effective_recipe(loaded, threshold, flip_tta, raw)
     if needs_box_prompts(loaded.model):
-        raise ValueError(f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
-                         f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
-                         f"ground-truth masks)")
+        raise ValueError(
+            f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
+            f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
+            f"ground-truth masks)"
+        )
     plan = plan_prediction(inputs, out_dir)
     out_dir = plan.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)

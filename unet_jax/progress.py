@@ -61,31 +61,49 @@ class ProgressPrinter:
         kind = event["kind"]
         if kind in ("read", "evaluate"):
             verb = "reading" if kind == "read" else "evaluating"
-            self._progress((kind, event["total"]), f"{verb} images", event["done"], event["total"], "",
-                           f"{verb} images {event['done']}/{event['total']}", throttle=False)
+            self._progress(
+                (kind, event["total"]),
+                f"{verb} images",
+                event["done"],
+                event["total"],
+                "",
+                f"{verb} images {event['done']}/{event['total']}",
+                throttle=False,
+            )
         elif kind == "start":
             self.epochs = event["epochs"]
             resumed = f", resuming after epoch {event['resumed_epoch']}" if event["resumed_epoch"] else ""
-            self._line(f"train {event['train']} / val {event['val']} / test {event['test']} images, "
-                       f"{event['steps_per_epoch']} steps per epoch on {event['devices']} device(s){resumed}")
+            self._line(
+                f"train {event['train']} / val {event['val']} / test {event['test']} images, "
+                f"{event['steps_per_epoch']} steps per epoch on {event['devices']} device(s){resumed}"
+            )
         elif kind == "step":
             scores = _scores(event, "train/", _TRAIN)
             head = f"epoch {event['epoch']:>3}/{self.epochs}"
-            self._progress(("epoch", event["steps_per_epoch"], event["epoch"]), head, event["step"],
-                           event["steps_per_epoch"], scores,
-                           f"{head} step {event['step']}/{event['steps_per_epoch']} {scores}", throttle=True)
+            self._progress(
+                ("epoch", event["steps_per_epoch"], event["epoch"]),
+                head,
+                event["step"],
+                event["steps_per_epoch"],
+                scores,
+                f"{head} step {event['step']}/{event['steps_per_epoch']} {scores}",
+                throttle=True,
+            )
         elif kind == "epoch":
             mark = " *" if event["improved"] else ""
-            self._end(f"epoch {event['epoch']:>3}/{self.epochs} {_scores(event, 'train/', _TRAIN)} | val "
-                      f"{_scores(event, 'val/', _VAL)} ({event['epoch_time_s']:.1f}s){mark}")
+            self._end(
+                f"epoch {event['epoch']:>3}/{self.epochs} {_scores(event, 'train/', _TRAIN)} | val "
+                f"{_scores(event, 'val/', _VAL)} ({event['epoch_time_s']:.1f}s){mark}"
+            )
         elif kind == "init_from":
             self._line(f"initialised {event['parameters_copied']} parameter arrays from {event['path']}")
         elif kind == "finishing":
             self._line("evaluating the test split at native resolution, writing plots ...")
 
     # ---- loops ----------------------------------------------------------------------
-    def _progress(self, loop: tuple, description: str, done: int, total: int, text: str, line: str,
-                  throttle: bool) -> None:
+    def _progress(
+        self, loop: tuple, description: str, done: int, total: int, text: str, line: str, throttle: bool
+    ) -> None:
         """Show ``done`` of ``total`` in ``loop``; the loop ends (one line) when done == total."""
         if loop != self._loop:
             self._stop()
@@ -128,9 +146,16 @@ class ProgressPrinter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             console = Console(file=self.stream, force_terminal=True, highlight=False)
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[text]}"), console=console,
-                                 transient=True, refresh_per_second=4)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=30),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[text]}"),
+                console=console,
+                transient=True,
+                refresh_per_second=4,
+            )
             self._task = self._bar.add_task(description, total=total, completed=done, text=text)
             self._bar.start()
             atexit.register(self._stop)  # an error that ends the program leaves no bar behind

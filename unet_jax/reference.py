@@ -33,8 +33,14 @@ def pad(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
     return out
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), (0, 0)),
-           bias: np.ndarray | None = None, groups: int = 1) -> np.ndarray:
+def conv2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    stride: int = 1,
+    pads: Pads = ((0, 0), (0, 0)),
+    bias: np.ndarray | None = None,
+    groups: int = 1,
+) -> np.ndarray:
     """The report's 2-D convolution: the sum over the receptive field,
 
     ``Y[i, j, o] = b[o] + sum_{c} sum_{u=0}^{kh-1} sum_{v=0}^{kw-1} X[s i + u, s j + v, c] K[u, v, c, o]``
@@ -52,8 +58,9 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), 
     w = _as_kernel(w)
     kh, kw, c_in, c_out = w.shape
     if groups < 1 or x.shape[2] % groups or c_out % groups:
-        raise ValueError(f"conv2d: groups {groups} must divide the input channels {x.shape[2]} "
-                         f"and the output channels {c_out}")
+        raise ValueError(
+            f"conv2d: groups {groups} must divide the input channels {x.shape[2]} and the output channels {c_out}"
+        )
     if x.shape[2] != c_in * groups:
         # A ValueError, not an assert: asserts vanish under ``python -O``.
         raise ValueError(
@@ -77,8 +84,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), 
     return y[:, :, 0] if squeeze and c_out == 1 else y
 
 
-def maxpool2d(x: np.ndarray, window: int = 2, stride: int | None = None,
-              pads: Pads = ((0, 0), (0, 0))) -> np.ndarray:
+def maxpool2d(x: np.ndarray, window: int = 2, stride: int | None = None, pads: Pads = ((0, 0), (0, 0))) -> np.ndarray:
     """The report's max pooling: ``Y[i, j, c] = max_{u < k, v < k} X[s i + u, s j + v, c]``,
     over the input padded with ``-inf``, per channel."""
     x, squeeze = _as_hwc(x)
@@ -108,9 +114,14 @@ def insert_zeros(x: np.ndarray, stride: int) -> np.ndarray:
     return out
 
 
-def conv_transpose2d(x: np.ndarray, w: np.ndarray, stride: int = 1,
-                     pads: Pads = ((0, 0), (0, 0)), output_padding: int = 0,
-                     bias: np.ndarray | None = None) -> np.ndarray:
+def conv_transpose2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    stride: int = 1,
+    pads: Pads = ((0, 0), (0, 0)),
+    output_padding: int = 0,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
     """Transposed convolution as the report describes it: zero insertion, then convolution.
 
     The report's equation [16] for the transposed convolution is garbled, so this is the
@@ -132,16 +143,18 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, stride: int = 1,
     return y
 
 
-def conv_transpose2d_scatter(x: np.ndarray, w: np.ndarray, stride: int = 1,
-                             pads: Pads = ((0, 0), (0, 0)), output_padding: int = 0) -> np.ndarray:
+def conv_transpose2d_scatter(
+    x: np.ndarray, w: np.ndarray, stride: int = 1, pads: Pads = ((0, 0), (0, 0)), output_padding: int = 0
+) -> np.ndarray:
     """Transposed convolution by its scatter definition: every input pixel adds a scaled
     copy of the kernel to the output, ``Y[s i + u - p, s j + v - p, o] += X[i, j, c] K[u, v, c, o]``."""
     x, _ = _as_hwc(x)
     w = _as_kernel(w)
     kh, kw, c_in, c_out = w.shape
     (pt, pb), (pl, pr) = pads
-    full = np.zeros((stride * (x.shape[0] - 1) + kh + output_padding,
-                     stride * (x.shape[1] - 1) + kw + output_padding, c_out))
+    full = np.zeros(
+        (stride * (x.shape[0] - 1) + kh + output_padding, stride * (x.shape[1] - 1) + kw + output_padding, c_out)
+    )
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
             for c in range(c_in):

@@ -95,9 +95,7 @@ def summarize_module(model: nn.Module, input_shape: tuple[int, ...], name: str =
     extra = (jax.ShapeDtypeStruct((input_shape[0], 4), jnp.float32),) if needs_box_prompts(model) else ()
     variables = jax.eval_shape(lambda x, *e: model.init(jax.random.key(0), x, *e, train=False), x, *extra)
     out, state = jax.eval_shape(
-        lambda v, x, *e: model.apply(
-            v, x, *e, train=False, capture_intermediates=record, mutable=["intermediates"]
-        ),
+        lambda v, x, *e: model.apply(v, x, *e, train=False, capture_intermediates=record, mutable=["intermediates"]),
         variables,
         x,
         *extra,
@@ -149,8 +147,10 @@ def summarize(preset: str, size: tuple[int, int] | None = None, batch: int = 1, 
 def format_summary(summary: ModelSummary) -> str:
     """The summary as a fixed-width text table, like Keras' ``model.summary()``."""
     header = ("Layer (type)", "Output Shape", "Param #", "Non-trainable")
-    lines = [(f"{r.name} ({r.kind})", str(r.output_shape), f"{r.trainable_params:,}",
-              f"{r.non_trainable_params:,}") for r in summary.layers]
+    lines = [
+        (f"{r.name} ({r.kind})", str(r.output_shape), f"{r.trainable_params:,}", f"{r.non_trainable_params:,}")
+        for r in summary.layers
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     rule = "-" * (sum(widths) + 3 * (len(widths) - 1))
 
@@ -158,14 +158,18 @@ def format_summary(summary: ModelSummary) -> str:
         return "   ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
 
     total = summary.trainable_params + summary.non_trainable_params
-    return "\n".join([
-        f'Model: "{summary.preset}"  input {summary.input_shape}',
-        rule, fmt(header), "=" * len(rule),
-        *(fmt(line) for line in lines),
-        "=" * len(rule),
-        f"Output shape: {summary.output_shape}",
-        f"Convolutional layers: {summary.conv_layers}",
-        f"Total params: {total:,}",
-        f"Trainable params: {summary.trainable_params:,}",
-        f"Non-trainable params: {summary.non_trainable_params:,}",
-    ])
+    return "\n".join(
+        [
+            f'Model: "{summary.preset}"  input {summary.input_shape}',
+            rule,
+            fmt(header),
+            "=" * len(rule),
+            *(fmt(line) for line in lines),
+            "=" * len(rule),
+            f"Output shape: {summary.output_shape}",
+            f"Convolutional layers: {summary.conv_layers}",
+            f"Total params: {total:,}",
+            f"Trainable params: {summary.trainable_params:,}",
+            f"Non-trainable params: {summary.non_trainable_params:,}",
+        ]
+    )

@@ -45,16 +45,19 @@ def read_pth_variables(path: str | os.PathLike, preset: str, channels: int = 3) 
     """
     family = model_family(preset)
     if family not in ("sam", "resnet"):
-        raise ValueError(f"{os.fspath(path)!r}: a PyTorch checkpoint cannot initialise preset {preset!r}; "
-                         f"expected a sam_* or resnet* preset")
+        raise ValueError(
+            f"{os.fspath(path)!r}: a PyTorch checkpoint cannot initialise preset {preset!r}; "
+            f"expected a sam_* or resnet* preset"
+        )
     state_dict = read_torch_checkpoint(path)
     if family == "sam":
         return dict(_port("sam").sam_variables_from_state_dict(state_dict, preset, source=os.fspath(path)))
     return dict(_port("resnet").resnet_params_from_torchvision(state_dict, in_channels=channels))
 
 
-def convert_checkpoint(pth: str | os.PathLike, out: str | os.PathLike, preset: str | None = None,
-                       channels: int = 3) -> tuple[Path, str, int]:
+def convert_checkpoint(
+    pth: str | os.PathLike, out: str | os.PathLike, preset: str | None = None, channels: int = 3
+) -> tuple[Path, str, int]:
     """An official PyTorch checkpoint written as Flax variables to ``out`` (``.msgpack``),
     atomically (nothing half-written). ``preset`` None: a SAM checkpoint whose preset is
     inferred from its shapes; SAM files hold its params (as

@@ -62,10 +62,7 @@ __all__ = ["TorchCheckpointError", "read_torch_checkpoint"]
 # torch.save's legacy (pre-1.6) format begins with a pickled magic number.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ZIP_EXPECTED = "expected a zip archive written by torch.save (PyTorch >= 1.6)"
-_RESAVE_HINT = (
-    "re-save it with torch.save(..., _use_new_zipfile_serialization=True) "
-    "on a machine with PyTorch"
-)
+_RESAVE_HINT = "re-save it with torch.save(..., _use_new_zipfile_serialization=True) on a machine with PyTorch"
 # Keys under which training scripts commonly wrap the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "params")
 
@@ -95,36 +92,75 @@ def _dt(name: str, np_name: str | None) -> _DType:
 _DTYPES: dict[str, _DType] = {
     d.name: d
     for d in (
-        _dt("float32", "float32"), _dt("float64", "float64"), _dt("float16", "float16"),
-        _dt("bfloat16", "float32"), _dt("int64", "int64"), _dt("int32", "int32"),
-        _dt("int16", "int16"), _dt("int8", "int8"), _dt("uint8", "uint8"),
-        _dt("uint16", "uint16"), _dt("uint32", "uint32"), _dt("uint64", "uint64"),
-        _dt("bool", "bool"), _dt("complex64", "complex64"), _dt("complex128", "complex128"),
+        _dt("float32", "float32"),
+        _dt("float64", "float64"),
+        _dt("float16", "float16"),
+        _dt("bfloat16", "float32"),
+        _dt("int64", "int64"),
+        _dt("int32", "int32"),
+        _dt("int16", "int16"),
+        _dt("int8", "int8"),
+        _dt("uint8", "uint8"),
+        _dt("uint16", "uint16"),
+        _dt("uint32", "uint32"),
+        _dt("uint64", "uint64"),
+        _dt("bool", "bool"),
+        _dt("complex64", "complex64"),
+        _dt("complex128", "complex128"),
     )
 }
 # torch dtype aliases (torch.float is torch.float32, ...): pickled by their canonical name,
 # accepted under either.
 for _alias, _name in {
-    "float": "float32", "double": "float64", "half": "float16", "long": "int64",
-    "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128",
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
 }.items():
     _DTYPES[_alias] = _DTYPES[_name]
 # torch dtypes numpy cannot represent: resolvable (so the error names the dtype) but refused
 # when a tensor uses them.
 for _name in (
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "float4_e2m1fn_x2", "complex32", "chalf", "qint8", "quint8", "qint32", "quint4x2",
-    "quint2x4", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
-    *(f"uint{i}" for i in range(1, 8)), *(f"int{i}" for i in range(1, 8)),
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "complex32",
+    "chalf",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    *(f"uint{i}" for i in range(1, 8)),
+    *(f"int{i}" for i in range(1, 8)),
 ):
     _DTYPES.setdefault(_name, _DType(_name, None))
 
 # Legacy typed storage classes (what torch.save still pickles for the classic dtypes).
 _STORAGE_CLASSES: dict[str, str] = {
-    "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
 }
 
@@ -155,9 +191,7 @@ def _name_of(path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
-def read_torch_checkpoint(
-    path: str | os.PathLike, *, key: str | None = None
-) -> dict[str, np.ndarray]:
+def read_torch_checkpoint(path: str | os.PathLike, *, key: str | None = None) -> dict[str, np.ndarray]:
     """The state dict in PyTorch checkpoint ``path``, as ``{name: numpy array}``.
 
     ``path`` is a file written by ``torch.save`` in the zip format (PyTorch >= 1.6; see the
@@ -206,8 +240,7 @@ def _load(name: str) -> Any:
         ) from None
     except OSError as e:
         raise TorchCheckpointError(
-            f"{name}: cannot read the file ({e.strerror or e}); expected a PyTorch "
-            "checkpoint written by torch.save"
+            f"{name}: cannot read the file ({e.strerror or e}); expected a PyTorch checkpoint written by torch.save"
         ) from None
     if not head.startswith(b"PK"):
         _raise_not_zip(name, head)
@@ -291,16 +324,13 @@ def _read_entry(zf: zipfile.ZipFile, entry: str, name: str, nbytes: int | None =
             if got == nbytes:
                 f.read(1)  # reach the end, so zipfile checks the CRC
         if got < nbytes:
-            raise TorchCheckpointError(
-                f"{name}: truncated storage record {entry!r}: {got} bytes, expected {nbytes}"
-            )
+            raise TorchCheckpointError(f"{name}: truncated storage record {entry!r}: {got} bytes, expected {nbytes}")
         return buf
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         if isinstance(e, TorchCheckpointError):
             raise
         raise TorchCheckpointError(
-            f"{name}: truncated or corrupt zip archive (reading {entry!r}: {e}); "
-            f"{_ZIP_EXPECTED}, complete"
+            f"{name}: truncated or corrupt zip archive (reading {entry!r}: {e}); {_ZIP_EXPECTED}, complete"
         ) from None
 
 
@@ -311,9 +341,7 @@ def _unpickle_archive(zf: zipfile.ZipFile, name: str) -> Any:
     if f"{prefix}byteorder" in zf.NameToInfo:
         order = _read_entry(zf, f"{prefix}byteorder", name).strip()
         if order not in (b"little", b"big"):
-            raise TorchCheckpointError(
-                f"{name}: unknown byteorder {order!r}; expected 'little' or 'big'"
-            )
+            raise TorchCheckpointError(f"{name}: unknown byteorder {order!r}; expected 'little' or 'big'")
         little = order == b"little"
     data = _read_entry(zf, pkl, name)
     unpickler = _StateDictUnpickler(zf, name, prefix, little, data)
@@ -336,8 +364,7 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     Every allowed global resolves to a local stand-in; any other raises."""
 
-    def __init__(self, zf: zipfile.ZipFile, name: str, prefix: str, little: bool,
-                 data: bytes) -> None:
+    def __init__(self, zf: zipfile.ZipFile, name: str, prefix: str, little: bool, data: bytes) -> None:
         super().__init__(io.BytesIO(data))
         self._zf = zf
         self._name = name
@@ -391,8 +418,7 @@ class _StateDictUnpickler(pickle.Unpickler):
             key = key.decode("ascii", "replace")
         if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
             raise TorchCheckpointError(
-                f"{self._name}: malformed storage id {pid!r}; expected a string key and a "
-                "non-negative element count"
+                f"{self._name}: malformed storage id {pid!r}; expected a string key and a non-negative element count"
             )
         dtype = stype.dtype
         if dtype is not None and dtype.storage_dtype is None:
@@ -423,45 +449,54 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     # Rebuild functions (the pickle calls these with the saved arguments) ----------------
 
-    def _rebuild_tensor_v2(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
-                           requires_grad: Any = False, backward_hooks: Any = None,
-                           metadata: Any = None) -> np.ndarray:
+    def _rebuild_tensor_v2(
+        self,
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any = False,
+        backward_hooks: Any = None,
+        metadata: Any = None,
+    ) -> np.ndarray:
         return self._tensor(storage, storage_offset, size, stride, None)
 
-    def _rebuild_tensor_v3(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
-                           requires_grad: Any, backward_hooks: Any, dtype: Any,
-                           metadata: Any = None) -> np.ndarray:
+    def _rebuild_tensor_v3(
+        self,
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
+    ) -> np.ndarray:
         return self._tensor(storage, storage_offset, size, stride, dtype)
 
-    def _rebuild_parameter(self, data: Any, requires_grad: Any = False,
-                           backward_hooks: Any = None) -> np.ndarray:
+    def _rebuild_parameter(self, data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> np.ndarray:
         return self._check_array(data, "_rebuild_parameter")
 
-    def _rebuild_parameter_with_state(self, data: Any, requires_grad: Any,
-                                      backward_hooks: Any, state: Any) -> np.ndarray:
+    def _rebuild_parameter_with_state(
+        self, data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+    ) -> np.ndarray:
         return self._check_array(data, "_rebuild_parameter_with_state")
 
     def _check_array(self, data: Any, fn: str) -> np.ndarray:
         if not isinstance(data, np.ndarray):
-            raise TorchCheckpointError(
-                f"{self._name}: {fn} got a {type(data).__name__}; expected a tensor"
-            )
+            raise TorchCheckpointError(f"{self._name}: {fn} got a {type(data).__name__}; expected a tensor")
         return data
 
-    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any,
-                dtype: Any) -> np.ndarray:
+    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> np.ndarray:
         """Copy the ``size``/``stride`` view at ``offset`` of ``storage`` into an array."""
         if not isinstance(storage, _Storage):
             raise TorchCheckpointError(
-                f"{self._name}: tensor rebuilt from a {type(storage).__name__}; expected a "
-                "storage"
+                f"{self._name}: tensor rebuilt from a {type(storage).__name__}; expected a storage"
             )
         if dtype is None:
             dtype = storage.dtype if storage.dtype is not None else _DTYPES["uint8"]
         if not isinstance(dtype, _DType):
-            raise TorchCheckpointError(
-                f"{self._name}: tensor dtype {dtype!r}; expected a torch dtype"
-            )
+            raise TorchCheckpointError(f"{self._name}: tensor dtype {dtype!r}; expected a torch dtype")
         elem = dtype.storage_dtype
         if elem is None:
             raise TorchCheckpointError(
@@ -471,7 +506,9 @@ class _StateDictUnpickler(pickle.Unpickler):
             )
         size, stride = tuple(size), tuple(stride)
         if not (
-            isinstance(offset, int) and offset >= 0 and len(size) == len(stride)
+            isinstance(offset, int)
+            and offset >= 0
+            and len(size) == len(stride)
             and all(isinstance(v, int) and v >= 0 for v in size + stride)
         ):
             raise TorchCheckpointError(
@@ -498,8 +535,10 @@ class _StateDictUnpickler(pickle.Unpickler):
                 )
             typed = raw.view(elem)
             out = np.lib.stride_tricks.as_strided(
-                typed[offset:], shape=size,
-                strides=tuple(s * elem.itemsize for s in stride), writeable=False,
+                typed[offset:],
+                shape=size,
+                strides=tuple(s * elem.itemsize for s in stride),
+                writeable=False,
             )
         native = elem.newbyteorder("=")
         out = np.array(out, dtype=native, order="C", copy=True).view(native)
@@ -551,20 +590,16 @@ def _select_state_dict(obj: Any, name: str, key: str | None) -> dict[str, np.nda
             for part in key.split("."):
                 if not (isinstance(sel, dict) and part in sel):
                     raise TorchCheckpointError(
-                        f"{name}: no entry {key!r} in the checkpoint; expected one of the "
-                        f"top-level keys {keys}"
+                        f"{name}: no entry {key!r} in the checkpoint; expected one of the top-level keys {keys}"
                     )
                 sel = sel[part]
         if not isinstance(sel, dict):
             raise TorchCheckpointError(
-                f"{name}: entry {key!r} is {_describe(sel)}; expected a state dict (a dict "
-                "of tensors)"
+                f"{name}: entry {key!r} is {_describe(sel)}; expected a state dict (a dict of tensors)"
             )
         flat, bad = _flatten(sel)
         if bad:
-            raise TorchCheckpointError(
-                f"{name}: in entry {key!r}, {bad}; expected a tensor"
-            )
+            raise TorchCheckpointError(f"{name}: in entry {key!r}, {bad}; expected a tensor")
         return flat
     if all(isinstance(v, np.ndarray) for v in obj.values()):
         return dict(obj)
@@ -580,9 +615,11 @@ def _select_state_dict(obj: Any, name: str, key: str | None) -> dict[str, np.nda
     flat, bad = _flatten(obj)
     if not bad and not found:
         return flat
-    why = (f"several candidate state dicts {[k for k, _ in found]}" if found
-           else f"it is not a dict of tensors ({bad}, expected a tensor) and no "
-                f"{'/'.join(_WRAPPER_KEYS)} entry is one")
+    why = (
+        f"several candidate state dicts {[k for k, _ in found]}"
+        if found
+        else f"it is not a dict of tensors ({bad}, expected a tensor) and no {'/'.join(_WRAPPER_KEYS)} entry is one"
+    )
     raise TorchCheckpointError(
         f"{name}: cannot find the state dict: {why}; top-level keys: {keys}. Expected a "
         "dict of tensors; pass key=... to select one"

@@ -25,8 +25,7 @@ _Row = tuple[str, str, tuple[str, ...], tuple[int, ...]]
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _encoder_rows(stage_sizes: Sequence[int], widths: Sequence[int], prefix: str,
-                  path: tuple[str, ...]) -> list[_Row]:
+def _encoder_rows(stage_sizes: Sequence[int], widths: Sequence[int], prefix: str, path: tuple[str, ...]) -> list[_Row]:
     w0 = widths[0]
     rows: list[_Row] = [
         (f"{prefix}conv1", "stem", (*path, "conv1"), (w0, 3, 7, 7)),
@@ -56,7 +55,7 @@ def _infer_stage_sizes(state_dict: Mapping[str, Any], prefix: str) -> tuple[int,
     sizes = []
     while True:
         head = f"{prefix}layer{len(sizes) + 1}."
-        blocks = {k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}
+        blocks = {k[len(head) :].split(".", 1)[0] for k in state_dict if k.startswith(head)}
         blocks = {int(b) for b in blocks if b.isdigit()}
         if not blocks:
             return tuple(sizes)
@@ -78,8 +77,9 @@ def _adapt_stem(weight: np.ndarray, in_channels: int) -> np.ndarray:
     return picked * (weight.shape[1] / in_channels)
 
 
-def _convert(state_dict: Mapping[str, Any], rows: list[_Row], *, in_channels: int,
-             ignore: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
+def _convert(
+    state_dict: Mapping[str, Any], rows: list[_Row], *, in_channels: int, ignore: Callable[[str], bool]
+) -> dict[str, dict[str, Any]]:
     """Fill Flax ``params``/``batch_stats`` from ``rows``; one error lists every problem."""
     expected: dict[str, tuple[str, tuple[str, ...], tuple[int, ...], str]] = {}
     for name, kind, path, shape in rows:
@@ -93,8 +93,7 @@ def _convert(state_dict: Mapping[str, Any], rows: list[_Row], *, in_channels: in
 
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(
-        k for k in state_dict
-        if k not in expected and not k.endswith(".num_batches_tracked") and not ignore(k)
+        k for k in state_dict if k not in expected and not k.endswith(".num_batches_tracked") and not ignore(k)
     )
     mismatched = []
     arrays: dict[str, np.ndarray] = {}

@@ -118,9 +118,7 @@ def _resolve(preset_or_module: Any) -> tuple[_SamBase, str]:
         return preset_or_module, type(preset_or_module).__name__
     if isinstance(preset_or_module, str):
         if preset_or_module not in SAM_PRESETS:
-            raise ValueError(
-                f"unknown SAM preset {preset_or_module!r}; expected one of {sorted(SAM_PRESETS)}"
-            )
+            raise ValueError(f"unknown SAM preset {preset_or_module!r}; expected one of {sorted(SAM_PRESETS)}")
         return Sam(**SAM_PRESETS[preset_or_module]), f"preset {preset_or_module!r}"
     if isinstance(preset_or_module, Mapping):
         return Sam(**dict(preset_or_module)), "the given settings"
@@ -152,13 +150,12 @@ def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>"
     for name, spec in SAM_PRESETS.items():
         if spec.get("encoder_type", "vit") != "vit":
             continue
-        if (spec["encoder_embed_dim"], spec["encoder_depth"], spec["patch_size"]) == (
-            embed, depth, patch
-        ):
+        if (spec["encoder_embed_dim"], spec["encoder_depth"], spec["patch_size"]) == (embed, depth, patch):
             return name
     known = ", ".join(
-        f"{n} (embed dim {s['encoder_embed_dim']}, depth {s['encoder_depth']}, patch "
-        f"{s['patch_size']})" for n, s in SAM_PRESETS.items() if s.get("encoder_type", "vit") == "vit"
+        f"{n} (embed dim {s['encoder_embed_dim']}, depth {s['encoder_depth']}, patch {s['patch_size']})"
+        for n, s in SAM_PRESETS.items()
+        if s.get("encoder_type", "vit") == "vit"
     )
     raise SamCheckpointError(
         f"{source}: no SAM preset matches the checkpoint's image encoder (embed dim {embed}, "
@@ -259,9 +256,7 @@ def sam_variables_from_state_dict(
                     f"; the checkpoint's shapes match preset {guess!r} (image encoder embed dim "
                     f"{spec['encoder_embed_dim']}, depth {spec['encoder_depth']})"
                 )
-        raise SamCheckpointError(
-            f"{source}: state dict does not fit SAM {label}: " + "; ".join(problems) + hint
-        )
+        raise SamCheckpointError(f"{source}: state dict does not fit SAM {label}: " + "; ".join(problems) + hint)
     return traverse_util.unflatten_dict(converted)
 
 
@@ -279,9 +274,7 @@ def read_sam_checkpoint(pth_path: str | os.PathLike, preset: str | None = None) 
     return sam_params_from_state_dict(state_dict, preset, source=source), preset
 
 
-def convert_sam_checkpoint(
-    pth_path: str | os.PathLike, out_path: str | os.PathLike, preset: str | None = None
-) -> Path:
+def convert_sam_checkpoint(pth_path: str | os.PathLike, out_path: str | os.PathLike, preset: str | None = None) -> Path:
     """Convert an official ``.pth`` checkpoint (:func:`read_sam_checkpoint`) to a Flax
     ``.msgpack`` params file, written atomically (nothing half-written, an existing file
     untouched on error). Returns ``out_path``."""
@@ -309,7 +302,5 @@ def load_sam_params(path: str | os.PathLike) -> dict[str, Any]:
         ) from err
     if not isinstance(params, dict) or set(params) != set(_TOP):
         found = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise SamCheckpointError(
-            f"{path}: not SAM params: expected top-level keys {list(_TOP)}, found {found}"
-        )
+        raise SamCheckpointError(f"{path}: not SAM params: expected top-level keys {list(_TOP)}, found {found}")
     return params

@@ -89,25 +89,28 @@ class Batch:
     index: jax.Array
 
 
-def to_device(dataset: Any, indices: Sequence[int] | np.ndarray | None = None,
-              device: Any = None) -> DeviceData:
+def to_device(dataset: Any, indices: Sequence[int] | np.ndarray | None = None, device: Any = None) -> DeviceData:
     """Put a BusiDataset (or a subset given by integer indices) on ``device`` (a Device or
     Sharding; default: the default device), keeping uint8 to use 4x less memory."""
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    host = DeviceData(images=np.asarray(dataset.images_u8)[idx],
-                      masks=np.asarray(dataset.masks)[idx].astype(np.uint8),
-                      labels=np.asarray(dataset.labels)[idx].astype(np.int32))
+    host = DeviceData(
+        images=np.asarray(dataset.images_u8)[idx],
+        masks=np.asarray(dataset.masks)[idx].astype(np.uint8),
+        labels=np.asarray(dataset.labels)[idx].astype(np.int32),
+    )
     return jax.device_put(host, device)
 
 
 def _warp(channels_first: jax.Array, coords: jax.Array) -> jax.Array:
     """Bilinear resampling of (C, H, W) at coords (2, H, W); outside is 0."""
-    return jax.vmap(lambda ch: map_coordinates(ch, [coords[0], coords[1]], order=1,
-                                               mode="constant", cval=0.0))(channels_first)
+    return jax.vmap(lambda ch: map_coordinates(ch, [coords[0], coords[1]], order=1, mode="constant", cval=0.0))(
+        channels_first
+    )
 
 
-def augment_example(key: jax.Array, image: jax.Array, mask: jax.Array,
-                    config: AugmentConfig = AugmentConfig()) -> tuple[jax.Array, jax.Array]:
+def augment_example(
+    key: jax.Array, image: jax.Array, mask: jax.Array, config: AugmentConfig = AugmentConfig()
+) -> tuple[jax.Array, jax.Array]:
     """Augment one example. image float32 (H, W, C) in [0, 1]; mask (H, W, 1) in {0, 1}.
 
     Returns (image, mask) of the same shapes: image in [0, 1], mask float32 in {0, 1}.
@@ -116,13 +119,11 @@ def augment_example(key: jax.Array, image: jax.Array, mask: jax.Array,
     k = jax.random.split(key, 8)
     flip_x = jnp.where(jax.random.uniform(k[0]) < config.hflip, -1.0, 1.0)
     flip_y = jnp.where(jax.random.uniform(k[1]) < config.vflip, -1.0, 1.0)
-    theta = jnp.deg2rad(config.max_rotation_deg) * jax.random.uniform(k[2], minval=-1.0,
-                                                                       maxval=1.0)
+    theta = jnp.deg2rad(config.max_rotation_deg) * jax.random.uniform(k[2], minval=-1.0, maxval=1.0)
     scale = jax.random.uniform(k[3], minval=config.scale[0], maxval=config.scale[1])
     # output pixel -> source pixel: inverse of (flip . scale . rotation) about the centre
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy,
-                          jnp.arange(w, dtype=jnp.float32) - cx, indexing="ij")
+    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy, jnp.arange(w, dtype=jnp.float32) - cx, indexing="ij")
     yy, xx = yy * flip_y, xx * flip_x
     cos, sin = jnp.cos(theta) / scale, jnp.sin(theta) / scale
     src = jnp.stack([cos * yy - sin * xx + cy, sin * yy + cos * xx + cx])
@@ -139,8 +140,9 @@ def augment_example(key: jax.Array, image: jax.Array, mask: jax.Array,
     return jnp.clip(img, 0.0, 1.0), msk
 
 
-def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array,
-                  config: AugmentConfig = AugmentConfig()) -> tuple[jax.Array, jax.Array]:
+def augment_batch(
+    key: jax.Array, images: jax.Array, masks: jax.Array, config: AugmentConfig = AugmentConfig()
+) -> tuple[jax.Array, jax.Array]:
     """Augment a batch, each example with its own key. images (B, H, W, C) float in
     [0, 1] or uint8 (then /255 first); masks (B, H, W, 1) in {0, 1}. Jit-friendly; jit it
     with ``config`` static (it is hashable)."""
@@ -150,9 +152,9 @@ def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array,
     return jax.vmap(lambda k, i, m: augment_example(k, i, m, config))(keys, images, masks)
 
 
-def make_sampler(batch_size: int, num_examples: int,
-                 config: AugmentConfig | None = AugmentConfig(), num_rows: int | None = None
-                 ) -> Callable[[DeviceData, jax.Array, jax.Array | int], Batch]:
+def make_sampler(
+    batch_size: int, num_examples: int, config: AugmentConfig | None = AugmentConfig(), num_rows: int | None = None
+) -> Callable[[DeviceData, jax.Array, jax.Array | int], Batch]:
     """A jitted ``sample(data, key, step) -> Batch`` drawing batches on device.
 
     Precondition: ``len(data) == num_rows`` (default ``num_examples``; checked when
@@ -164,13 +166,14 @@ def make_sampler(batch_size: int, num_examples: int,
     no augmentation (only /255).
     """
     if not 0 < batch_size <= num_examples:
-        raise ValueError(f"batch_size must be in 1..{num_examples} (the dataset size), got "
-                         f"{batch_size}")
+        raise ValueError(f"batch_size must be in 1..{num_examples} (the dataset size), got {batch_size}")
     steps_per_epoch = num_examples // batch_size
     num_rows = num_examples if num_rows is None else num_rows
     if num_rows < num_examples:
-        raise ValueError(f"num_rows {num_rows} < num_examples {num_examples}; expected the data to hold "
-                         f"every example (and optionally padding after them)")
+        raise ValueError(
+            f"num_rows {num_rows} < num_examples {num_examples}; expected the data to hold "
+            f"every example (and optionally padding after them)"
+        )
 
     @jax.jit
     def sample(data: DeviceData, key: jax.Array, step: jax.Array | int) -> Batch:
@@ -178,19 +181,19 @@ def make_sampler(batch_size: int, num_examples: int,
         # is silent: jax clamps out-of-range gather indices (num_examples too large) or
         # never visits the tail of the data (too small).
         if data.images.shape[0] != num_rows:
-            raise ValueError(f"sampler was made for {num_rows} rows (num_examples={num_examples}) but "
-                             f"the data holds {data.images.shape[0]} examples")
+            raise ValueError(
+                f"sampler was made for {num_rows} rows (num_examples={num_examples}) but "
+                f"the data holds {data.images.shape[0]} examples"
+            )
         step = jnp.asarray(step, dtype=jnp.int32)
         key_perm, key_aug = jax.random.split(key)
-        perm = jax.random.permutation(jax.random.fold_in(key_perm, step // steps_per_epoch),
-                                      num_examples)
+        perm = jax.random.permutation(jax.random.fold_in(key_perm, step // steps_per_epoch), num_examples)
         start = (step % steps_per_epoch) * batch_size
         idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size).astype(jnp.int32)
         images = data.images[idx].astype(jnp.float32) / 255.0
         masks = data.masks[idx].astype(jnp.float32)
         if config is not None:
-            images, masks = augment_batch(jax.random.fold_in(key_aug, step), images, masks,
-                                          config)
+            images, masks = augment_batch(jax.random.fold_in(key_aug, step), images, masks, config)
         return Batch(images, masks, data.labels[idx], idx)
 
     return sample
@@ -204,9 +207,14 @@ def _numpy_order(n: int, seed: int, num_epochs: int | None) -> Iterator[int]:
         epoch += 1
 
 
-def host_batches(source: Any, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
-                 drop_remainder: bool = True, use_grain: bool | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def host_batches(
+    source: Any,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = True,
+    use_grain: bool | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled uint8 batches on the host, for data too large for the device.
 
     source: a BusiDataset, or any random-access sequence of dicts with "image" uint8
@@ -216,17 +224,19 @@ def host_batches(source: Any, batch_size: int, seed: int = 0, num_epochs: int | 
     """
     if hasattr(source, "images_u8"):
         ds = source
-        source = [{"image": ds.images_u8[i], "mask": ds.masks[i], "label": ds.labels[i]}
-                  for i in range(len(ds))]
+        source = [{"image": ds.images_u8[i], "mask": ds.masks[i], "label": ds.labels[i]} for i in range(len(ds))]
 
     def collate(items: Sequence[dict]) -> dict[str, np.ndarray]:
-        return {"image": np.stack([np.asarray(x["image"], np.uint8) for x in items]),
-                "mask": np.stack([np.asarray(x["mask"], np.uint8) for x in items]),
-                "label": np.asarray([int(x["label"]) for x in items], np.int32)}
+        return {
+            "image": np.stack([np.asarray(x["image"], np.uint8) for x in items]),
+            "mask": np.stack([np.asarray(x["mask"], np.uint8) for x in items]),
+            "label": np.asarray([int(x["label"]) for x in items], np.int32),
+        }
 
     if use_grain is None:
         try:
             import grain  # noqa: F401
+
             use_grain = True
         except ImportError:
             use_grain = False
@@ -234,8 +244,7 @@ def host_batches(source: Any, batch_size: int, seed: int = 0, num_epochs: int | 
         import grain
 
         pipe = grain.MapDataset.source(source).shuffle(seed=seed)
-        pipe = pipe.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder,
-                                             batch_fn=collate)
+        pipe = pipe.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
         yield from iter(pipe)
         return
     batch: list[dict] = []

@@ -62,8 +62,10 @@ CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
 
 # `benign (12).png`, `benign (12)_mask.png`, `benign (12)_mask_1.png`. Numbers have no
 # leading zero: `benign (012).png` would otherwise silently share the id of `benign (12).png`.
-_NAME = re.compile(r"^(?P<cls>[a-z]+) \((?P<num>[1-9]\d*|0)\)"
-                   r"(?P<mask>_mask(?:_(?P<extra>[1-9]\d*|0))?)?\.png$")
+_NAME = re.compile(
+    r"^(?P<cls>[a-z]+) \((?P<num>[1-9]\d*|0)\)"
+    r"(?P<mask>_mask(?:_(?P<extra>[1-9]\d*|0))?)?\.png$"
+)
 
 # The last chunk of every complete PNG: length 0, type IEND, CRC. PIL decodes a file cut
 # inside its final ~20 bytes without complaint (the pixels are all there), so a truncated
@@ -94,8 +96,7 @@ class DatasetError(ValueError):
     def __init__(self, root: str | os.PathLike, problems: Sequence[Problem]):
         self.problems = tuple(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(
-            f"{len(self.problems)} problem(s) in BUSI dataset {str(root)!r}:\n{lines}")
+        super().__init__(f"{len(self.problems)} problem(s) in BUSI dataset {str(root)!r}:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,7 @@ class ReadOptions:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.size is not None:
             if min(self.size) < 1:
-                raise ValueError(f"size must be (height, width) with positive entries, "
-                                 f"got {self.size}")
+                raise ValueError(f"size must be (height, width) with positive entries, got {self.size}")
             object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
 
 
@@ -230,22 +230,27 @@ class BusiDataset:
         pos = {k: n for n, k in enumerate(self.ids)}
         missing = [k for k in ids if k not in pos]
         if missing:
-            raise ValueError(f"ids not in dataset {self.root!r}: {missing[:10]}"
-                             f"{' ...' if len(missing) > 10 else ''}")
+            raise ValueError(f"ids not in dataset {self.root!r}: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         return np.asarray([pos[k] for k in ids], dtype=np.int64)
 
     def subset(self, ids_or_indices: Sequence[str] | np.ndarray) -> BusiDataset:
         """The examples named by ids (str) or integer indices, in that order."""
         seq = list(ids_or_indices)
-        idx = (self.index_of(seq) if seq and isinstance(seq[0], str)
-               else np.asarray(seq, dtype=np.int64))
+        idx = self.index_of(seq) if seq and isinstance(seq[0], str) else np.asarray(seq, dtype=np.int64)
         om = tuple(self.original_masks[i] for i in idx) if self.original_masks else ()
         return BusiDataset(
-            root=self.root, ids=tuple(self.ids[i] for i in idx), labels=self.labels[idx],
-            images_u8=self.images_u8[idx], masks=self.masks[idx],
-            original_sizes=self.original_sizes[idx], original_masks=om,
-            mask_files=tuple(self.mask_files[i] for i in idx), hashes=self.hashes[idx],
-            skipped=self.skipped, options=dict(self.options))
+            root=self.root,
+            ids=tuple(self.ids[i] for i in idx),
+            labels=self.labels[idx],
+            images_u8=self.images_u8[idx],
+            masks=self.masks[idx],
+            original_sizes=self.original_sizes[idx],
+            original_masks=om,
+            mask_files=tuple(self.mask_files[i] for i in idx),
+            hashes=self.hashes[idx],
+            skipped=self.skipped,
+            options=dict(self.options),
+        )
 
 
 # ---- scanning -------------------------------------------------------------------------
@@ -259,8 +264,7 @@ def resolve_root(path: str | os.PathLike) -> Path:
         raise ValueError(f"dataset path {str(root)!r} is not a directory")
     if any((root / c).is_dir() for c in CLASSES):
         return root
-    candidates = [d for d in sorted(root.iterdir())
-                  if d.is_dir() and any((d / c).is_dir() for c in CLASSES)]
+    candidates = [d for d in sorted(root.iterdir()) if d.is_dir() and any((d / c).is_dir() for c in CLASSES)]
     return candidates[0] if len(candidates) == 1 else root
 
 
@@ -290,12 +294,15 @@ def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
             if entry.is_dir():
                 problems.append(Problem(str(entry), "unexpected folder inside a class folder"))
             elif m is None:
-                problems.append(Problem(
-                    str(entry), f"file name matches no pattern (expected '{cls} (N).png' or "
-                                f"'{cls} (N)_mask[_K].png', N and K without leading zeros)"))
+                problems.append(
+                    Problem(
+                        str(entry),
+                        f"file name matches no pattern (expected '{cls} (N).png' or "
+                        f"'{cls} (N)_mask[_K].png', N and K without leading zeros)",
+                    )
+                )
             elif m["cls"] != cls:
-                problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the "
-                                                    f"{cls!r} folder"))
+                problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the {cls!r} folder"))
             elif m["mask"] is None:
                 images[int(m["num"])] = entry
             else:
@@ -309,15 +316,24 @@ def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
         for num in sorted(images):
             found = masks.get(num, {})
             if 0 not in found:
-                why = (f"missing mask '{cls} ({num})_mask.png'" if not found else
-                       f"missing mask '{cls} ({num})_mask.png' (has only "
-                       f"{', '.join(sorted(p.name for p in found.values()))})")
+                why = (
+                    f"missing mask '{cls} ({num})_mask.png'"
+                    if not found
+                    else f"missing mask '{cls} ({num})_mask.png' (has only "
+                    f"{', '.join(sorted(p.name for p in found.values()))})"
+                )
                 problems.append(Problem(str(images[num]), why))
                 continue
-            records.append(ImageRecord(
-                id=f"{cls} ({num})", class_name=cls, label=label, number=num,
-                image_path=images[num],
-                mask_paths=tuple(found[k] for k in sorted(found))))
+            records.append(
+                ImageRecord(
+                    id=f"{cls} ({num})",
+                    class_name=cls,
+                    label=label,
+                    number=num,
+                    image_path=images[num],
+                    mask_paths=tuple(found[k] for k in sorted(found)),
+                )
+            )
     return Layout(root=root, records=tuple(records), problems=tuple(problems))
 
 
@@ -339,19 +355,17 @@ def _open(path: Path) -> Image.Image:
     except _DecodeError:
         raise
     except UnidentifiedImageError as err:  # its message names the BytesIO object: useless
-        raise _DecodeError(Problem(str(path), "unreadable image: content is not a recognised "
-                                              "image format")) from err
+        raise _DecodeError(Problem(str(path), "unreadable image: content is not a recognised image format")) from err
     except Exception as err:  # PIL raises several types for corrupt files
-        raise _DecodeError(Problem(str(path), f"unreadable image ({type(err).__name__}: "
-                                              f"{err})")) from err
+        raise _DecodeError(Problem(str(path), f"unreadable image ({type(err).__name__}: {err})")) from err
     if fmt != "PNG":
-        raise _DecodeError(Problem(str(path), f"not a PNG file: its content is {fmt}; "
-                                              f"expected PNG"))
+        raise _DecodeError(Problem(str(path), f"not a PNG file: its content is {fmt}; expected PNG"))
     # an IEND chunk may legally be followed by junk, so search for it rather than
     # requiring it at the very end
     if data.rfind(_PNG_IEND) < 0:
-        raise _DecodeError(Problem(str(path), f"truncated PNG: no IEND chunk in its "
-                                              f"{len(data)} bytes (the file was cut short)"))
+        raise _DecodeError(
+            Problem(str(path), f"truncated PNG: no IEND chunk in its {len(data)} bytes (the file was cut short)")
+        )
     return out
 
 
@@ -401,13 +415,14 @@ def mask_problem(im: Image.Image) -> str | None:
     flat = arr.reshape(-1, arr.shape[2])
     rest = flat[np.any(flat != flat[0], axis=1)]
     if len(rest) and np.any(rest != rest[0]):
-        return ("mask is not two-level: more than two distinct pixel values (expected a "
-                "binary mask, background 0 and one lesion value, e.g. 0/1 or 0/255)")
+        return (
+            "mask is not two-level: more than two distinct pixel values (expected a "
+            "binary mask, background 0 and one lesion value, e.g. 0/1 or 0/255)"
+        )
     levels = [flat[0]] + ([rest[0]] if len(rest) else [])
     if all(np.any(v[:colour] != 0) for v in levels):
         found = " and ".join(str(v.tolist()) for v in levels)
-        return (f"mask marks every pixel as lesion (pixel values {found}); expected a lesion "
-                f"on a 0 background")
+        return f"mask marks every pixel as lesion (pixel values {found}); expected a lesion on a 0 background"
     return None
 
 
@@ -433,16 +448,19 @@ def preprocess_image(image: Image.Image, size: tuple[int, int], channels: int) -
 def _read(record: ImageRecord, opts: ReadOptions) -> Example:
     image = _open(record.image_path)
     if image.mode not in IMAGE_MODES:
-        raise _DecodeError(Problem(str(record.image_path), f"unsupported image mode "
-                                                           f"{image.mode!r}; expected 8-bit "
-                                                           f"{'/'.join(IMAGE_MODES)}"))
+        raise _DecodeError(
+            Problem(
+                str(record.image_path), f"unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(IMAGE_MODES)}"
+            )
+        )
     w0, h0 = image.size
     union = np.zeros((h0, w0), dtype=bool)
     for mp in record.mask_paths:
         m = _open(mp)
         if m.size != image.size:
-            raise _DecodeError(Problem(str(mp), f"mask size {m.size[0]}x{m.size[1]} (WxH) "
-                                                f"differs from its image's {w0}x{h0}"))
+            raise _DecodeError(
+                Problem(str(mp), f"mask size {m.size[0]}x{m.size[1]} (WxH) differs from its image's {w0}x{h0}")
+            )
         why = mask_problem(m)
         if why is not None:
             raise _DecodeError(Problem(str(mp), why))
@@ -452,10 +470,16 @@ def _read(record: ImageRecord, opts: ReadOptions) -> Example:
     arr = preprocess_image(image, size, opts.channels)
     mask = _resize_mask(union, size)[:, :, None]
     return Example(
-        id=record.id, class_name=record.class_name, label=record.label, image_u8=arr,
-        mask=mask.astype(np.float32), original_size=(h0, w0),
+        id=record.id,
+        class_name=record.class_name,
+        label=record.label,
+        image_u8=arr,
+        mask=mask.astype(np.float32),
+        original_size=(h0, w0),
         original_mask=union if opts.keep_original else None,
-        mask_files=tuple(p.name for p in record.mask_paths), hash=phash)
+        mask_files=tuple(p.name for p in record.mask_paths),
+        hash=phash,
+    )
 
 
 def read_example(record: ImageRecord, options: ReadOptions = ReadOptions()) -> Example:
@@ -466,8 +490,9 @@ def read_example(record: ImageRecord, options: ReadOptions = ReadOptions()) -> E
         raise DatasetError(record.image_path.parent.parent, [err.problem]) from None
 
 
-def _read_all(records: Sequence[ImageRecord], opts: ReadOptions,
-              progress: ProgressFn | None) -> list[Example | Problem]:
+def _read_all(
+    records: Sequence[ImageRecord], opts: ReadOptions, progress: ProgressFn | None
+) -> list[Example | Problem]:
     def one(rec: ImageRecord) -> Example | Problem:
         try:
             return _read(rec, opts)
@@ -492,8 +517,9 @@ def validate(path: str | os.PathLike, progress: ProgressFn | None = None) -> lis
     return list(layout.problems) + [r for r in results if isinstance(r, Problem)]
 
 
-def load_busi(path: str | os.PathLike, options: ReadOptions = ReadOptions(),
-              progress: ProgressFn | None = None) -> BusiDataset:
+def load_busi(
+    path: str | os.PathLike, options: ReadOptions = ReadOptions(), progress: ProgressFn | None = None
+) -> BusiDataset:
     """Read a BUSI-layout folder into stacked arrays (see :class:`BusiDataset`).
 
     Preconditions: ``options.size`` is set (stacking needs one size). Raises DatasetError
@@ -502,8 +528,9 @@ def load_busi(path: str | os.PathLike, options: ReadOptions = ReadOptions(),
     is left.
     """
     if options.size is None:
-        raise ValueError("load_busi needs options.size (stacking needs one size); use "
-                         "read_example for native-size images")
+        raise ValueError(
+            "load_busi needs options.size (stacking needs one size); use read_example for native-size images"
+        )
     layout = scan(path, options.all_classes)
     results = _read_all(layout.records, options, progress)
     problems = list(layout.problems) + [r for r in results if isinstance(r, Problem)]
@@ -519,16 +546,18 @@ def load_busi(path: str | os.PathLike, options: ReadOptions = ReadOptions(),
         images[i] = ex.image_u8
         masks[i] = ex.mask
     return BusiDataset(
-        root=str(layout.root), ids=tuple(e.id for e in examples),
+        root=str(layout.root),
+        ids=tuple(e.id for e in examples),
         labels=np.asarray([e.label for e in examples], dtype=np.int32),
-        images_u8=images, masks=masks,
+        images_u8=images,
+        masks=masks,
         original_sizes=np.asarray([e.original_size for e in examples], dtype=np.int32),
-        original_masks=(tuple(e.original_mask for e in examples)
-                        if options.keep_original else ()),
+        original_masks=(tuple(e.original_mask for e in examples) if options.keep_original else ()),
         mask_files=tuple(e.mask_files for e in examples),
         hashes=np.asarray([e.hash for e in examples], dtype=np.uint64),
         skipped=tuple(problems),
-        options={"size": list(options.size), "channels": options.channels})
+        options={"size": list(options.size), "channels": options.channels},
+    )
 
 
 # ---- dataset report (``unet-jax data check``) -------------------------------------------
@@ -551,13 +580,15 @@ class CheckReport:
 
     @property
     def cross_class_groups(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(g for g in self.duplicate_groups
-                     if len({x.rsplit(" (", 1)[0] for x in g}) > 1)
+        return tuple(g for g in self.duplicate_groups if len({x.rsplit(" (", 1)[0] for x in g}) > 1)
 
     def to_dict(self) -> dict:
         return {
-            "root": self.root, "ok": self.ok, "images": self.images,
-            "total_images": sum(self.images.values()), "mask_files": self.mask_files,
+            "root": self.root,
+            "ok": self.ok,
+            "images": self.images,
+            "total_images": sum(self.images.values()),
+            "mask_files": self.mask_files,
             "merged_masks": list(self.merged_masks),
             "duplicate_threshold": self.duplicate_threshold,
             "duplicate_groups": [list(g) for g in self.duplicate_groups],
@@ -568,8 +599,9 @@ class CheckReport:
         }
 
 
-def check_dataset(path: str | os.PathLike, threshold: int | None = None,
-                  progress: ProgressFn | None = None) -> CheckReport:
+def check_dataset(
+    path: str | os.PathLike, threshold: int | None = None, progress: ProgressFn | None = None
+) -> CheckReport:
     """Validate a BUSI-layout folder and summarize it (decodes every file once).
 
     sizes: min/max/mean native (height, width) over the readable images.
@@ -578,19 +610,26 @@ def check_dataset(path: str | os.PathLike, threshold: int | None = None,
     check_threshold(threshold)  # before the slow read
     layout = scan(path)
     try:  # a small size: only the hashes, sizes and mask files matter here
-        ds = load_busi(layout.root, ReadOptions(size=(16, 16), keep_original=False,
-                                                on_error="skip"), progress)
+        ds = load_busi(layout.root, ReadOptions(size=(16, 16), keep_original=False, on_error="skip"), progress)
     except DatasetError as err:
-        return CheckReport(str(layout.root), {c: 0 for c in CLASSES},
-                           {c: 0 for c in CLASSES}, (), (), threshold, {}, err.problems)
+        return CheckReport(
+            str(layout.root), {c: 0 for c in CLASSES}, {c: 0 for c in CLASSES}, (), (), threshold, {}, err.problems
+        )
     groups = tuple(tuple(ds.ids[i] for i in g) for g in duplicate_groups(ds.hashes, threshold))
     sizes = ds.original_sizes.astype(np.float64)
     counts = ds.class_counts()
-    files = {c: sum(len(f) for f, lab in zip(ds.mask_files, ds.labels) if lab == k)
-             for k, c in enumerate(CLASSES)}
+    files = {c: sum(len(f) for f, lab in zip(ds.mask_files, ds.labels) if lab == k) for k, c in enumerate(CLASSES)}
     return CheckReport(
-        root=str(layout.root), images=counts, mask_files=files, merged_masks=ds.merged_ids(),
-        duplicate_groups=groups, duplicate_threshold=threshold,
-        sizes={"min_hw": sizes.min(0).tolist(), "max_hw": sizes.max(0).tolist(),
-               "mean_hw": [round(v, 1) for v in sizes.mean(0).tolist()]},
-        problems=ds.skipped)
+        root=str(layout.root),
+        images=counts,
+        mask_files=files,
+        merged_masks=ds.merged_ids(),
+        duplicate_groups=groups,
+        duplicate_threshold=threshold,
+        sizes={
+            "min_hw": sizes.min(0).tolist(),
+            "max_hw": sizes.max(0).tolist(),
+            "mean_hw": [round(v, 1) for v in sizes.mean(0).tolist()],
+        },
+        problems=ds.skipped,
+    )

@@ -47,8 +47,9 @@ def _is_cache(folder: Path) -> bool:
         return False
 
 
-def save_cache(dataset: BusiDataset, out: str | os.PathLike, overwrite: bool = False,
-               threshold: int = DUPLICATE_THRESHOLD) -> Path:
+def save_cache(
+    dataset: BusiDataset, out: str | os.PathLike, overwrite: bool = False, threshold: int = DUPLICATE_THRESHOLD
+) -> Path:
     """Write ``dataset`` as a cache folder at ``out`` (atomically); returns ``out``.
 
     Raises ValueError if ``out`` exists and not ``overwrite``, or if it exists and is
@@ -72,13 +73,17 @@ def _write(ds: BusiDataset, folder: Path, threshold: int) -> None:
     delta = np.diff(ds.images_u8, axis=2, prepend=np.zeros((n, h, 1, c), np.uint8))
     masks_bits = np.packbits(ds.masks.reshape(n, h * w).astype(bool), axis=1)
     original_bits, offsets = _pack_original(ds.original_masks)
-    np.savez_compressed(folder / "arrays.npz", images_delta=delta, masks_bits=masks_bits,
-                        original_bits=original_bits)
+    np.savez_compressed(folder / "arrays.npz", images_delta=delta, masks_bits=masks_bits, original_bits=original_bits)
     groups = duplicate_groups(ds.hashes, threshold)
     index = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "classes": list(CLASSES),
-        "shape": [n, h, w, c], "source": ds.root, "options": ds.options,
-        "ids": list(ds.ids), "labels": [int(x) for x in ds.labels],
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "classes": list(CLASSES),
+        "shape": [n, h, w, c],
+        "source": ds.root,
+        "options": ds.options,
+        "ids": list(ds.ids),
+        "labels": [int(x) for x in ds.labels],
         "original_sizes": ds.original_sizes.tolist(),
         "original_offsets": offsets if ds.original_masks else None,
         "mask_files": [list(f) for f in ds.mask_files],
@@ -102,26 +107,26 @@ def load_cache(path: str | os.PathLike, original_masks: bool = True) -> BusiData
         if not isinstance(index, dict):
             raise ValueError("index.json does not hold a JSON object")
         with np.load(path / "arrays.npz") as z:
-            delta, masks_bits, original_bits = (z["images_delta"], z["masks_bits"],
-                                                z["original_bits"])
+            delta, masks_bits, original_bits = (z["images_delta"], z["masks_bits"], z["original_bits"])
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{str(path)!r} is not a readable data cache: {err}") from err
     if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
-        raise ValueError(f"{str(path)!r}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache "
-                         f"(found {index.get('format')!r} v{index.get('version')!r})")
+        raise ValueError(
+            f"{str(path)!r}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache "
+            f"(found {index.get('format')!r} v{index.get('version')!r})"
+        )
     try:
         return _from_index(path, index, delta, masks_bits, original_bits, original_masks)
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{str(path)!r}: damaged data cache "
-                         f"({type(err).__name__}: {err})") from err
+        raise ValueError(f"{str(path)!r}: damaged data cache ({type(err).__name__}: {err})") from err
 
 
-def _from_index(path: Path, index: dict, delta: np.ndarray, masks_bits: np.ndarray,
-                original_bits: np.ndarray, original_masks: bool) -> BusiDataset:
+def _from_index(
+    path: Path, index: dict, delta: np.ndarray, masks_bits: np.ndarray, original_bits: np.ndarray, original_masks: bool
+) -> BusiDataset:
     n, h, w, c = index["shape"]
     if delta.shape != (n, h, w, c):
-        raise ValueError(f"{str(path)!r}: images have shape {delta.shape}, index says "
-                         f"{(n, h, w, c)}")
+        raise ValueError(f"{str(path)!r}: images have shape {delta.shape}, index says {(n, h, w, c)}")
     images = np.cumsum(delta, axis=2, dtype=np.uint8)
     masks = np.unpackbits(masks_bits, axis=1, count=h * w).reshape(n, h, w, 1)
     sizes = np.asarray(index["original_sizes"], dtype=np.int32).reshape(n, 2)
@@ -129,23 +134,34 @@ def _from_index(path: Path, index: dict, delta: np.ndarray, masks_bits: np.ndarr
     offsets = index.get("original_offsets")
     if original_masks and offsets is not None:
         originals = tuple(
-            np.unpackbits(original_bits[offsets[i]:offsets[i + 1]],
-                          count=int(sizes[i, 0] * sizes[i, 1])).reshape(sizes[i, 0], sizes[i, 1])
-            .astype(bool) for i in range(n))
+            np.unpackbits(original_bits[offsets[i] : offsets[i + 1]], count=int(sizes[i, 0] * sizes[i, 1]))
+            .reshape(sizes[i, 0], sizes[i, 1])
+            .astype(bool)
+            for i in range(n)
+        )
     return BusiDataset(
-        root=index["source"], ids=tuple(index["ids"]),
-        labels=np.asarray(index["labels"], dtype=np.int32), images_u8=images, masks=masks,
-        original_sizes=sizes, original_masks=originals,
+        root=index["source"],
+        ids=tuple(index["ids"]),
+        labels=np.asarray(index["labels"], dtype=np.int32),
+        images_u8=images,
+        masks=masks,
+        original_sizes=sizes,
+        original_masks=originals,
         mask_files=tuple(tuple(f) for f in index["mask_files"]),
         hashes=np.asarray([int(x, 16) for x in index["hashes"]], dtype=np.uint64),
         skipped=tuple(Problem(p["path"], p["reason"]) for p in index["skipped"]),
-        options=dict(index["options"]))
+        options=dict(index["options"]),
+    )
 
 
-def prepare(source: str | os.PathLike, out: str | os.PathLike,
-            options: ReadOptions = ReadOptions(), overwrite: bool = False,
-            threshold: int = DUPLICATE_THRESHOLD,
-            progress: ProgressFn | None = None) -> BusiDataset:
+def prepare(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ReadOptions = ReadOptions(),
+    overwrite: bool = False,
+    threshold: int = DUPLICATE_THRESHOLD,
+    progress: ProgressFn | None = None,
+) -> BusiDataset:
     """Read ``source`` (BUSI layout) and write its cache to ``out``; returns the dataset.
 
     Raises DatasetError (a ValueError) listing every problem unless options.on_error="skip";
@@ -156,8 +172,10 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike,
     root = resolve_root(source).resolve()
     target = out.resolve()
     if target == root or target in root.parents or root in target.parents:
-        raise ValueError(f"output {str(out)!r} is, contains or lies inside the dataset "
-                         f"folder {str(root)!r}; expected a folder outside it")
+        raise ValueError(
+            f"output {str(out)!r} is, contains or lies inside the dataset "
+            f"folder {str(root)!r}; expected a folder outside it"
+        )
     check_target(out, overwrite, _is_cache, "data cache")  # fail before the slow read
     ds = load_busi(source, options, progress)
     save_cache(ds, out, overwrite=overwrite, threshold=threshold)

@@ -62,8 +62,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, radius: float) -> np
 
 def _tissue(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Echogenicity map in about [0.15, 1], (h, w) float32."""
-    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32) / h, np.arange(w, dtype=np.float32) / w,
-                         indexing="ij")
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32) / h, np.arange(w, dtype=np.float32) / w, indexing="ij")
     tilt = rng.uniform(-0.35, 0.35)
     freq = rng.uniform(4.0, 12.0)
     warp = 0.6 * _smooth_noise(rng, h, w, max(h, w) / 10)
@@ -74,8 +73,9 @@ def _tissue(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip((bands + blobs) * depth + skin, 0.15, 1.0).astype(np.float32)
 
 
-def _lesion(rng: np.random.Generator, h: int, w: int, malignant: bool,
-            avoid: tuple[float, float] | None = None) -> np.ndarray:
+def _lesion(
+    rng: np.random.Generator, h: int, w: int, malignant: bool, avoid: tuple[float, float] | None = None
+) -> np.ndarray:
     """bool (h, w) lesion mask: smooth oval or spiculated star-like shape."""
     for _ in range(20):  # keep a second lesion away from the first
         cy, cx = rng.uniform(0.35, 0.7) * h, rng.uniform(0.25, 0.75) * w
@@ -84,8 +84,7 @@ def _lesion(rng: np.random.Generator, h: int, w: int, malignant: bool,
     r0 = rng.uniform(0.09, 0.17) * min(h, w)
     aspect = rng.uniform(1.2, 1.8)  # wider than tall
     angle = rng.uniform(-0.4, 0.4)
-    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                         indexing="ij")
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     dy, dx = yy - cy, xx - cx
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / aspect
     v = -dx * np.sin(angle) + dy * np.cos(angle)
@@ -96,13 +95,13 @@ def _lesion(rng: np.random.Generator, h: int, w: int, malignant: bool,
             radius += r0 * rng.uniform(0.03, 0.12) * np.cos(k * theta + rng.uniform(0, 6.3))
         n_spikes = int(rng.integers(6, 13))
         phase = rng.uniform(0, 6.3)
-        radius += r0 * rng.uniform(0.3, 0.6) * np.maximum(
-            np.cos(n_spikes * theta / 2 + phase), 0.0) ** 8
+        radius += r0 * rng.uniform(0.3, 0.6) * np.maximum(np.cos(n_spikes * theta / 2 + phase), 0.0) ** 8
     return rho <= radius
 
 
-def phantom_image(rng: np.random.Generator, class_name: str, size: tuple[int, int] = (256, 256),
-                  multi_mask: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+def phantom_image(
+    rng: np.random.Generator, class_name: str, size: tuple[int, int] = (256, 256), multi_mask: bool = False
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """One image and its lesion masks.
 
     Returns uint8 (H, W) image and a list of bool (H, W) masks: one per lesion (two with
@@ -122,17 +121,27 @@ def phantom_image(rng: np.random.Generator, class_name: str, size: tuple[int, in
             masks.append(_lesion(rng, h, w, malignant, avoid=(ys.mean(), xs.mean())))
         for m in masks:
             inside = m.astype(np.float32)
-            soft = np.asarray(Image.fromarray((inside * 255).astype(np.uint8)).filter(
-                ImageFilter.GaussianBlur(1.0)), dtype=np.float32) / 255.0
+            soft = (
+                np.asarray(
+                    Image.fromarray((inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0)),
+                    dtype=np.float32,
+                )
+                / 255.0
+            )
             # posterior effect: the columns under the lesion, below it
             cols = inside.max(0).reshape(1, w)
             below = (np.cumsum(inside, axis=0) > 0).astype(np.float32) * (1.0 - inside)
-            post = (1.25 if not malignant else 0.55)
+            post = 1.25 if not malignant else 0.55
             tissue = tissue * (1.0 + (post - 1.0) * 0.6 * below * cols)
             tissue = tissue * (1.0 - 0.8 * soft)
     speckle = np.abs(rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))) / np.sqrt(2)
-    speckle = np.asarray(Image.fromarray(np.clip(speckle * 100, 0, 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(0.6)), dtype=np.float32) / 100.0
+    speckle = (
+        np.asarray(
+            Image.fromarray(np.clip(speckle * 100, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)),
+            dtype=np.float32,
+        )
+        / 100.0
+    )
     image = np.clip(tissue * speckle * 170.0, 0, 255).astype(np.uint8)
     if not masks:
         masks.append(np.zeros((h, w), dtype=bool))
@@ -147,22 +156,33 @@ def _save_mask(mask: np.ndarray, path: Path, mode: str) -> None:
         Image.fromarray(gray, mode="L").convert(mode).save(path)
 
 
-def _crop_copy(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator
-               ) -> tuple[np.ndarray, list[np.ndarray]]:
+def _crop_copy(
+    image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """A near-duplicate: a few percent cropped off two sides, resized back."""
     h, w = image.shape
     top, left = int(rng.integers(1, max(2, h // 25))), int(rng.integers(1, max(2, w // 25)))
     box = (left, top, w, h)
     img = np.asarray(Image.fromarray(image).crop(box).resize((w, h), Image.Resampling.BILINEAR))
-    out = [np.asarray(Image.fromarray(m.astype(np.uint8) * np.uint8(255)).crop(box).resize(
-        (w, h), Image.Resampling.NEAREST)) >= 128 for m in masks]
+    out = [
+        np.asarray(
+            Image.fromarray(m.astype(np.uint8) * np.uint8(255)).crop(box).resize((w, h), Image.Resampling.NEAREST)
+        )
+        >= 128
+        for m in masks
+    ]
     return img, out
 
 
-def write_phantom(out: str | os.PathLike, counts: Mapping[str, int] | None = None,
-                  size: tuple[int, int] = (256, 256), seed: int = 0,
-                  multi_mask_fraction: float = 0.2, duplicates: int = 0,
-                  overwrite: bool = False) -> PhantomInfo:
+def write_phantom(
+    out: str | os.PathLike,
+    counts: Mapping[str, int] | None = None,
+    size: tuple[int, int] = (256, 256),
+    seed: int = 0,
+    multi_mask_fraction: float = 0.2,
+    duplicates: int = 0,
+    overwrite: bool = False,
+) -> PhantomInfo:
     """Write a phantom dataset in the BUSI layout to ``out`` (created atomically).
 
     counts: images per class (default benign 12, malignant 8, normal 4), duplicates
@@ -182,11 +202,13 @@ def write_phantom(out: str | os.PathLike, counts: Mapping[str, int] | None = Non
     for cls in _CLASSES:
         n = counts.get(cls, 0)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"counts[{cls!r}] must be an integer >= 1 (the reader refuses an "
-                             f"empty class folder), got {n!r}")
+            raise ValueError(
+                f"counts[{cls!r}] must be an integer >= 1 (the reader refuses an empty class folder), got {n!r}"
+            )
     if len(size) != 2 or min(size) < MIN_SIZE:
-        raise ValueError(f"size must be (height, width) with both >= {MIN_SIZE} (smaller "
-                         f"lesions can vanish), got {tuple(size)}")
+        raise ValueError(
+            f"size must be (height, width) with both >= {MIN_SIZE} (smaller lesions can vanish), got {tuple(size)}"
+        )
     if not 0.0 <= multi_mask_fraction <= 1.0:
         raise ValueError(f"multi_mask_fraction must be in [0, 1], got {multi_mask_fraction}")
     if duplicates < 0:
@@ -195,8 +217,7 @@ def write_phantom(out: str | os.PathLike, counts: Mapping[str, int] | None = Non
     check_target(out, overwrite, _is_phantom, "phantom dataset (no phantom.json found)")
     tmp = new_temp_dir(out)
     try:
-        info = _write_into(tmp, counts, (int(size[0]), int(size[1])), seed,
-                           multi_mask_fraction, duplicates)
+        info = _write_into(tmp, counts, (int(size[0]), int(size[1])), seed, multi_mask_fraction, duplicates)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,8 +232,9 @@ def _is_phantom(folder: Path) -> bool:
         return False
 
 
-def _write_into(root: Path, counts: Mapping[str, int], size: tuple[int, int], seed: int,
-                multi_mask_fraction: float, duplicates: int) -> PhantomInfo:
+def _write_into(
+    root: Path, counts: Mapping[str, int], size: tuple[int, int], seed: int, multi_mask_fraction: float, duplicates: int
+) -> PhantomInfo:
     ids: dict[str, list[str]] = {}
     multi: list[str] = []
     dups: list[tuple[str, str]] = []
@@ -221,7 +243,8 @@ def _write_into(root: Path, counts: Mapping[str, int], size: tuple[int, int], se
     # the last lesion slots of each class, alternately, become copies of earlier images
     tail = itertools.zip_longest(
         [("benign", n) for n in reversed(range(counts.get("benign", 0)))],
-        [("malignant", n) for n in reversed(range(counts.get("malignant", 0)))])
+        [("malignant", n) for n in reversed(range(counts.get("malignant", 0)))],
+    )
     dup_slots = set([s for pair in tail for s in pair if s is not None][:duplicates])
     for label, cls in enumerate(("benign", "malignant", "normal")):
         folder = root / cls
@@ -251,10 +274,23 @@ def _write_into(root: Path, counts: Mapping[str, int], size: tuple[int, int], se
             ids[cls].append(id_)
     if len(dups) != duplicates:
         # a copy needs an earlier lesion image of a suitable class (see dup_slots)
-        raise ValueError(f"duplicates={duplicates} is more than these counts allow "
-                         f"({len(dups)}: {dict(counts)}); lower it or raise the counts")
-    (root / MARKER).write_text(json.dumps({
-        "format": MARKER_FORMAT, "seed": seed, "counts": {k: int(v) for k, v in counts.items()},
-        "size": list(size), "multi_mask_fraction": multi_mask_fraction,
-        "duplicates": duplicates, "multi_mask": multi, "duplicate_pairs": dups}, indent=1))
+        raise ValueError(
+            f"duplicates={duplicates} is more than these counts allow "
+            f"({len(dups)}: {dict(counts)}); lower it or raise the counts"
+        )
+    (root / MARKER).write_text(
+        json.dumps(
+            {
+                "format": MARKER_FORMAT,
+                "seed": seed,
+                "counts": {k: int(v) for k, v in counts.items()},
+                "size": list(size),
+                "multi_mask_fraction": multi_mask_fraction,
+                "duplicates": duplicates,
+                "multi_mask": multi,
+                "duplicate_pairs": dups,
+            },
+            indent=1,
+        )
+    )
     return PhantomInfo(root, {k: tuple(v) for k, v in ids.items()}, tuple(multi), tuple(dups))

@@ -78,8 +78,7 @@ def image_hash(image: np.ndarray) -> int:
     """
     arr = np.asarray(image)
     if arr.ndim == 3:
-        arr = arr[:, :, 0] if arr.shape[2] == 1 else np.asarray(
-            Image.fromarray(arr.astype(np.uint8)).convert("L"))
+        arr = arr[:, :, 0] if arr.shape[2] == 1 else np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("L"))
     if arr.ndim != 2:
         raise ValueError(f"image_hash expects (H, W[, C]), got shape {arr.shape}")
     thumb = Image.fromarray(arr.astype(np.uint8)).resize((32, 32), Image.Resampling.BILINEAR)
@@ -92,8 +91,7 @@ def image_hash(image: np.ndarray) -> int:
 def hamming_distances(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
     """int32 (N, N) pairwise Hamming distances between 64-bit hashes."""
     h = np.asarray(hashes, dtype=np.uint64).reshape(-1)
-    bits = ((h.reshape(-1, 1) >> np.arange(64, dtype=np.uint64).reshape(1, 64))
-            & np.uint64(1)).astype(np.uint8)
+    bits = ((h.reshape(-1, 1) >> np.arange(64, dtype=np.uint64).reshape(1, 64)) & np.uint64(1)).astype(np.uint8)
     # for 0/1 vectors: |a xor b| = |a| + |b| - 2 a.b
     ones = bits.sum(1, dtype=np.int32)
     dot = bits.astype(np.int32) @ bits.T.astype(np.int32)
@@ -102,14 +100,11 @@ def hamming_distances(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def check_threshold(threshold: int) -> None:
     """Raise ValueError unless ``threshold`` is a number of hash bits in 0..63."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or not (
-            0 <= threshold < 64):
-        raise ValueError(f"duplicate threshold must be an integer number of bits in 0..63, "
-                         f"got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or not (0 <= threshold < 64):
+        raise ValueError(f"duplicate threshold must be an integer number of bits in 0..63, got {threshold!r}")
 
 
-def duplicate_groups(hashes: Sequence[int] | np.ndarray,
-                     threshold: int = DUPLICATE_THRESHOLD) -> list[tuple[int, ...]]:
+def duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int = DUPLICATE_THRESHOLD) -> list[tuple[int, ...]]:
     """Groups (>= 2 members) of indices linked by Hamming distance <= threshold.
 
     threshold: bits, 0 <= threshold < 64. Returns sorted tuples of indices, sorted by their
@@ -168,8 +163,13 @@ class Split:
         if not 0 <= i < self.k:
             raise ValueError(f"fold index {i} out of range for k={self.k}")
         train = tuple(x for j in range(self.k) if j != i for x in self.partitions[f"fold_{j}"])
-        return Split("kfold", self.seed, {"train": train, "val": self.partitions[f"fold_{i}"]},
-                     {**self.params, "fold": i}, self.duplicate_groups)
+        return Split(
+            "kfold",
+            self.seed,
+            {"train": train, "val": self.partitions[f"fold_{i}"]},
+            {**self.params, "fold": i},
+            self.duplicate_groups,
+        )
 
     def counts(self, labels_by_id: Mapping[str, int]) -> dict[str, dict[str, int]]:
         """Images per class in each partition."""
@@ -185,8 +185,9 @@ def _sort_key(id_: str) -> tuple:
     return (m.group(1), int(m.group(2)), "") if m else (id_, -1, id_)
 
 
-def _units(ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[str]]
-           ) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+def _units(
+    ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[str]]
+) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     """(member ids, their labels) per unit: each duplicate group, then every other id, in
     an order that does not depend on the order of ``ids``."""
     label_of = dict(zip(ids, (int(x) for x in labels)))
@@ -194,8 +195,10 @@ def _units(ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[
         raise ValueError("ids must be unique")
     seen: set[str] = set()
     units = []
-    for g in sorted((sorted((x for x in g if x in label_of), key=_sort_key) for g in groups),
-                    key=lambda m: _sort_key(m[0]) if m else ("", -1, "")):
+    for g in sorted(
+        (sorted((x for x in g if x in label_of), key=_sort_key) for g in groups),
+        key=lambda m: _sort_key(m[0]) if m else ("", -1, ""),
+    ):
         if not g:
             continue
         if seen.intersection(g):
@@ -206,22 +209,21 @@ def _units(ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[
     return units
 
 
-def _assign(unit_labels: list[tuple[int, ...]], fractions: Sequence[float],
-            rng: np.random.Generator) -> list[list[int]]:
+def _assign(
+    unit_labels: list[tuple[int, ...]], fractions: Sequence[float], rng: np.random.Generator
+) -> list[list[int]]:
     """Place units (largest first, random order among equal sizes) where they best fill
     the per-class deficits: score_p = sum_c n_c (target_pc - got_pc). A unit spanning
     classes thus counts for each of its classes."""
     frac = np.asarray(fractions, dtype=np.float64).reshape(-1, 1)
     n_classes = 1 + max((c for labs in unit_labels for c in labs), default=0)
-    vecs = [np.bincount(np.asarray(labs), minlength=n_classes).astype(np.float64)
-            for labs in unit_labels]
+    vecs = [np.bincount(np.asarray(labs), minlength=n_classes).astype(np.float64) for labs in unit_labels]
     total = np.sum(vecs, axis=0) if vecs else np.zeros(n_classes)
     target = frac * total.reshape(1, -1)
     got = np.zeros_like(target)
     parts: list[list[int]] = [[] for _ in fractions]
     # stable sort on size keeps the random order among equal sizes
-    order = sorted(rng.permutation(len(unit_labels)).tolist(),
-                   key=lambda i: -len(unit_labels[i]))
+    order = sorted(rng.permutation(len(unit_labels)).tolist(), key=lambda i: -len(unit_labels[i]))
     for i in order:
         p = int(np.argmax((target - got) @ vecs[i]))
         parts[p].append(i)
@@ -229,22 +231,26 @@ def _assign(unit_labels: list[tuple[int, ...]], fractions: Sequence[float],
     return parts
 
 
-def _partition(ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[str]],
-               fractions: Sequence[float], seed: int) -> list[tuple[str, ...]]:
+def _partition(
+    ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[str]], fractions: Sequence[float], seed: int
+) -> list[tuple[str, ...]]:
     """Units (each duplicate group, then every other id) assigned by :func:`_assign`."""
     units = _units(ids, labels, groups)
     placed = _assign([labs for _, labs in units], fractions, np.random.default_rng(seed))
     return [tuple(sorted((x for u in p for x in units[u][0]), key=_sort_key)) for p in placed]
 
 
-def _named_groups(ids: Sequence[str], groups: Sequence[Sequence[int | str]]
-                  ) -> tuple[tuple[str, ...], ...]:
+def _named_groups(ids: Sequence[str], groups: Sequence[Sequence[int | str]]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(ids[int(x)] if not isinstance(x, str) else x for x in g) for g in groups)
 
 
-def stratified_split(ids: Sequence[str], labels: Sequence[int],
-                     groups: Sequence[Sequence[int | str]] = (),
-                     fractions: Mapping[str, float] | None = None, seed: int = 0) -> Split:
+def stratified_split(
+    ids: Sequence[str],
+    labels: Sequence[int],
+    groups: Sequence[Sequence[int | str]] = (),
+    fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> Split:
     """Seeded split stratified by class; each duplicate group lands in one partition.
 
     ids, labels: one per example (labels index busi.CLASSES). groups: duplicate groups as
@@ -256,12 +262,12 @@ def stratified_split(ids: Sequence[str], labels: Sequence[int],
         raise ValueError(f"fractions must be >= 0 and sum to 1, got {fractions}")
     named = _named_groups(ids, groups)
     parts = _partition(ids, labels, named, list(fractions.values()), seed)
-    return Split("stratified", int(seed), dict(zip(fractions, map(tuple, parts))),
-                 {"fractions": fractions}, named)
+    return Split("stratified", int(seed), dict(zip(fractions, map(tuple, parts))), {"fractions": fractions}, named)
 
 
-def kfold_split(ids: Sequence[str], labels: Sequence[int],
-                groups: Sequence[Sequence[int | str]] = (), k: int = 5, seed: int = 0) -> Split:
+def kfold_split(
+    ids: Sequence[str], labels: Sequence[int], groups: Sequence[Sequence[int | str]] = (), k: int = 5, seed: int = 0
+) -> Split:
     """k stratified, duplicate-aware folds ("fold_0".."fold_{k-1}"); see Split.fold.
 
     Precondition: 2 <= k <= the number of units (duplicate groups plus ungrouped images),
@@ -272,17 +278,23 @@ def kfold_split(ids: Sequence[str], labels: Sequence[int],
     named = _named_groups(ids, groups)
     n_units = len(_units(ids, labels, named))
     if k > n_units:
-        raise ValueError(f"k={k} folds need at least k units, but the {len(ids)} images form "
-                         f"only {n_units} (duplicate groups count as one); expected k <= "
-                         f"{n_units}")
+        raise ValueError(
+            f"k={k} folds need at least k units, but the {len(ids)} images form "
+            f"only {n_units} (duplicate groups count as one); expected k <= "
+            f"{n_units}"
+        )
     parts = _partition(ids, labels, named, [1.0 / k] * k, seed)
-    return Split("kfold", int(seed), {f"fold_{i}": tuple(p) for i, p in enumerate(parts)},
-                 {"k": k}, named)
+    return Split("kfold", int(seed), {f"fold_{i}": tuple(p) for i, p in enumerate(parts)}, {"k": k}, named)
 
 
-def cross_validation_splits(ids: Sequence[str], labels: Sequence[int],
-                            groups: Sequence[Sequence[int | str]] = (), k: int = 5, val_fraction: float = 0.15,
-                            seed: int = 0) -> list[Split]:
+def cross_validation_splits(
+    ids: Sequence[str],
+    labels: Sequence[int],
+    groups: Sequence[Sequence[int | str]] = (),
+    k: int = 5,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> list[Split]:
     """k train/val/test splits for cross-validating a whole recipe: split i tests on fold i
     of :func:`kfold_split` and carves a stratified, duplicate-aware validation part (for
     early stopping and choosing the inference recipe) out of the other folds. Every image
@@ -296,16 +308,26 @@ def cross_validation_splits(ids: Sequence[str], labels: Sequence[int],
         rest = [x for j in range(k) if j != i for x in folds[f"fold_{j}"]]
         rest_set = set(rest)
         rest_groups = [[g for g in group if g in rest_set] for group in folds.duplicate_groups]
-        inner = stratified_split(rest, [label_of[x] for x in rest], [g for g in rest_groups if len(g) > 1],
-                                 {"train": 1 - val_fraction, "val": val_fraction}, seed=seed + 1 + i)
-        splits.append(Split("cross_validation", int(seed), {"train": inner["train"], "val": inner["val"],
-                                                            "test": folds[f"fold_{i}"]},
-                            {"k": k, "fold": i, "val_fraction": val_fraction}, folds.duplicate_groups))
+        inner = stratified_split(
+            rest,
+            [label_of[x] for x in rest],
+            [g for g in rest_groups if len(g) > 1],
+            {"train": 1 - val_fraction, "val": val_fraction},
+            seed=seed + 1 + i,
+        )
+        splits.append(
+            Split(
+                "cross_validation",
+                int(seed),
+                {"train": inner["train"], "val": inner["val"], "test": folds[f"fold_{i}"]},
+                {"k": k, "fold": i, "val_fraction": val_fraction},
+                folds.duplicate_groups,
+            )
+        )
     return splits
 
 
-def seed_protocol(ids: Sequence[str], labels: Sequence[int], seed: int = 0,
-                  train_fraction: float = 0.8) -> Split:
+def seed_protocol(ids: Sequence[str], labels: Sequence[int], seed: int = 0, train_fraction: float = 0.8) -> Split:
     """The notebook's protocol: benign and malignant only, per class a seeded permutation,
     the first round(0.8 n) to train and the rest to test. Not duplicate-aware."""
     rng = np.random.default_rng(seed)
@@ -317,20 +339,27 @@ def seed_protocol(ids: Sequence[str], labels: Sequence[int], seed: int = 0,
         n_train = int(round(train_fraction * len(members)))
         train += [members[i] for i in perm[:n_train]]
         test += [members[i] for i in perm[n_train:]]
-    return Split("seed", int(seed), {"train": tuple(sorted(train, key=_sort_key)),
-                                     "test": tuple(sorted(test, key=_sort_key))},
-                 {"train_fraction": train_fraction, "classes": ["benign", "malignant"]})
+    return Split(
+        "seed",
+        int(seed),
+        {"train": tuple(sorted(train, key=_sort_key)), "test": tuple(sorted(test, key=_sort_key))},
+        {"train_fraction": train_fraction, "classes": ["benign", "malignant"]},
+    )
 
 
 # ---- manifest -------------------------------------------------------------------------
-def write_manifest(split: Split, path: str | os.PathLike,
-                   labels_by_id: Mapping[str, int] | None = None, **extra) -> Path:
+def write_manifest(
+    split: Split, path: str | os.PathLike, labels_by_id: Mapping[str, int] | None = None, **extra
+) -> Path:
     """Write the split as JSON (atomically: temp file then rename). ``extra`` is recorded
     under "extra" (e.g. the dataset root, the hash threshold)."""
     path = Path(path)
     doc = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-        "protocol": split.protocol, "seed": split.seed, "params": split.params,
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "protocol": split.protocol,
+        "seed": split.seed,
+        "params": split.params,
         "partitions": {k: list(v) for k, v in split.partitions.items()},
         "duplicate_groups": [list(g) for g in split.duplicate_groups],
         "extra": extra,
@@ -346,8 +375,10 @@ def check_manifest_target(path: str | os.PathLike, overwrite: bool) -> None:
     prepare`` replace only their own outputs: a mistyped ``--out`` must not destroy a file)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"output {str(path)!r} is a folder; expected a file path for the manifest "
-                         f"(e.g. {str(path / 'split.json')!r})")
+        raise ValueError(
+            f"output {str(path)!r} is a folder; expected a file path for the manifest "
+            f"(e.g. {str(path / 'split.json')!r})"
+        )
     if not path.exists():
         return
     if not overwrite:
@@ -372,14 +403,13 @@ def read_manifest(path: str | os.PathLike) -> Split:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read split manifest {str(path)!r}: {err}") from err
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a split manifest (format != "
-                         f"{MANIFEST_FORMAT!r})")
+        raise ValueError(f"{str(path)!r} is not a split manifest (format != {MANIFEST_FORMAT!r})")
     if doc.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{str(path)!r}: manifest version {doc.get('version')!r}, expected "
-                         f"{MANIFEST_VERSION}")
+        raise ValueError(f"{str(path)!r}: manifest version {doc.get('version')!r}, expected {MANIFEST_VERSION}")
     parts = doc.get("partitions")
     if not isinstance(parts, dict) or not all(
-            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in parts.values()):
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in parts.values()
+    ):
         raise ValueError(f"{str(path)!r}: 'partitions' must map names to lists of ids")
     seen: dict[str, str] = {}
     for name, ids in parts.items():
@@ -388,9 +418,13 @@ def read_manifest(path: str | os.PathLike) -> Split:
                 raise ValueError(f"{str(path)!r}: id {x!r} is in both {seen[x]!r} and {name!r}")
             seen[x] = name
     _check_manifest_fields(doc, path)
-    return Split(doc["protocol"], int(doc["seed"]), {k: tuple(v) for k, v in parts.items()},
-                 dict(doc.get("params", {})),
-                 tuple(tuple(g) for g in doc.get("duplicate_groups", [])))
+    return Split(
+        doc["protocol"],
+        int(doc["seed"]),
+        {k: tuple(v) for k, v in parts.items()},
+        dict(doc.get("params", {})),
+        tuple(tuple(g) for g in doc.get("duplicate_groups", [])),
+    )
 
 
 def _check_manifest_fields(doc: dict, path: Path) -> None:
@@ -402,9 +436,12 @@ def _check_manifest_fields(doc: dict, path: Path) -> None:
         ("protocol", isinstance(doc.get("protocol"), str), "a string"),
         ("seed", isinstance(doc.get("seed"), int) and not isinstance(doc.get("seed"), bool), "an integer"),
         ("params", isinstance(doc.get("params", {}), dict), "an object"),
-        ("duplicate_groups", isinstance(groups, list) and all(
-            isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups),
-         "a list of lists of ids"),
+        (
+            "duplicate_groups",
+            isinstance(groups, list)
+            and all(isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups),
+            "a list of lists of ids",
+        ),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -435,14 +472,18 @@ def manifest_fingerprints(path: str | os.PathLike) -> dict[str, list] | None:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    found = doc.get("extra", {}).get("fingerprints") if isinstance(doc, dict) and isinstance(
-        doc.get("extra"), dict) else None
+    found = (
+        doc.get("extra", {}).get("fingerprints")
+        if isinstance(doc, dict) and isinstance(doc.get("extra"), dict)
+        else None
+    )
     return found if isinstance(found, dict) else None
 
 
 def fingerprint_changes(saved: Mapping[str, list], current: Mapping[str, list], limit: int = 5) -> list[str]:
     """What differs between two :func:`image_fingerprints`, one phrase per kind (removed,
     added, resized, other pixels or mask); empty when they agree."""
+
     def listed(ids: list[str]) -> str:
         return ", ".join(repr(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
@@ -458,8 +499,10 @@ def fingerprint_changes(saved: Mapping[str, list], current: Mapping[str, list], 
         changes.append(f"{len(added)} image(s) new ({listed(added)})")
     if resized:
         first = resized[0]
-        changes.append(f"{len(resized)} image(s) of another size ({listed(resized)}; e.g. {first!r} "
-                       f"{saved[first][0]}x{saved[first][1]} -> {current[first][0]}x{current[first][1]}, HxW)")
+        changes.append(
+            f"{len(resized)} image(s) of another size ({listed(resized)}; e.g. {first!r} "
+            f"{saved[first][0]}x{saved[first][1]} -> {current[first][0]}x{current[first][1]}, HxW)"
+        )
     if edited:
         changes.append(f"{len(edited)} image(s) with other pixels or masks ({listed(edited)})")
     return changes

@@ -39,9 +39,9 @@ class BusiConfig(tfds.core.BuilderConfig):
     """One resolution (square, height = width); grayscale (1 channel)."""
 
     def __init__(self, *, resolution: int, **kwargs):
-        super().__init__(name=f"r{resolution}",
-                         description=f"images and union masks resized to {resolution}x"
-                                     f"{resolution}", **kwargs)
+        super().__init__(
+            name=f"r{resolution}", description=f"images and union masks resized to {resolution}x{resolution}", **kwargs
+        )
         self.resolution = resolution
 
 
@@ -68,13 +68,15 @@ class Busi(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "image": tfds.features.Tensor(shape=(r, r, 1), dtype=np.uint8),
-                "mask": tfds.features.Tensor(shape=(r, r, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=list(CLASSES)),
-                "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "image": tfds.features.Tensor(shape=(r, r, 1), dtype=np.uint8),
+                    "mask": tfds.features.Tensor(shape=(r, r, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=list(CLASSES)),
+                    "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                }
+            ),
             supervised_keys=("image", "mask"),
             homepage="https://doi.org/10.1016/j.dib.2019.104863",
         )
@@ -86,20 +88,24 @@ class Busi(tfds.core.GeneratorBasedBuilder):
         r = self.builder_config.resolution
         ds = load_busi(root, ReadOptions(size=(r, r), keep_original=False))
         for i, id_ in enumerate(ds.ids):
-            yield id_, {"id": id_, "image": ds.images_u8[i], "mask": ds.masks[i],
-                        "label": int(ds.labels[i]),
-                        "original_size": ds.original_sizes[i].astype(np.int32)}
+            yield (
+                id_,
+                {
+                    "id": id_,
+                    "image": ds.images_u8[i],
+                    "mask": ds.masks[i],
+                    "label": int(ds.labels[i]),
+                    "original_size": ds.original_sizes[i].astype(np.int32),
+                },
+            )
 
 
-def build(source: str | os.PathLike, data_dir: str | os.PathLike,
-          resolution: int = 256) -> Busi:
+def build(source: str | os.PathLike, data_dir: str | os.PathLike, resolution: int = 256) -> Busi:
     """Build the ``busi/r{resolution}`` dataset from a BUSI folder into ``data_dir``."""
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution}")
-    builder = Busi(config=f"r{resolution}", data_dir=os.fspath(data_dir),
-                   file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(source)))
+    builder = Busi(config=f"r{resolution}", data_dir=os.fspath(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source)))
     return builder
 
 

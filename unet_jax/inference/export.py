@@ -49,9 +49,16 @@ def _storage(tree: Any, dtype: str) -> Any:
     return jax.tree.map(cast, tree)
 
 
-def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: InferenceRecipe | None = None,
-                 dtype: str = "float16", card: str | None = None, provenance: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+def export_model(
+    members: Sequence[Any],
+    out: str | os.PathLike,
+    *,
+    recipe: InferenceRecipe | None = None,
+    dtype: str = "float16",
+    card: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``members`` (LoadedModel objects of one architecture; several = an ensemble)
     as an exported folder ``out``. The recipe defaults to the first member's.
 
@@ -68,8 +75,10 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
     key = lambda m: (m.config.preset, m.config.model, m.config.image_size, m.config.channels)  # noqa: E731
     for m in members[1:]:
         if key(m) != key(first):
-            raise ValueError(f"ensemble members differ: {m.step_dir} is {key(m)}, {first.step_dir} is {key(first)}; "
-                             f"expected one architecture, image size and channel count")
+            raise ValueError(
+                f"ensemble members differ: {m.step_dir} is {key(m)}, {first.step_dir} is {key(first)}; "
+                f"expected one architecture, image size and channel count"
+            )
     out = Path(out)
     _check_export_target(out, [Path(m.step_dir) for m in members], overwrite)
     tmp = new_temp_dir(out)
@@ -82,11 +91,17 @@ def export_model(members: Sequence[Any], out: str | os.PathLike, *, recipe: Infe
             (tmp / name).write_bytes(data)
             files.append(name)
             digests[name] = hashlib.sha256(data).hexdigest()
-        info = {"format": FORMAT, "config": json.loads(json.dumps(config_to_dict(first.config))),
-                "members": files, "member_sha256": digests, "storage_dtype": dtype,
-                "inference": (recipe or first.recipe).to_dict(),
-                "inference_tuned": recipe is not None or first.recipe_tuned,
-                "sources": [str(m.step_dir) for m in members], **({"provenance": provenance} if provenance else {})}
+        info = {
+            "format": FORMAT,
+            "config": json.loads(json.dumps(config_to_dict(first.config))),
+            "members": files,
+            "member_sha256": digests,
+            "storage_dtype": dtype,
+            "inference": (recipe or first.recipe).to_dict(),
+            "inference_tuned": recipe is not None or first.recipe_tuned,
+            "sources": [str(m.step_dir) for m in members],
+            **({"provenance": provenance} if provenance else {}),
+        }
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)
@@ -111,7 +126,8 @@ def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) ->
     for source in sources:
         real = Path(os.path.realpath(source))
         if target == real or target in real.parents:
-            raise ValueError(f"refusing to write the export to {str(out)!r}: it is or holds {str(source)!r}, a "
-                             f"checkpoint being exported; choose another output folder")
+            raise ValueError(
+                f"refusing to write the export to {str(out)!r}: it is or holds {str(source)!r}, a "
+                f"checkpoint being exported; choose another output folder"
+            )
     check_target(out, overwrite, _is_export, f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})")
-

@@ -38,18 +38,39 @@ from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.inference.recipe import RAW, InferenceRecipe
 from unet_jax.models import build_model, init_variables
 
-__all__ = ["LATEST", "BEST", "FORMAT", "MODEL_FILE", "RECIPE_FILE", "NO_RECIPE", "LoadedModel", "load",
-           "bundled_path", "is_exported", "find_checkpoint", "finished_steps", "read_meta", "restore_variables",
-           "check_readable", "check_finite", "check_same_structure", "unreadable_checkpoint",
-           "quiet_missing_metadata", "read_recipe", "read_recipe_file", "save_recipe", "recipe_status",
-           "resolve_threshold", "effective_recipe"]
+__all__ = [
+    "LATEST",
+    "BEST",
+    "FORMAT",
+    "MODEL_FILE",
+    "RECIPE_FILE",
+    "NO_RECIPE",
+    "LoadedModel",
+    "load",
+    "bundled_path",
+    "is_exported",
+    "find_checkpoint",
+    "finished_steps",
+    "read_meta",
+    "restore_variables",
+    "check_readable",
+    "check_finite",
+    "check_same_structure",
+    "unreadable_checkpoint",
+    "quiet_missing_metadata",
+    "read_recipe",
+    "read_recipe_file",
+    "save_recipe",
+    "recipe_status",
+    "resolve_threshold",
+    "effective_recipe",
+]
 
 LATEST, BEST = "latest", "best"
 FORMAT = "unet_jax.exported/1"
 MODEL_FILE = "model.json"
 RECIPE_FILE = "inference.json"
 NO_RECIPE = "raw model output, no tuned recipe"
-
 
 
 class _NoMissingMetadataWarning(logging.Filter):
@@ -105,7 +126,6 @@ class LoadedModel:
         return (self.variables, *self.members)
 
 
-
 def load(path: str | Path | None = None, expect: dict[str, Any] | None = None) -> LoadedModel:
     """The model at ``path``: a run folder (its best, else latest checkpoint), a
     ``checkpoints/{best,latest}`` or step folder, or an exported folder; the bundled model
@@ -117,15 +137,19 @@ def load(path: str | Path | None = None, expect: dict[str, Any] | None = None) -
     if path is None:
         path = bundled_path()
         if not is_exported(path):
-            raise ValueError(f"no bundled model in {str(path)!r}; expected {MODEL_FILE} there (reinstall the "
-                             f"package, or pass --checkpoint)")
+            raise ValueError(
+                f"no bundled model in {str(path)!r}; expected {MODEL_FILE} there (reinstall the "
+                f"package, or pass --checkpoint)"
+            )
     if is_exported(path):
         loaded = _load_exported(path)
         _check_expected(loaded.config, expect, Path(path))
         return loaded
     if Path(path).is_dir() and any(Path(path).glob("member_*.msgpack")):  # an export that lost its model.json
-        raise ValueError(f"exported model {str(path)!r} has no {MODEL_FILE}: {str(Path(path) / MODEL_FILE)!r} does "
-                         f"not exist; expected the file written by `unet-jax export` beside its member_*.msgpack")
+        raise ValueError(
+            f"exported model {str(path)!r} has no {MODEL_FILE}: {str(Path(path) / MODEL_FILE)!r} does "
+            f"not exist; expected the file written by `unet-jax export` beside its member_*.msgpack"
+        )
     return _load_orbax(find_checkpoint(path), expect)
 
 
@@ -140,17 +164,22 @@ def _load_orbax(step_dir: Path, expect: dict[str, Any] | None) -> LoadedModel:
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     variables = restore_variables(step_dir, abstract)
     recipe_file = step_dir / RECIPE_FILE
-    return LoadedModel(model, variables, config, step_dir, read_recipe(step_dir),
-                       recipe_source=str(recipe_file) if recipe_file.is_file() else None)
-
+    return LoadedModel(
+        model,
+        variables,
+        config,
+        step_dir,
+        read_recipe(step_dir),
+        recipe_source=str(recipe_file) if recipe_file.is_file() else None,
+    )
 
 
 def _check_expected(config: TrainConfig, expect: dict[str, Any] | None, where: Path) -> None:
     for key, value in (expect or {}).items():
         if getattr(config, key) != value:
-            raise ValueError(f"checkpoint {str(where)!r} holds {key}={getattr(config, key)!r}; "
-                             f"expected {key}={value!r}")
-
+            raise ValueError(
+                f"checkpoint {str(where)!r} holds {key}={getattr(config, key)!r}; expected {key}={value!r}"
+            )
 
 
 def check_readable(step_dir: Path) -> None:
@@ -191,8 +220,10 @@ def finished_steps(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir()),
-                  key=lambda p: int(p.name))
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "meta").is_dir()),
+        key=lambda p: int(p.name),
+    )
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -254,13 +285,20 @@ def check_finite(variables: Any, source: str | os.PathLike, what: str = "checkpo
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
-            bad.append((jax.tree_util.keystr(path, simple=True, separator="/"),
-                        int(arr.size - np.isfinite(arr).sum()), arr.size))
+            bad.append(
+                (
+                    jax.tree_util.keystr(path, simple=True, separator="/"),
+                    int(arr.size - np.isfinite(arr).sum()),
+                    arr.size,
+                )
+            )
     if bad:
         name, count, size = bad[0]
-        raise ValueError(f"{what} {str(source)!r} holds non-finite weights (NaN or inf) in {len(bad)} parameter "
-                         f"array(s), e.g. {name} ({count} of {size} values); expected finite weights: the file is "
-                         f"damaged, or was saved from a diverged run")
+        raise ValueError(
+            f"{what} {str(source)!r} holds non-finite weights (NaN or inf) in {len(bad)} parameter "
+            f"array(s), e.g. {name} ({count} of {size} values); expected finite weights: the file is "
+            f"damaged, or was saved from a diverged run"
+        )
 
 
 def _local_target(step_dir: Path) -> Any:
@@ -300,10 +338,7 @@ def check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:
     if differ:
         k = differ[0]
         details.append(f"{len(differ)} shape(s) differ, e.g. {k}: checkpoint {have[k]} vs model {need[k]}")
-    raise ValueError(
-        f"checkpoint {str(step_dir)!r} was saved from a different architecture: " + "; ".join(details)
-    )
-
+    raise ValueError(f"checkpoint {str(step_dir)!r} was saved from a different architecture: " + "; ".join(details))
 
 
 def is_exported(path: str | os.PathLike) -> bool:
@@ -315,19 +350,27 @@ def _read_member(file: Path, digest: str | None) -> dict[str, Any]:
     try:
         data = file.read_bytes()
     except OSError as err:
-        raise ValueError(f"exported model member {str(file)!r} could not be read ({err}); expected the file "
-                         f"written by `unet-jax export`") from err
+        raise ValueError(
+            f"exported model member {str(file)!r} could not be read ({err}); expected the file "
+            f"written by `unet-jax export`"
+        ) from err
     if digest is not None and (actual := hashlib.sha256(data).hexdigest()) != digest:
-        raise ValueError(f"exported model member {str(file)!r} is damaged: its SHA-256 is {actual}, "
-                         f"{MODEL_FILE} records {digest}; expected the file written by `unet-jax export`")
+        raise ValueError(
+            f"exported model member {str(file)!r} is damaged: its SHA-256 is {actual}, "
+            f"{MODEL_FILE} records {digest}; expected the file written by `unet-jax export`"
+        )
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as err:  # truncated or corrupt msgpack
-        raise ValueError(f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
-                         f"{str(err)[:200]}); expected the file written by `unet-jax export`") from err
+        raise ValueError(
+            f"exported model member {str(file)!r} could not be read ({type(err).__name__}: "
+            f"{str(err)[:200]}); expected the file written by `unet-jax export`"
+        ) from err
     if not isinstance(raw, dict):
-        raise ValueError(f"exported model member {str(file)!r} holds {type(raw).__name__}; expected the "
-                         f"variables written by `unet-jax export`")
+        raise ValueError(
+            f"exported model member {str(file)!r} holds {type(raw).__name__}; expected the "
+            f"variables written by `unet-jax export`"
+        )
     return {"params": raw.get("params", {}), "batch_stats": raw.get("batch_stats", {})}
 
 
@@ -335,12 +378,15 @@ def _digests(info: dict[str, Any], source: Path) -> dict[str, str]:
     """``member_sha256`` of model.json ({} for an export written before it existed)."""
     digests = info.get("member_sha256", {})
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
-        raise ValueError(f"exported model {str(source)!r} has member_sha256={digests!r}; expected an object "
-                         f"mapping each member file to its SHA-256 (hex)")
+        raise ValueError(
+            f"exported model {str(source)!r} has member_sha256={digests!r}; expected an object "
+            f"mapping each member file to its SHA-256 (hex)"
+        )
     missing = [name for name in info["members"] if name not in digests]
     if digests and missing:
-        raise ValueError(f"exported model {str(source)!r} records no SHA-256 for member(s) {missing}; expected "
-                         f"one per member file")
+        raise ValueError(
+            f"exported model {str(source)!r} records no SHA-256 for member(s) {missing}; expected one per member file"
+        )
     return digests
 
 
@@ -351,8 +397,9 @@ def _load_exported(path: str | os.PathLike) -> LoadedModel:
     try:
         info = json.loads(source.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"exported model {str(source)!r} could not be read ({err}); expected the JSON written "
-                         f"by `unet-jax export`") from err
+        raise ValueError(
+            f"exported model {str(source)!r} could not be read ({err}); expected the JSON written by `unet-jax export`"
+        ) from err
     if info.get("format") != FORMAT:
         raise ValueError(f"exported model {str(source)!r} has format {info.get('format')!r}; expected {FORMAT!r}")
     config = config_from_dict(info["config"], source=str(source))
@@ -370,14 +417,20 @@ def _load_exported(path: str | os.PathLike) -> LoadedModel:
         members.append(jax.tree.map(lambda x: np.asarray(x, np.float32), raw))
     recipe = InferenceRecipe.from_dict(info.get("inference", {}), source=str(source))
     tuned = info.get("inference_tuned", recipe != RAW)  # absent from exports written before it
-    return LoadedModel(model, members[0], config, path, recipe, tuple(members[1:]),
-                       recipe_source=str(source) if tuned is True else None)
+    return LoadedModel(
+        model,
+        members[0],
+        config,
+        path,
+        recipe,
+        tuple(members[1:]),
+        recipe_source=str(source) if tuned is True else None,
+    )
 
 
 def bundled_path() -> Path:
     """The folder of the model shipped inside the package."""
     return Path(str(resources.files("unet_jax") / "bundled"))
-
 
 
 def read_recipe(step_dir: Path) -> InferenceRecipe:
@@ -393,18 +446,22 @@ def read_recipe_file(path: str | Path) -> InferenceRecipe:
     try:
         values = json.loads(path.read_text())
     except OSError as err:
-        raise ValueError(f"inference recipe {str(path)!r} could not be read ({err}); expected an inference.json "
-                         f"file") from err
+        raise ValueError(
+            f"inference recipe {str(path)!r} could not be read ({err}); expected an inference.json file"
+        ) from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"inference recipe {str(path)!r} is not valid JSON ({err}); expected the file "
-                         f"written by `unet-jax train` (delete it to use the raw model output)") from err
+        raise ValueError(
+            f"inference recipe {str(path)!r} is not valid JSON ({err}); expected the file "
+            f"written by `unet-jax train` (delete it to use the raw model output)"
+        ) from err
     if not isinstance(values, dict):
         raise ValueError(f"inference recipe {str(path)!r} holds {type(values).__name__}; expected a JSON object")
     return InferenceRecipe.from_dict(values.get("recipe", values), source=str(path))
 
 
-def save_recipe(loaded: LoadedModel, recipe: InferenceRecipe, report: dict[str, Any] | None = None,
-                run_dir: Path | None = None) -> None:
+def save_recipe(
+    loaded: LoadedModel, recipe: InferenceRecipe, report: dict[str, Any] | None = None, run_dir: Path | None = None
+) -> None:
     """Write the recipe (and its validation report) beside the checkpoint, and a copy in
     the run folder for reading."""
     text = json.dumps(M.to_jsonable({"recipe": recipe.to_dict(), "validation": report}), indent=2) + "\n"
@@ -419,16 +476,19 @@ def recipe_status(loaded: LoadedModel, raw: bool = False) -> dict[str, Any]:
     if raw:
         return {"tuned": False, "source": None, "description": "raw model output (requested)"}
     if loaded.recipe_tuned:
-        return {"tuned": True, "source": loaded.recipe_source,
-                "description": f"tuned recipe{f' from {loaded.recipe_source}' if loaded.recipe_source else ''}: "
-                               f"{loaded.recipe.describe()}"}
+        return {
+            "tuned": True,
+            "source": loaded.recipe_source,
+            "description": f"tuned recipe{f' from {loaded.recipe_source}' if loaded.recipe_source else ''}: "
+            f"{loaded.recipe.describe()}",
+        }
     where = Path(loaded.step_dir)
     hint = ""
-    if where.parent.name == LATEST and any((s / RECIPE_FILE).is_file()
-                                           for s in finished_steps(where.parent.parent / BEST)):
+    if where.parent.name == LATEST and any(
+        (s / RECIPE_FILE).is_file() for s in finished_steps(where.parent.parent / BEST)
+    ):
         hint = f"; the run's best checkpoint has one: pass the run folder {str(where.parent.parent.parent)!r}"
-    return {"tuned": False, "source": None,
-            "description": f"{NO_RECIPE} (no {RECIPE_FILE} with {str(where)!r}{hint})"}
+    return {"tuned": False, "source": None, "description": f"{NO_RECIPE} (no {RECIPE_FILE} with {str(where)!r}{hint})"}
 
 
 def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
@@ -440,8 +500,9 @@ def resolve_threshold(loaded: LoadedModel, threshold: float | None) -> float:
     return float(t)
 
 
-def effective_recipe(loaded: LoadedModel, threshold: float | None = None, flip_tta: bool | None = None,
-                     raw: bool = False) -> InferenceRecipe:
+def effective_recipe(
+    loaded: LoadedModel, threshold: float | None = None, flip_tta: bool | None = None, raw: bool = False
+) -> InferenceRecipe:
     """The recipe evaluate/predict apply: the checkpoint's own (RAW with the config's
     threshold when ``raw``), with an explicit threshold or TTA choice laid over it."""
     recipe = dataclasses.replace(RAW, threshold=loaded.config.threshold) if raw else loaded.recipe
@@ -450,4 +511,3 @@ def effective_recipe(loaded: LoadedModel, threshold: float | None = None, flip_t
     if flip_tta is not None:
         recipe = dataclasses.replace(recipe, flip_tta=bool(flip_tta))
     return recipe
-

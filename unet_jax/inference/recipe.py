@@ -39,11 +39,29 @@ import numpy as np
 
 from unet_jax import metrics as M
 
-__all__ = ["InferenceRecipe", "RAW", "LearnedGate", "GATE_FEATURES", "gate_features", "fit_learned_gate",
-           "connected_components", "fill_holes", "select_components", "gate_score", "recipe_mask",
-           "refine_probabilities", "LEARNED_GATES", "SHAPES", "THRESHOLDS", "RecipeScores", "score_recipes",
-           "choose_recipe", "recipe_outcome",
-           "tune_recipe", "NORMAL_CLASS"]
+__all__ = [
+    "InferenceRecipe",
+    "RAW",
+    "LearnedGate",
+    "GATE_FEATURES",
+    "gate_features",
+    "fit_learned_gate",
+    "connected_components",
+    "fill_holes",
+    "select_components",
+    "gate_score",
+    "recipe_mask",
+    "refine_probabilities",
+    "LEARNED_GATES",
+    "SHAPES",
+    "THRESHOLDS",
+    "RecipeScores",
+    "score_recipes",
+    "choose_recipe",
+    "recipe_outcome",
+    "tune_recipe",
+    "NORMAL_CLASS",
+]
 
 NORMAL_CLASS = 2  # index of "normal" in (benign, malignant, normal)
 GATES = ("none", "class", "max_prob", "area", "learned")
@@ -61,8 +79,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def gate_features(probs: np.ndarray, class_probs: np.ndarray | None, names: Sequence[str] = GATE_FEATURES
-                  ) -> np.ndarray:
+def gate_features(
+    probs: np.ndarray, class_probs: np.ndarray | None, names: Sequence[str] = GATE_FEATURES
+) -> np.ndarray:
     """Image statistics (N, len(names)) of probability maps ``probs`` (N, h, w) and class
     probabilities (N, K) or None: ``max_logit`` logit of the largest pixel probability;
     ``top1_logit`` logit of the mean of the top 1% of pixels; ``log_area`` log of the
@@ -85,8 +104,10 @@ def gate_features(probs: np.ndarray, class_probs: np.ndarray | None, names: Sequ
 
 def _need_class(class_probs: np.ndarray | None) -> np.ndarray:
     if class_probs is None:
-        raise ValueError("a gate on the class head's p(normal) needs a model with a class head "
-                         "(model.class_head=3); expected a gate without 'normal_logit'")
+        raise ValueError(
+            "a gate on the class head's p(normal) needs a model with a class head "
+            "(model.class_head=3); expected a gate without 'normal_logit'"
+        )
     return np.asarray(class_probs, np.float64).reshape(-1, np.shape(class_probs)[-1])
 
 
@@ -106,8 +127,10 @@ class LearnedGate:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.features)
         if not n or any(len(getattr(self, f)) != n for f in ("mean", "scale", "weights")):
-            raise ValueError(f"learned gate: features, mean, scale and weights must have one entry per feature, "
-                             f"got {[len(getattr(self, f)) for f in ('features', 'mean', 'scale', 'weights')]}")
+            raise ValueError(
+                f"learned gate: features, mean, scale and weights must have one entry per feature, "
+                f"got {[len(getattr(self, f)) for f in ('features', 'mean', 'scale', 'weights')]}"
+            )
         if any(f not in GATE_FEATURES for f in self.features):
             raise ValueError(f"learned gate features {list(self.features)}: expected some of {list(GATE_FEATURES)}")
         values = (*self.mean, *self.scale, *self.weights, self.bias)
@@ -120,8 +143,14 @@ class LearnedGate:
         return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.weights) + self.bias)))
 
 
-def fit_learned_gate(probs: np.ndarray, class_probs: np.ndarray | None, has_lesion: np.ndarray,
-                     features: Sequence[str], l2: float = 1.0, iterations: int = 50) -> LearnedGate:
+def fit_learned_gate(
+    probs: np.ndarray,
+    class_probs: np.ndarray | None,
+    has_lesion: np.ndarray,
+    features: Sequence[str],
+    l2: float = 1.0,
+    iterations: int = 50,
+) -> LearnedGate:
     """Fit a :class:`LearnedGate` by L2-penalised logistic regression (Newton's method on
     standardised features; the bias is not penalised). ``has_lesion`` (N,) bool."""
     y = np.asarray(has_lesion, np.float64)
@@ -141,8 +170,13 @@ def fit_learned_gate(probs: np.ndarray, class_probs: np.ndarray | None, has_lesi
         beta -= step
         if np.max(np.abs(step)) < 1e-10:
             break
-    return LearnedGate(tuple(features), tuple(map(float, mean)), tuple(map(float, scale)),
-                       tuple(map(float, beta[:-1])), float(beta[-1]))
+    return LearnedGate(
+        tuple(features),
+        tuple(map(float, mean)),
+        tuple(map(float, scale)),
+        tuple(map(float, beta[:-1])),
+        float(beta[-1]),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,14 +213,23 @@ class InferenceRecipe:
             ("threshold", isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1, "in (0, 1)"),
             ("flip_tta", isinstance(self.flip_tta, bool), "true or false"),
             ("gate", self.gate in GATES, f"one of {list(GATES)}"),
-            ("gate_threshold", isinstance(self.gate_threshold, (int, float)) and 0 <= self.gate_threshold <= 1,
-             "a number in [0, 1]"),
+            (
+                "gate_threshold",
+                isinstance(self.gate_threshold, (int, float)) and 0 <= self.gate_threshold <= 1,
+                "a number in [0, 1]",
+            ),
             ("components", self.components in COMPONENTS, f"one of {list(COMPONENTS)}"),
-            ("min_component_fraction", isinstance(self.min_component_fraction, (int, float))
-             and 0 <= self.min_component_fraction < 1, "a fraction in [0, 1)"),
+            (
+                "min_component_fraction",
+                isinstance(self.min_component_fraction, (int, float)) and 0 <= self.min_component_fraction < 1,
+                "a fraction in [0, 1)",
+            ),
             ("fill_holes", isinstance(self.fill_holes, bool), "true or false"),
-            ("gate_model", (self.gate_model is not None) == (self.gate == "learned"),
-             "a learned gate exactly when gate = 'learned'"),
+            (
+                "gate_model",
+                (self.gate_model is not None) == (self.gate == "learned"),
+                "a learned gate exactly when gate = 'learned'",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -236,7 +279,7 @@ def _neighbour_max(a: np.ndarray) -> np.ndarray:
     out = a.copy()
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
-            np.maximum(out, p[dy:dy + h, dx:dx + w], out=out)
+            np.maximum(out, p[dy : dy + h, dx : dx + w], out=out)
     return out
 
 
@@ -272,8 +315,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, bool)
     background = ~mask
     reach = np.zeros_like(mask)
-    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = (background[0, :], background[-1, :],
-                                                            background[:, 0], background[:, -1])
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = (
+        background[0, :],
+        background[-1, :],
+        background[:, 0],
+        background[:, -1],
+    )
     while True:
         p = np.pad(reach, 1)
         grown = background & (reach | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:])
@@ -300,8 +347,9 @@ def select_components(mask: np.ndarray, recipe: InferenceRecipe) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Applying a recipe
 # --------------------------------------------------------------------------------------
-def gate_score(gate: str, prob: np.ndarray, class_prob: np.ndarray | None, threshold: float,
-               model: LearnedGate | None = None) -> float:
+def gate_score(
+    gate: str, prob: np.ndarray, class_prob: np.ndarray | None, threshold: float, model: LearnedGate | None = None
+) -> float:
     """The image-level score a gate compares with its threshold (higher = more lesion-like
     for max_prob, area and learned; for "class" the normal probability, higher = more
     normal). Gate "learned" needs its ``model``."""
@@ -312,8 +360,10 @@ def gate_score(gate: str, prob: np.ndarray, class_prob: np.ndarray | None, thres
         return float(model.lesion_probability(np.asarray(prob)[None], class_row)[0])
     if gate == "class":
         if class_prob is None:
-            raise ValueError("inference recipe gate = 'class' needs a model with a class head "
-                             "(model.class_head=3); expected gate 'none', 'max_prob' or 'area'")
+            raise ValueError(
+                "inference recipe gate = 'class' needs a model with a class head "
+                "(model.class_head=3); expected gate 'none', 'max_prob' or 'area'"
+            )
         return float(class_prob[NORMAL_CLASS])
     if gate == "max_prob":
         return float(np.max(prob))
@@ -347,8 +397,9 @@ def refine_probabilities(prob: np.ndarray, recipe: InferenceRecipe) -> np.ndarra
     return out
 
 
-def recipe_mask(prob: np.ndarray, class_prob: np.ndarray | None, recipe: InferenceRecipe,
-                size: tuple[int, int]) -> np.ndarray:
+def recipe_mask(
+    prob: np.ndarray, class_prob: np.ndarray | None, recipe: InferenceRecipe, size: tuple[int, int]
+) -> np.ndarray:
     """The final boolean mask (size = (height, width)) of one image's model-resolution
     probabilities ``prob`` (H, W) (flip-averaged already when the recipe says so) and
     class probabilities (K,) or None."""
@@ -362,8 +413,13 @@ def recipe_mask(prob: np.ndarray, class_prob: np.ndarray | None, recipe: Inferen
 # --------------------------------------------------------------------------------------
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 # (components, area floor, fill holes) settings searched.
-SHAPES = (("all", 0.0, False), ("largest", 0.0, False), ("all", 0.01, False), ("all", 0.0, True),
-          ("largest", 0.0, True))
+SHAPES = (
+    ("all", 0.0, False),
+    ("largest", 0.0, False),
+    ("all", 0.01, False),
+    ("all", 0.0, True),
+    ("largest", 0.0, True),
+)
 # The learned gates' designs: statistics of the map alone, or with the class head.
 LEARNED_GATES = {"map": GATE_FEATURES[:4], "map+head": GATE_FEATURES}
 _LEARNED_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -388,9 +444,14 @@ class RecipeScores:
         return (False, 0.5 if 0.5 in self.thresholds else self.thresholds[0], "all", 0.0, False)
 
 
-def score_recipes(probs: np.ndarray, probs_flip: np.ndarray | None, gts: Sequence[np.ndarray], *,
-                  thresholds: Sequence[float] = THRESHOLDS,
-                  progress: Callable[[int, int], None] | None = None) -> RecipeScores:
+def score_recipes(
+    probs: np.ndarray,
+    probs_flip: np.ndarray | None,
+    gts: Sequence[np.ndarray],
+    *,
+    thresholds: Sequence[float] = THRESHOLDS,
+    progress: Callable[[int, int], None] | None = None,
+) -> RecipeScores:
     """Score every ungated setting (flip x threshold x :data:`SHAPES`) on every image.
 
     probs, probs_flip: (N, h, w) model-resolution probabilities of the images and of their
@@ -405,8 +466,9 @@ def score_recipes(probs: np.ndarray, probs_flip: np.ndarray | None, gts: Sequenc
     gts = [np.asarray(g, bool) for g in gts]
     table = {}
     for k, (flip, t, (comp, floor, fill)) in enumerate(combos):
-        recipe = InferenceRecipe(threshold=t, flip_tta=flip, components=comp, min_component_fraction=floor,
-                                 fill_holes=fill)
+        recipe = InferenceRecipe(
+            threshold=t, flip_tta=flip, components=comp, min_component_fraction=floor, fill_holes=fill
+        )
         dice, iou, empty = np.zeros(n), np.zeros(n), np.zeros(n, bool)
         for i in range(n):
             mask = recipe_mask(variants[flip][i], None, recipe, gts[i].shape)
@@ -434,8 +496,9 @@ def _scores(dice: np.ndarray, empty: np.ndarray, is_lesion: np.ndarray) -> dict[
     }
 
 
-def _gate_off(scores: RecipeScores, recipe: InferenceRecipe, class_probs: np.ndarray | None,
-              idx: np.ndarray) -> np.ndarray:
+def _gate_off(
+    scores: RecipeScores, recipe: InferenceRecipe, class_probs: np.ndarray | None, idx: np.ndarray
+) -> np.ndarray:
     """Which of the images ``idx`` the recipe's gate empties (exactly as recipe_mask does)."""
     prob = scores.variants[recipe.flip_tta][idx]
     g = recipe.gate_threshold
@@ -451,8 +514,9 @@ def _gate_off(scores: RecipeScores, recipe: InferenceRecipe, class_probs: np.nda
     return recipe.gate_model.lesion_probability(prob, cls) < g
 
 
-def recipe_outcome(scores: RecipeScores, recipe: InferenceRecipe, class_probs: np.ndarray | None,
-                   idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def recipe_outcome(
+    scores: RecipeScores, recipe: InferenceRecipe, class_probs: np.ndarray | None, idx: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Dice, IoU, predicted empty) of the images ``idx`` (default: all) under ``recipe``,
     whose segmentation setting must be one of the scored ones; an emptied normal image
     scores 1, an emptied lesion image 0."""
@@ -466,8 +530,9 @@ def recipe_outcome(scores: RecipeScores, recipe: InferenceRecipe, class_probs: n
     return np.where(off, normal, dice), np.where(off, normal, iou), empty | off
 
 
-def _gate_options(scores: RecipeScores, class_probs: np.ndarray | None, idx: np.ndarray,
-                  learned: Sequence[str]) -> list[tuple[str, float, dict[bool, LearnedGate | None]]]:
+def _gate_options(
+    scores: RecipeScores, class_probs: np.ndarray | None, idx: np.ndarray, learned: Sequence[str]
+) -> list[tuple[str, float, dict[bool, LearnedGate | None]]]:
     # Order matters on ties (the earlier option is kept). A class head was trained to tell
     # normal images from lesion images, so its gate comes first: it stays on unless the
     # tuning images say it costs Dice. Then no gate, then the hand-made rules, then the
@@ -483,8 +548,9 @@ def _gate_options(scores: RecipeScores, class_probs: np.ndarray | None, idx: np.
         if lesion.all() or not lesion.any():
             break
         cls = None if class_probs is None else np.asarray(class_probs)[idx]
-        models = {flip: fit_learned_gate(v[idx], cls, lesion, LEARNED_GATES[design])
-                  for flip, v in scores.variants.items()}
+        models = {
+            flip: fit_learned_gate(v[idx], cls, lesion, LEARNED_GATES[design]) for flip, v in scores.variants.items()
+        }
         options += [(f"learned {design}", g, models) for g in _LEARNED_THRESHOLDS]
     return options
 
@@ -495,9 +561,15 @@ def _with_gate(base: InferenceRecipe, gate: str, g: float, models: dict) -> Infe
     return dataclasses.replace(base, gate=gate, gate_threshold=g)
 
 
-def choose_recipe(scores: RecipeScores, class_probs: np.ndarray | None, *, idx: np.ndarray | None = None,
-                  max_lesion_empty: float = 0.05, tuned_on: str = "validation split",
-                  learned_gates: Sequence[str] = ()) -> tuple[InferenceRecipe, dict[str, Any]]:
+def choose_recipe(
+    scores: RecipeScores,
+    class_probs: np.ndarray | None,
+    *,
+    idx: np.ndarray | None = None,
+    max_lesion_empty: float = 0.05,
+    tuned_on: str = "validation split",
+    learned_gates: Sequence[str] = (),
+) -> tuple[InferenceRecipe, dict[str, Any]]:
     """Choose the recipe on the images ``idx`` (default: all) of ``scores``; returns
     ``(recipe, report)``. The objective is the mean Dice over those images (an emptied
     normal image scores 1) with at most ``max_lesion_empty`` of the lesion images emptied.
@@ -510,8 +582,12 @@ def choose_recipe(scores: RecipeScores, class_probs: np.ndarray | None, *, idx: 
     if unknown:
         raise ValueError(f"learned gate designs {unknown}: expected some of {list(LEARNED_GATES)}")
     options = _gate_options(scores, class_probs, idx, learned_gates)
-    bases = {key: InferenceRecipe(threshold=key[1], flip_tta=key[0], components=key[2],
-                                  min_component_fraction=key[3], fill_holes=key[4]) for key in scores.table}
+    bases = {
+        key: InferenceRecipe(
+            threshold=key[1], flip_tta=key[0], components=key[2], min_component_fraction=key[3], fill_holes=key[4]
+        )
+        for key in scores.table
+    }
 
     def outcome(recipe: InferenceRecipe) -> tuple[np.ndarray, np.ndarray]:
         dice, _, empty = recipe_outcome(scores, recipe, class_probs, idx)
@@ -526,9 +602,14 @@ def choose_recipe(scores: RecipeScores, class_probs: np.ndarray | None, *, idx: 
                 best, best_value = recipe, value
     raw = bases[scores.raw_key]
     recipe = dataclasses.replace(best if best is not None else raw, tuned_on=tuned_on)  # None: even raw is over budget
-    report: dict[str, Any] = {"images": int(len(idx)), "lesion_images": int(is_lesion.sum()),
-                              "max_lesion_empty": max_lesion_empty, "recipe": recipe.to_dict(),
-                              "chosen": _scores(*outcome(recipe), is_lesion), "raw": _scores(*outcome(raw), is_lesion)}
+    report: dict[str, Any] = {
+        "images": int(len(idx)),
+        "lesion_images": int(is_lesion.sum()),
+        "max_lesion_empty": max_lesion_empty,
+        "recipe": recipe.to_dict(),
+        "chosen": _scores(*outcome(recipe), is_lesion),
+        "raw": _scores(*outcome(raw), is_lesion),
+    }
     levers: dict[str, dict[str, float]] = {}
     if (True, *scores.raw_key[1:]) in bases:
         levers["flip TTA"] = _scores(*outcome(bases[(True, *scores.raw_key[1:])]), is_lesion)
@@ -539,8 +620,10 @@ def choose_recipe(scores: RecipeScores, class_probs: np.ndarray | None, *, idx: 
     levers["drop components < 1%"] = _scores(*outcome(bases[(False, t, "all", 0.01, False)]), is_lesion)
     levers["fill holes"] = _scores(*outcome(bases[(False, t, "all", 0.0, True)]), is_lesion)
     for name in dict.fromkeys(gate for gate, _, _ in options if gate != "none"):
-        scored = [(_objective(*outcome(r), is_lesion, max_lesion_empty), r)
-                  for r in (_with_gate(raw, gate, g, m) for gate, g, m in options if gate == name)]
+        scored = [
+            (_objective(*outcome(r), is_lesion, max_lesion_empty), r)
+            for r in (_with_gate(raw, gate, g, m) for gate, g, m in options if gate == name)
+        ]
         scored = [s for s in scored if np.isfinite(s[0])]
         if scored:
             r = max(scored, key=lambda s: s[0])[1]
@@ -549,10 +632,18 @@ def choose_recipe(scores: RecipeScores, class_probs: np.ndarray | None, *, idx: 
     return recipe, report
 
 
-def tune_recipe(probs: np.ndarray, probs_flip: np.ndarray | None, class_probs: np.ndarray | None,
-                gts: Sequence[np.ndarray], *, thresholds: Sequence[float] = THRESHOLDS,
-                max_lesion_empty: float = 0.05, tuned_on: str = "validation split", learned_gates: Sequence[str] = (),
-                progress: Callable[[int, int], None] | None = None) -> tuple[InferenceRecipe, dict[str, Any]]:
+def tune_recipe(
+    probs: np.ndarray,
+    probs_flip: np.ndarray | None,
+    class_probs: np.ndarray | None,
+    gts: Sequence[np.ndarray],
+    *,
+    thresholds: Sequence[float] = THRESHOLDS,
+    max_lesion_empty: float = 0.05,
+    tuned_on: str = "validation split",
+    learned_gates: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[InferenceRecipe, dict[str, Any]]:
     """Choose the recipe on validation predictions: :func:`score_recipes` then
     :func:`choose_recipe` on all of them; returns ``(recipe, report)``.
 
@@ -561,8 +652,8 @@ def tune_recipe(probs: np.ndarray, probs_flip: np.ndarray | None, class_probs: n
     (an all-zero mask is a normal image).
     """
     if probs.shape[0] != len(gts) or not len(gts):
-        raise ValueError(f"tune_recipe: {probs.shape[0]} probability maps for {len(gts)} masks; "
-                         f"expected as many, >= 1")
+        raise ValueError(f"tune_recipe: {probs.shape[0]} probability maps for {len(gts)} masks; expected as many, >= 1")
     scores = score_recipes(probs, probs_flip, gts, thresholds=thresholds, progress=progress)
-    return choose_recipe(scores, class_probs, max_lesion_empty=max_lesion_empty, tuned_on=tuned_on,
-                         learned_gates=learned_gates)
+    return choose_recipe(
+        scores, class_probs, max_lesion_empty=max_lesion_empty, tuned_on=tuned_on, learned_gates=learned_gates
+    )

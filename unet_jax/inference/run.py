@@ -20,8 +20,7 @@ from unet_jax.inference.model import LoadedModel
 from unet_jax.inference.recipe import InferenceRecipe, tune_recipe
 from unet_jax.models import needs_box_prompts, run_model
 
-__all__ = ["predict_probabilities", "predict_class_probabilities", "predict_outputs", "prompt_boxes",
-           "tune_inference"]
+__all__ = ["predict_probabilities", "predict_class_probabilities", "predict_outputs", "prompt_boxes", "tune_inference"]
 
 
 def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None) -> Any:
@@ -29,35 +28,42 @@ def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("model", "flip"))
-def _probabilities(model: Any, variables: dict[str, Any], images_u8: jax.Array, boxes: jax.Array | None,
-                   flip: bool) -> tuple[jax.Array | None, jax.Array | None]:
+def _probabilities(
+    model: Any, variables: dict[str, Any], images_u8: jax.Array, boxes: jax.Array | None, flip: bool
+) -> tuple[jax.Array | None, jax.Array | None]:
     x = images_u8.astype(jnp.float32) / 255.0
     mask_logits, class_logits = _outputs(model, variables, x, boxes)
     prob = None if mask_logits is None else jax.nn.sigmoid(mask_logits[..., 0])
     if flip and prob is not None:  # test-time augmentation: average with the mirrored image's prediction
         width = x.shape[2]
-        mirrored_boxes = None if boxes is None else jnp.stack(
-            [width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=-1)
+        mirrored_boxes = (
+            None
+            if boxes is None
+            else jnp.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=-1)
+        )
         mirrored, _ = _outputs(model, variables, x[:, :, ::-1], mirrored_boxes)
         prob = 0.5 * (prob + jax.nn.sigmoid(mirrored[..., 0])[:, :, ::-1])
     return prob, (None if class_logits is None else jax.nn.softmax(class_logits, axis=-1))
 
 
-def _member_outputs(loaded: LoadedModel, chunk: np.ndarray, box_chunk: np.ndarray | None,
-                    flip_tta: bool) -> tuple[Any, Any]:
+def _member_outputs(
+    loaded: LoadedModel, chunk: np.ndarray, box_chunk: np.ndarray | None, flip_tta: bool
+) -> tuple[Any, Any]:
     """Both heads' probabilities for one batch, averaged over the ensemble's members."""
     prob_sum, class_sum = None, None
     for variables in loaded.all_variables:
-        prob, cls = _probabilities(loaded.model, variables, jnp.asarray(chunk),
-                                   None if box_chunk is None else jnp.asarray(box_chunk), flip_tta)
+        prob, cls = _probabilities(
+            loaded.model, variables, jnp.asarray(chunk), None if box_chunk is None else jnp.asarray(box_chunk), flip_tta
+        )
         prob_sum = prob if prob_sum is None else prob_sum + prob
         class_sum = cls if class_sum is None else class_sum + cls
     k = len(loaded.all_variables)
     return (None if prob_sum is None else prob_sum / k), (None if class_sum is None else class_sum / k)
 
 
-def _batched_heads(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
-                   flip_tta: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _batched_heads(
+    loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int, flip_tta: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Both heads' probabilities over ``images_u8`` in fixed-size batches, one model pass
     per batch (and member); None for a head the model lacks."""
     n = images_u8.shape[0]
@@ -79,18 +85,26 @@ def _batched_heads(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray
     return tuple(None if parts[0][k] is None else np.concatenate([p[k] for p in parts]) for k in (0, 1))
 
 
-def _batched(loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int,
-             flip_tta: bool, which: int) -> np.ndarray:
+def _batched(
+    loaded: LoadedModel, images_u8: np.ndarray, boxes: np.ndarray | None, batch_size: int, flip_tta: bool, which: int
+) -> np.ndarray:
     out = _batched_heads(loaded, images_u8, boxes, batch_size, flip_tta)[which]
     if out is None:
         head = "mask" if which == 0 else "class"
-        raise ValueError(f"{loaded.config.preset} has no {head} head; expected a "
-                         f"{'segmentation' if which == 0 else 'classification'} model")
+        raise ValueError(
+            f"{loaded.config.preset} has no {head} head; expected a "
+            f"{'segmentation' if which == 0 else 'classification'} model"
+        )
     return out
 
 
-def predict_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batch_size: int = 16,
-                          flip_tta: bool = False, boxes: np.ndarray | None = None) -> np.ndarray:
+def predict_probabilities(
+    loaded: LoadedModel,
+    images_u8: np.ndarray,
+    batch_size: int = 16,
+    flip_tta: bool = False,
+    boxes: np.ndarray | None = None,
+) -> np.ndarray:
     """Foreground probabilities (N, H, W) float32 for uint8 images (N, H, W, C) at the
     training size. Box-prompted models need ``boxes`` (N, 4) xyxy in those pixels."""
     return _batched(loaded, images_u8, boxes, batch_size, flip_tta, 0)
@@ -101,8 +115,9 @@ def predict_class_probabilities(loaded: LoadedModel, images_u8: np.ndarray, batc
     return _batched(loaded, images_u8, None, batch_size, False, 1)
 
 
-def predict_outputs(loaded: LoadedModel, images_u8: np.ndarray, flip_tta: bool = False,
-                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_outputs(
+    loaded: LoadedModel, images_u8: np.ndarray, flip_tta: bool = False, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``(mask probabilities (N, H, W), class probabilities (N, K) or None)`` of an
     unprompted segmenter (its ensemble members averaged)."""
     probs, classes = _batched_heads(loaded, images_u8, None, batch_size or loaded.config.eval_batch_size, flip_tta)
@@ -116,17 +131,30 @@ def prompt_boxes(dataset: BusiDataset) -> np.ndarray:
     return np.asarray(boxes_from_masks(jnp.asarray(dataset.masks, jnp.float32)))
 
 
-def tune_inference(loaded: LoadedModel, dataset: BusiDataset, *, max_lesion_empty: float = 0.05,
-                   tuned_on: str = "validation split",
-                   progress: Callable[[int, int], None] | None = None) -> tuple[InferenceRecipe, dict[str, Any]]:
+def tune_inference(
+    loaded: LoadedModel,
+    dataset: BusiDataset,
+    *,
+    max_lesion_empty: float = 0.05,
+    tuned_on: str = "validation split",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[InferenceRecipe, dict[str, Any]]:
     """Choose the inference recipe of ``loaded`` on ``dataset`` (a validation split, read
     with its native masks when available): see unet_jax.inference.recipe.tune_recipe."""
     if needs_box_prompts(loaded.model):
-        raise ValueError(f"{loaded.config.preset} is box-prompted: its masks come from ground-truth boxes, "
-                         f"there is no recipe to tune")
+        raise ValueError(
+            f"{loaded.config.preset} is box-prompted: its masks come from ground-truth boxes, "
+            f"there is no recipe to tune"
+        )
     probs, classes = predict_outputs(loaded, dataset.images_u8, False)
     flipped = predict_probabilities(loaded, dataset.images_u8[:, :, ::-1], loaded.config.eval_batch_size)[:, :, ::-1]
     gts = list(dataset.original_masks) if dataset.original_masks else [m[..., 0] > 0 for m in dataset.masks]
-    return tune_recipe(probs, np.ascontiguousarray(flipped), classes, gts, max_lesion_empty=max_lesion_empty,
-                       tuned_on=tuned_on, progress=progress)
-
+    return tune_recipe(
+        probs,
+        np.ascontiguousarray(flipped),
+        classes,
+        gts,
+        max_lesion_empty=max_lesion_empty,
+        tuned_on=tuned_on,
+        progress=progress,
+    )

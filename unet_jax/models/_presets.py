@@ -10,8 +10,10 @@ __all__ = ["FIELD_RULES", "check_fields", "from_preset"]
 
 
 def _integer(low: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
-            "a positive integer" if low == 1 else f"an integer >= {low}")
+    return (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+        "a positive integer" if low == 1 else f"an integer >= {low}",
+    )
 
 
 def _number(test: Callable[[float], bool], text: str) -> tuple[Callable[[Any], bool], str]:
@@ -20,8 +22,10 @@ def _number(test: Callable[[float], bool], text: str) -> tuple[Callable[[Any], b
 
 # The rules a field of that name obeys in every model that has it: (test, expected).
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{name: _integer(1) for name in ("features", "depth", "convs_per_block", "kernel_size", "up_kernel",
-                                       "in_channels", "num_classes")},
+    **{
+        name: _integer(1)
+        for name in ("features", "depth", "convs_per_block", "kernel_size", "up_kernel", "in_channels", "num_classes")
+    },
     "class_head": _integer(0),
     "dropout_rate": _number(lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "bn_momentum": _number(lambda v: 0 <= v <= 1, "a number in [0, 1] (the running average's decay)"),
@@ -40,15 +44,17 @@ def check_fields(cls: type, values: Mapping[str, Any]) -> None:
             raise ValueError(f"model.{name} = {value!r}: expected {rule[1]} ({cls.__name__})")
         hint = hints.get(name)
         if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
-            raise ValueError(f"model.{name} = {value!r}: expected one of {list(typing.get_args(hint))} "
-                             f"({cls.__name__})")
+            raise ValueError(
+                f"model.{name} = {value!r}: expected one of {list(typing.get_args(hint))} ({cls.__name__})"
+            )
     own = getattr(cls, "check_fields", None)
     if own is not None:
         own(values)
 
 
-def from_preset(family: str, presets: Mapping[str, Any], name: str, overrides: Mapping[str, Any],
-                cls: type | None = None) -> Any:
+def from_preset(
+    family: str, presets: Mapping[str, Any], name: str, overrides: Mapping[str, Any], cls: type | None = None
+) -> Any:
     """``cls(**{**presets[name], **overrides})``; an entry may also be ``(cls, keywords)``.
 
     An unknown name is a ``ValueError`` listing the family's presets; an unknown field one

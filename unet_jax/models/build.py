@@ -25,8 +25,14 @@ Outputs = tuple[jax.Array | None, jax.Array | None]
 
 def build_model(config: TrainConfig) -> Any:
     """The run's model: preset + overrides, the data's channels, the compute dtype."""
-    return create_model(config.preset, **{"in_channels": config.channels, **config.model,
-                                          "dtype": None if config.dtype == "float32" else config.dtype})
+    return create_model(
+        config.preset,
+        **{
+            "in_channels": config.channels,
+            **config.model,
+            "dtype": None if config.dtype == "float32" else config.dtype,
+        },
+    )
 
 
 def init_variables(model: Any, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -52,13 +58,21 @@ def split_outputs(out: Any) -> Outputs:
         return out, None
     if out.ndim == 2:
         return None, out
-    raise ValueError(f"model output of shape {tuple(out.shape)}: expected (B, H, W, K) mask logits, "
-                     f"(B, K) class logits or a dict of both")
+    raise ValueError(
+        f"model output of shape {tuple(out.shape)}: expected (B, H, W, K) mask logits, "
+        f"(B, K) class logits or a dict of both"
+    )
 
 
-def run_model(apply_fn: Callable[..., Any], variables: dict[str, Any], images: jax.Array,
-              boxes: jax.Array | None = None, *, train: bool = False,
-              rngs: dict[str, jax.Array] | None = None) -> tuple[Outputs, dict[str, Any]]:
+def run_model(
+    apply_fn: Callable[..., Any],
+    variables: dict[str, Any],
+    images: jax.Array,
+    boxes: jax.Array | None = None,
+    *,
+    train: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> tuple[Outputs, dict[str, Any]]:
     """The model (``apply_fn``: ``model.apply``) on ``images`` (N, H, W, C) in [0, 1]:
     ``((mask_logits, class_logits), batch-norm updates)``.
 
@@ -80,6 +94,7 @@ def model_heads(model: Any, config: TrainConfig) -> tuple[bool, bool]:
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
     images = jax.ShapeDtypeStruct(shape, jnp.float32)
     boxes = jax.ShapeDtypeStruct((1, 4), jnp.float32) if needs_box_prompts(model) else None
-    mask_logits, class_logits = jax.eval_shape(lambda v, x, b: run_model(model.apply, v, x, b)[0],
-                                               variables, images, boxes)
+    mask_logits, class_logits = jax.eval_shape(
+        lambda v, x, b: run_model(model.apply, v, x, b)[0], variables, images, boxes
+    )
     return mask_logits is not None, class_logits is not None

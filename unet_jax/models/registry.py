@@ -15,8 +15,15 @@ from typing import Any
 
 from unet_jax.config import TrainConfig, field_types, parse_value
 
-__all__ = ["FAMILIES", "model_names", "model_family", "create_model", "model_fields", "needs_box_prompts",
-           "apply_overrides"]
+__all__ = [
+    "FAMILIES",
+    "model_names",
+    "model_family",
+    "create_model",
+    "model_fields",
+    "needs_box_prompts",
+    "apply_overrides",
+]
 
 # family -> (module, its preset table, its constructor). Imported on first use: the SAM
 # port is large and most runs never touch it.
@@ -33,8 +40,7 @@ def _family_module(family: str) -> Any:
 
 def model_names() -> dict[str, list[str]]:
     """Every preset name, by family."""
-    return {family: sorted(getattr(_family_module(family), table))
-            for family, (_, table, _) in FAMILIES.items()}
+    return {family: sorted(getattr(_family_module(family), table)) for family, (_, table, _) in FAMILIES.items()}
 
 
 def model_family(name: str) -> str:
@@ -64,7 +70,6 @@ def needs_box_prompts(model: Any) -> bool:
     return bool(getattr(type(model), "box_prompts", False))
 
 
-
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """``config`` with ``key=value`` overrides; ``model.FIELD=value`` sets a field of the
     preset's model (the preset as overridden in the same list)."""
@@ -83,10 +88,11 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         fields = model_fields(preset)
         hints = typing.get_type_hints(type(create_model(preset)))
     for item, key, text in model_items:
-        field = key[len("model."):]
+        field = key[len("model.") :]
         if field not in fields:
-            raise ValueError(f"override {item!r}: unknown model field {field!r} of preset {preset!r}; "
-                             f"known: {sorted(fields)}")
+            raise ValueError(
+                f"override {item!r}: unknown model field {field!r} of preset {preset!r}; known: {sorted(fields)}"
+            )
         model[field] = parse_value(key, text, hints.get(field, Any))
     for item, key, text in pairs:
         if key.startswith("model."):
@@ -99,4 +105,3 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     if model_items:  # the model's own checks (a bad value names its field), before any work
         create_model(preset, **model)
     return dataclasses.replace(config, **changes)
-

@@ -76,9 +76,7 @@ def _batch_norm(module: nn.Module, name: str, train: bool) -> Callable[[jax.Arra
 
 def _check_image(label: str, x: jax.Array, channels: int) -> None:
     if x.ndim != 4 or x.shape[-1] != channels:
-        raise ValueError(
-            f"{label}: input must be (batch, height, width, {channels}), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{label}: input must be (batch, height, width, {channels}), got shape {tuple(x.shape)}")
 
 
 def _global_average_pool(x: jax.Array) -> jax.Array:
@@ -404,9 +402,7 @@ def check_resnet_input_size(hw: Sequence[int], multiple: int = 32) -> tuple[int,
     """
     for axis, n in zip(("height", "width"), hw):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(
-                f"input {axis} must be a positive integer, got {n!r}; smallest valid size: {multiple}"
-            )
+            raise ValueError(f"input {axis} must be a positive integer, got {n!r}; smallest valid size: {multiple}")
         if n % multiple:
             below, above = (n // multiple) * multiple, (n // multiple + 1) * multiple
             nearest = " or ".join(str(m) for m in (below, above) if m > 0)

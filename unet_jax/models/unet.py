@@ -194,8 +194,10 @@ class UNet(nn.Module):
         """The U-Net's own constraints between fields (the shared rules are in
         ``models._presets.FIELD_RULES``): a 'SAME' convolution needs an odd kernel."""
         if values.get("padding") == "SAME" and values.get("kernel_size", 3) % 2 == 0:
-            raise ValueError(f"model.kernel_size = {values['kernel_size']}: expected an odd size with "
-                             f"padding 'SAME' (an even kernel cannot keep the size; or model.padding=VALID) (UNet)")
+            raise ValueError(
+                f"model.kernel_size = {values['kernel_size']}: expected an odd size with "
+                f"padding 'SAME' (an even kernel cannot keep the size; or model.padding=VALID) (UNet)"
+            )
 
     def _block(self, features: int, name: str) -> ConvBlock:
         return ConvBlock(
@@ -224,8 +226,7 @@ class UNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
-                f"UNet: input must be (batch, height, width, {self.in_channels}), "
-                f"got shape {tuple(x.shape)}"
+                f"UNet: input must be (batch, height, width, {self.in_channels}), got shape {tuple(x.shape)}"
             )
         check_input_size(x.shape[1:3], self._size_spec())
         if self.layout not in ("NHWC", "NCHW"):
@@ -296,8 +297,7 @@ class UNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # Input/output sizes from the layer formulas
 # --------------------------------------------------------------------------------------
-def _trace_size(n: int, depth: int, convs_per_block: int, kernel_size: int, padding: str,
-                up_kernel: int) -> int | None:
+def _trace_size(n: int, depth: int, convs_per_block: int, kernel_size: int, padding: str, up_kernel: int) -> int | None:
     """Output length for input length ``n``, or ``None`` if ``n`` is not accepted.
 
     Follows one spatial axis through the network with the report's size formulas.
@@ -392,8 +392,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # halving the channels, centre-cropped skips, 1x1 head to the paper's 2 classes:
     # 18 + 4 + 1 = 23 convolutional layers; 572x572 -> 388x388.
     "ronneberger": dict(
-        features=64, depth=4, convs_per_block=2, kernel_size=3, padding="VALID",
-        norm="none", dropout_rate=0.0, up_kernel=2, in_channels=1, num_classes=2,
+        features=64,
+        depth=4,
+        convs_per_block=2,
+        kernel_size=3,
+        padding="VALID",
+        norm="none",
+        dropout_rate=0.0,
+        up_kernel=2,
+        in_channels=1,
+        num_classes=2,
         use_bias=True,
     ),
     # The notebook behind the report's numbers (Keras): 16 base features, three 3x3
@@ -401,16 +409,36 @@ PRESETS: dict[str, dict[str, Any]] = {
     # concatenation, 3x3 stride-2 transposed convolutions, 1x1 sigmoid head, RGB input.
     # Keras BatchNormalization defaults: momentum 0.99, epsilon 1e-3.
     "seed": dict(
-        features=16, depth=4, convs_per_block=3, kernel_size=3, padding="SAME",
-        norm="batch", dropout_rate=0.2, up_kernel=3, in_channels=3, num_classes=1,
-        use_bias=True, bn_momentum=0.99, bn_epsilon=1e-3,
+        features=16,
+        depth=4,
+        convs_per_block=3,
+        kernel_size=3,
+        padding="SAME",
+        norm="batch",
+        dropout_rate=0.2,
+        up_kernel=3,
+        in_channels=3,
+        num_classes=1,
+        use_bias=True,
+        bn_momentum=0.99,
+        bn_epsilon=1e-3,
     ),
     # The common modern variant: 64-wide, 'same' padding, conv(no bias) + BN + ReLU,
     # 2x2 up-convolutions, grayscale input; PyTorch batch-norm defaults.
     "padded": dict(
-        features=64, depth=4, convs_per_block=2, kernel_size=3, padding="SAME",
-        norm="batch", dropout_rate=0.0, up_kernel=2, in_channels=1, num_classes=1,
-        use_bias=False, bn_momentum=0.9, bn_epsilon=1e-5,
+        features=64,
+        depth=4,
+        convs_per_block=2,
+        kernel_size=3,
+        padding="SAME",
+        norm="batch",
+        dropout_rate=0.0,
+        up_kernel=2,
+        in_channels=1,
+        num_classes=1,
+        use_bias=False,
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
     ),
 }
 
@@ -425,7 +453,6 @@ def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
     from unet_jax.models._presets import from_preset
 
     return from_preset("", PRESETS, preset, overrides, UNet)
-
 
 
 def fold_batch_norm(model: UNet, variables: dict[str, Any]) -> tuple[UNet, dict[str, Any]]:
@@ -449,7 +476,9 @@ def fold_batch_norm(model: UNet, variables: dict[str, Any]) -> tuple[UNet, dict[
             conv, bn, st = group[f"conv{i}"], group[f"bn{i}"], stats[name][f"bn{i}"]
             g = bn["scale"] * jax.lax.rsqrt(st["var"] + model.bn_epsilon)
             bias = conv["bias"] if "bias" in conv else jnp.zeros_like(g)
-            block[f"conv{i}"] = {"kernel": conv["kernel"] * g.reshape(1, 1, 1, -1),
-                                 "bias": (bias - st["mean"]) * g + bn["bias"]}
+            block[f"conv{i}"] = {
+                "kernel": conv["kernel"] * g.reshape(1, 1, 1, -1),
+                "bias": (bias - st["mean"]) * g + bn["bias"],
+            }
         folded[name] = block
     return model.clone(norm="none", use_bias=True), {"params": folded}

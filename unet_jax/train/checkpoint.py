@@ -74,16 +74,17 @@ class CheckpointStore:
         check_readable(Path(manager.directory) / str(step))
         try:
             with quiet_missing_metadata():
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                         meta=ocp.args.JsonRestore()))
+                restored = manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+                )
         except Exception as err:  # orbax/tensorstore raise several types for damaged files
             raise unreadable_checkpoint(Path(manager.directory) / str(step), err) from err
         tree = restored["state"]
-        state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                              opt_state=tree["opt_state"])
+        state = state.replace(
+            step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"]
+        )
         return state, dict(restored["meta"])
 
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
-

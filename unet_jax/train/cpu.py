@@ -33,8 +33,9 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_device_count(cpu_devices: int, batch_sizes: tuple[int, ...], distributed: bool = False,
-                     cores: int | None = None) -> int:
+def cpu_device_count(
+    cpu_devices: int, batch_sizes: tuple[int, ...], distributed: bool = False, cores: int | None = None
+) -> int:
     """The number of CPU devices for a run: ``cpu_devices`` if set (> 0); otherwise two
     when this process may use two or more cores and every batch size is even (each batch
     is split over the devices), else one. A multi-process run keeps one device per process

@@ -29,8 +29,18 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Launch", "PeerLost", "launch_from", "initialize", "is_primary", "sync", "agree", "to_host",
-           "is_peer_failure", "ENV_VARS"]
+__all__ = [
+    "Launch",
+    "PeerLost",
+    "launch_from",
+    "initialize",
+    "is_primary",
+    "sync",
+    "agree",
+    "to_host",
+    "is_peer_failure",
+    "ENV_VARS",
+]
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -49,8 +59,12 @@ class Launch:
     process_id: int
 
 
-def launch_from(coordinator: str | None = None, num_processes: int | None = None,
-                process_id: int | None = None, environ: Mapping[str, str] | None = None) -> Launch | None:
+def launch_from(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Launch | None:
     """The launch given by flags, else by JAX's environment variables; ``None`` when neither
     gives any (then :func:`initialize` leaves it to JAX's cluster detection). Giving some
     but not all three is a ``ValueError`` naming the missing ones."""
@@ -61,13 +75,17 @@ def launch_from(coordinator: str | None = None, num_processes: int | None = None
             given[field] = environ[var]
     if all(v is None for v in given.values()):
         return None
-    flags = {"coordinator": "--coordinator / JAX_COORDINATOR_ADDRESS",
-             "num_processes": "--num-processes / JAX_NUM_PROCESSES",
-             "process_id": "--process-id / JAX_PROCESS_ID"}
+    flags = {
+        "coordinator": "--coordinator / JAX_COORDINATOR_ADDRESS",
+        "num_processes": "--num-processes / JAX_NUM_PROCESSES",
+        "process_id": "--process-id / JAX_PROCESS_ID",
+    }
     missing = [flags[k] for k, v in given.items() if v is None]
     if missing:
-        raise ValueError(f"a multi-process launch needs all of coordinator, process count and process id; "
-                         f"missing {', '.join(missing)}")
+        raise ValueError(
+            f"a multi-process launch needs all of coordinator, process count and process id; "
+            f"missing {', '.join(missing)}"
+        )
     address = str(given["coordinator"])
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -101,8 +119,9 @@ def initialize(launch: Launch | None = None, heartbeat_timeout_s: int = 100) -> 
     if launch is None:
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     else:
-        jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+        jax.distributed.initialize(
+            launch.coordinator, launch.num_processes, launch.process_id, heartbeat_timeout_seconds=heartbeat_timeout_s
+        )
 
 
 def is_primary() -> bool:
@@ -135,8 +154,10 @@ def to_host(tree: Any) -> Any:
     def one(x: Any) -> Any:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if not x.is_fully_replicated:
-                raise ValueError(f"array of shape {x.shape} is sharded across processes; expected a replicated "
-                                 f"array (gather it first)")
+                raise ValueError(
+                    f"array of shape {x.shape} is sharded across processes; expected a replicated "
+                    f"array (gather it first)"
+                )
             return np.asarray(x.addressable_data(0))
         return jax.device_get(x)
 
@@ -145,8 +166,16 @@ def to_host(tree: Any) -> Any:
 
 # Messages of a collective whose peer went away (Gloo over TCP on CPU, the coordination
 # service everywhere).
-_PEER_SIGNS = ("gloo", "connection reset", "connection closed", "heartbeat", "unavailable", "socket closed",
-               "broken pipe", "coordination service")
+_PEER_SIGNS = (
+    "gloo",
+    "connection reset",
+    "connection closed",
+    "heartbeat",
+    "unavailable",
+    "socket closed",
+    "broken pipe",
+    "coordination service",
+)
 
 
 def is_peer_failure(err: BaseException) -> bool:

@@ -44,13 +44,16 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
         try:
             tree = serialization.msgpack_restore(path.read_bytes())
         except Exception as error:  # msgpack raises several unrelated types for bad bytes
-            raise ValueError(f"init_from {str(path)!r} is not a readable msgpack file of Flax variables "
-                             f"({type(error).__name__}: {error}); expected one written by `unet-jax convert`") from None
+            raise ValueError(
+                f"init_from {str(path)!r} is not a readable msgpack file of Flax variables "
+                f"({type(error).__name__}: {error}); expected one written by `unet-jax convert`"
+            ) from None
         return dict(tree) if "params" in tree else {"params": tree}
     if path.suffix in (".pth", ".pt", ".bin"):
         return read_pth_variables(path, config.preset, config.channels)
-    raise ValueError(f"init_from {str(path)!r}: unknown file type {path.suffix!r}; expected .pth, .msgpack "
-                     f"or a run folder")
+    raise ValueError(
+        f"init_from {str(path)!r}: unknown file type {path.suffix!r}; expected .pth, .msgpack or a run folder"
+    )
 
 
 def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -84,9 +87,11 @@ def overlay_variables(target: dict[str, Any], source: Mapping[str, Any], origin:
             continue
         point = _graft_point(result[collection], tree)
         if point is None:
-            raise ValueError(f"init_from {origin!r}: its {collection} (top-level groups {sorted(tree)[:8]}) match no "
-                             f"part of the model (groups {sorted(result[collection])}); expected a checkpoint of "
-                             f"the same architecture")
+            raise ValueError(
+                f"init_from {origin!r}: its {collection} (top-level groups {sorted(tree)[:8]}) match no "
+                f"part of the model (groups {sorted(result[collection])}); expected a checkpoint of "
+                f"the same architecture"
+            )
         node = result[collection]
         for key in point:
             node = node[key]
@@ -94,16 +99,20 @@ def overlay_variables(target: dict[str, Any], source: Mapping[str, Any], origin:
             parent = node
             for key in path[:-1]:
                 if key not in parent:
-                    raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart "
-                                     f"in the model")
+                    raise ValueError(
+                        f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart in the model"
+                    )
                 parent = parent[key]
             if path[-1] not in parent:
-                raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart "
-                                 f"in the model")
+                raise ValueError(
+                    f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has no counterpart in the model"
+                )
             old = parent[path[-1]]
             if tuple(np.shape(old)) != tuple(np.shape(value)):
-                raise ValueError(f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has shape "
-                                 f"{tuple(np.shape(value))}; the model expects {tuple(np.shape(old))}")
+                raise ValueError(
+                    f"init_from {origin!r}: {collection}/{'/'.join(point + path)} has shape "
+                    f"{tuple(np.shape(value))}; the model expects {tuple(np.shape(old))}"
+                )
             parent[path[-1]] = np.asarray(value, dtype=np.asarray(old).dtype if hasattr(old, "dtype") else None)
             copied += 1
     if copied == 0:

@@ -42,6 +42,7 @@ def _tensorboardx():
     """
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         import tensorboardX
+
         return tensorboardX
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` an ImportError
     try:
@@ -110,8 +111,9 @@ def _tint(rgb: np.ndarray, where: np.ndarray, color: tuple[int, int, int], alpha
     return out.round().astype(np.uint8)
 
 
-def prediction_overlays(images_u8: np.ndarray, masks: np.ndarray, predicted: np.ndarray,
-                        max_side: int = PREVIEW_PIXELS) -> np.ndarray:
+def prediction_overlays(
+    images_u8: np.ndarray, masks: np.ndarray, predicted: np.ndarray, max_side: int = PREVIEW_PIXELS
+) -> np.ndarray:
     """One RGB uint8 picture (HWC) with a row per image: the image, its ground truth (green)
     and the prediction (red) over it, each panel shrunk by an integer stride to at most
     ``max_side`` pixels a side, a 2-pixel white gap between panels.
@@ -121,13 +123,17 @@ def prediction_overlays(images_u8: np.ndarray, masks: np.ndarray, predicted: np.
     """
     images_u8, masks, predicted = np.asarray(images_u8), np.asarray(masks), np.asarray(predicted)
     if images_u8.dtype != np.uint8 or len(images_u8) == 0:
-        raise ValueError(f"prediction_overlays: images of dtype {images_u8.dtype} and length {len(images_u8)}; "
-                         f"expected at least one uint8 image")
+        raise ValueError(
+            f"prediction_overlays: images of dtype {images_u8.dtype} and length {len(images_u8)}; "
+            f"expected at least one uint8 image"
+        )
     shape = images_u8.shape[:3]
     for name, m in (("masks", masks), ("predicted", predicted)):
         if m.shape[:3] != shape or m.ndim not in (3, 4):
-            raise ValueError(f"prediction_overlays: {name} of shape {m.shape}; expected {shape} (+ (1,)) "
-                             f"to match images of shape {images_u8.shape}")
+            raise ValueError(
+                f"prediction_overlays: {name} of shape {m.shape}; expected {shape} (+ (1,)) "
+                f"to match images of shape {images_u8.shape}"
+            )
     stride = max(1, math.ceil(max(shape[1:]) / max_side))
     rows = []
     for image, mask, pred in zip(images_u8, masks, predicted):
@@ -152,8 +158,10 @@ def _as_hwc(value: np.ndarray | bytes, tag: str) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image {tag!r}: {array.dtype} array of shape {array.shape}; expected PNG bytes or "
-                         f"a uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+        raise ValueError(
+            f"image {tag!r}: {array.dtype} array of shape {array.shape}; expected PNG bytes or "
+            f"a uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
     return array
 
 
@@ -176,17 +184,23 @@ class MetricsLog:
         run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
         self._predict = None  # the jitted forward pass of predictions(), built on first use
-        self._lines = [json.dumps(r) + "\n" for r in read_jsonl(self.path)
-                       if r.get("epoch", 0) <= resume_epochs] if resume_epochs else []
+        self._lines = (
+            [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("epoch", 0) <= resume_epochs]
+            if resume_epochs
+            else []
+        )
         self._flush()
         logdir = run_dir / "tensorboard"
         self.tensorboard = None
         try:
             tensorboardx = _tensorboardx()
         except ImportError as err:  # e.g. the package used from a checkout on a machine without pip
-            warnings.warn(f"tensorboardX cannot be imported ({err}): no TensorBoard events in {str(logdir)!r} for "
-                          f"this run, metrics.jsonl has every value; expected tensorboardX>=2.6.5 installed",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tensorboardX cannot be imported ({err}): no TensorBoard events in {str(logdir)!r} for "
+                f"this run, metrics.jsonl has every value; expected tensorboardX>=2.6.5 installed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         cut_back(logdir, resume_step)
         # The suffix: tensorboardX names a file by the second (and opens it with "wb"), so two
@@ -194,7 +208,8 @@ class MetricsLog:
         # the names distinct and sorted in the order written, which is the order readers take.
         # flush_secs: the writer's thread also flushes on its own every 10 s.
         self.tensorboard = tensorboardx.SummaryWriter(
-            str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+            str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
+        )
 
     def _flush(self) -> None:
         write_text(self.path, "".join(self._lines))
@@ -221,8 +236,7 @@ class MetricsLog:
             self.tensorboard.add_image(tag, _as_hwc(value, tag), step, dataformats="HWC")
         self.tensorboard.flush()
 
-    def predictions(self, step: int, state: Any, examples: Any, threshold: float,
-                    tag: str = "val/predictions") -> None:
+    def predictions(self, step: int, state: Any, examples: Any, threshold: float, tag: str = "val/predictions") -> None:
         """Log :func:`prediction_overlays` of the model in ``state`` (a TrainState) on
         ``examples`` (a BusiDataset, a few images): one batched forward pass, jitted once
         per log. A model without a mask head, or no examples, logs nothing."""
@@ -245,17 +259,24 @@ class MetricsLog:
         predicted = np.asarray(logits, np.float32) > math.log(threshold / (1 - threshold))
         self.images(step, {tag: prediction_overlays(images, masks, predicted)})
 
-    def training_curves(self, step: int, history: Sequence[Mapping[str, Any]], title: str | None = None,
-                        best_epoch: int | None = None, monitor: str = "val/loss",
-                        tag: str = "training_curves") -> None:
+    def training_curves(
+        self,
+        step: int,
+        history: Sequence[Mapping[str, Any]],
+        title: str | None = None,
+        best_epoch: int | None = None,
+        monitor: str = "val/loss",
+        tag: str = "training_curves",
+    ) -> None:
         """Log the figure of unet_jax.plots.plot_training_curves for ``history``."""
         if self.tensorboard is None:
             return
         from unet_jax.plots import plot_training_curves
 
         with tempfile.TemporaryDirectory() as folder:
-            path = plot_training_curves(history, Path(folder) / "curves.png", title=title, best_epoch=best_epoch,
-                                        monitor=monitor)
+            path = plot_training_curves(
+                history, Path(folder) / "curves.png", title=title, best_epoch=best_epoch, monitor=monitor
+            )
             png = path.read_bytes()
         self.images(step, {tag: png})
 
@@ -281,6 +302,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if n == len(lines) and not text.endswith("\n"):
                 break  # an unfinished last line
-            raise ValueError(f"{str(path)!r} line {n} is not valid JSON ({err}); "
-                             "expected one JSON object per line") from None
+            raise ValueError(
+                f"{str(path)!r} line {n} is not valid JSON ({err}); expected one JSON object per line"
+            ) from None
     return records

@@ -89,8 +89,17 @@ from unet_jax.train.steps import (
     train_steps,
 )
 
-__all__ = ["TrainingDiverged", "RunResult", "train", "load_run_data", "make_split", "split_for_lesions_only",
-           "augment_config", "environment", "finish_run_again"]
+__all__ = [
+    "TrainingDiverged",
+    "RunResult",
+    "train",
+    "load_run_data",
+    "make_split",
+    "split_for_lesions_only",
+    "augment_config",
+    "environment",
+    "finish_run_again",
+]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -117,23 +126,33 @@ def check_model_config(config: TrainConfig, heads: tuple[bool, bool]) -> None:
     """Refuse configurations whose monitor or loss the model's heads cannot give."""
     has_mask, has_class = heads
     if not has_mask and config.monitor in ("val/dice", "val/iou"):
-        raise ValueError(f"config monitor = {config.monitor!r} with preset {config.preset!r}, a classifier "
-                         f"(no mask head); expected monitor = 'val/loss' or 'val/accuracy'")
+        raise ValueError(
+            f"config monitor = {config.monitor!r} with preset {config.preset!r}, a classifier "
+            f"(no mask head); expected monitor = 'val/loss' or 'val/accuracy'"
+        )
     if not has_class and config.monitor == "val/accuracy":
-        raise ValueError(f"config monitor = 'val/accuracy' with preset {config.preset!r}, which has no class "
-                         f"head; expected 'val/loss', 'val/dice' or 'val/iou' (or model.class_head=3)")
+        raise ValueError(
+            f"config monitor = 'val/accuracy' with preset {config.preset!r}, which has no class "
+            f"head; expected 'val/loss', 'val/dice' or 'val/iou' (or model.class_head=3)"
+        )
     if has_mask and has_class and config.class_weight == 0:
-        raise ValueError(f"preset {config.preset!r} with a class head and class_weight = 0: the head would never "
-                         f"be trained; expected class_weight > 0 (e.g. 0.1)")
+        raise ValueError(
+            f"preset {config.preset!r} with a class head and class_weight = 0: the head would never "
+            f"be trained; expected class_weight > 0 (e.g. 0.1)"
+        )
 
 
 def augment_config(config: TrainConfig) -> AugmentConfig | None:
     if not config.augment:
         return None
     return AugmentConfig(
-        hflip=config.hflip, vflip=0.0, max_rotation_deg=config.max_rotation_deg,
-        scale=(config.scale_min, config.scale_max), brightness=config.brightness,
-        contrast=(config.contrast_min, config.contrast_max), gamma=(config.gamma_min, config.gamma_max),
+        hflip=config.hflip,
+        vflip=0.0,
+        max_rotation_deg=config.max_rotation_deg,
+        scale=(config.scale_min, config.scale_max),
+        brightness=config.brightness,
+        contrast=(config.contrast_min, config.contrast_max),
+        gamma=(config.gamma_min, config.gamma_max),
     )
 
 
@@ -165,8 +184,10 @@ def load_run_data(config: TrainConfig, run_dir: Path, progress: Progress | None 
         raise ValueError(f"data folder {source!r} does not exist; expected a folder in the BUSI layout")
     on_progress = None
     if progress is not None:
+
         def on_progress(done: int, total: int) -> None:
             progress({"kind": "read", "done": done, "total": total})
+
     return load_busi(source, ReadOptions(size=size, channels=config.channels), on_progress)
 
 
@@ -197,15 +218,25 @@ def _make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
         base = seed_protocol(ids, labels, seed=config.split_seed)
         train_ids = list(base["train"])
         by_id = dict(zip(ids, labels))
-        inner = stratified_split(train_ids, [by_id[i] for i in train_ids], (),
-                                 {"train": 1 - config.val_fraction, "val": config.val_fraction},
-                                 seed=config.split_seed)
-        return Split("seed", config.split_seed,
-                     {"train": inner["train"], "val": inner["val"], "test": base["test"]},
-                     {**base.params, "val_fraction_of_train": config.val_fraction})
+        inner = stratified_split(
+            train_ids,
+            [by_id[i] for i in train_ids],
+            (),
+            {"train": 1 - config.val_fraction, "val": config.val_fraction},
+            seed=config.split_seed,
+        )
+        return Split(
+            "seed",
+            config.split_seed,
+            {"train": inner["train"], "val": inner["val"], "test": base["test"]},
+            {**base.params, "val_fraction_of_train": config.val_fraction},
+        )
     groups = duplicate_groups(hashes)
-    fractions = {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
-                 "test": config.test_fraction}
+    fractions = {
+        "train": 1 - config.val_fraction - config.test_fraction,
+        "val": config.val_fraction,
+        "test": config.test_fraction,
+    }
     return stratified_split(ids, labels, groups, fractions, seed=config.split_seed)
 
 
@@ -250,8 +281,11 @@ def _replicate(tree: Any, mesh: Mesh) -> Any:
 
 def _device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> DeviceData:
     idx = dataset.index_of(ids)
-    host = DeviceData(images=dataset.images_u8[idx], masks=dataset.masks[idx].astype(np.uint8),
-                      labels=dataset.labels[idx].astype(np.int32))
+    host = DeviceData(
+        images=dataset.images_u8[idx],
+        masks=dataset.masks[idx].astype(np.uint8),
+        labels=dataset.labels[idx].astype(np.int32),
+    )
     return _replicate(host, mesh)
 
 
@@ -264,15 +298,18 @@ def _sharded_device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh)
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     owned = [s[0] for s in sharding.addressable_devices_indices_map((rows,)).values()]
     start, stop = min(s.start or 0 for s in owned), max(rows if s.stop is None else s.stop for s in owned)
-    mine = dataset.index_of(ids[start:min(stop, len(ids))])
+    mine = dataset.index_of(ids[start : min(stop, len(ids))])
     pad = (stop - start) - len(mine)
 
     def local(array: np.ndarray, dtype: Any) -> np.ndarray:
         part = array[mine].astype(dtype)
         return np.concatenate([part, np.zeros((pad, *part.shape[1:]), dtype)]) if pad else part
 
-    host = DeviceData(images=local(dataset.images_u8, np.uint8), masks=local(dataset.masks, np.uint8),
-                      labels=local(dataset.labels, np.int32))
+    host = DeviceData(
+        images=local(dataset.images_u8, np.uint8),
+        masks=local(dataset.masks, np.uint8),
+        labels=local(dataset.labels, np.int32),
+    )
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a, (rows, *a.shape[1:])), host)
 
 
@@ -291,8 +328,9 @@ def _improved(config: TrainConfig, value: float, best: float | None) -> bool:
     return value < best if config.monitor == "val/loss" else value > best
 
 
-def _check_finite(record: dict[str, Any], state: TrainState, store: CheckpointStore, steps_per_epoch: int,
-                  run_dir: Path) -> None:
+def _check_finite(
+    record: dict[str, Any], state: TrainState, store: CheckpointStore, steps_per_epoch: int, run_dir: Path
+) -> None:
     """Stop before saving an epoch whose metrics or state (parameters, batch statistics,
     optimiser state) hold NaN or inf: finite metrics do not make a finite state (a batch
     norm variance can overflow while the loss still looks fine)."""
@@ -303,26 +341,38 @@ def _check_finite(record: dict[str, Any], state: TrainState, store: CheckpointSt
     details = [str(bad)] if bad else []
     if arrays:
         details.append(f"non-finite values in {len(arrays)} array(s) of the training state, e.g. {arrays[0]}")
-    kept = [f"{which} (epoch {step // steps_per_epoch})" for which in (LATEST, BEST)
-            if (step := store.latest_step(which)) is not None]
-    saved = (f"nothing of that epoch was saved; kept in {run_dir / 'checkpoints'}: {', '.join(kept)}" if kept
-             else "no checkpoint was saved (no epoch of this run ended with finite values)")
-    raise TrainingDiverged(f"training diverged at epoch {record['epoch']}: {'; '.join(details)}; {saved} "
-                           f"(try a lower learning_rate or grad_clip_norm=1.0)")
+    kept = [
+        f"{which} (epoch {step // steps_per_epoch})"
+        for which in (LATEST, BEST)
+        if (step := store.latest_step(which)) is not None
+    ]
+    saved = (
+        f"nothing of that epoch was saved; kept in {run_dir / 'checkpoints'}: {', '.join(kept)}"
+        if kept
+        else "no checkpoint was saved (no epoch of this run ended with finite values)"
+    )
+    raise TrainingDiverged(
+        f"training diverged at epoch {record['epoch']}: {'; '.join(details)}; {saved} "
+        f"(try a lower learning_rate or grad_clip_norm=1.0)"
+    )
 
 
 @jax.jit
 def _finite_flags(tree: Any) -> list[jax.Array]:
-    return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-            for x in jax.tree.leaves(tree)]
+    return [
+        jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+        for x in jax.tree.leaves(tree)
+    ]
 
 
 def _non_finite_arrays(state: TrainState) -> list[str]:
     """Paths (``batch_stats/.../var``) of the state's arrays holding NaN or inf: the arrays
     a checkpoint saves."""
     tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
-    paths = [jax.tree_util.keystr(path, simple=True, separator="/")
-             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
     return [path for path, ok in zip(paths, distributed.to_host(_finite_flags(tree))) if not ok]
 
 
@@ -334,8 +384,9 @@ def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
     if steps:
         meta = read_meta(steps[-1])
         if "config" not in meta:
-            raise ValueError(f"checkpoint {str(steps[-1])!r} has no saved config; "
-                             "expected one written by `unet-jax train`")
+            raise ValueError(
+                f"checkpoint {str(steps[-1])!r} has no saved config; expected one written by `unet-jax train`"
+            )
         _check_resumable(meta["config"], config, run_dir)
         _check_processes(meta, run_dir)
 
@@ -350,9 +401,11 @@ def _check_same_data(run_dir: Path, fingerprints: dict[str, list]) -> None:
     saved = manifest_fingerprints(run_dir / "split.json")
     changes = [] if saved is None else fingerprint_changes(saved, fingerprints)
     if changes:
-        raise ValueError(f"run folder {str(run_dir)!r} was trained on other data than this resume reads: "
-                         f"{'; '.join(changes)} (compared with {str(run_dir / 'split.json')!r}); resume with the "
-                         f"data it was trained on, or choose a new --out folder")
+        raise ValueError(
+            f"run folder {str(run_dir)!r} was trained on other data than this resume reads: "
+            f"{'; '.join(changes)} (compared with {str(run_dir / 'split.json')!r}); resume with the "
+            f"data it was trained on, or choose a new --out folder"
+        )
 
 
 def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
@@ -360,22 +413,33 @@ def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
     placement and its checkpoint's layout depend on it."""
     saved, now = meta.get("processes", 1), jax.process_count()
     if saved != now:
-        raise ValueError(f"run folder {str(run_dir)!r} was trained as {saved} process(es); this launch has {now}; "
-                         f"resume with {saved} process(es), or choose a new --out folder")
+        raise ValueError(
+            f"run folder {str(run_dir)!r} was trained as {saved} process(es); this launch has {now}; "
+            f"resume with {saved} process(es), or choose a new --out folder"
+        )
 
 
 # Keys that do not change what is computed: a resumed run may set them differently.
-_FREE_ON_RESUME = frozenset({"plots", "eval_batch_size", "steps_per_dispatch", "cpu_devices", "checkpoint_every",
-                             "distributed",
-                             "tune_inference", "max_lesion_empty", "max_train_minutes"})
+_FREE_ON_RESUME = frozenset(
+    {
+        "plots",
+        "eval_batch_size",
+        "steps_per_dispatch",
+        "cpu_devices",
+        "checkpoint_every",
+        "distributed",
+        "tune_inference",
+        "max_lesion_empty",
+        "max_train_minutes",
+    }
+)
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
     current = json.loads(json.dumps(config_to_dict(config)))  # tuples as the saved JSON lists
     # A key added to TrainConfig after the run was saved counts as its default.
     saved = {**config_to_dict(TrainConfig()), **saved}
-    differ = {k: (saved.get(k), current[k]) for k in current
-              if saved.get(k) != current[k] and k not in _FREE_ON_RESUME}
+    differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k] and k not in _FREE_ON_RESUME}
     if differ:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ValueError(
@@ -412,15 +476,25 @@ class _Run:
     emit: Progress
     live_progress: bool
 
-    def evaluate(self, state: TrainState, data: DeviceData, prefix: str = "val/",
-                 loss_fn: Callable[..., jax.Array] | None = None,
-                 class_weight: float | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        state: TrainState,
+        data: DeviceData,
+        prefix: str = "val/",
+        loss_fn: Callable[..., jax.Array] | None = None,
+        class_weight: float | None = None,
+    ) -> dict[str, float]:
         """Metrics of ``state`` over a device-resident split, means on the host (the run's
         loss unless ``loss_fn`` and ``class_weight`` say otherwise)."""
-        totals = evaluate_device_data(state, data, batch_size=self.config.eval_batch_size,
-                                      loss_fn=loss_fn or self.loss_fn, threshold=self.config.threshold,
-                                      mesh=self.mesh, class_weight=self.config.class_weight
-                                      if class_weight is None else class_weight)
+        totals = evaluate_device_data(
+            state,
+            data,
+            batch_size=self.config.eval_batch_size,
+            loss_fn=loss_fn or self.loss_fn,
+            threshold=self.config.threshold,
+            mesh=self.mesh,
+            class_weight=self.config.class_weight if class_weight is None else class_weight,
+        )
         return metrics_to_host(totals, prefix)
 
     def meta(self, loop: dict[str, Any]) -> dict[str, Any]:
@@ -428,8 +502,9 @@ class _Run:
         return {"config": config_to_dict(self.config), "loop": loop, "processes": jax.process_count()}
 
 
-def train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None = None,
-          mesh: Mesh | None = None) -> RunResult:
+def train(
+    config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None = None, mesh: Mesh | None = None
+) -> RunResult:
     """Train, validate, early-stop, checkpoint and evaluate on the test split.
 
     Resumes from ``run_dir/checkpoints/latest`` when it exists (same config and process
@@ -458,31 +533,56 @@ def _run_lock(run_dir: str | os.PathLike) -> FolderLock | contextlib.nullcontext
     return FolderLock(run_dir / LOCK_FILE, "run folder")
 
 
-def _train(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None, mesh: Mesh | None,
-           started: float) -> RunResult:
+def _train(
+    config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None, mesh: Mesh | None, started: float
+) -> RunResult:
     run = _start_run(config, run_dir, progress, mesh)
     state, loop = _initial_state(run)
-    run.emit({"kind": "start", "epochs": config.epochs, "steps_per_epoch": run.steps_per_epoch,
-              "resumed_epoch": loop["epoch"], "train": len(run.split["train"]), "val": len(run.split["val"]),
-              "test": len(run.split.partitions.get("test", ())), "devices": run.mesh.devices.size})
+    run.emit(
+        {
+            "kind": "start",
+            "epochs": config.epochs,
+            "steps_per_epoch": run.steps_per_epoch,
+            "resumed_epoch": loop["epoch"],
+            "train": len(run.split["train"]),
+            "val": len(run.split["val"]),
+            "test": len(run.split.partitions.get("test", ())),
+            "devices": run.mesh.devices.size,
+        }
+    )
     state, loop, capped = _train_epochs(run, state, loop, started)
     state = _final_state(run, state, loop)
     test = _test_metrics(run, state)
     run.store.close()
     run.emit({"kind": "finishing"})
     if distributed.is_primary():
-        _finish_run(config, run.model, run.heads, state, run.dataset, run.split,
-                    {**loop, "stopped_by_time_cap": capped}, test, run.run_dir)
+        _finish_run(
+            config,
+            run.model,
+            run.heads,
+            state,
+            run.dataset,
+            run.split,
+            {**loop, "stopped_by_time_cap": capped},
+            test,
+            run.run_dir,
+        )
     distributed.sync("run finished")  # the others wait for process 0's final report
     wall = time.time() - started
     _write_json(run.run_dir / "environment.json", {**environment(run.mesh), "wall_time_s": wall})
-    run.emit({"kind": "done", "best_epoch": loop["best_epoch"], "stopped_early": loop["stopped_early"], **test,
-              "wall_time_s": wall})
+    run.emit(
+        {
+            "kind": "done",
+            "best_epoch": loop["best_epoch"],
+            "stopped_early": loop["stopped_early"],
+            **test,
+            "wall_time_s": wall,
+        }
+    )
     return RunResult(run.run_dir, loop["history"], loop["best_epoch"], loop["stopped_early"], test, wall)
 
 
-def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None,
-               mesh: Mesh | None) -> _Run:
+def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None, mesh: Mesh | None) -> _Run:
     """Checks, the model, the data and its split (written to the run folder), the
     optimiser's pieces and the device-resident training and validation splits."""
     run_dir = Path(run_dir).resolve()
@@ -493,8 +593,9 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     mesh = mesh or make_mesh()
     n_dev = mesh.devices.size
     if config.batch_size % n_dev:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
-                         f"expected a multiple of {n_dev}")
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; expected a multiple of {n_dev}"
+        )
 
     _check_run_folder(config, run_dir)
     model = build_model(config)
@@ -505,14 +606,17 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     fingerprints = image_fingerprints(dataset, [i for part in split.partitions.values() for i in part])
     _check_same_data(run_dir, fingerprints)
     if distributed.is_primary():
-        write_manifest(split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))),
-                       fingerprints=fingerprints)
+        write_manifest(
+            split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))), fingerprints=fingerprints
+        )
     _write_json(run_dir / "config.json", config_to_dict(config))
 
     n_train = len(split["train"])
     if n_train < config.batch_size:
-        raise ValueError(f"the training split has {n_train} images, fewer than batch_size "
-                         f"{config.batch_size}; expected batch_size <= {n_train}")
+        raise ValueError(
+            f"the training split has {n_train} images, fewer than batch_size "
+            f"{config.batch_size}; expected batch_size <= {n_train}"
+        )
     steps_per_epoch = n_train // config.batch_size
     per_call = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
     data_key, dropout_key = jax.random.split(jax.random.key(config.seed))
@@ -521,15 +625,27 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     else:
         train_data = _device_data(dataset, split["train"], mesh)
     return _Run(
-        config=config, run_dir=run_dir, mesh=mesh, model=model, heads=heads, dataset=dataset, split=split,
-        steps_per_epoch=steps_per_epoch, steps_per_call=per_call,
+        config=config,
+        run_dir=run_dir,
+        mesh=mesh,
+        model=model,
+        heads=heads,
+        dataset=dataset,
+        split=split,
+        steps_per_epoch=steps_per_epoch,
+        steps_per_call=per_call,
         loss_fn=get_loss(config.loss, **_loss_kwargs(config)),
         tx=make_optimizer(config, steps_per_epoch),
         schedule=make_schedule(config, steps_per_epoch),  # the optimiser's, logged as "lr"
-        data_key=data_key, dropout_key=dropout_key, store=CheckpointStore(run_dir),
-        train_data=train_data, val_data=_device_data(dataset, split["val"], mesh),
+        data_key=data_key,
+        dropout_key=dropout_key,
+        store=CheckpointStore(run_dir),
+        train_data=train_data,
+        val_data=_device_data(dataset, split["val"], mesh),
         sample=make_sampler(config.batch_size, n_train, augment_config(config), num_rows=train_data.images.shape[0]),
-        emit=emit, live_progress=progress is not None)
+        emit=emit,
+        live_progress=progress is not None,
+    )
 
 
 def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
@@ -540,13 +656,15 @@ def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
     # takes ~6x longer (14 s vs 2.4 s on 2 CPU cores). Its bits may differ between
     # backends; a run is reproducible on the same kind of device.
     init_key = jax.random.key(config.seed, impl="rbg")
-    state = create_train_state(run.model, run.tx, init_key,
-                               (1, config.image_size, config.image_size, config.channels), frozen=config.freeze)
+    state = create_train_state(
+        run.model, run.tx, init_key, (1, config.image_size, config.image_size, config.channels), frozen=config.freeze
+    )
     resuming = run.store.latest_step() is not None
     if config.init_from is not None and not resuming:
         variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                              opt_state=run.tx.init(variables["params"]))
+        state = state.replace(
+            params=variables["params"], batch_stats=variables["batch_stats"], opt_state=run.tx.init(variables["params"])
+        )
         run.emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
     state = _replicate(state, run.mesh)
     loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
@@ -554,22 +672,28 @@ def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
         state, meta = run.store.restore(LATEST, state)
         if bad := _non_finite_arrays(state):  # training saves only finite states: the files are damaged
             run.store.close()
-            raise ValueError(f"checkpoint {str(run.run_dir / 'checkpoints' / LATEST)!r} holds non-finite values "
-                             f"(NaN or inf) in {len(bad)} array(s), e.g. {bad[0]}; expected finite weights: the "
-                             f"files are damaged (delete that checkpoint to resume from scratch, or use a new --out)")
+            raise ValueError(
+                f"checkpoint {str(run.run_dir / 'checkpoints' / LATEST)!r} holds non-finite values "
+                f"(NaN or inf) in {len(bad)} array(s), e.g. {bad[0]}; expected finite weights: the "
+                f"files are damaged (delete that checkpoint to resume from scratch, or use a new --out)"
+            )
         _check_resumable(meta["config"], config, run.run_dir)
         _check_processes(meta, run.run_dir)
         loop = meta["loop"]
     return state, loop
 
 
-def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
-                  started: float) -> tuple[TrainState, dict[str, Any], bool]:
+def _train_epochs(
+    run: _Run, state: TrainState, loop: dict[str, Any], started: float
+) -> tuple[TrainState, dict[str, Any], bool]:
     """Epochs until ``epochs``, early stopping or the time cap (``capped``, not saved: a
     resumed run goes on); each logged, checked for NaN and checkpointed."""
     config = run.config
-    log = (MetricsLog(run.run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * run.steps_per_epoch)
-           if distributed.is_primary() else None)
+    log = (
+        MetricsLog(run.run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * run.steps_per_epoch)
+        if distributed.is_primary()
+        else None
+    )
     capped = False
     try:
         while loop["epoch"] < config.epochs and not loop["stopped_early"] and not capped:
@@ -577,17 +701,25 @@ def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
             _check_finite(record, state, run.store, run.steps_per_epoch, run.run_dir)
             loop, improved = _early_stopping(config, loop, record)
             capped = distributed.agree(
-                config.max_train_minutes is not None and record["epoch"] < config.epochs
-                and not loop["stopped_early"] and time.time() - started >= 60 * config.max_train_minutes)
+                config.max_train_minutes is not None
+                and record["epoch"] < config.epochs
+                and not loop["stopped_early"]
+                and time.time() - started >= 60 * config.max_train_minutes
+            )
             if log is not None:
                 log.write(record, record["step"])
                 if config.plots:
-                    _log_images(run, log, state, loop, last=loop["stopped_early"] or capped
-                                or record["epoch"] == config.epochs)
+                    _log_images(
+                        run, log, state, loop, last=loop["stopped_early"] or capped or record["epoch"] == config.epochs
+                    )
             if improved:
                 run.store.save(BEST, state, run.meta(loop))
-            if (record["epoch"] % config.checkpoint_every == 0 or loop["stopped_early"] or capped
-                    or record["epoch"] == config.epochs):
+            if (
+                record["epoch"] % config.checkpoint_every == 0
+                or loop["stopped_early"]
+                or capped
+                or record["epoch"] == config.epochs
+            ):
                 run.store.save(LATEST, state, run.meta(loop))
             run.emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
     except BaseException as err:
@@ -597,7 +729,8 @@ def _train_epochs(run: _Run, state: TrainState, loop: dict[str, Any],
                 f"process {jax.process_index()} of {jax.process_count()}: another process of this run stopped "
                 f"during epoch {loop['epoch'] + 1} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                 f"checkpoints up to epoch {loop['epoch']} are kept in {run.run_dir / 'checkpoints'}; rerun the "
-                f"same command on every process to resume") from err
+                f"same command on every process to resume"
+            ) from err
         raise
     finally:
         if log is not None:
@@ -625,15 +758,32 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     while done < run.steps_per_epoch:
         n = min(run.steps_per_call, run.steps_per_epoch - done)
         start = jnp.asarray((epoch - 1) * run.steps_per_epoch + done, jnp.int32)
-        state, metrics = train_steps(state, run.train_data, run.data_key, run.dropout_key, start, num_steps=n,
-                                     sample=run.sample, loss_fn=run.loss_fn, threshold=run.config.threshold,
-                                     mesh=run.mesh, class_weight=run.config.class_weight,
-                                     box_jitter=run.config.box_jitter)
+        state, metrics = train_steps(
+            state,
+            run.train_data,
+            run.data_key,
+            run.dropout_key,
+            start,
+            num_steps=n,
+            sample=run.sample,
+            loss_fn=run.loss_fn,
+            threshold=run.config.threshold,
+            mesh=run.mesh,
+            class_weight=run.config.class_weight,
+            box_jitter=run.config.box_jitter,
+        )
         totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
         done += n
         if run.live_progress and done < run.steps_per_epoch:
-            run.emit({"kind": "step", "epoch": epoch, "step": done, "steps_per_epoch": run.steps_per_epoch,
-                      **metrics_to_host(totals, "train/")})
+            run.emit(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": done,
+                    "steps_per_epoch": run.steps_per_epoch,
+                    **metrics_to_host(totals, "train/"),
+                }
+            )
     step = epoch * run.steps_per_epoch
     record = {"epoch": epoch, "step": step, **metrics_to_host(totals, "train/"), **run.evaluate(state, run.val_data)}
     record["lr"] = float(run.schedule(step))
@@ -641,8 +791,7 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     return state, record
 
 
-def _early_stopping(config: TrainConfig, loop: dict[str, Any],
-                    record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def _early_stopping(config: TrainConfig, loop: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The loop's counters after ``record``'s epoch, and whether the monitor improved."""
     value = record[config.monitor]
     improved = _improved(config, value, loop["best_value"])
@@ -663,8 +812,10 @@ def _final_state(run: _Run, state: TrainState, loop: dict[str, Any]) -> TrainSta
     if config.epochs == 0 and run.store.latest_step() is None:
         if bad := _non_finite_arrays(state):
             run.store.close()
-            raise ValueError(f"init_from {config.init_from!r} holds non-finite values in {len(bad)} array(s), "
-                             f"e.g. {bad[0]}; expected finite parameters")
+            raise ValueError(
+                f"init_from {config.init_from!r} holds non-finite values in {len(bad)} array(s), "
+                f"e.g. {bad[0]}; expected finite parameters"
+            )
         run.store.save(LATEST, state, run.meta(loop))
     if config.restore_best and run.store.latest_step(BEST) is not None:
         state, _ = run.store.restore(BEST, state)
@@ -683,9 +834,17 @@ def _test_metrics(run: _Run, state: TrainState) -> dict[str, float]:
     return test
 
 
-def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state: TrainState,
-                dataset: BusiDataset, split: Split,
-                loop: dict[str, Any], test: dict[str, float], run_dir: Path) -> None:
+def _finish_run(
+    config: TrainConfig,
+    model: Any,
+    heads: tuple[bool, bool],
+    state: TrainState,
+    dataset: BusiDataset,
+    split: Split,
+    loop: dict[str, Any],
+    test: dict[str, float],
+    run_dir: Path,
+) -> None:
     """results.json (the report's columns beside Dice and IoU, native-resolution test
     metrics), per-image test rows, and the plots."""
 
@@ -700,11 +859,13 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     results: dict[str, Any] = {
         "model": config.preset,
-        "parameters": {"trainable": count(state.params), "non_trainable": count(state.batch_stats),
-                       "frozen": count({k: v for k, v in state.params.items() if k in config.freeze})},
+        "parameters": {
+            "trainable": count(state.params),
+            "non_trainable": count(state.batch_stats),
+            "frozen": count({k: v for k, v in state.params.items() if k in config.freeze}),
+        },
         "init_from": config.init_from,
-        "prompted": ("boxes from the ground-truth masks (lesion images only)"
-                     if needs_box_prompts(model) else None),
+        "prompted": ("boxes from the ground-truth masks (lesion images only)" if needs_box_prompts(model) else None),
         "best_epoch": loop["best_epoch"],
         "epochs_run": loop["epoch"],
         "stopped_early": loop["stopped_early"],
@@ -716,8 +877,12 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
     }
     val_ids = split.partitions.get("val", ())
     if config.tune_inference and has_mask and val_ids and not needs_box_prompts(model):
-        recipe, tuning = tune_inference(loaded, dataset.subset(list(val_ids)), max_lesion_empty=config.max_lesion_empty,
-                                        tuned_on=f"validation split ({len(val_ids)} images)")
+        recipe, tuning = tune_inference(
+            loaded,
+            dataset.subset(list(val_ids)),
+            max_lesion_empty=config.max_lesion_empty,
+            tuned_on=f"validation split ({len(val_ids)} images)",
+        )
         save_recipe(loaded, recipe, tuning, run_dir)
         loaded = dataclasses.replace(loaded, recipe=recipe)
         results["inference"] = {"recipe": recipe.to_dict(), "description": recipe.describe(), "validation": tuning}
@@ -749,15 +914,27 @@ def _finish_run(config: TrainConfig, model: Any, heads: tuple[bool, bool], state
                 preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
             else:
                 probs, classes = predict_outputs(loaded, test_ds.images_u8[:show], loaded.recipe.flip_tta)
-                preds = [recipe_mask(p, None if classes is None else classes[i], loaded.recipe, g.shape)
-                         for i, (p, g) in enumerate(zip(probs, gts))]
+                preds = [
+                    recipe_mask(p, None if classes is None else classes[i], loaded.recipe, g.shape)
+                    for i, (p, g) in enumerate(zip(probs, gts))
+                ]
             images = [_native_image(test_ds, i, g.shape) for i, g in enumerate(gts)]
-            prediction_grid(images, gts, preds, run_dir / "plots" / "test_predictions.png",
-                            titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])])
+            prediction_grid(
+                images,
+                gts,
+                preds,
+                run_dir / "plots" / "test_predictions.png",
+                titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])],
+            )
     if config.plots and loop["history"]:
         (run_dir / "plots").mkdir(exist_ok=True)
-        plot_training_curves(loop["history"], run_dir / "plots" / "training_curves.png", title=config.preset,
-                             best_epoch=loop["best_epoch"], monitor=config.monitor)
+        plot_training_curves(
+            loop["history"],
+            run_dir / "plots" / "training_curves.png",
+            title=config.preset,
+            best_epoch=loop["best_epoch"],
+            monitor=config.monitor,
+        )
     _write_json(run_dir / "results.json", results)
 
 
@@ -775,8 +952,17 @@ def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Pa
     split = read_manifest(run_dir / "split.json")
     state = SimpleNamespace(params=loaded.variables["params"], batch_stats=loaded.variables.get("batch_stats", {}))
     heads = model_heads(loaded.model, config)
-    _finish_run(config, loaded.model, heads, state, dataset, split, latest["loop"],
-                previous.get("test_training_resolution", {}), run_dir)
+    _finish_run(
+        config,
+        loaded.model,
+        heads,
+        state,
+        dataset,
+        split,
+        latest["loop"],
+        previous.get("test_training_resolution", {}),
+        run_dir,
+    )
     return run_dir
 
 

@@ -63,8 +63,13 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     return tx
 
 
-def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Array,
-                       input_shape: tuple[int, ...], frozen: tuple[str, ...] = ()) -> TrainState:
+def create_train_state(
+    model: Any,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    input_shape: tuple[int, ...],
+    frozen: tuple[str, ...] = (),
+) -> TrainState:
     """Initialise parameters for inputs of ``input_shape`` (N, H, W, C).
 
     ``frozen``: top-level parameter groups to keep fixed (they must exist).
@@ -72,8 +77,10 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, key: jax.Ar
     variables = init_variables(model, key, input_shape)
     unknown = sorted(set(frozen) - set(variables["params"]))
     if unknown:
-        raise ValueError(f"freeze {unknown}: no such parameter group in {type(model).__name__}; "
-                         f"expected some of {sorted(variables['params'])}")
+        raise ValueError(
+            f"freeze {unknown}: no such parameter group in {type(model).__name__}; "
+            f"expected some of {sorted(variables['params'])}"
+        )
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],

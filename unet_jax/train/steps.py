@@ -64,8 +64,16 @@ def _shard_batch(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
 
 
-def apply_model(state: TrainState, params: Any, images: jax.Array, masks: jax.Array, *, train: bool,
-                key: jax.Array | None = None, box_jitter: float = 0.0) -> tuple[Outputs, Any]:
+def apply_model(
+    state: TrainState,
+    params: Any,
+    images: jax.Array,
+    masks: jax.Array,
+    *,
+    train: bool,
+    key: jax.Array | None = None,
+    box_jitter: float = 0.0,
+) -> tuple[Outputs, Any]:
     """The model on a batch: ``((mask_logits, class_logits), batch-norm updates)``.
 
     Box-prompted models (``state.box_prompts``) get boxes from ``masks`` (jittered in
@@ -76,12 +84,17 @@ def apply_model(state: TrainState, params: Any, images: jax.Array, masks: jax.Ar
     if state.box_prompts:
         jitter_key = None if key is None else jax.random.fold_in(key, 1)
         boxes = boxes_from_masks(masks, jitter=box_jitter if train else 0.0, key=jitter_key)
-    return run_model(state.apply_fn, variables, images, boxes, train=train,
-                     rngs={"dropout": key} if train else None)
+    return run_model(state.apply_fn, variables, images, boxes, train=train, rngs={"dropout": key} if train else None)
 
 
-def batch_metrics(outputs: Outputs, masks: jax.Array, labels: jax.Array, per_image_loss: jax.Array,
-                  threshold: float, weights: jax.Array | None = None) -> Metrics:
+def batch_metrics(
+    outputs: Outputs,
+    masks: jax.Array,
+    labels: jax.Array,
+    per_image_loss: jax.Array,
+    threshold: float,
+    weights: jax.Array | None = None,
+) -> Metrics:
     """Sums and counts of the loss and of what the model's heads allow: Dice, IoU and
     pixel accuracy of mask logits, accuracy of class logits.
 
@@ -119,8 +132,9 @@ def _class_term(outputs: Outputs, class_weight: float) -> float:
     return 1.0 if mask_logits is None else class_weight
 
 
-def _total_loss(outputs: Outputs, masks: jax.Array, labels: jax.Array, loss_fn: LossFn,
-                class_weight: float, per_image: bool) -> jax.Array:
+def _total_loss(
+    outputs: Outputs, masks: jax.Array, labels: jax.Array, loss_fn: LossFn, class_weight: float, per_image: bool
+) -> jax.Array:
     """The training objective: the segmentation loss (batch value, or per image) plus the
     weighted cross-entropy of the class head."""
     mask_logits, class_logits = outputs
@@ -140,9 +154,16 @@ def _frozen_stopped(state: TrainState, params: Any) -> Any:
     return {k: (jax.lax.stop_gradient(v) if k in state.frozen else v) for k, v in params.items()}
 
 
-def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, loss_fn: LossFn,
-               threshold: float = 0.5, class_weight: float = 0.0,
-               box_jitter: float = 0.0) -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    dropout_key: jax.Array,
+    *,
+    loss_fn: LossFn,
+    threshold: float = 0.5,
+    class_weight: float = 0.0,
+    box_jitter: float = 0.0,
+) -> tuple[TrainState, Metrics]:
     """One optimiser step on ``batch`` (images (B, H, W, C), masks (B, H, W, 1), labels (B,)).
 
     Dropout (and box jitter) draw from ``fold_in(dropout_key, state.step)``, so a resumed
@@ -151,8 +172,9 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, loss_
     key = jax.random.fold_in(dropout_key, state.step)
 
     def objective(params: Any) -> tuple[jax.Array, tuple[Outputs, Any]]:
-        outputs, updates = apply_model(state, _frozen_stopped(state, params), batch.images, batch.masks,
-                                       train=True, key=key, box_jitter=box_jitter)
+        outputs, updates = apply_model(
+            state, _frozen_stopped(state, params), batch.images, batch.masks, train=True, key=key, box_jitter=box_jitter
+        )
         return _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False), (outputs, updates)
 
     (_, (outputs, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -167,9 +189,17 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, loss_
     return state, batch_metrics(outputs, batch.masks, batch.labels, per_image, threshold)
 
 
-def eval_step(state: TrainState, images: jax.Array, masks: jax.Array, weights: jax.Array,
-              labels: jax.Array | None = None, *, loss_fn: LossFn, threshold: float = 0.5,
-              class_weight: float = 0.0) -> Metrics:
+def eval_step(
+    state: TrainState,
+    images: jax.Array,
+    masks: jax.Array,
+    weights: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    loss_fn: LossFn,
+    threshold: float = 0.5,
+    class_weight: float = 0.0,
+) -> Metrics:
     """Metrics of the model in inference mode (running batch-norm statistics, no dropout,
     boxes without jitter).
 
@@ -193,10 +223,21 @@ _TRAIN_STEPS_STATIC = ("num_steps", "sample", "loss_fn", "threshold", "mesh", "c
 
 
 @functools.partial(jax.jit, static_argnames=_TRAIN_STEPS_STATIC, donate_argnames=("state",))
-def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, dropout_key: jax.Array,
-                start_step: jax.Array, *, num_steps: int, sample: Callable[..., Batch], loss_fn: LossFn,
-                threshold: float, mesh: Mesh | None, class_weight: float = 0.0,
-                box_jitter: float = 0.0) -> tuple[TrainState, Metrics]:
+def train_steps(
+    state: TrainState,
+    data: DeviceData,
+    data_key: jax.Array,
+    dropout_key: jax.Array,
+    start_step: jax.Array,
+    *,
+    num_steps: int,
+    sample: Callable[..., Batch],
+    loss_fn: LossFn,
+    threshold: float,
+    mesh: Mesh | None,
+    class_weight: float = 0.0,
+    box_jitter: float = 0.0,
+) -> tuple[TrainState, Metrics]:
     """``num_steps`` training steps in one dispatch (a ``lax.scan``), batches drawn on device.
 
     ``sample(data, data_key, step) -> Batch`` (unet_jax.data.make_sampler) makes each batch
@@ -216,8 +257,11 @@ def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, dropou
         batch = _shard_batch(sample(data, data_key, start_step), mesh)
         return train_step(state, batch, dropout_key, loss_fn=loss_fn, threshold=threshold, **options)
     steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
-    zero = jax.eval_shape(lambda: train_step(state, sample(data, data_key, 0), dropout_key,
-                                             loss_fn=loss_fn, threshold=threshold, **options)[1])
+    zero = jax.eval_shape(
+        lambda: train_step(
+            state, sample(data, data_key, 0), dropout_key, loss_fn=loss_fn, threshold=threshold, **options
+        )[1]
+    )
     totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
     (state, totals), _ = jax.lax.scan(body, (state, totals), steps)
     return state, totals
@@ -244,8 +288,16 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "loss_fn", "threshold", "mesh", "class_weight"))
-def evaluate_device_data(state: TrainState, data: DeviceData, *, batch_size: int, loss_fn: LossFn,
-                         threshold: float, mesh: Mesh | None, class_weight: float = 0.0) -> Metrics:
+def evaluate_device_data(
+    state: TrainState,
+    data: DeviceData,
+    *,
+    batch_size: int,
+    loss_fn: LossFn,
+    threshold: float,
+    mesh: Mesh | None,
+    class_weight: float = 0.0,
+) -> Metrics:
     """Metrics over a whole device-resident split, in fixed-size batches (one dispatch).
 
     The split is padded to a multiple of ``batch_size`` with zero-weight copies of its
@@ -262,8 +314,9 @@ def evaluate_device_data(state: TrainState, data: DeviceData, *, batch_size: int
         images = data.images[idx].astype(jnp.float32) / 255.0
         masks = data.masks[idx].astype(jnp.float32)
         images, masks, labels, w = _shard_batch((images, masks, data.labels[idx], w), mesh)
-        metrics = eval_step(state, images, masks, w, labels, loss_fn=loss_fn, threshold=threshold,
-                            class_weight=class_weight)
+        metrics = eval_step(
+            state, images, masks, w, labels, loss_fn=loss_fn, threshold=threshold, class_weight=class_weight
+        )
         return metrics if totals is None else add_metrics(totals, metrics), None
 
     shape = jax.eval_shape(lambda: body(None, (index[0], weights[0]))[0])

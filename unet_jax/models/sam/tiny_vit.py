@@ -89,12 +89,21 @@ class Conv2dBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                   use_bias=False, feature_group_count=self.groups, dtype=self.dtype, name="c")(x)
+        x = Conv2D(
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=False,
+            feature_group_count=self.groups,
+            dtype=self.dtype,
+            name="c",
+        )(x)
         # float32 statistics minus bfloat16 features would be an implicit promotion (refused
         # under strict dtype promotion); made explicit, the result is the same.
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                            dtype=self.dtype, name="bn")(x.astype(jnp.float32))
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=self.dtype, name="bn")(
+            x.astype(jnp.float32)
+        )
 
 
 class MBConv(nn.Module):
@@ -126,8 +135,11 @@ class PatchMerging(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         y = gelu(Conv2dBN(self.out_dim, 1, dtype=self.dtype, name="conv1")(x, train=train))
-        y = gelu(Conv2dBN(self.out_dim, 3, self.stride, 1, groups=self.out_dim, dtype=self.dtype,
-                          name="conv2")(y, train=train))
+        y = gelu(
+            Conv2dBN(self.out_dim, 3, self.stride, 1, groups=self.out_dim, dtype=self.dtype, name="conv2")(
+                y, train=train
+            )
+        )
         return Conv2dBN(self.out_dim, 1, dtype=self.dtype, name="conv3")(y, train=train)
 
 
@@ -190,8 +202,15 @@ class TinyViTBlock(nn.Module):
         y = TinyViTAttention(self.dim, self.num_heads, ws, dtype=self.dtype, name="attn")(y)
         y = y.reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, nw * ws, c)
         x = x + y[:, :h, :w, :]
-        x = Conv2dBN(self.dim, self.local_conv_size, 1, self.local_conv_size // 2, groups=self.dim,
-                     dtype=self.dtype, name="local_conv")(x, train=train)
+        x = Conv2dBN(
+            self.dim,
+            self.local_conv_size,
+            1,
+            self.local_conv_size // 2,
+            groups=self.dim,
+            dtype=self.dtype,
+            name="local_conv",
+        )(x, train=train)
         return x + _Mlp(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(x)
 
 
@@ -240,8 +259,9 @@ class _Stage(nn.Module):
             if self.num_heads == 0:
                 x = MBConv(self.expand_ratio, dtype=self.dtype, name=f"blocks_{j}")(x, train=train)
             else:
-                x = TinyViTBlock(self.dim, self.num_heads, self.window, self.mlp_ratio, dtype=self.dtype,
-                                 name=f"blocks_{j}")(x, train=train)
+                x = TinyViTBlock(
+                    self.dim, self.num_heads, self.window, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{j}"
+                )(x, train=train)
         if self.out_dim is not None:
             x = PatchMerging(self.out_dim, self.merge_stride, dtype=self.dtype, name="downsample")(x, train=train)
         return x
@@ -285,10 +305,18 @@ class TinyViT(nn.Module):
             )
         x = _PatchEmbed(self.embed_dims[0], dtype=self.dtype, name="patch_embed")(x, train=train)
         for i in range(n):
-            x = _Stage(self.embed_dims[i], self.depths[i], 0 if i == 0 else self.num_heads[i],
-                       self.window_sizes[i], self.embed_dims[i + 1] if i < n - 1 else None,
-                       self.merge_strides[i] if i < n - 1 else 1, self.mlp_ratio,
-                       self.mbconv_expand_ratio, dtype=self.dtype, name=f"layers_{i}")(x, train=train)
+            x = _Stage(
+                self.embed_dims[i],
+                self.depths[i],
+                0 if i == 0 else self.num_heads[i],
+                self.window_sizes[i],
+                self.embed_dims[i + 1] if i < n - 1 else None,
+                self.merge_strides[i] if i < n - 1 else 1,
+                self.mlp_ratio,
+                self.mbconv_expand_ratio,
+                dtype=self.dtype,
+                name=f"layers_{i}",
+            )(x, train=train)
         x = Conv2D(self.out_chans, 1, padding="VALID", use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = LayerNorm2d("neck_1", dtype=self.dtype)(x)
         x = Conv2D(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
