@@ -159,13 +159,17 @@ def entries(profile: str, sam_checkpoint: str | None, data: dict[str, Any]) -> l
 
 def shared_split(config: TrainConfig, out: Path) -> Path:
     """Write the one split every run uses (duplicate-aware, stratified, all classes)."""
-    from unet_jax.data import write_manifest
-    from unet_jax.train.loop import load_run_data, make_split
+    from unet_jax.data import make_split, write_manifest
+    from unet_jax.train.run import load_run_data, split_for_lesions_only
 
     path = out / "split.json"
     if not path.exists():
         dataset = load_run_data(config, out)
-        write_manifest(make_split(config, dataset), path, dict(zip(dataset.ids, map(int, dataset.labels))))
+        write_manifest(
+            make_split(config, dataset, split_for_lesions_only(config)),
+            path,
+            dict(zip(dataset.ids, map(int, dataset.labels))),
+        )
     return path
 
 

@@ -42,7 +42,8 @@ from unet_jax.data import BusiDataset, cross_validation_splits, duplicate_groups
 from unet_jax.inference import load, predict_outputs, predict_probabilities  # noqa: E402
 from unet_jax.models import apply_overrides  # noqa: E402
 from unet_jax.train.cpu import cpu_device_count, use_cpu_devices  # noqa: E402
-from unet_jax.train.loop import load_run_data, train  # noqa: E402
+from unet_jax.train.loop import train  # noqa: E402
+from unet_jax.train.run import load_run_data  # noqa: E402
 
 SUMMARY = ("dice", "iou", "pixel_accuracy", "hd95")
 

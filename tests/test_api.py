@@ -180,6 +180,23 @@ def test_imports_run_down_the_layers():
     assert not problems, "\n".join(problems)
 
 
+MAX_FUNCTION_LINES = 60
+
+
+def test_functions_stay_short():
+    """No function (or method) of the package runs over MAX_FUNCTION_LINES lines, its
+    docstring and decorators included (the design: the anchors' train files run 160-440
+    lines in one function; ours stay short)."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - start + 1}")
+    assert not long, "functions over the limit:\n" + "\n".join(long)
+
+
 def test_the_cycle_check_finds_a_cycle():
     graph = {"a": {("b", 1)}, "b": {("c", 1)}, "c": {("a", 1)}, "d": {("a", 1)}}
     assert _cycles(graph) == [["a", "b", "c"]]

@@ -436,7 +436,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
 
     # The test split was evaluated with the best epoch's weights, not the last epoch's.
     from unet_jax.inference import load
-    from unet_jax.train.loop import load_run_data
+    from unet_jax.train.run import load_run_data
 
     split = json.loads((tmp_path / "split.json").read_text())["partitions"]
     test_set = load_run_data(config, tmp_path).subset(split["test"])
@@ -523,11 +523,11 @@ def test_a_step_best_already_holds_is_saved_again(tmp_path):
 
 
 def test_a_save_interrupted_before_the_first_checkpoint_does_not_block_the_rerun(tmp_path):
-    from unet_jax.train.loop import _check_run_folder
+    from unet_jax.train.run import check_resume
 
     half = tmp_path / "checkpoints" / "latest" / "5.orbax-checkpoint-tmp-1712345678"
     (half / "state").mkdir(parents=True)
-    _check_run_folder(TINY, tmp_path)  # nothing complete to resume from: start afresh
+    check_resume(TINY, tmp_path)  # nothing complete to resume from: start afresh
     CheckpointStore(tmp_path).close()
     assert not half.exists()  # the half-written folder is cleared away
 

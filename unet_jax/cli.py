@@ -427,7 +427,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _run_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unet_jax.train.loop import finish_run_again
+    from unet_jax.train.run import finish_run_again
 
     run_dir = finish_run_again(args.run, cache=args.cache)
     print(_results_table(Path(run_dir)))

@@ -134,70 +134,77 @@ class TrainConfig:
         # (model fields become static arguments of jitted functions).
         object.__setattr__(self, "freeze", tuple(self.freeze))
         object.__setattr__(self, "model", {k: _as_tuples(v) for k, v in dict(self.model).items()})
-        checks = [
-            ("image_size", self.image_size >= 1, "a positive integer"),
-            ("channels", self.channels in (1, 3), "1 or 3"),
-            ("batch_size", self.batch_size >= 1, "a positive integer"),
-            ("eval_batch_size", self.eval_batch_size >= 1, "a positive integer"),
-            ("epochs", self.epochs >= 0, "a positive integer (0: evaluate init_from as it is)"),
-            ("learning_rate", self.learning_rate > 0, "a positive number"),
-            ("val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1)"),
-            ("test_fraction", 0 <= self.test_fraction < 1, "a fraction in [0, 1)"),
-            ("val_fraction + test_fraction", self.val_fraction + self.test_fraction < 1, "below 1"),
-            ("threshold", 0 < self.threshold < 1, "in (0, 1)"),
-            ("patience", self.patience is None or self.patience >= 1, "None or a positive integer"),
-            (
-                "max_train_minutes",
-                self.max_train_minutes is None or self.max_train_minutes > 0,
-                "None or a positive number of minutes",
-            ),
-            ("steps_per_dispatch", self.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
-            ("cpu_devices", self.cpu_devices >= 0, "0 (auto) or a positive integer"),
-            ("checkpoint_every", self.checkpoint_every >= 1, "a positive integer"),
-            ("phantom_images", self.phantom_images >= 1, "a positive integer"),
-            ("hflip", 0 <= self.hflip <= 1, "a probability in [0, 1]"),
-            ("max_rotation_deg", self.max_rotation_deg >= 0, "a number of degrees >= 0"),
-            ("scale_min", 0 < self.scale_min <= self.scale_max, "above 0 and at most scale_max"),
-            ("brightness", self.brightness >= 0, "a number >= 0"),
-            ("contrast_min", 0 < self.contrast_min <= self.contrast_max, "above 0 and at most contrast_max"),
-            ("gamma_min", 0 < self.gamma_min <= self.gamma_max, "above 0 and at most gamma_max"),
-            ("pos_weight", self.pos_weight is None or self.pos_weight > 0, "None or a positive number"),
-            ("bce_weight", self.bce_weight >= 0, "a number >= 0"),
-            ("dice_weight", self.dice_weight >= 0, "a number >= 0"),
-            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
-            ("momentum", 0 <= self.momentum < 1, "a number in [0, 1)"),
-            ("warmup_epochs", self.warmup_epochs >= 0, "a number of epochs >= 0"),
-            ("grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0, "None or a positive number"),
-            ("class_weight", self.class_weight >= 0, "a number >= 0"),
-            ("max_lesion_empty", 0 <= self.max_lesion_empty < 1, "a fraction in [0, 1)"),
-            ("box_jitter", 0 <= self.box_jitter < 0.5, "a fraction of the image side in [0, 0.5)"),
-            ("freeze", all(isinstance(n, str) and n for n in self.freeze), "a tuple of parameter group names"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name, None) if "+" not in name else self.val_fraction + self.test_fraction
-                raise ValueError(f"config {name} = {value!r}: expected {expected}")
-        # Combinations that would silently do something other than what they say.
-        if self.split == "seed" and self.classes != "lesion" and self.manifest is None:
-            raise ValueError(
-                f"config split = 'seed' with classes = {self.classes!r}: the notebook's seed protocol "
-                f"splits benign and malignant images only; expected classes = 'lesion' "
-                f"(or split = 'stratified' to keep the normal images)"
-            )
-        if self.epochs == 0 and self.init_from is None:
-            raise ValueError(
-                "config epochs = 0 evaluates the parameters of init_from without training; "
-                "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1"
-            )
-        if self.loss == "bce_dice" and self.bce_weight == 0 and self.dice_weight == 0:
-            raise ValueError(
-                "config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight"
-            )
-        if self.loss == "dice" and self.pos_weight is not None:
-            raise ValueError(
-                f"config pos_weight = {self.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
-                f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None"
-            )
+        _check_ranges(self)
+        _check_combinations(self)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Every numeric field in its range; the first one outside is a ValueError naming it."""
+    checks = [
+        ("image_size", config.image_size >= 1, "a positive integer"),
+        ("channels", config.channels in (1, 3), "1 or 3"),
+        ("batch_size", config.batch_size >= 1, "a positive integer"),
+        ("eval_batch_size", config.eval_batch_size >= 1, "a positive integer"),
+        ("epochs", config.epochs >= 0, "a positive integer (0: evaluate init_from as it is)"),
+        ("learning_rate", config.learning_rate > 0, "a positive number"),
+        ("val_fraction", 0 < config.val_fraction < 1, "a fraction in (0, 1)"),
+        ("test_fraction", 0 <= config.test_fraction < 1, "a fraction in [0, 1)"),
+        ("val_fraction + test_fraction", config.val_fraction + config.test_fraction < 1, "below 1"),
+        ("threshold", 0 < config.threshold < 1, "in (0, 1)"),
+        ("patience", config.patience is None or config.patience >= 1, "None or a positive integer"),
+        (
+            "max_train_minutes",
+            config.max_train_minutes is None or config.max_train_minutes > 0,
+            "None or a positive number of minutes",
+        ),
+        ("steps_per_dispatch", config.steps_per_dispatch >= 0, "0 (one epoch) or a positive integer"),
+        ("cpu_devices", config.cpu_devices >= 0, "0 (auto) or a positive integer"),
+        ("checkpoint_every", config.checkpoint_every >= 1, "a positive integer"),
+        ("phantom_images", config.phantom_images >= 1, "a positive integer"),
+        ("hflip", 0 <= config.hflip <= 1, "a probability in [0, 1]"),
+        ("max_rotation_deg", config.max_rotation_deg >= 0, "a number of degrees >= 0"),
+        ("scale_min", 0 < config.scale_min <= config.scale_max, "above 0 and at most scale_max"),
+        ("brightness", config.brightness >= 0, "a number >= 0"),
+        ("contrast_min", 0 < config.contrast_min <= config.contrast_max, "above 0 and at most contrast_max"),
+        ("gamma_min", 0 < config.gamma_min <= config.gamma_max, "above 0 and at most gamma_max"),
+        ("pos_weight", config.pos_weight is None or config.pos_weight > 0, "None or a positive number"),
+        ("bce_weight", config.bce_weight >= 0, "a number >= 0"),
+        ("dice_weight", config.dice_weight >= 0, "a number >= 0"),
+        ("weight_decay", config.weight_decay >= 0, "a number >= 0"),
+        ("momentum", 0 <= config.momentum < 1, "a number in [0, 1)"),
+        ("warmup_epochs", config.warmup_epochs >= 0, "a number of epochs >= 0"),
+        ("grad_clip_norm", config.grad_clip_norm is None or config.grad_clip_norm > 0, "None or a positive number"),
+        ("class_weight", config.class_weight >= 0, "a number >= 0"),
+        ("max_lesion_empty", 0 <= config.max_lesion_empty < 1, "a fraction in [0, 1)"),
+        ("box_jitter", 0 <= config.box_jitter < 0.5, "a fraction of the image side in [0, 0.5)"),
+        ("freeze", all(isinstance(n, str) and n for n in config.freeze), "a tuple of parameter group names"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            value = getattr(config, name, None) if "+" not in name else config.val_fraction + config.test_fraction
+            raise ValueError(f"config {name} = {value!r}: expected {expected}")
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    """Combinations that would silently do something other than what they say."""
+    if config.split == "seed" and config.classes != "lesion" and config.manifest is None:
+        raise ValueError(
+            f"config split = 'seed' with classes = {config.classes!r}: the notebook's seed protocol "
+            f"splits benign and malignant images only; expected classes = 'lesion' "
+            f"(or split = 'stratified' to keep the normal images)"
+        )
+    if config.epochs == 0 and config.init_from is None:
+        raise ValueError(
+            "config epochs = 0 evaluates the parameters of init_from without training; "
+            "expected init_from (e.g. a converted SAM checkpoint) or epochs >= 1"
+        )
+    if config.loss == "bce_dice" and config.bce_weight == 0 and config.dice_weight == 0:
+        raise ValueError("config bce_weight = 0 and dice_weight = 0: the loss would be 0; expected a positive weight")
+    if config.loss == "dice" and config.pos_weight is not None:
+        raise ValueError(
+            f"config pos_weight = {config.pos_weight!r} with loss = 'dice': pos_weight weighs the BCE "
+            f"term only; expected loss = 'bce' or 'bce_dice', or pos_weight = None"
+        )
 
 
 def check_types(config: TrainConfig) -> None:

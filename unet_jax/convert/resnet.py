@@ -77,11 +77,12 @@ def _adapt_stem(weight: np.ndarray, in_channels: int) -> np.ndarray:
     return picked * (weight.shape[1] / in_channels)
 
 
-def _convert(
-    state_dict: Mapping[str, Any], rows: list[_Row], *, in_channels: int, ignore: Callable[[str], bool]
-) -> dict[str, dict[str, Any]]:
-    """Fill Flax ``params``/``batch_stats`` from ``rows``; one error lists every problem."""
-    expected: dict[str, tuple[str, tuple[str, ...], tuple[int, ...], str]] = {}
+_Expected = dict[str, tuple[str, tuple[str, ...], tuple[int, ...], str]]
+
+
+def _expected_keys(rows: list[_Row]) -> _Expected:
+    """``state_dict key -> (kind, Flax path, shape, field)`` of every tensor ``rows`` need."""
+    expected: _Expected = {}
     for name, kind, path, shape in rows:
         if kind == "bn":
             for key in _BN_KEYS:
@@ -90,7 +91,14 @@ def _convert(
             expected[f"{name}.weight"] = (kind, path, shape, "weight")
             if kind in ("linear", "conv_bias"):
                 expected[f"{name}.bias"] = (kind, path, (shape[0],), "bias")
+    return expected
 
+
+def _checked_arrays(
+    state_dict: Mapping[str, Any], expected: _Expected, in_channels: int, ignore: Callable[[str], bool]
+) -> dict[str, np.ndarray]:
+    """The expected tensors as float32 arrays; one ValueError lists every missing,
+    unexpected or mis-shaped key."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(
         k for k in state_dict if k not in expected and not k.endswith(".num_batches_tracked") and not ignore(k)
@@ -116,6 +124,15 @@ def _convert(
         if mismatched:
             problems.append("shape mismatches (expected vs found): " + "; ".join(mismatched))
         raise ValueError("cannot convert the PyTorch state dict: " + "; ".join(problems))
+    return arrays
+
+
+def _convert(
+    state_dict: Mapping[str, Any], rows: list[_Row], *, in_channels: int, ignore: Callable[[str], bool]
+) -> dict[str, dict[str, Any]]:
+    """Fill Flax ``params``/``batch_stats`` from ``rows``; one error lists every problem."""
+    expected = _expected_keys(rows)
+    arrays = _checked_arrays(state_dict, expected, in_channels, ignore)
 
     variables: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
 

@@ -268,6 +268,35 @@ def resolve_root(path: str | os.PathLike) -> Path:
     return candidates[0] if len(candidates) == 1 else root
 
 
+def _index_class_folder(
+    folder: Path, cls: str, problems: list[Problem]
+) -> tuple[dict[int, Path], dict[int, dict[int, Path]]]:
+    """A class folder's images by number and masks by number and index (``_mask`` is 0,
+    ``_mask_K`` is K); a folder or a file matching no pattern is added to ``problems``."""
+    images: dict[int, Path] = {}
+    masks: dict[int, dict[int, Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        m = _NAME.match(entry.name)
+        if entry.is_dir():
+            problems.append(Problem(str(entry), "unexpected folder inside a class folder"))
+        elif m is None:
+            problems.append(
+                Problem(
+                    str(entry),
+                    f"file name matches no pattern (expected '{cls} (N).png' or "
+                    f"'{cls} (N)_mask[_K].png', N and K without leading zeros)",
+                )
+            )
+        elif m["cls"] != cls:
+            problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the {cls!r} folder"))
+        elif m["mask"] is None:
+            images[int(m["num"])] = entry
+        else:
+            extra = 0 if m["extra"] is None else int(m["extra"])
+            masks.setdefault(int(m["num"]), {})[extra] = entry
+    return images, masks
+
+
 def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
     """Index the folder by file name only (fast; nothing decoded).
 
@@ -287,27 +316,7 @@ def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
             if all_classes:
                 problems.append(Problem(str(folder), "missing class folder"))
             continue
-        images: dict[int, Path] = {}
-        masks: dict[int, dict[int, Path]] = {}
-        for entry in sorted(folder.iterdir()):
-            m = _NAME.match(entry.name)
-            if entry.is_dir():
-                problems.append(Problem(str(entry), "unexpected folder inside a class folder"))
-            elif m is None:
-                problems.append(
-                    Problem(
-                        str(entry),
-                        f"file name matches no pattern (expected '{cls} (N).png' or "
-                        f"'{cls} (N)_mask[_K].png', N and K without leading zeros)",
-                    )
-                )
-            elif m["cls"] != cls:
-                problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the {cls!r} folder"))
-            elif m["mask"] is None:
-                images[int(m["num"])] = entry
-            else:
-                extra = 0 if m["extra"] is None else int(m["extra"])
-                masks.setdefault(int(m["num"]), {})[extra] = entry
+        images, masks = _index_class_folder(folder, cls, problems)
         if not images:
             problems.append(Problem(str(folder), "class folder holds no images"))
         for num in sorted(set(masks) - set(images)):

@@ -232,6 +232,27 @@ def _is_phantom(folder: Path) -> bool:
         return False
 
 
+def _duplicate_slots(counts: Mapping[str, int], duplicates: int) -> set[tuple[str, int]]:
+    """The (class, index) slots that become copies: the last lesion slots of each class,
+    alternately."""
+    tail = itertools.zip_longest(
+        [("benign", n) for n in reversed(range(counts.get("benign", 0)))],
+        [("malignant", n) for n in reversed(range(counts.get("malignant", 0)))],
+    )
+    return set([s for pair in tail for s in pair if s is not None][:duplicates])
+
+
+def _save_example(folder: Path, id_: str, image: np.ndarray, masks: list[np.ndarray], n_mask: int) -> int:
+    """The image (as RGB) and its masks, each mask in the next of the binary encodings;
+    returns the count of masks saved so far."""
+    Image.fromarray(image, mode="L").convert("RGB").save(folder / f"{id_}.png")
+    for k, m in enumerate(masks):
+        suffix = "_mask" if k == 0 else f"_mask_{k}"
+        _save_mask(m, folder / f"{id_}{suffix}.png", _MASK_MODES[n_mask % 3])
+        n_mask += 1
+    return n_mask
+
+
 def _write_into(
     root: Path, counts: Mapping[str, int], size: tuple[int, int], seed: int, multi_mask_fraction: float, duplicates: int
 ) -> PhantomInfo:
@@ -240,12 +261,7 @@ def _write_into(
     dups: list[tuple[str, str]] = []
     made: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     n_mask = 0
-    # the last lesion slots of each class, alternately, become copies of earlier images
-    tail = itertools.zip_longest(
-        [("benign", n) for n in reversed(range(counts.get("benign", 0)))],
-        [("malignant", n) for n in reversed(range(counts.get("malignant", 0)))],
-    )
-    dup_slots = set([s for pair in tail for s in pair if s is not None][:duplicates])
+    dup_slots = _duplicate_slots(counts, duplicates)
     for label, cls in enumerate(("benign", "malignant", "normal")):
         folder = root / cls
         folder.mkdir()
@@ -266,11 +282,7 @@ def _write_into(
                     made.append((id_, image, masks))
             if len(masks) > 1:
                 multi.append(id_)
-            Image.fromarray(image, mode="L").convert("RGB").save(folder / f"{id_}.png")
-            for k, m in enumerate(masks):
-                suffix = "_mask" if k == 0 else f"_mask_{k}"
-                _save_mask(m, folder / f"{id_}{suffix}.png", _MASK_MODES[n_mask % 3])
-                n_mask += 1
+            n_mask = _save_example(folder, id_, image, masks, n_mask)
             ids[cls].append(id_)
     if len(dups) != duplicates:
         # a copy needs an earlier lesion image of a suitable class (see dup_slots)

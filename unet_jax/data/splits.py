@@ -28,13 +28,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from unet_jax._io import atomic_write
+from unet_jax.config import TrainConfig
 
 __all__ = [
+    "make_split",
+    "lesion_images_only",
     "DUPLICATE_THRESHOLD",
     "Split",
     "check_manifest_target",
@@ -506,3 +510,63 @@ def fingerprint_changes(saved: Mapping[str, list], current: Mapping[str, list], 
     if edited:
         changes.append(f"{len(edited)} image(s) with other pixels or masks ({listed(edited)})")
     return changes
+
+
+# --------------------------------------------------------------------------------------
+# The split a run applies (its config's rules)
+# --------------------------------------------------------------------------------------
+def make_split(config: TrainConfig, dataset: Any, lesions_only: bool = False) -> Split:
+    """The run's split: a given manifest, the notebook's protocol, or a duplicate-aware one.
+
+    ``dataset``: a :class:`~unet_jax.data.busi.BusiDataset`. Validation always comes out of
+    the training data, never out of the test split. ``lesions_only`` (a box-prompted model,
+    :func:`unet_jax.train.run.split_for_lesions_only`): the same split as the other models,
+    less the normal images.
+    """
+    split = _make_split(config, dataset)
+    return lesion_images_only(split, dataset) if lesions_only else split
+
+
+def _make_split(config: TrainConfig, dataset: Any) -> Split:
+    if config.manifest is not None:
+        split = read_manifest(config.manifest)
+        dataset.index_of([i for part in split.partitions.values() for i in part])  # all ids present
+        return split
+    ids, labels = list(dataset.ids), [int(x) for x in dataset.labels]
+    if config.classes == "lesion":
+        keep = [k for k, lab in enumerate(labels) if lab in (0, 1)]
+        ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        hashes = dataset.hashes[keep]
+    else:
+        hashes = dataset.hashes
+    if config.split == "seed":
+        base = seed_protocol(ids, labels, seed=config.split_seed)
+        train_ids = list(base["train"])
+        by_id = dict(zip(ids, labels))
+        inner = stratified_split(
+            train_ids,
+            [by_id[i] for i in train_ids],
+            (),
+            {"train": 1 - config.val_fraction, "val": config.val_fraction},
+            seed=config.split_seed,
+        )
+        return Split(
+            "seed",
+            config.split_seed,
+            {"train": inner["train"], "val": inner["val"], "test": base["test"]},
+            {**base.params, "val_fraction_of_train": config.val_fraction},
+        )
+    groups = duplicate_groups(hashes)
+    fractions = {
+        "train": 1 - config.val_fraction - config.test_fraction,
+        "val": config.val_fraction,
+        "test": config.test_fraction,
+    }
+    return stratified_split(ids, labels, groups, fractions, seed=config.split_seed)
+
+
+def lesion_images_only(split: Split, dataset: Any) -> Split:
+    """``split`` without the normal images of ``dataset`` (benign and malignant only)."""
+    label_of = dict(zip(dataset.ids, (int(x) for x in dataset.labels)))
+    parts = {name: tuple(i for i in ids if label_of[i] in (0, 1)) for name, ids in split.partitions.items()}
+    return Split(split.protocol, split.seed, parts, {**split.params, "lesions_only": True}, split.duplicate_groups)

@@ -31,7 +31,7 @@ from flax import serialization
 
 from unet_jax._io import check_target, new_temp_dir, swap_in
 from unet_jax.config import config_to_dict
-from unet_jax.inference.model import FORMAT, MODEL_FILE
+from unet_jax.inference.model import FORMAT, MODEL_FILE, LoadedModel
 from unet_jax.inference.recipe import InferenceRecipe
 
 __all__ = ["export_model"]
@@ -67,27 +67,16 @@ def export_model(
     model.json of this format) or an empty one, never a folder that is or holds one of the
     members' sources.
     """
-    if not members:
-        raise ValueError("export_model needs at least one model")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"export dtype {dtype!r}: expected 'float16' or 'float32'")
+    _check_members(members, dtype)
     first = members[0]
-    key = lambda m: (m.config.preset, m.config.model, m.config.image_size, m.config.channels)  # noqa: E731
-    for m in members[1:]:
-        if key(m) != key(first):
-            raise ValueError(
-                f"ensemble members differ: {m.step_dir} is {key(m)}, {first.step_dir} is {key(first)}; "
-                f"expected one architecture, image size and channel count"
-            )
     out = Path(out)
     _check_export_target(out, [Path(m.step_dir) for m in members], overwrite)
     tmp = new_temp_dir(out)
     try:
         files, digests = [], {}
         for i, m in enumerate(members):
-            variables = {"params": m.variables["params"], "batch_stats": m.variables.get("batch_stats", {})}
             name = f"member_{i}.msgpack"
-            data = serialization.to_bytes(_storage(jax.device_get(variables), dtype))
+            data = _member_bytes(m, dtype)
             (tmp / name).write_bytes(data)
             files.append(name)
             digests[name] = hashlib.sha256(data).hexdigest()
@@ -110,6 +99,28 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_members(members: Sequence[Any], dtype: str) -> None:
+    """At least one member, all of one architecture, image size and channel count."""
+    if not members:
+        raise ValueError("export_model needs at least one model")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"export dtype {dtype!r}: expected 'float16' or 'float32'")
+    first = members[0]
+    key = lambda m: (m.config.preset, m.config.model, m.config.image_size, m.config.channels)  # noqa: E731
+    for m in members[1:]:
+        if key(m) != key(first):
+            raise ValueError(
+                f"ensemble members differ: {m.step_dir} is {key(m)}, {first.step_dir} is {key(first)}; "
+                f"expected one architecture, image size and channel count"
+            )
+
+
+def _member_bytes(member: LoadedModel, dtype: str) -> bytes:
+    """One member's parameters and batch statistics, stored as ``dtype`` (msgpack)."""
+    variables = {"params": member.variables["params"], "batch_stats": member.variables.get("batch_stats", {})}
+    return serialization.to_bytes(_storage(jax.device_get(variables), dtype))
 
 
 def _is_export(path: Path) -> bool:

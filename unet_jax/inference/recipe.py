@@ -561,6 +561,38 @@ def _with_gate(base: InferenceRecipe, gate: str, g: float, models: dict) -> Infe
     return dataclasses.replace(base, gate=gate, gate_threshold=g)
 
 
+def _lever_rows(
+    scores: RecipeScores,
+    bases: dict[tuple, InferenceRecipe],
+    options: list,
+    outcome: Callable[[InferenceRecipe], tuple[np.ndarray, np.ndarray]],
+    is_lesion: np.ndarray,
+    max_lesion_empty: float,
+) -> dict[str, dict[str, float]]:
+    """The ablation rows of :func:`choose_recipe`: each lever added alone to the raw model
+    (a gate at its best threshold alone)."""
+    raw = bases[scores.raw_key]
+    levers: dict[str, dict[str, float]] = {}
+    if (True, *scores.raw_key[1:]) in bases:
+        levers["flip TTA"] = _scores(*outcome(bases[(True, *scores.raw_key[1:])]), is_lesion)
+    for t in scores.thresholds:
+        levers[f"threshold {t:g}"] = _scores(*outcome(bases[(False, t, "all", 0.0, False)]), is_lesion)
+    t = scores.raw_key[1]
+    levers["largest component"] = _scores(*outcome(bases[(False, t, "largest", 0.0, False)]), is_lesion)
+    levers["drop components < 1%"] = _scores(*outcome(bases[(False, t, "all", 0.01, False)]), is_lesion)
+    levers["fill holes"] = _scores(*outcome(bases[(False, t, "all", 0.0, True)]), is_lesion)
+    for name in dict.fromkeys(gate for gate, _, _ in options if gate != "none"):
+        scored = [
+            (_objective(*outcome(r), is_lesion, max_lesion_empty), r)
+            for r in (_with_gate(raw, gate, g, m) for gate, g, m in options if gate == name)
+        ]
+        scored = [s for s in scored if np.isfinite(s[0])]
+        if scored:
+            r = max(scored, key=lambda s: s[0])[1]
+            levers[f"gate {name} {r.gate_threshold:g} (best alone)"] = _scores(*outcome(r), is_lesion)
+    return levers
+
+
 def choose_recipe(
     scores: RecipeScores,
     class_probs: np.ndarray | None,
@@ -610,24 +642,7 @@ def choose_recipe(
         "chosen": _scores(*outcome(recipe), is_lesion),
         "raw": _scores(*outcome(raw), is_lesion),
     }
-    levers: dict[str, dict[str, float]] = {}
-    if (True, *scores.raw_key[1:]) in bases:
-        levers["flip TTA"] = _scores(*outcome(bases[(True, *scores.raw_key[1:])]), is_lesion)
-    for t in scores.thresholds:
-        levers[f"threshold {t:g}"] = _scores(*outcome(bases[(False, t, "all", 0.0, False)]), is_lesion)
-    t = scores.raw_key[1]
-    levers["largest component"] = _scores(*outcome(bases[(False, t, "largest", 0.0, False)]), is_lesion)
-    levers["drop components < 1%"] = _scores(*outcome(bases[(False, t, "all", 0.01, False)]), is_lesion)
-    levers["fill holes"] = _scores(*outcome(bases[(False, t, "all", 0.0, True)]), is_lesion)
-    for name in dict.fromkeys(gate for gate, _, _ in options if gate != "none"):
-        scored = [
-            (_objective(*outcome(r), is_lesion, max_lesion_empty), r)
-            for r in (_with_gate(raw, gate, g, m) for gate, g, m in options if gate == name)
-        ]
-        scored = [s for s in scored if np.isfinite(s[0])]
-        if scored:
-            r = max(scored, key=lambda s: s[0])[1]
-            levers[f"gate {name} {r.gate_threshold:g} (best alone)"] = _scores(*outcome(r), is_lesion)
+    levers = _lever_rows(scores, bases, options, outcome, is_lesion, max_lesion_empty)
     report["levers"] = levers
     return recipe, report
 

@@ -224,13 +224,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"UNet: input must be (batch, height, width, {self.in_channels}), got shape {tuple(x.shape)}"
-            )
-        check_input_size(x.shape[1:3], self._size_spec())
-        if self.layout not in ("NHWC", "NCHW"):
-            raise ValueError(f"UNet: layout must be 'NHWC' or 'NCHW', got {self.layout!r}")
+        self._check_input(x)
         channels_first = self.layout == "NCHW"
         if channels_first:
             x = jnp.transpose(x, (0, 3, 1, 2))
@@ -283,6 +277,16 @@ class UNet(nn.Module):
         if class_logits is not None:
             return {"mask": logits.astype(jnp.float32), "class": class_logits.astype(jnp.float32)}
         return logits.astype(jnp.float32)
+
+    def _check_input(self, x: jax.Array) -> None:
+        """An NHWC input with ``in_channels`` channels, of a size the preset accepts."""
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"UNet: input must be (batch, height, width, {self.in_channels}), got shape {tuple(x.shape)}"
+            )
+        check_input_size(x.shape[1:3], self._size_spec())
+        if self.layout not in ("NHWC", "NCHW"):
+            raise ValueError(f"UNet: layout must be 'NHWC' or 'NCHW', got {self.layout!r}")
 
     def _size_spec(self) -> dict[str, Any]:
         return dict(

@@ -1,80 +1,48 @@
 """The training loop: data on the device, epochs of scanned steps, validation, early
-stopping, checkpoints, logs, and the final test evaluation.
+stopping, checkpoints and logs; nothing else (the run folder, its checks and the final
+stage are :mod:`unet_jax.train.run`).
 
-A run is a folder: ``config.json``, ``split.json`` (the manifest), ``environment.json``
-(versions, devices, wall time), ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/{latest,
-best}``, ``plots/``, ``results.json``. Running the same command on the same folder resumes
-from ``checkpoints/latest``; batches, augmentation and dropout are pure functions of the
-run seed and the step, so the resumed run is the same run (bitwise on CPU).
+Running the same command on the same folder resumes from ``checkpoints/latest``; batches,
+augmentation and dropout are pure functions of the run seed and the step, so the resumed
+run is the same run (bitwise on CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
-from unet_jax import metrics as M
-from unet_jax._io import FolderLock, write_json
 from unet_jax.config import TrainConfig, config_to_dict
-from unet_jax.data import (
-    AugmentConfig,
-    BusiDataset,
-    DeviceData,
-    ReadOptions,
-    Split,
-    duplicate_groups,
-    fingerprint_changes,
-    image_fingerprints,
-    load_busi,
-    load_cache,
-    make_sampler,
-    manifest_fingerprints,
-    read_manifest,
-    seed_protocol,
-    stratified_split,
-    write_manifest,
-    write_phantom,
-)
-from unet_jax.evaluate import evaluate_classification, evaluate_dataset, evaluation_report
-from unet_jax.inference import (
-    BEST,
-    LATEST,
-    RAW,
-    LoadedModel,
-    find_checkpoint,
-    finished_steps,
-    load,
-    predict_outputs,
-    predict_probabilities,
-    prompt_boxes,
-    read_meta,
-    recipe_mask,
-    save_recipe,
-    tune_inference,
-)
+from unet_jax.data import AugmentConfig, BusiDataset, DeviceData, Split, make_sampler
+from unet_jax.inference import BEST, LATEST
 from unet_jax.losses import get_loss
-from unet_jax.models import build_model, model_heads, needs_box_prompts
-from unet_jax.plots import plot_training_curves, prediction_grid
+from unet_jax.models import build_model, model_heads
 from unet_jax.train import distributed
 from unet_jax.train.checkpoint import CheckpointStore
 from unet_jax.train.init_from import load_initial_variables
 from unet_jax.train.logs import MetricsLog
+from unet_jax.train.run import (
+    check_resume,
+    check_resumed_meta,
+    environment,
+    finish_run,
+    lock_run_folder,
+    open_run_folder,
+    start_run_data,
+    write_run_json,
+)
 from unet_jax.train.state import (
+    LoopState,
     TrainState,
     create_train_state,
     make_optimizer,
@@ -89,17 +57,7 @@ from unet_jax.train.steps import (
     train_steps,
 )
 
-__all__ = [
-    "TrainingDiverged",
-    "RunResult",
-    "train",
-    "load_run_data",
-    "make_split",
-    "split_for_lesions_only",
-    "augment_config",
-    "environment",
-    "finish_run_again",
-]
+__all__ = ["TrainingDiverged", "RunResult", "train", "check_model_config", "augment_config"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -156,121 +114,6 @@ def augment_config(config: TrainConfig) -> AugmentConfig | None:
     )
 
 
-def load_run_data(config: TrainConfig, run_dir: Path, progress: Progress | None = None) -> BusiDataset:
-    """The dataset at the training size: a prepared cache, a BUSI folder, or phantom data."""
-    size = (config.image_size, config.image_size)
-    if config.cache is not None:
-        dataset = load_cache(config.cache)
-        shape = dataset.images_u8.shape[1:]
-        if tuple(shape) != (*size, config.channels):
-            raise ValueError(
-                f"cache {config.cache!r} holds images of shape {tuple(shape)}; the config expects "
-                f"{(*size, config.channels)} (image_size={config.image_size}, channels={config.channels})"
-            )
-        return dataset
-    source = config.data
-    if source is None:
-        source = run_dir / "phantom"
-        # Process 0 writes it; the others read it from a shared run folder, or write their
-        # own copy (the same seeded images) where the folder is not shared.
-        for writer in (True, False):
-            if distributed.is_primary() == writer and not source.exists():
-                n = config.phantom_images
-                counts = {"benign": n // 2, "malignant": n // 3, "normal": n - n // 2 - n // 3}
-                write_phantom(source, counts=counts, size=size, seed=config.seed)
-            if writer:
-                distributed.sync("phantom written")
-    elif not Path(source).exists():
-        raise ValueError(f"data folder {source!r} does not exist; expected a folder in the BUSI layout")
-    on_progress = None
-    if progress is not None:
-
-        def on_progress(done: int, total: int) -> None:
-            progress({"kind": "read", "done": done, "total": total})
-
-    return load_busi(source, ReadOptions(size=size, channels=config.channels), on_progress)
-
-
-def make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
-    """The run's split: a given manifest, the notebook's protocol, or a duplicate-aware one.
-
-    Validation always comes out of the training data, never out of the test split. A
-    box-prompted model gets the same split as the other models, less the normal images
-    (:func:`split_for_lesions_only`).
-    """
-    split = _make_split(config, dataset)
-    return _lesions_only(split, dataset) if split_for_lesions_only(config) else split
-
-
-def _make_split(config: TrainConfig, dataset: BusiDataset) -> Split:
-    if config.manifest is not None:
-        split = read_manifest(config.manifest)
-        dataset.index_of([i for part in split.partitions.values() for i in part])  # all ids present
-        return split
-    ids, labels = list(dataset.ids), [int(x) for x in dataset.labels]
-    if config.classes == "lesion":
-        keep = [k for k, lab in enumerate(labels) if lab in (0, 1)]
-        ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
-        hashes = dataset.hashes[keep]
-    else:
-        hashes = dataset.hashes
-    if config.split == "seed":
-        base = seed_protocol(ids, labels, seed=config.split_seed)
-        train_ids = list(base["train"])
-        by_id = dict(zip(ids, labels))
-        inner = stratified_split(
-            train_ids,
-            [by_id[i] for i in train_ids],
-            (),
-            {"train": 1 - config.val_fraction, "val": config.val_fraction},
-            seed=config.split_seed,
-        )
-        return Split(
-            "seed",
-            config.split_seed,
-            {"train": inner["train"], "val": inner["val"], "test": base["test"]},
-            {**base.params, "val_fraction_of_train": config.val_fraction},
-        )
-    groups = duplicate_groups(hashes)
-    fractions = {
-        "train": 1 - config.val_fraction - config.test_fraction,
-        "val": config.val_fraction,
-        "test": config.test_fraction,
-    }
-    return stratified_split(ids, labels, groups, fractions, seed=config.split_seed)
-
-
-def split_for_lesions_only(config: TrainConfig) -> bool:
-    """Box-prompted models (SAM) are prompted from the ground truth: they train and are
-    evaluated on lesion images only (a normal image has no box to give)."""
-    return needs_box_prompts(build_model(config))
-
-
-def _lesions_only(split: Split, dataset: BusiDataset) -> Split:
-    label_of = dict(zip(dataset.ids, (int(x) for x in dataset.labels)))
-    parts = {name: tuple(i for i in ids if label_of[i] in (0, 1)) for name, ids in split.partitions.items()}
-    return Split(split.protocol, split.seed, parts, {**split.params, "lesions_only": True}, split.duplicate_groups)
-
-
-def environment(mesh: Mesh) -> dict[str, Any]:
-    import flax
-    import optax
-
-    devices = mesh.devices.flatten().tolist()
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d.device_kind) for d in devices],
-        "num_devices": len(devices),
-        "process_count": jax.process_count(),
-        "host": platform.node(),
-    }
-
-
 def _replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = NamedSharding(mesh, PartitionSpec())
     if jax.process_count() == 1:
@@ -311,12 +154,6 @@ def _sharded_device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh)
         labels=local(dataset.labels, np.int32),
     )
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a, (rows, *a.shape[1:])), host)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """The run folder's JSON files, written by process 0 only."""
-    if distributed.is_primary():
-        write_json(path, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -376,78 +213,6 @@ def _non_finite_arrays(state: TrainState) -> list[str]:
     return [path for path, ok in zip(paths, distributed.to_host(_finite_flags(tree))) if not ok]
 
 
-def _check_run_folder(config: TrainConfig, run_dir: Path) -> None:
-    """Refuse, before any work, to resume a run folder with another configuration."""
-    # Only complete checkpoints: a run killed during its first save leaves nothing but
-    # orbax's temporary folder there, and starts again from scratch.
-    steps = finished_steps(run_dir / "checkpoints" / LATEST)
-    if steps:
-        meta = read_meta(steps[-1])
-        if "config" not in meta:
-            raise ValueError(
-                f"checkpoint {str(steps[-1])!r} has no saved config; expected one written by `unet-jax train`"
-            )
-        _check_resumable(meta["config"], config, run_dir)
-        _check_processes(meta, run_dir)
-
-
-def _check_same_data(run_dir: Path, fingerprints: dict[str, list]) -> None:
-    """A run resumes on the images it was split and trained on: its split.json records
-    each image's fingerprint (``data.image_fingerprints``); other data (images added,
-    removed, resized or edited, other masks) would re-split silently. A split.json without
-    fingerprints (written before they were recorded) is not checked."""
-    if not finished_steps(run_dir / "checkpoints" / LATEST):
-        return
-    saved = manifest_fingerprints(run_dir / "split.json")
-    changes = [] if saved is None else fingerprint_changes(saved, fingerprints)
-    if changes:
-        raise ValueError(
-            f"run folder {str(run_dir)!r} was trained on other data than this resume reads: "
-            f"{'; '.join(changes)} (compared with {str(run_dir / 'split.json')!r}); resume with the "
-            f"data it was trained on, or choose a new --out folder"
-        )
-
-
-def _check_processes(meta: dict[str, Any], run_dir: Path) -> None:
-    """A run resumes with the process count it was saved with: its data shards, its batch
-    placement and its checkpoint's layout depend on it."""
-    saved, now = meta.get("processes", 1), jax.process_count()
-    if saved != now:
-        raise ValueError(
-            f"run folder {str(run_dir)!r} was trained as {saved} process(es); this launch has {now}; "
-            f"resume with {saved} process(es), or choose a new --out folder"
-        )
-
-
-# Keys that do not change what is computed: a resumed run may set them differently.
-_FREE_ON_RESUME = frozenset(
-    {
-        "plots",
-        "eval_batch_size",
-        "steps_per_dispatch",
-        "cpu_devices",
-        "checkpoint_every",
-        "distributed",
-        "tune_inference",
-        "max_lesion_empty",
-        "max_train_minutes",
-    }
-)
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
-    current = json.loads(json.dumps(config_to_dict(config)))  # tuples as the saved JSON lists
-    # A key added to TrainConfig after the run was saved counts as its default.
-    saved = {**config_to_dict(TrainConfig()), **saved}
-    differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k] and k not in _FREE_ON_RESUME}
-    if differ:
-        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
-        raise ValueError(
-            f"run folder {str(run_dir)!r} holds a checkpoint of a different configuration ({details}); "
-            f"resume with the same config, or choose a new --out folder"
-        )
-
-
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -497,9 +262,9 @@ class _Run:
         )
         return metrics_to_host(totals, prefix)
 
-    def meta(self, loop: dict[str, Any]) -> dict[str, Any]:
+    def meta(self, loop: LoopState) -> dict[str, Any]:
         """What a checkpoint saves beside the state."""
-        return {"config": config_to_dict(self.config), "loop": loop, "processes": jax.process_count()}
+        return {"config": config_to_dict(self.config), "loop": loop.to_dict(), "processes": jax.process_count()}
 
 
 def train(
@@ -514,23 +279,8 @@ def train(
     started = time.time()
     if config.distributed:
         distributed.initialize(distributed.launch_from())
-    with _run_lock(run_dir):
+    with lock_run_folder(run_dir):
         return _train(config, run_dir, progress, mesh, started)
-
-
-LOCK_FILE = "train.lock"
-
-
-def _run_lock(run_dir: str | os.PathLike) -> FolderLock | contextlib.nullcontext:
-    """The run folder (created here) locked while this process trains in it (process 0
-    of several): a second `unet-jax train --out` on it is refused naming this PID."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
-    if not distributed.is_primary():
-        return contextlib.nullcontext()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return FolderLock(run_dir / LOCK_FILE, "run folder")
 
 
 def _train(
@@ -543,7 +293,7 @@ def _train(
             "kind": "start",
             "epochs": config.epochs,
             "steps_per_epoch": run.steps_per_epoch,
-            "resumed_epoch": loop["epoch"],
+            "resumed_epoch": loop.epoch,
             "train": len(run.split["train"]),
             "val": len(run.split["val"]),
             "test": len(run.split.partitions.get("test", ())),
@@ -556,39 +306,26 @@ def _train(
     run.store.close()
     run.emit({"kind": "finishing"})
     if distributed.is_primary():
-        _finish_run(
-            config,
-            run.model,
-            run.heads,
-            state,
-            run.dataset,
-            run.split,
-            {**loop, "stopped_by_time_cap": capped},
-            test,
-            run.run_dir,
-        )
+        finish_run(config, run.model, state, run.dataset, run.split, loop, test, run.run_dir, capped)
     distributed.sync("run finished")  # the others wait for process 0's final report
     wall = time.time() - started
-    _write_json(run.run_dir / "environment.json", {**environment(run.mesh), "wall_time_s": wall})
+    write_run_json(run.run_dir / "environment.json", {**environment(run.mesh), "wall_time_s": wall})
     run.emit(
         {
             "kind": "done",
-            "best_epoch": loop["best_epoch"],
-            "stopped_early": loop["stopped_early"],
+            "best_epoch": loop.best_epoch,
+            "stopped_early": loop.stopped_early,
             **test,
             "wall_time_s": wall,
         }
     )
-    return RunResult(run.run_dir, loop["history"], loop["best_epoch"], loop["stopped_early"], test, wall)
+    return RunResult(run.run_dir, list(loop.history), loop.best_epoch, loop.stopped_early, test, wall)
 
 
 def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progress | None, mesh: Mesh | None) -> _Run:
     """Checks, the model, the data and its split (written to the run folder), the
     optimiser's pieces and the device-resident training and validation splits."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run folder {str(run_dir)!r} is a file; expected a folder (created if missing)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_folder(run_dir)
     emit = progress or (lambda event: None)
     mesh = mesh or make_mesh()
     n_dev = mesh.devices.size
@@ -596,21 +333,11 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; expected a multiple of {n_dev}"
         )
-
-    _check_run_folder(config, run_dir)
+    check_resume(config, run_dir)
     model = build_model(config)
     heads = model_heads(model, config)
     check_model_config(config, heads)
-    dataset = load_run_data(config, run_dir, emit)
-    split = make_split(config, dataset)
-    fingerprints = image_fingerprints(dataset, [i for part in split.partitions.values() for i in part])
-    _check_same_data(run_dir, fingerprints)
-    if distributed.is_primary():
-        write_manifest(
-            split, run_dir / "split.json", dict(zip(dataset.ids, map(int, dataset.labels))), fingerprints=fingerprints
-        )
-    _write_json(run_dir / "config.json", config_to_dict(config))
-
+    dataset, split = start_run_data(config, run_dir, model, emit)
     n_train = len(split["train"])
     if n_train < config.batch_size:
         raise ValueError(
@@ -648,7 +375,7 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     )
 
 
-def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
+def _initial_state(run: _Run) -> tuple[TrainState, LoopState]:
     """A fresh (or ``init_from``) state and empty loop counters, or both from the latest
     checkpoint of a run being resumed."""
     config = run.config
@@ -667,7 +394,7 @@ def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
         )
         run.emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
     state = _replicate(state, run.mesh)
-    loop = {"epoch": 0, "best_value": None, "best_epoch": None, "bad_epochs": 0, "history": [], "stopped_early": False}
+    loop = LoopState()
     if resuming:
         state, meta = run.store.restore(LATEST, state)
         if bad := _non_finite_arrays(state):  # training saves only finite states: the files are damaged
@@ -677,58 +404,55 @@ def _initial_state(run: _Run) -> tuple[TrainState, dict[str, Any]]:
                 f"(NaN or inf) in {len(bad)} array(s), e.g. {bad[0]}; expected finite weights: the "
                 f"files are damaged (delete that checkpoint to resume from scratch, or use a new --out)"
             )
-        _check_resumable(meta["config"], config, run.run_dir)
-        _check_processes(meta, run.run_dir)
-        loop = meta["loop"]
+        check_resumed_meta(meta, config, run.run_dir)
+        loop = LoopState.from_dict(meta["loop"])
     return state, loop
 
 
-def _train_epochs(
-    run: _Run, state: TrainState, loop: dict[str, Any], started: float
-) -> tuple[TrainState, dict[str, Any], bool]:
+def _train_epochs(run: _Run, state: TrainState, loop: LoopState, started: float) -> tuple[TrainState, LoopState, bool]:
     """Epochs until ``epochs``, early stopping or the time cap (``capped``, not saved: a
     resumed run goes on); each logged, checked for NaN and checkpointed."""
     config = run.config
     log = (
-        MetricsLog(run.run_dir, resume_epochs=loop["epoch"], resume_step=loop["epoch"] * run.steps_per_epoch)
+        MetricsLog(run.run_dir, resume_epochs=loop.epoch, resume_step=loop.epoch * run.steps_per_epoch)
         if distributed.is_primary()
         else None
     )
     capped = False
     try:
-        while loop["epoch"] < config.epochs and not loop["stopped_early"] and not capped:
-            state, record = _run_epoch(run, state, loop["epoch"] + 1)
+        while loop.epoch < config.epochs and not loop.stopped_early and not capped:
+            state, record = _run_epoch(run, state, loop.epoch + 1)
             _check_finite(record, state, run.store, run.steps_per_epoch, run.run_dir)
             loop, improved = _early_stopping(config, loop, record)
             capped = distributed.agree(
                 config.max_train_minutes is not None
                 and record["epoch"] < config.epochs
-                and not loop["stopped_early"]
+                and not loop.stopped_early
                 and time.time() - started >= 60 * config.max_train_minutes
             )
             if log is not None:
                 log.write(record, record["step"])
                 if config.plots:
                     _log_images(
-                        run, log, state, loop, last=loop["stopped_early"] or capped or record["epoch"] == config.epochs
+                        run, log, state, loop, last=loop.stopped_early or capped or record["epoch"] == config.epochs
                     )
             if improved:
                 run.store.save(BEST, state, run.meta(loop))
             if (
                 record["epoch"] % config.checkpoint_every == 0
-                or loop["stopped_early"]
+                or loop.stopped_early
                 or capped
                 or record["epoch"] == config.epochs
             ):
                 run.store.save(LATEST, state, run.meta(loop))
-            run.emit({"kind": "epoch", **record, "best_epoch": loop["best_epoch"], "improved": improved})
+            run.emit({"kind": "epoch", **record, "best_epoch": loop.best_epoch, "improved": improved})
     except BaseException as err:
         run.store.close()  # Orbax's threads are not left running behind a stopped run
         if isinstance(err, Exception) and distributed.is_peer_failure(err):
             raise distributed.PeerLost(
                 f"process {jax.process_index()} of {jax.process_count()}: another process of this run stopped "
-                f"during epoch {loop['epoch'] + 1} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                f"checkpoints up to epoch {loop['epoch']} are kept in {run.run_dir / 'checkpoints'}; rerun the "
+                f"during epoch {loop.epoch + 1} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                f"checkpoints up to epoch {loop.epoch} are kept in {run.run_dir / 'checkpoints'}; rerun the "
                 f"same command on every process to resume"
             ) from err
         raise
@@ -738,15 +462,15 @@ def _train_epochs(
     return state, loop, capped
 
 
-def _log_images(run: _Run, log: MetricsLog, state: TrainState, loop: dict[str, Any], last: bool) -> None:
+def _log_images(run: _Run, log: MetricsLog, state: TrainState, loop: LoopState, last: bool) -> None:
     """TensorBoard images: 4 validation predictions every epoch, the curves after the last."""
-    step = loop["epoch"] * run.steps_per_epoch
+    step = loop.epoch * run.steps_per_epoch
     if jax.process_count() > 1:  # only process 0 logs: a copy of the model on its own device
         local = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
         state = state.replace(opt_state=None, **local)
     log.predictions(step, state, run.dataset.subset(list(run.split["val"][:4])), run.config.threshold)
     if last:
-        log.training_curves(step, loop["history"], run.config.preset, loop["best_epoch"], run.config.monitor)
+        log.training_curves(step, loop.history, run.config.preset, loop.best_epoch, run.config.monitor)
 
 
 def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, Any]]:
@@ -791,21 +515,21 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, di
     return state, record
 
 
-def _early_stopping(config: TrainConfig, loop: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def _early_stopping(config: TrainConfig, loop: LoopState, record: dict[str, Any]) -> tuple[LoopState, bool]:
     """The loop's counters after ``record``'s epoch, and whether the monitor improved."""
     value = record[config.monitor]
-    improved = _improved(config, value, loop["best_value"])
-    loop = {**loop, "epoch": record["epoch"], "history": loop["history"] + [record]}
+    improved = _improved(config, value, loop.best_value)
+    loop = dataclasses.replace(loop, epoch=record["epoch"], history=(*loop.history, record))
     if improved:
-        loop.update(best_value=value, best_epoch=record["epoch"], bad_epochs=0)
+        loop = dataclasses.replace(loop, best_value=value, best_epoch=record["epoch"], bad_epochs=0)
     else:
-        loop["bad_epochs"] += 1
-    if config.patience is not None and loop["bad_epochs"] >= config.patience:
-        loop["stopped_early"] = True
+        loop = dataclasses.replace(loop, bad_epochs=loop.bad_epochs + 1)
+    if config.patience is not None and loop.bad_epochs >= config.patience:
+        loop = dataclasses.replace(loop, stopped_early=True)
     return loop, improved
 
 
-def _final_state(run: _Run, state: TrainState, loop: dict[str, Any]) -> TrainState:
+def _final_state(run: _Run, state: TrainState, loop: LoopState) -> TrainState:
     """The state the run is evaluated with: the best epoch's (``restore_best``) or the last;
     a run of zero epochs (e.g. SAM as released) saves its initial state as its checkpoint."""
     config = run.config
@@ -832,148 +556,6 @@ def _test_metrics(run: _Run, state: TrainState) -> dict[str, float]:
     if "test/dice" in test:
         test["test/bce"] = run.evaluate(state, test_data, prefix="", loss_fn=get_loss("bce"), class_weight=0.0)["loss"]
     return test
-
-
-def _finish_run(
-    config: TrainConfig,
-    model: Any,
-    heads: tuple[bool, bool],
-    state: TrainState,
-    dataset: BusiDataset,
-    split: Split,
-    loop: dict[str, Any],
-    test: dict[str, float],
-    run_dir: Path,
-) -> None:
-    """results.json (the report's columns beside Dice and IoU, native-resolution test
-    metrics), per-image test rows, and the plots."""
-
-    variables = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
-    has_mask, has_class = heads
-    try:
-        step_dir = find_checkpoint(run_dir if config.restore_best else run_dir / "checkpoints" / LATEST)
-    except ValueError:
-        step_dir = run_dir
-    loaded = LoadedModel(model, variables, config, step_dir)
-    best = loop["history"][loop["best_epoch"] - 1] if loop["best_epoch"] else {}
-    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
-    results: dict[str, Any] = {
-        "model": config.preset,
-        "parameters": {
-            "trainable": count(state.params),
-            "non_trainable": count(state.batch_stats),
-            "frozen": count({k: v for k, v in state.params.items() if k in config.freeze}),
-        },
-        "init_from": config.init_from,
-        "prompted": ("boxes from the ground-truth masks (lesion images only)" if needs_box_prompts(model) else None),
-        "best_epoch": loop["best_epoch"],
-        "epochs_run": loop["epoch"],
-        "stopped_early": loop["stopped_early"],
-        "stopped_by_time_cap": loop.get("stopped_by_time_cap", False),
-        "monitor": config.monitor,
-        "train_at_best_epoch": {k: v for k, v in best.items() if k.startswith("train/")},
-        "val_at_best_epoch": {k: v for k, v in best.items() if k.startswith("val/")},
-        "test_training_resolution": test,
-    }
-    val_ids = split.partitions.get("val", ())
-    if config.tune_inference and has_mask and val_ids and not needs_box_prompts(model):
-        recipe, tuning = tune_inference(
-            loaded,
-            dataset.subset(list(val_ids)),
-            max_lesion_empty=config.max_lesion_empty,
-            tuned_on=f"validation split ({len(val_ids)} images)",
-        )
-        save_recipe(loaded, recipe, tuning, run_dir)
-        loaded = dataclasses.replace(loaded, recipe=recipe)
-        results["inference"] = {"recipe": recipe.to_dict(), "description": recipe.describe(), "validation": tuning}
-    test_ids = split.partitions.get("test", ())
-    if test_ids and has_class:
-        results["test_classification"] = evaluate_classification(loaded, dataset.subset(list(test_ids)))
-    if test_ids and has_mask:
-        test_ds = dataset.subset(list(test_ids))
-        native = bool(test_ds.original_masks)
-        aggregate, rows = evaluate_dataset(loaded, test_ds, native=native)
-        report = evaluation_report(aggregate, rows, native=native, source="test split")
-        report["recipe"] = loaded.recipe.describe()
-        predictions = run_dir / "predictions"
-        predictions.mkdir(exist_ok=True)
-        _write_json(predictions / "test_per_image.json", report.pop("per_image"))
-        results["test"] = report
-        if loaded.recipe != dataclasses.replace(RAW, threshold=config.threshold):
-            # The model's own output beside the recipe's, so the recipe's effect is visible.
-            aggregate, rows = evaluate_dataset(loaded, test_ds, native=native, raw=True)
-            raw = evaluation_report(aggregate, rows, native=native, source="test split, raw model output")
-            _write_json(predictions / "test_per_image_raw.json", raw.pop("per_image"))
-            results["test_raw"] = raw
-        if config.plots:
-            show = min(len(test_ds), 16)
-            boxes = prompt_boxes(test_ds.subset(list(range(show)))) if needs_box_prompts(model) else None
-            probs = predict_probabilities(loaded, test_ds.images_u8[:show], config.eval_batch_size, boxes=boxes)
-            gts = [test_ds.original_masks[i] if native else test_ds.masks[i, :, :, 0] for i in range(show)]
-            if needs_box_prompts(model):
-                preds = [M.resize_mask(p, g.shape, t=config.threshold) for p, g in zip(probs, gts)]
-            else:
-                probs, classes = predict_outputs(loaded, test_ds.images_u8[:show], loaded.recipe.flip_tta)
-                preds = [
-                    recipe_mask(p, None if classes is None else classes[i], loaded.recipe, g.shape)
-                    for i, (p, g) in enumerate(zip(probs, gts))
-                ]
-            images = [_native_image(test_ds, i, g.shape) for i, g in enumerate(gts)]
-            prediction_grid(
-                images,
-                gts,
-                preds,
-                run_dir / "plots" / "test_predictions.png",
-                titles=[f"{i} ({c})" for i, c in zip(test_ds.ids[:show], test_ds.class_names[:show])],
-            )
-    if config.plots and loop["history"]:
-        (run_dir / "plots").mkdir(exist_ok=True)
-        plot_training_curves(
-            loop["history"],
-            run_dir / "plots" / "training_curves.png",
-            title=config.preset,
-            best_epoch=loop["best_epoch"],
-            monitor=config.monitor,
-        )
-    _write_json(run_dir / "results.json", results)
-
-
-def finish_run_again(run_dir: str | os.PathLike, cache: str | None = None) -> Path:
-    """Redo a finished run's final stage with the current code: choose its inference recipe
-    on its validation split (saved with the best checkpoint) and rewrite results.json,
-    the per-image test rows and the plots. Training is not repeated; ``cache`` reads the
-    images from a `data prepare` cache instead of the run's own data source."""
-    run_dir = Path(run_dir).resolve()
-    loaded = load(run_dir)
-    config = loaded.config if cache is None else dataclasses.replace(loaded.config, cache=cache)
-    latest = read_meta(find_checkpoint(run_dir / "checkpoints" / LATEST))
-    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
-    dataset = load_run_data(config, run_dir)
-    split = read_manifest(run_dir / "split.json")
-    state = SimpleNamespace(params=loaded.variables["params"], batch_stats=loaded.variables.get("batch_stats", {}))
-    heads = model_heads(loaded.model, config)
-    _finish_run(
-        config,
-        loaded.model,
-        heads,
-        state,
-        dataset,
-        split,
-        latest["loop"],
-        previous.get("test_training_resolution", {}),
-        run_dir,
-    )
-    return run_dir
-
-
-def _native_image(dataset: BusiDataset, i: int, shape: tuple[int, int]) -> np.ndarray:
-    """The training-size image brought to ``shape`` for display (the native file may be gone)."""
-    image = dataset.images_u8[i]
-    if image.shape[:2] == tuple(shape):
-        return image
-    mode = "L" if image.shape[-1] == 1 else "RGB"
-    pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode)
-    return np.asarray(pil.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def _loss_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Training state and optimiser construction."""
+"""Training state (the model's, the loop's) and optimiser construction."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ from flax.training import train_state
 from unet_jax.config import TrainConfig
 from unet_jax.models import init_variables, needs_box_prompts
 
-__all__ = ["TrainState", "make_optimizer", "make_schedule", "create_train_state"]
+__all__ = ["TrainState", "LoopState", "make_optimizer", "make_schedule", "create_train_state"]
 
 
 class TrainState(train_state.TrainState):
@@ -25,6 +26,30 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
     box_prompts: bool = struct.field(pytree_node=False, default=False)
     frozen: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """The loop's counters and history (the early-stopping bookkeeping): plain data, saved
+    in every checkpoint's meta as ``loop`` (:meth:`to_dict`), so a resumed run goes on
+    where it stopped."""
+
+    epoch: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    history: tuple[dict[str, Any], ...] = ()
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "history": list(self.history)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopState:
+        """The state saved by :meth:`to_dict` (keys it does not know are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        loop = cls(**{k: v for k, v in values.items() if k in known})
+        return dataclasses.replace(loop, history=tuple(loop.history))
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -178,6 +178,20 @@ class MLP(nn.Module):
         return jax.nn.sigmoid(x) if self.sigmoid_output else x
 
 
+def _decoder_inputs(
+    output_tokens: jax.Array, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array, dense: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The transformer's inputs for a prompt batch ``B``: the output tokens followed by the
+    sparse prompt tokens ``(B, T + N, C)``, the image embeddings plus the dense prompts
+    ``(B, h, w, C)``, and the positional encoding ``(B, h, w, C)``."""
+    bsz = sparse.shape[0]
+    output_tokens = jnp.broadcast_to(output_tokens[None], (bsz, *output_tokens.shape))
+    tokens = jnp.concatenate([output_tokens.astype(sparse.dtype), sparse], axis=1)
+    src = jnp.broadcast_to(image_embeddings, (bsz, *image_embeddings.shape[1:])) + dense
+    pos_src = jnp.broadcast_to(image_pe, (bsz, *image_pe.shape[1:]))
+    return tokens, src, pos_src
+
+
 class MaskDecoder(nn.Module):
     """Predicts masks and their quality from image and prompt embeddings.
 
@@ -185,6 +199,20 @@ class MaskDecoder(nn.Module):
     ``num_multimask_outputs``, ``iou_head_depth``, ``iou_head_hidden_dim``) plus the
     :class:`TwoWayTransformer` settings (``transformer_depth``, ``transformer_mlp_dim``,
     ``transformer_num_heads``, ``attention_downsample_rate``).
+
+    Call ``(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+    multimask_output)``:
+      image_embeddings: ``(1 or B, h, w, C)``; a batch of 1 is shared by all ``B``
+        prompt sets (the reference's per-image use), a batch of ``B`` pairs image
+        ``i`` with prompt set ``i``.
+      image_pe: ``(1, h, w, C)`` dense positional encoding.
+      sparse_prompt_embeddings: ``(B, N, C)``.
+      dense_prompt_embeddings: ``(B, h, w, C)``.
+      multimask_output: static; ``True`` returns the ``num_multimask_outputs``
+        disambiguating masks, ``False`` the single-mask output (token 0).
+
+    Returns masks ``(B, 4h, 4w, M)`` logits and ``iou_pred`` ``(B, M)``, with
+    ``M = num_multimask_outputs`` or 1.
     """
 
     transformer_dim: int = 256
@@ -210,22 +238,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: jax.Array,
         multimask_output: bool,
     ) -> tuple[jax.Array, jax.Array]:
-        """Decode masks.
-
-        Args:
-          image_embeddings: ``(1 or B, h, w, C)``; a batch of 1 is shared by all ``B``
-            prompt sets (the reference's per-image use), a batch of ``B`` pairs image
-            ``i`` with prompt set ``i``.
-          image_pe: ``(1, h, w, C)`` dense positional encoding.
-          sparse_prompt_embeddings: ``(B, N, C)``.
-          dense_prompt_embeddings: ``(B, h, w, C)``.
-          multimask_output: static; ``True`` returns the ``num_multimask_outputs``
-            disambiguating masks, ``False`` the single-mask output (token 0).
-
-        Returns:
-          masks ``(B, 4h, 4w, M)`` logits and ``iou_pred`` ``(B, M)``, with
-          ``M = num_multimask_outputs`` or 1.
-        """
+        """Decode masks (arguments and outputs: the class docstring)."""
         dim, dt = self.transformer_dim, self.dtype
         bsz = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, bsz):
@@ -234,15 +247,13 @@ class MaskDecoder(nn.Module):
             )
         iou_token = nn.Embed(1, dim, embedding_init=_normal, name="iou_token").embedding
         mask_tokens = nn.Embed(self.num_mask_tokens, dim, embedding_init=_normal, name="mask_tokens").embedding
-        output_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0)
-        output_tokens = jnp.broadcast_to(output_tokens[None], (bsz, *output_tokens.shape))
-        tokens = jnp.concatenate(
-            [output_tokens.astype(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings],
-            axis=1,
+        tokens, src, pos_src = _decoder_inputs(
+            jnp.concatenate([iou_token, mask_tokens], axis=0),
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
         )
-        src = jnp.broadcast_to(image_embeddings, (bsz, *image_embeddings.shape[1:]))
-        src = src + dense_prompt_embeddings
-        pos_src = jnp.broadcast_to(image_pe, (bsz, *image_pe.shape[1:]))
         b, h, w, c = src.shape
 
         hs, src = TwoWayTransformer(
