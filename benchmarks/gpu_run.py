@@ -23,11 +23,11 @@ in ``--out``:
 2. ``throughput``: benchmarks/throughput.py, JAX against the PyTorch peer, seed and padded
    at batch 32 and 128, bf16 rows first, with the bf16 matmul peak of the same card; if
    the two frameworks cannot share the process, each is measured in its own;
-3. ``train_base``: experiments/base.py (the strong protocol, 64-wide padded U-Net at
+3. ``train_base``: experiments/configs/base.py (the strong protocol, 64-wide padded U-Net at
    256x256) from the carried grayscale cache, under a wall-time cap
    (``max_train_minutes``: it stops early, restores the best epoch, evaluates the test
    split at native resolution and writes results.json);
-4. ``train_report``: experiments/report.py (the notebook's protocol, seed U-Net at 256x256
+4. ``train_report``: experiments/configs/report.py (the notebook's protocol, seed U-Net at 256x256
    RGB) from the carried RGB cache, likewise capped;
 5. ``augment``: augmentation's share of a training step (benchmarks/bench_data.py);
 6. ``levers``: benchmarks/levers.py, each lever of the training step and of inference
@@ -398,10 +398,10 @@ class Driver:
         return info
 
     def stage_train_base(self, budget: float) -> dict[str, Any]:
-        return self._train("train_base", "experiments/base.py", self.args.cache, budget)
+        return self._train("train_base", "experiments/configs/base.py", self.args.cache, budget)
 
     def stage_train_report(self, budget: float) -> dict[str, Any]:
-        return self._train("train_report", "experiments/report.py", self.args.cache_rgb, budget)
+        return self._train("train_report", "experiments/configs/report.py", self.args.cache_rgb, budget)
 
     def stage_augment(self, budget: float) -> dict[str, Any]:
         dest = self.out / "augment.json"

@@ -7,7 +7,7 @@ the run and chooses its inference recipe (unet_jax.data.cross_validation_splits)
 per-image test rows of all folds are pooled; means come with percentile-bootstrap 95%
 intervals over images (unet_jax.metrics.aggregate), beside each fold's own means.
 
-    python3 experiments/cv.py --config experiments/final_cpu.py --out runs/cv \\
+    python3 experiments/cv.py --config experiments/configs/final_cpu.py --out runs/cv \\
         --cache .cache/busi128 --set epochs=8
 
 Rerunning the same command resumes: finished folds are kept, a killed fold resumes from

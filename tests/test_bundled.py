@@ -21,7 +21,7 @@ def test_bundled_model_is_small_and_documented():
     for needed in (
         "BUSI",
         "not a medical device",
-        "unet-jax train --config experiments/bundle_cpu.py",
+        "unet-jax train --config experiments/configs/bundle_cpu.py",
         "cross-validat",
     ):
         assert needed in card

@@ -48,7 +48,7 @@ def test_overrides_are_typed_and_unknown_keys_refused():
 
 @pytest.mark.parametrize("name", ["base", "base_cpu", "report", "report_cpu"])
 def test_experiment_configs_load(name):
-    config = load_config(REPO / "experiments" / f"{name}.py")
+    config = load_config(REPO / "experiments" / "configs" / f"{name}.py")
     assert isinstance(config, TrainConfig)
     if name.startswith("report"):
         # The notebook's protocol: seed preset, lesion images, 80/20, RGB, BCE, Adam 1e-3, batch 32.

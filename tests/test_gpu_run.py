@@ -153,7 +153,7 @@ def test_ingest_updates_results_and_tables(dry_run, tmp_path):
     readme = (repo / "README.md").read_text()
     assert "DRY RUN" in results_md and "DRY RUN" in readme
     assert "| seed | 2 | bfloat16 @32 |" in results_md
-    assert "| base (`experiments/base.py`) | 1 (1) | time cap |" in results_md
+    assert "| base (`experiments/configs/base.py`) | 1 (1) | time cap |" in results_md
     assert "| train | subpixel |" in results_md and "| infer | fold_bn |" in results_md
     assert "JAX train step >= 1.3x PyTorch" in readme
     # Ingesting twice gives the same documents (the markers stay, the tables are replaced).

@@ -56,7 +56,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 # ---- training, evaluation, prediction ----------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a U-Net (config file + key=value overrides)")
-    p.add_argument("--config", help="a Python config file (experiments/*.py) or a run's config.json")
+    p.add_argument("--config", help="a Python config file (experiments/configs/*.py) or a run's config.json")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, model.FIELD=VALUE for the model"

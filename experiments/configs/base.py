@@ -5,12 +5,12 @@ cosine schedule, early stopping on validation Dice.
 Command (from the repository root, on an accelerator; about 40 MB of data on the device):
 
     unet-jax data prepare ../shared/data --out .cache/busi256
-    unet-jax train --config experiments/base.py --out runs/base cache=.cache/busi256
+    unet-jax train --config experiments/configs/base.py --out runs/base cache=.cache/busi256
 
 Targets, not results (no accelerator run yet): mean per-image Dice >= 0.80 and IoU >= 0.70
 on the lesion images of the test split, and >= 90% of normal test images predicted empty.
 benchmarks/gpu_run.sh trains this config first when a GPU is at hand; until then the
-measured numbers are those of its CPU reduction, experiments/base_cpu.py (Dice 0.704).
+measured numbers are those of its CPU reduction, experiments/configs/base_cpu.py (Dice 0.704).
 """
 
 from unet_jax.config import TrainConfig

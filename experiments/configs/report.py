@@ -10,9 +10,9 @@ training and testing) next to Dice and IoU, so a reader sees that the report's 0
 
 Command (from the repository root; needs an accelerator for the full 75 epochs):
 
-    unet-jax train --config experiments/report.py --out runs/report
+    unet-jax train --config experiments/configs/report.py --out runs/report
 
-A CPU-sized run of the same protocol: experiments/report_cpu.py.
+A CPU-sized run of the same protocol: experiments/configs/report_cpu.py.
 """
 
 from unet_jax.config import TrainConfig

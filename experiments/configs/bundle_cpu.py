@@ -1,4 +1,4 @@
-"""The bundled model (unet_jax/bundled): the quality recipe (experiments/final_cpu.py)
+"""The bundled model (unet_jax/bundled): the quality recipe (experiments/configs/final_cpu.py)
 trained on all of the shared data, less a 15% validation part that early-stops it and
 chooses its inference recipe. No test split: its expected quality is the cross-validated
 estimate of the same recipe (experiments/RESULTS.md), not a number measured on itself.
@@ -6,13 +6,13 @@ estimate of the same recipe (experiments/RESULTS.md), not a number measured on i
 Commands (from the repository root; the second writes the package's bundled model):
 
     unet-jax data prepare ../shared/data --out .cache/busi128 --size 128
-    unet-jax train --config experiments/bundle_cpu.py --out runs/bundle_cpu cache=.cache/busi128
+    unet-jax train --config experiments/configs/bundle_cpu.py --out runs/bundle_cpu cache=.cache/busi128
     unet-jax export runs/bundle_cpu --out unet_jax/bundled --card unet_jax/bundled/MODEL_CARD.md --overwrite
 """
 
 import dataclasses
 
-from final_cpu import get_config as final_config  # noqa: F401  (experiments/ is on sys.path)
+from final_cpu import get_config as final_config  # noqa: F401  (load_config puts experiments/configs/ on sys.path)
 
 from unet_jax.config import TrainConfig
 

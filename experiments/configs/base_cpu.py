@@ -1,4 +1,4 @@
-"""The strong protocol (experiments/base.py) reduced to fit a 2-core CPU: 128x128 images,
+"""The strong protocol (experiments/configs/base.py) reduced to fit a 2-core CPU: 128x128 images,
 a 16-wide padded U-Net instead of 64, 50 epochs, float32 (XLA:CPU gains nothing from
 bfloat16). Everything else is the base protocol's: all three classes, the duplicate-aware
 split, augmentation, BCE + Dice, AdamW with a cosine schedule, early stopping on
@@ -6,7 +6,7 @@ validation Dice.
 
 Command (from the repository root; about 20 minutes on 2 cores):
 
-    unet-jax train --config experiments/base_cpu.py --out runs/base_cpu
+    unet-jax train --config experiments/configs/base_cpu.py --out runs/base_cpu
 
 Measured (2026-12-03, 2-core VM, two CPU devices, a whole epoch per dispatch; 1,161 s, of
 which 50 epochs at 20.5 s each, then the test evaluation and the inference recipe): best
@@ -20,7 +20,7 @@ experiments/RESULTS.md, experiments/results/base_cpu/.
 
 import dataclasses
 
-from base import get_config as base_config  # noqa: F401  (experiments/ is on sys.path)
+from base import get_config as base_config  # noqa: F401  (load_config puts experiments/configs/ on sys.path)
 
 from unet_jax.config import TrainConfig
 

@@ -8,14 +8,14 @@ hole filling) is chosen on the validation split only and saved with the checkpoi
 Command (from the repository root):
 
     unet-jax data prepare ../shared/data --out .cache/busi128 --size 128
-    unet-jax train --config experiments/final_cpu.py --out runs/final_cpu cache=.cache/busi128
+    unet-jax train --config experiments/configs/final_cpu.py --out runs/final_cpu cache=.cache/busi128
 
 Measured results (test split, native resolution) are in experiments/RESULTS.md.
 """
 
 import dataclasses
 
-from base import get_config as base_config  # noqa: F401  (experiments/ is on sys.path)
+from base import get_config as base_config  # noqa: F401  (load_config puts experiments/configs/ on sys.path)
 
 from unet_jax.config import TrainConfig
 
