@@ -1,6 +1,6 @@
 """Data-pipeline timings (issue 3 targets, on the shared BUSI data).
 
-    python benchmarks/bench_data.py [--data ../shared/data] [--batch 16] [--repeats 3]
+    python -m benchmarks.bench_data [--data ../shared/data] [--batch 16] [--repeats 3]
 
 Measures (best of --repeats):
   read_s         reading + preprocessing every PNG to 256x256 (target < 10 s, 2-core CPU)
@@ -16,7 +16,7 @@ Measures (best of --repeats):
                  on a CPU (seconds per step there); --train-steps N forces it.
 Writes benchmarks/results/bench_data_<backend>.json (backend and device recorded).
 
-    python benchmarks/bench_data.py --augment-only [--cache DIR] --out FILE
+    python -m benchmarks.bench_data --augment-only [--cache DIR] --out FILE
 
 measures only augmentation's share of a training step (the GPU target), on a prepared
 cache (``unet-jax data prepare``) or, without one, on generated phantom images
@@ -27,7 +27,6 @@ cache (``unet-jax data prepare``) or, without one, on generated phantom images
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -36,18 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from unet_jax.data import ReadOptions, load_busi  # noqa: E402
-from unet_jax.data.augment import AugmentConfig, make_sampler, to_device  # noqa: E402
-from unet_jax.data.cache import load_cache, save_cache  # noqa: E402
-from unet_jax.models import create_unet  # noqa: E402
+from benchmarks.harness import REPO, environment, write_result
+from benchmarks.throughput import parse_fields
+from unet_jax.data import ReadOptions, load_busi
+from unet_jax.data.augment import AugmentConfig, make_sampler, to_device
+from unet_jax.data.cache import load_cache, save_cache
+from unet_jax.models import create_unet
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -118,7 +115,6 @@ def sampler_ms(data, n: int, batch: int, steps: int) -> float:
 
 def augment_only(args: argparse.Namespace) -> dict:
     """Augmentation's share of a training step, on a cache or on generated phantom images."""
-    from throughput import parse_fields  # benchmarks/ is on sys.path
 
     t0 = time.perf_counter()
     if args.cache and Path(args.cache).is_dir():
@@ -164,6 +160,7 @@ def augment_only(args: argparse.Namespace) -> dict:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
+        "environment": environment(None, None),
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -193,7 +190,7 @@ def main() -> int:
         result = augment_only(args)
         out = Path(args.out or REPO / "benchmarks" / "results" / f"augment_{result['backend']}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(out, result)
         print(
             f"augmentation, batch {args.batch} ({result['data']}): step "
             f"{result['train_step_ms_no_augment']:.2f} ms without, {result['train_step_ms_augment']:.2f} ms "
@@ -254,6 +251,7 @@ def main() -> int:
         "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
+        "environment": environment(None, None),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "repeats": args.repeats,
@@ -277,7 +275,7 @@ def main() -> int:
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_data_{backend}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(path, result)
     print(f"wrote {path.relative_to(REPO)}")
     return 0
 

@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import median_ms
+from benchmarks.harness import environment, median_ms, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,23 +227,10 @@ def main() -> int:
     else:
         rows = layers(args.batch) if args.mode == "layers" else flags(args.batch)
     if args.out:
-        import jax
         import torch
 
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                    "machine": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(),
-                    "jax": jax.__version__,
-                    "torch": torch.__version__,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        card = environment(torch, torch.device("cpu"))
+        write_result(args.out, {"command": " ".join([Path(sys.executable).name, *sys.argv]), **card, "rows": rows})
     return 0
 
 

@@ -1,7 +1,7 @@
 """The CPU levers that need a fresh process (XLA flags are read once, when jax starts):
 threading and host devices, each against the PyTorch peer measured in the same run.
 
-    python benchmarks/cpu_levers.py --presets seed,padded --size 128 --batch 16 \\
+    python -m benchmarks.cpu_levers --presets seed,padded --size 128 --batch 16 \\
         --out benchmarks/results/cpu_levers_128.json
 
 Every variant runs ``benchmarks/throughput.py`` (JAX training step one step per dispatch
@@ -31,10 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from unet_jax._io import write_json  # noqa: E402
+from benchmarks.harness import REPO, environment, write_result
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("", []),
@@ -55,7 +52,8 @@ def _throughput(args: argparse.Namespace, preset: str, framework: str, flags: st
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
         cmd = [
             sys.executable,
-            str(REPO / "benchmarks" / "throughput.py"),
+            "-m",
+            "benchmarks.throughput",
             "--frameworks",
             framework,
             "--presets",
@@ -76,7 +74,7 @@ def _throughput(args: argparse.Namespace, preset: str, framework: str, flags: st
         ]
         if args.model:
             cmd += ["--model", args.model]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s)
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=args.timeout_s)
         if proc.returncode != 0:
             return {"error": proc.stderr[-1500:]}
         rows = json.loads(out.read_text())["rows"]
@@ -106,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "batch": args.batch,
         "cores": os.cpu_count(),
+        "environment": environment(None, None),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
         "rows": {},
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 if _ips(row, path) and peer[path]:
                     row[path]["ratio_to_torch"] = round(_ips(row, path) / peer[path], 3)
             result["rows"][preset][name] = {"xla_flags": flags, "args": extra, **row}
-            write_json(Path(args.out), result, indent=1)
+            write_result(Path(args.out), result)
             cells = [
                 f"{_ips(row, p):6.1f} {row[p]['ratio_to_torch']:5.2f}x"
                 if _ips(row, p) and peer[p]
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 for p in PATHS
             ]
             print(f"{preset:8s} {name:28s} " + " ".join(cells), flush=True)
-    write_json(Path(args.out), result, indent=1)
+    write_result(Path(args.out), result)
     return 0
 
 

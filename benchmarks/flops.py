@@ -168,7 +168,7 @@ def preset_flops(preset: str, size: int, **overrides: Any) -> FlopCount:
     return count_flops(model, (1, size, size, model.in_channels), train=False)
 
 
-if __name__ == "__main__":  # python benchmarks/flops.py [size]
+if __name__ == "__main__":  # python -m benchmarks.flops [size]
     import sys
 
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 256

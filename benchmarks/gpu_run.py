@@ -1,7 +1,7 @@
 """Every GPU figure of the project from one command, in priority order under one budget.
 
     bash benchmarks/gpu_run.sh                    # on the device (calls this file)
-    python3 benchmarks/gpu_run.py --dry-run --out /tmp/gpu_out   # the same, tiny, on a CPU
+    python3 -m benchmarks.gpu_run --dry-run --out /tmp/gpu_out   # the same, tiny, on a CPU
 
 Device tool call (the two caches are made here, on the developer machine, and carried):
 
@@ -10,7 +10,7 @@ Device tool call (the two caches are made here, on the developer machine, and ca
     run(command="bash benchmarks/gpu_run.sh", carry=[".cache/busi256", ".cache/busi256_rgb"],
         timeout_s=600)
 
-then, here: ``python3 benchmarks/ingest_gpu.py /work/.device/...`` (the folder the files
+then, here: ``python3 -m benchmarks.ingest_gpu /work/.device/...`` (the folder the files
 came back to) updates benchmarks/results/, experiments/results/ and the tables of
 experiments/RESULTS.md and README.md.
 
@@ -66,6 +66,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -133,9 +135,7 @@ def check_out_dir(out: Path) -> list[str]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_result(path, value)  # the harness's one writer (atomic)
 
 
 def pack_runs(runs: Path, dest: Path) -> list[str]:
@@ -310,7 +310,7 @@ class Driver:
         # Rows start until 75% of the stage's time: a row takes up to a quarter of it.
         rc, err = self.run_process(
             "throughput",
-            [PY, "benchmarks/throughput.py", *extra, "--budget-s", f"{0.75 * budget:.0f}", "--out", str(dest)],
+            [PY, "-m", "benchmarks.throughput", *extra, "--budget-s", f"{0.75 * budget:.0f}", "--out", str(dest)],
             budget,
         )
         result = json.loads(dest.read_text()) if dest.is_file() else {}
@@ -325,7 +325,8 @@ class Driver:
                     "throughput",
                     [
                         PY,
-                        "benchmarks/throughput.py",
+                        "-m",
+                        "benchmarks.throughput",
                         *extra,
                         "--frameworks",
                         fw,
@@ -423,7 +424,7 @@ class Driver:
         else:
             extra = ["--cache", self.args.cache, "--batch", "16", "--train-steps", "20", "--repeats", "3"]
         rc, err = self.run_process(
-            "augment", [PY, "benchmarks/bench_data.py", "--augment-only", *extra, "--out", str(dest)], budget
+            "augment", [PY, "-m", "benchmarks.bench_data", "--augment-only", *extra, "--out", str(dest)], budget
         )
         if err:
             raise RuntimeError(err)
@@ -467,7 +468,7 @@ class Driver:
                 extra += ["--peak", str(peak)]
         rc, err = self.run_process(
             "levers",
-            [PY, "benchmarks/levers.py", *extra, "--budget-s", f"{0.8 * budget:.0f}", "--out", str(dest)],
+            [PY, "-m", "benchmarks.levers", *extra, "--budget-s", f"{0.8 * budget:.0f}", "--out", str(dest)],
             budget,
         )
         r = json.loads(dest.read_text()) if dest.is_file() else {}

@@ -10,7 +10,7 @@
 #   unet-jax data prepare ../shared/data --out .cache/busi256 --size 256
 #   unet-jax data prepare ../shared/data --out .cache/busi256_rgb --size 256 --channels 3
 #
-# and afterwards, here: python3 benchmarks/ingest_gpu.py <the folder the files came back to>
+# and afterwards, here: python3 -m benchmarks.ingest_gpu <the folder the files came back to>
 #
 # The work is benchmarks/gpu_run.py (its docstring lists the stages: environment,
 # throughput against PyTorch with the bf16 peak, the two capped training runs, augmentation's
@@ -35,7 +35,7 @@ TOTAL_S=${TOTAL_S:-480}
 ARGS+=(--total-s "$TOTAL_S")
 # A hard stop a little after the budget: the driver writes its files after every stage, so
 # whatever finished is in $OUT even if this kills it.
-timeout -k 10 $(( ${TOTAL_S%.*} + 60 )) "$PY" benchmarks/gpu_run.py "${ARGS[@]}" "$@"
+timeout -k 10 $(( ${TOTAL_S%.*} + 60 )) "$PY" -m benchmarks.gpu_run "${ARGS[@]}" "$@"
 RC=$?
 if [ $RC -eq 124 ] || [ $RC -eq 137 ]; then
   echo "gpu_run.py stopped by the hard time limit; files written so far are in $OUT"

@@ -1,6 +1,6 @@
 """Take the files of one ``bash benchmarks/gpu_run.sh`` and put them where they belong.
 
-    python3 benchmarks/ingest_gpu.py DIR            # DIR: the files that came back from $OUT
+    python3 -m benchmarks.ingest_gpu DIR            # DIR: the files that came back from $OUT
 
 writes
 
@@ -28,10 +28,9 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.gpu_run import RUN_FILES, _headline_metrics
 
-from gpu_run import RUN_FILES, _headline_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RUN_NAMES = {"base": "base_gpu", "report": "report_gpu"}
 RESULTS_MD_SECTIONS = ("targets", "throughput", "training", "augment", "levers")

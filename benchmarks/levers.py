@@ -1,7 +1,7 @@
 """The JAX training step's and inference's levers, each switched alone, in one process.
 
-    python benchmarks/levers.py --out levers.json              # padded, batch 32, bf16 (GPU)
-    python benchmarks/levers.py --preset seed --size 32 --batch 2 --model features=2,depth=1 \\
+    python -m benchmarks.levers --out levers.json              # padded, batch 32, bf16 (GPU)
+    python -m benchmarks.levers --preset seed --size 32 --batch 2 --model features=2,depth=1 \\
         --windows 2 --steps 2 --out /tmp/levers.json           # the CPU dry run (seconds)
 
 Every variant differs from the baseline (``--dtype`` compute, ``--steps``-step scanned
@@ -35,23 +35,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flops import preset_flops  # noqa: E402
-from throughput import DTYPES, environment, make_host_data, parse_fields, pick_steps, stats, time_windows  # noqa: E402
-
-from unet_jax._io import write_json  # noqa: E402
-from unet_jax.config import TrainConfig  # noqa: E402
-from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
-from unet_jax.losses import get_loss  # noqa: E402
-from unet_jax.models import create_unet, fold_batch_norm  # noqa: E402
-from unet_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from unet_jax.train.steps import get_train_steps  # noqa: E402
+from benchmarks.flops import preset_flops
+from benchmarks.harness import environment, time_windows, write_result
+from benchmarks.throughput import DTYPES, make_host_data, parse_fields, pick_steps, stats
+from unet_jax.config import TrainConfig
+from unet_jax.data.augment import DeviceData, make_sampler
+from unet_jax.losses import get_loss
+from unet_jax.models import create_unet, fold_batch_norm
+from unet_jax.train.state import create_train_state, make_optimizer
+from unet_jax.train.steps import get_train_steps
 
 TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        write_json(out_path, result, indent=1)
+        write_result(out_path, result)
 
     reference: dict[str, Any] = {}
     jobs = [("train", name) for name in args.train] + [("infer", name) for name in args.infer]

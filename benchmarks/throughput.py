@@ -1,7 +1,7 @@
 """Training-step and inference throughput of the U-Net presets, JAX against a PyTorch peer.
 
-    python benchmarks/throughput.py                        # the full comparison (GPU)
-    python benchmarks/throughput.py --size 64 --batches 2 --windows 2 --presets seed \\
+    python -m benchmarks.throughput                        # the full comparison (GPU)
+    python -m benchmarks.throughput --size 64 --batches 2 --windows 2 --presets seed \\
         --dtypes float32                                    # a CPU smoke run (seconds)
 
 For every (preset, batch, dtype) row, in one process on one device:
@@ -36,9 +36,7 @@ import datetime as _dt
 import gc
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,17 +46,14 @@ from typing import Any
 # Before jax is imported: let JAX and PyTorch share one GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flops import preset_flops  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from unet_jax._io import write_json  # noqa: E402
+from benchmarks.flops import preset_flops  # noqa: E402
+from benchmarks.harness import REPO, environment, time_windows, write_result  # noqa: E402
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
@@ -72,14 +67,6 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
-def time_windows(run: Callable[[int], Any], steps: int, windows: int) -> list[float]:
-    """Seconds of ``windows`` calls of ``run(steps)`` (each call ends synchronised)."""
-    out = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        run(steps)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def stats(
@@ -321,88 +308,6 @@ def bench_torch(
 # --------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def environment(torch: Any, torch_device: Any) -> dict[str, Any]:
-    dev = jax.devices()[0]
-    env: dict[str, Any] = {
-        "jax_backend": jax.default_backend(),
-        "jax_device": str(dev.device_kind),
-        "jax_device_count": jax.device_count(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "versions": {
-            d: _version(d)
-            for d in (
-                "jax",
-                "jaxlib",
-                "flax",
-                "optax",
-                "numpy",
-                "jax-cuda12-plugin",
-                "jax-cuda13-plugin",
-                "torch",
-                "triton",
-            )
-        },
-        "python": platform.python_version(),
-        "env": {
-            k: os.environ.get(k)
-            for k in (
-                "XLA_FLAGS",
-                "XLA_PYTHON_CLIENT_PREALLOCATE",
-                "XLA_PYTHON_CLIENT_MEM_FRACTION",
-                "JAX_DEFAULT_MATMUL_PRECISION",
-                "CUDA_VISIBLE_DEVICES",
-            )
-        },
-        "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-    }
-    if torch is not None:
-        t: dict[str, Any] = {"device": str(torch_device), "threads": torch.get_num_threads()}
-        if torch_device.type == "cuda":
-            p = torch.cuda.get_device_properties(torch_device)
-            t.update(
-                name=p.name,
-                multiprocessors=p.multi_processor_count,
-                memory_gib=round(p.total_memory / 2**30, 1),
-                cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(),
-                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                cudnn_benchmark=torch.backends.cudnn.benchmark,
-            )
-        env["torch"] = t
-    try:
-        env["git_commit"] = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO, text=True, capture_output=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, text=True, capture_output=True, timeout=10)
-        env["git_dirty_files"] = len(status.stdout.splitlines()) if status.returncode == 0 else None
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = None
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
-            text=True,
-            capture_output=True,
-            timeout=20,
-        )
-        if smi.returncode == 0:
-            env["nvidia_smi"] = smi.stdout.strip()
-    except Exception:  # noqa: BLE001
-        pass
-    return env
 
 
 # --------------------------------------------------------------------------------------
@@ -670,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        write_json(out_path, result, indent=1)
+        write_result(out_path, result)
 
     hosts: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
     for dtype in args.dtypes:

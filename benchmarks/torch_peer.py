@@ -397,10 +397,6 @@ class PeerRunner:
         }
 
 
-if __name__ == "__main__":  # python benchmarks/torch_peer.py: the parameter-count check
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # python -m benchmarks.torch_peer: the parameter-count check
     for name in ("seed", "padded"):
         print(check_param_counts(name), "torch flops/image @256:", torch_flops(name, 256))

@@ -1,13 +1,12 @@
 """The benchmark's analytic FLOP count (benchmarks/flops.py) and its result helpers.
 
 Torch-free: the PyTorch peer's parameter-count equality is checked inside
-benchmarks/throughput.py before anything is timed (and by `python benchmarks/torch_peer.py`).
+benchmarks/throughput.py before anything is timed (and by `python -m benchmarks.torch_peer`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")  # the repository root is on sys.path (pytest's pythonpath)
 
 
 flops = _load("flops")

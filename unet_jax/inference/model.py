@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import serialization
 
 from unet_jax import metrics as M
@@ -195,8 +196,6 @@ def check_readable(step_dir: Path) -> None:
     state = step_dir / "state"
     if not (state / "manifest.ocdbt").is_file():
         return  # not an OCDBT checkpoint: Orbax reports what it finds
-    import tensorstore as ts
-
     try:
         store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{state}/"}}).result()
         for read in [store.read(key) for key in store.list().result()]:

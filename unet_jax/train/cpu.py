@@ -8,7 +8,7 @@ data-parallel step like the accelerators' (batch statistics and gradients reduce
 mesh, so the numbers are the one-device numbers up to summation order).
 
 Measured (padded 16-wide U-Net, 128x128, batch 16, float32, the 2-core VM, 2026-12-03;
-``python benchmarks/cpu_levers.py --presets padded --model features=16``): training
+``python -m benchmarks.cpu_levers --presets padded --model features=16``): training
 15.7 -> 24.0 img/s (scanned epoch), inference 53.2 -> 88.6 img/s. More than two devices
 was not measured (no such machine here), so ``cpu_devices=0`` picks two at most.
 

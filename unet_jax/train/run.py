@@ -19,8 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import flax
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -250,9 +252,6 @@ def write_run_json(path: Path, value: Any) -> None:
 
 
 def environment(mesh: Mesh) -> dict[str, Any]:
-    import flax
-    import optax
-
     devices = mesh.devices.flatten().tolist()
     return {
         "python": platform.python_version(),
