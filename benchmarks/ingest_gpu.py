@@ -279,7 +279,7 @@ def training_table(runs: dict[str, Any]) -> str:
             "| "
             + " | ".join(
                 [
-                    f"{run} (`experiments/{run}.py`)",
+                    f"{run} (`experiments/configs/{run}.py`)",
                     f"{res.get('epochs_run')} ({res.get('best_epoch')})",
                     stop,
                     _f(env.get("wall_time_s"), "{:.0f}"),

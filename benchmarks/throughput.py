@@ -269,7 +269,7 @@ def bench_torch(
     flops: Any,
     peak: float | None,
 ) -> dict[str, Any]:
-    from torch_peer import PeerRunner
+    from benchmarks.torch_peer import PeerRunner
 
     compile_opt: bool | str = {"auto": "auto", "on": True, "off": False}[args.torch_compile]
     runner = PeerRunner(
@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in args.frameworks:
         try:
             import torch  # noqa: F811
-            from torch_peer import check_param_counts, torch_flops
+
+            from benchmarks.torch_peer import check_param_counts, torch_flops
         except Exception as e:  # noqa: BLE001
             torch, torch_error = None, f"{type(e).__name__}: {e}"
             print(f"PyTorch peer unavailable ({torch_error}); JAX only", flush=True)
