@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "configs"))  # its rows start from configs/base.py
 
 from base import get_config as base_config  # noqa: E402
 
