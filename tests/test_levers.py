@@ -171,7 +171,7 @@ def test_an_unknown_layout_or_a_wrong_rank_is_refused_by_name():
         Conv2D(2, layout="HWCN").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
     with pytest.raises(ValueError, match=r"input has 4 channels .*NCHW\), expected 1"):
         Conv2D(2, in_features=1, layout="NCHW").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
-    with pytest.raises(ValueError, match="layout must be 'NHWC' or 'NCHW'"):
+    with pytest.raises(ValueError, match=r"model.layout = 'CHWN': expected one of \['NHWC', 'NCHW'\]"):
         _tiny("padded", layout="CHWN").init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
 
 

@@ -1,9 +1,10 @@
-"""The bundled model (unet_jax/bundled): the quality recipe (experiments/configs/final_cpu.py)
+"""The single-model bundle shipped until issue 19 (since then unet_jax/bundled is the fold
+ensemble of experiments/configs/ensemble_cpu.py): the quality recipe (experiments/configs/final_cpu.py)
 trained on all of the shared data, less a 15% validation part that early-stops it and
 chooses its inference recipe. No test split: its expected quality is the cross-validated
 estimate of the same recipe (experiments/RESULTS.md), not a number measured on itself.
 
-Commands (from the repository root; the second writes the package's bundled model):
+Commands (from the repository root; the third wrote the package's bundled model then):
 
     unet-jax data prepare ../shared/data --out .cache/busi128 --size 128
     unet-jax train --config experiments/configs/bundle_cpu.py --out runs/bundle_cpu cache=.cache/busi128
