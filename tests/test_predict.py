@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,8 @@ from PIL import Image
 
 from unet_jax.cli import main
 from unet_jax.data import write_phantom
-from unet_jax.inference import InferenceRecipe, export_model, load
-from unet_jax.predict import plan_prediction, predict_files
+from unet_jax.inference import InferenceRecipe, connected_components, export_model, load
+from unet_jax.predict import TABLE_COLUMNS, plan_prediction, predict_files
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,8 @@ def test_mask_files_among_the_inputs_are_skipped_with_a_note(untuned, busi, tmp_
         "benign (1)_overlay.png",
         "benign (2)_mask.png",
         "benign (2)_overlay.png",
+        "predictions.csv",
+        "predictions.json",
     ]
     # a second run into the same output folder (its X_mask.png have no X.png) is fine
     assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out)]) == 0
@@ -146,3 +150,62 @@ def test_a_cmyk_jpeg_is_converted(loaded, tmp_path):
     assert Image.open(path).mode == "CMYK"
     result = _predict_one(loaded, path, tmp_path)
     assert result.error is None and Image.open(result.mask).size == (40, TINY.image_size)
+
+
+def test_the_table_has_one_row_per_input_with_the_final_masks_numbers(untuned, busi, tmp_path, capsys):
+    images = sorted((busi / "benign").glob("benign (?).png"))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    mask_file = busi / "benign" / "benign (1)_mask.png"
+    inputs = [str(mask_file), *map(str, images), str(bad)]
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out), "--raw"]) == 1
+    assert "[2/4] " in capsys.readouterr().out  # the per-image line is still printed
+    rows = json.loads((out / "predictions.json").read_text())
+    with open(out / "predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["input"] for r in rows] == [r["input"] for r in table] == inputs
+    assert list(rows[0]) == list(table[0]) == list(TABLE_COLUMNS)
+    assert "skipped: a mask file" in rows[0]["note"] and rows[0]["mask"] is None and table[0]["mask"] == ""
+    assert "unreadable image" in rows[-1]["error"] and rows[-1]["lesion_present"] is None
+    for row, csv_row in zip(rows[1:3], table[1:3], strict=True):
+        mask = np.asarray(Image.open(row["mask"])) > 0
+        assert row["area_px"] == int(mask.sum()) and row["lesion_present"] == bool(mask.any())
+        assert row["components"] == connected_components(mask)[1]
+        assert 0.0 <= row["max_probability"] <= 1.0 and row["area_mm2"] is None and csv_row["area_mm2"] == ""
+        assert row["recipe"] == "raw" and row["gate_emptied"] is None and row["error"] is None
+        assert row["p_benign"] is None and csv_row["p_benign"] == ""  # the tiny model has no class head
+        assert int(csv_row["area_px"]) == row["area_px"] and Path(row["overlay"]).is_file()
+
+
+def test_the_table_reports_the_recipe_its_gate_and_the_class_head(busi, tmp_path):
+    bundled = load(None)
+    image = busi / "normal" / "normal (1).png"
+    results = predict_files(bundled, [image], tmp_path / "pred")
+    (result,) = results
+    assert result.recipe == bundled.recipe.describe() and bundled.recipe.gate == "learned"
+    assert isinstance(result.gate_emptied, bool) and 0.0 <= result.gate_score <= 1.0
+    assert result.gate_emptied == (result.gate_score < bundled.recipe.gate_threshold)
+    if result.gate_emptied:
+        assert not result.lesion_present and result.area_px == 0 and result.components == 0
+    assert len(result.class_probabilities) == 3 and abs(sum(result.class_probabilities) - 1) < 1e-4
+    row = json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]
+    assert [row["p_benign"], row["p_malignant"], row["p_normal"]] == pytest.approx(result.class_probabilities)
+
+
+def test_probability_maps_match_each_other_and_the_mask(loaded, busi, tmp_path):
+    image = busi / "malignant" / "malignant (1).png"
+    (png,) = predict_files(loaded, [image], tmp_path / "png", raw=True, save_probabilities="png16")
+    (npy,) = predict_files(loaded, [image], tmp_path / "npy", raw=True, save_probabilities="npy")
+    assert png.probability.endswith("malignant (1)_prob.png") and npy.probability.endswith("malignant (1)_prob.npy")
+    with Image.open(png.probability) as im:
+        sixteen = np.asarray(im).astype(np.float64) / 65535
+    prob = np.load(npy.probability)
+    assert prob.dtype == np.float32 and prob.shape == sixteen.shape == (40, 48)
+    assert np.abs(sixteen - prob).max() <= 1 / 65535
+    mask = np.asarray(Image.open(npy.mask)) > 0
+    assert np.array_equal(prob > loaded.config.threshold, mask)  # --raw: the config's threshold, no post-processing
+    row = json.loads((tmp_path / "npy" / "predictions.json").read_text())[0]
+    assert row["probability"] == npy.probability
+    with pytest.raises(ValueError, match=r"save_probabilities = 'tiff'; expected one of \['png16', 'npy'\]"):
+        predict_files(loaded, [image], tmp_path / "x", save_probabilities="tiff")

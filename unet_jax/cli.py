@@ -270,6 +270,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--save-probabilities",
+        choices=("png16", "npy"),
+        default=None,
+        help="also write each image's lesion probability map at its size: X_prob.png (16-bit, "
+        "0-65535) or X_prob.npy (float32)",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -333,6 +340,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         flip_tta=True if args.tta else None,
         raw=args.raw,
         progress=report,
+        save_probabilities=args.save_probabilities,
     )
     failed = sum(r.error is not None for r in results)
     if failed:

@@ -14,32 +14,85 @@ skipped with a note; the output folder is checked before the model loads
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from unet_jax._io import atomic_write
+from unet_jax._io import atomic_write, write_json
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
-from unet_jax.inference import LoadedModel, effective_recipe, predict_outputs, recipe_mask
+from unet_jax.inference import (
+    InferenceRecipe,
+    LoadedModel,
+    connected_components,
+    effective_recipe,
+    gate_decision,
+    predict_outputs,
+    recipe_mask,
+)
+from unet_jax.metrics import resize_mask
 
-__all__ = ["MIN_SIDE", "PredictionPlan", "PredictionResult", "plan_prediction", "predict_files"]
+__all__ = [
+    "CLASS_NAMES",
+    "MIN_SIDE",
+    "PROBABILITY_FORMATS",
+    "TABLE_COLUMNS",
+    "PredictionPlan",
+    "PredictionResult",
+    "plan_prediction",
+    "predict_files",
+    "write_prediction_table",
+]
 
 # The smallest image side predicted: below it an image holds no lesion to outline (a 1x1
 # image would be upsampled to the model's input size and "segmented").
 MIN_SIDE = 16
 _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
+CLASS_NAMES = ("benign", "malignant", "normal")  # the class head's order
+PROBABILITY_FORMATS = ("png16", "npy")
+# The per-image table's columns (predictions.csv; predictions.json has the same keys).
+TABLE_COLUMNS = (
+    "input",
+    "mask",
+    "overlay",
+    "probability",
+    "lesion_present",
+    "max_probability",
+    "area_px",
+    "area_mm2",
+    "components",
+    *(f"p_{name}" for name in CLASS_NAMES),
+    "recipe",
+    "gate_emptied",
+    "gate_score",
+    "error",
+    "note",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
     """One input: its outputs, or ``error`` (unreadable, not predicted), or ``note`` (skipped
-    on purpose, e.g. a mask file)."""
+    on purpose, e.g. a mask file).
+
+    probability: the saved lesion probability map (``--save-probabilities``), or None.
+    lesion_present: the final mask holds a lesion pixel (after the recipe, gate included).
+    max_probability: the largest lesion probability of the model-resolution map the recipe
+      used (flip-averaged under flip TTA).
+    area_px: lesion pixels of the final mask (the image's native size); area_mm2: the same
+      in mm^2 when a pixel spacing is known (never yet for PNG/JPEG inputs: None).
+    components: 8-connected components of the final mask.
+    class_probabilities: the class head's (benign, malignant, normal), or None without one.
+    recipe: the recipe's description, or "raw".
+    gate_emptied, gate_score: the gate's decision and score (None when the recipe has no gate).
+    """
 
     input: str
     mask: str | None = None
@@ -47,6 +100,23 @@ class PredictionResult:
     lesion_fraction: float | None = None
     error: str | None = None
     note: str | None = None
+    probability: str | None = None
+    lesion_present: bool | None = None
+    max_probability: float | None = None
+    area_px: int | None = None
+    area_mm2: float | None = None
+    components: int | None = None
+    class_probabilities: tuple[float, ...] | None = None
+    recipe: str | None = None
+    gate_emptied: bool | None = None
+    gate_score: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The table row (keys :data:`TABLE_COLUMNS`; None where a value does not apply)."""
+        values = dataclasses.asdict(self)
+        classes = self.class_probabilities or (None,) * len(CLASS_NAMES)
+        values.update({f"p_{name}": p for name, p in zip(CLASS_NAMES, classes, strict=True)})
+        return {column: values[column] for column in TABLE_COLUMNS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +242,89 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
+def _save_probability(prob: np.ndarray, path_stem: Path, fmt: str) -> Path:
+    """The native-size lesion probability map as a 16-bit PNG (0-65535) or float32 ``.npy``."""
+    if fmt == "npy":
+        path = path_stem.with_name(path_stem.name + "_prob.npy")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, prob.astype(np.float32))
+
+        atomic_write(path, write)
+        return path
+    path = path_stem.with_name(path_stem.name + "_prob.png")
+    _save_png(np.round(np.clip(prob, 0.0, 1.0) * 65535.0).astype(np.uint16), path)
+    return path
+
+
+def _predict_image(
+    loaded: LoadedModel,
+    recipe: InferenceRecipe,
+    image: Image.Image,
+    stem: Path,
+    save_probabilities: str | None,
+) -> dict[str, Any]:
+    """Predict one image, write its mask, overlay (and probability map); return its result's fields."""
+    from unet_jax.plots import overlay
+
+    size = (image.size[1], image.size[0])
+    x = preprocess_image(image, loaded.input_size, loaded.config.channels)
+    probs, classes = predict_outputs(loaded, x[None], recipe.flip_tta, batch_size=1)
+    prob, class_prob = probs[0], None if classes is None else classes[0]
+    mask = recipe_mask(prob, class_prob, recipe, size)
+    emptied, score = gate_decision(recipe, prob, class_prob)
+    mask_path, overlay_path = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
+    _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
+    _save_png(overlay(np.asarray(image.convert("RGB")), mask, color=(255, 0, 0)), overlay_path)
+    probability = None
+    if save_probabilities is not None:
+        native = resize_mask(np.asarray(prob, np.float32), size, t=None)
+        probability = str(_save_probability(native, stem, save_probabilities))
+    return {
+        "mask": str(mask_path),
+        "overlay": str(overlay_path),
+        "lesion_fraction": float(mask.mean()),
+        "probability": probability,
+        "lesion_present": bool(mask.any()),
+        "max_probability": float(np.max(prob)),
+        "area_px": int(mask.sum()),
+        "components": connected_components(mask)[1],
+        "class_probabilities": None if class_prob is None else tuple(float(p) for p in class_prob),
+        "gate_emptied": None if recipe.gate == "none" else bool(emptied),
+        "gate_score": score,
+    }
+
+
+def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``predictions.csv`` and ``predictions.json`` (one row per result, columns
+    :data:`TABLE_COLUMNS`; empty CSV cells / JSON nulls where a value does not apply)."""
+    out_dir = Path(out_dir)
+    rows = [r.row() for r in results]
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+            writer.writeheader()
+            writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+
+    csv_path = atomic_write(out_dir / "predictions.csv", write_csv)
+    return csv_path, write_json(out_dir / "predictions.json", rows)
+
+
+def _check_options(loaded: LoadedModel, save_probabilities: str | None) -> None:
+    from unet_jax.models import needs_box_prompts
+
+    if save_probabilities is not None and save_probabilities not in PROBABILITY_FORMATS:
+        raise ValueError(f"save_probabilities = {save_probabilities!r}; expected one of {list(PROBABILITY_FORMATS)}")
+    if needs_box_prompts(loaded.model):
+        raise ValueError(
+            f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
+            f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
+            f"ground-truth masks)"
+        )
+
+
 def predict_files(
     loaded: LoadedModel,
     inputs: Sequence[str | os.PathLike],
@@ -180,31 +333,25 @@ def predict_files(
     flip_tta: bool | None = None,
     raw: bool = False,
     progress: Callable[[int, int, PredictionResult], None] | None = None,
+    save_probabilities: str | None = None,
 ) -> list[PredictionResult]:
-    """Predict every input; write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png``.
+    """Predict every input; write ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png``
+    (``save_probabilities`` "png16" / "npy": also ``<stem>_prob.png`` / ``<stem>_prob.npy``,
+    the lesion probability map at the input's size) and, after all inputs, the per-image
+    table ``predictions.csv`` / ``predictions.json`` (:func:`write_prediction_table`).
 
     The checkpoint's inference recipe is applied (``raw``: the model's own output);
     ``threshold`` and ``flip_tta`` override the recipe's. Returns one result per input:
     first the skipped mask files (``note`` set; see :func:`plan_prediction`, whose errors
     this raises), then the images in order; unreadable inputs have ``error`` set.
     """
-    from unet_jax.models import needs_box_prompts
-    from unet_jax.plots import overlay
-
     recipe = effective_recipe(loaded, threshold, flip_tta, raw)
-    if needs_box_prompts(loaded.model):
-        raise ValueError(
-            f"{loaded.step_dir}: {loaded.config.preset} is box-prompted and predict has no boxes to "
-            f"give it; expected an unprompted segmentation model (evaluate prompts SAM from "
-            f"ground-truth masks)"
-        )
+    _check_options(loaded, save_probabilities)
     plan = plan_prediction(inputs, out_dir)
-    out_dir = plan.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[PredictionResult] = []
-    for n, result in enumerate(plan.skipped, start=1):
-        results.append(result)
-        if progress is not None:
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[PredictionResult] = list(plan.skipped)
+    if progress is not None:
+        for n, result in enumerate(plan.skipped, start=1):
             progress(n, len(inputs), result)
     used: set[str] = set()
     for n, path in enumerate(plan.images, start=len(plan.skipped) + 1):
@@ -212,17 +359,11 @@ def predict_files(
             image = _load(path)
         except ValueError as err:
             results.append(PredictionResult(str(path), error=str(err)))
-            if progress is not None:
-                progress(n, len(inputs), results[-1])
-            continue
-        x = preprocess_image(image, loaded.input_size, loaded.config.channels)
-        probs, classes = predict_outputs(loaded, x[None], recipe.flip_tta, batch_size=1)
-        mask = recipe_mask(probs[0], None if classes is None else classes[0], recipe, (image.size[1], image.size[0]))
-        stem = _unique_stem(path.stem, used)
-        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-        _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
-        _save_png(overlay(np.asarray(image.convert("RGB")), mask, color=(255, 0, 0)), overlay_path)
-        results.append(PredictionResult(str(path), str(mask_path), str(overlay_path), float(mask.mean())))
+        else:
+            stem = plan.out_dir / _unique_stem(path.stem, used)
+            fields = _predict_image(loaded, recipe, image, stem, save_probabilities)
+            results.append(PredictionResult(str(path), recipe="raw" if raw else recipe.describe(), **fields))
         if progress is not None:
             progress(n, len(inputs), results[-1])
+    write_prediction_table(results, plan.out_dir)
     return results

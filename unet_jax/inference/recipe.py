@@ -50,6 +50,7 @@ __all__ = [
     "fill_holes",
     "select_components",
     "gate_score",
+    "gate_decision",
     "recipe_mask",
     "refine_probabilities",
     "LEARNED_GATES",
@@ -372,11 +373,19 @@ def gate_score(
     return 0.0
 
 
-def _gated(recipe: InferenceRecipe, prob: np.ndarray, class_prob: np.ndarray | None) -> bool:
+def gate_decision(
+    recipe: InferenceRecipe, prob: np.ndarray, class_prob: np.ndarray | None
+) -> tuple[bool, float | None]:
+    """``(emptied, score)``: whether the recipe's gate empties this image's mask, and the
+    score it compared (None without a gate)."""
     if recipe.gate == "none":
-        return False
+        return False, None
     score = gate_score(recipe.gate, prob, class_prob, recipe.threshold, recipe.gate_model)
-    return score >= recipe.gate_threshold if recipe.gate == "class" else score < recipe.gate_threshold
+    return (score >= recipe.gate_threshold if recipe.gate == "class" else score < recipe.gate_threshold), score
+
+
+def _gated(recipe: InferenceRecipe, prob: np.ndarray, class_prob: np.ndarray | None) -> bool:
+    return gate_decision(recipe, prob, class_prob)[0]
 
 
 def refine_probabilities(prob: np.ndarray, recipe: InferenceRecipe) -> np.ndarray:
