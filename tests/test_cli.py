@@ -333,7 +333,12 @@ def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_p
     assert f"{text}: unreadable image" in err
     assert f"{deep}: unsupported image mode" in err and "expected 8-bit" in err
     assert "3 of 4 input(s) could not be read" in err
-    assert sorted(p.name for p in out.iterdir()) == [f"{good.stem}_mask.png", f"{good.stem}_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{good.stem}_mask.png",
+        f"{good.stem}_overlay.png",
+        "predictions.csv",
+        "predictions.json",
+    ]
 
 
 def test_damaged_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
