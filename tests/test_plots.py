@@ -131,3 +131,35 @@ def test_write_png_roundtrip(tmp_path):
     assert no_temporary_files(tmp_path / "m") and no_temporary_files(tmp_path)
     with pytest.raises(ValueError, match="uint8"):
         plots.write_png(np.zeros((2, 2), np.float32), tmp_path / "f.png")
+
+
+def test_contour_overlay_draws_exactly_the_boundary_and_leaves_the_rest():
+    from unet_jax.metrics import boundary
+
+    rgb = np.random.default_rng(1).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    mask = np.zeros((80, 120), bool)
+    mask[40:70, 40:70] = True
+    mask[45:50, 45:50] = False  # a hole: its rim is boundary too
+    out = plots.contour_overlay(rgb, [(mask, (255, 0, 0))])
+    edge = boundary(mask)
+    np.testing.assert_array_equal(out[edge], [[255, 0, 0]] * int(edge.sum()))
+    np.testing.assert_array_equal(out[~edge], rgb[~edge])  # inside and outside untouched
+    # two masks (truth in green, then the prediction in red on top) and a legend box
+    truth = np.zeros_like(mask)
+    truth[20:55, 38:60] = True
+    legend = ["max p(lesion) 0.93", "p(benign) 0.10"]
+    w, h = plots.legend_size(legend)
+    assert 0 < w < 120 and 0 < h < 40
+    both = plots.contour_overlay(rgb, [(truth, plots.GT_COLOR), (mask, plots.PRED_COLOR)], legend=legend)
+    away = np.ones_like(mask)
+    away[:h, :w] = False
+    green = boundary(truth) & ~edge
+    np.testing.assert_array_equal(both[edge & away], [plots.PRED_COLOR] * int((edge & away).sum()))
+    np.testing.assert_array_equal(both[green & away], [plots.GT_COLOR] * int((green & away).sum()))
+    rest = away & ~edge & ~green
+    np.testing.assert_array_equal(both[rest], rgb[rest])
+    assert not np.array_equal(both[:h, :w], rgb[:h, :w])  # the legend is drawn
+    thick = plots.contour_overlay(rgb, [(mask, (255, 0, 0))], width=2)
+    assert (np.all(thick == [255, 0, 0], axis=-1) & mask).sum() > edge.sum()
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        plots.contour_overlay(rgb, [(mask, (255, 0, 0))], width=0)

@@ -195,8 +195,9 @@ def test_the_table_reports_the_recipe_its_gate_and_the_class_head(busi, tmp_path
 
 def test_probability_maps_match_each_other_and_the_mask(loaded, busi, tmp_path):
     image = busi / "malignant" / "malignant (1).png"
-    (png,) = predict_files(loaded, [image], tmp_path / "png", raw=True, save_probabilities="png16")
-    (npy,) = predict_files(loaded, [image], tmp_path / "npy", raw=True, save_probabilities="npy")
+    # raw: no gate, no post-processing; 0.7 splits the untrained model's map about in half
+    (png,) = predict_files(loaded, [image], tmp_path / "png", 0.7, raw=True, save_probabilities="png16")
+    (npy,) = predict_files(loaded, [image], tmp_path / "npy", 0.7, raw=True, save_probabilities="npy")
     assert png.probability.endswith("malignant (1)_prob.png") and npy.probability.endswith("malignant (1)_prob.npy")
     with Image.open(png.probability) as im:
         sixteen = np.asarray(im).astype(np.float64) / 65535
@@ -204,8 +205,30 @@ def test_probability_maps_match_each_other_and_the_mask(loaded, busi, tmp_path):
     assert prob.dtype == np.float32 and prob.shape == sixteen.shape == (40, 48)
     assert np.abs(sixteen - prob).max() <= 1 / 65535
     mask = np.asarray(Image.open(npy.mask)) > 0
-    assert np.array_equal(prob > loaded.config.threshold, mask)  # --raw: the config's threshold, no post-processing
+    assert 0 < mask.sum() < mask.size and np.array_equal(prob > 0.7, mask)
     row = json.loads((tmp_path / "npy" / "predictions.json").read_text())[0]
     assert row["probability"] == npy.probability
     with pytest.raises(ValueError, match=r"save_probabilities = 'tiff'; expected one of \['png16', 'npy'\]"):
         predict_files(loaded, [image], tmp_path / "x", save_probabilities="tiff")
+
+
+def test_overlays_outline_the_mask_with_a_legend_or_fill_it_as_before(loaded, busi, tmp_path):
+    from unet_jax.metrics import boundary
+    from unet_jax.plots import legend_size, overlay
+
+    image = busi / "malignant" / "malignant (1).png"
+    (contour,) = predict_files(loaded, [image], tmp_path / "c", threshold=0.7)
+    (fill,) = predict_files(loaded, [image], tmp_path / "f", threshold=0.7, overlay_style="fill")
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    mask = np.asarray(Image.open(contour.mask)) > 0
+    drawn = np.asarray(Image.open(contour.overlay))
+    w, h = legend_size([f"max p(lesion) {contour.max_probability:.2f}"])
+    away = np.ones(mask.shape, bool)
+    away[:h, :w] = False
+    edge = boundary(mask)
+    assert (edge & away).sum() > 10 and (mask & ~edge).any()
+    np.testing.assert_array_equal(drawn[edge & away], [[255, 0, 0]] * int((edge & away).sum()))
+    np.testing.assert_array_equal(drawn[~edge & away], rgb[~edge & away])
+    np.testing.assert_array_equal(np.asarray(Image.open(fill.overlay)), overlay(rgb, mask, color=(255, 0, 0)))
+    with pytest.raises(ValueError, match=r"overlay = 'dots'; expected one of \['contour', 'fill'\]"):
+        predict_files(loaded, [image], tmp_path / "x", overlay_style="dots")

@@ -277,6 +277,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="also write each image's lesion probability map at its size: X_prob.png (16-bit, "
         "0-65535) or X_prob.npy (float32)",
     )
+    p.add_argument(
+        "--overlay",
+        choices=("contour", "fill"),
+        default="contour",
+        help="X_overlay.png: the lesion's outline with a legend of its probabilities (default), or a 40%% red fill",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -341,6 +347,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         raw=args.raw,
         progress=report,
         save_probabilities=args.save_probabilities,
+        overlay_style=args.overlay,
     )
     failed = sum(r.error is not None for r in results)
     if failed:

@@ -1,5 +1,6 @@
 """Segment new images with a trained checkpoint: a mask PNG at each input's original size,
-and an overlay PNG (prediction in red over the image).
+an overlay PNG (the prediction's red outline over the image, with a legend; or a red fill),
+optionally the lesion probability map, and a per-image table (predictions.csv / .json).
 
 Each input is preprocessed exactly as the training data (grayscale or RGB, bilinear resize
 to the training size, /255); the probabilities are resized back (bilinear, then the
@@ -42,6 +43,7 @@ from unet_jax.metrics import resize_mask
 __all__ = [
     "CLASS_NAMES",
     "MIN_SIDE",
+    "OVERLAY_STYLES",
     "PROBABILITY_FORMATS",
     "TABLE_COLUMNS",
     "PredictionPlan",
@@ -57,6 +59,7 @@ MIN_SIDE = 16
 _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
 CLASS_NAMES = ("benign", "malignant", "normal")  # the class head's order
 PROBABILITY_FORMATS = ("png16", "npy")
+OVERLAY_STYLES = ("contour", "fill")
 # The per-image table's columns (predictions.csv; predictions.json has the same keys).
 TABLE_COLUMNS = (
     "input",
@@ -258,16 +261,31 @@ def _save_probability(prob: np.ndarray, path_stem: Path, fmt: str) -> Path:
     return path
 
 
+def _overlay_image(
+    image: Image.Image, mask: np.ndarray, style: str, max_probability: float, class_prob: np.ndarray | None
+) -> np.ndarray:
+    """ "contour": the mask's 1-pixel red outline over the untouched image, with a legend (the
+    maximum lesion probability, and the class head's probabilities); "fill": 40% red inside."""
+    from unet_jax.plots import contour_overlay, overlay
+
+    rgb = np.asarray(image.convert("RGB"))
+    if style == "fill":
+        return overlay(rgb, mask, color=(255, 0, 0))
+    legend = [f"max p(lesion) {max_probability:.2f}"]
+    if class_prob is not None:
+        legend += [f"p({name}) {float(p):.2f}" for name, p in zip(CLASS_NAMES, class_prob, strict=True)]
+    return contour_overlay(rgb, [(mask, (255, 0, 0))], legend=legend)
+
+
 def _predict_image(
     loaded: LoadedModel,
     recipe: InferenceRecipe,
     image: Image.Image,
     stem: Path,
     save_probabilities: str | None,
+    overlay_style: str,
 ) -> dict[str, Any]:
     """Predict one image, write its mask, overlay (and probability map); return its result's fields."""
-    from unet_jax.plots import overlay
-
     size = (image.size[1], image.size[0])
     x = preprocess_image(image, loaded.input_size, loaded.config.channels)
     probs, classes = predict_outputs(loaded, x[None], recipe.flip_tta, batch_size=1)
@@ -276,7 +294,7 @@ def _predict_image(
     emptied, score = gate_decision(recipe, prob, class_prob)
     mask_path, overlay_path = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
     _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
-    _save_png(overlay(np.asarray(image.convert("RGB")), mask, color=(255, 0, 0)), overlay_path)
+    _save_png(_overlay_image(image, mask, overlay_style, float(np.max(prob)), class_prob), overlay_path)
     probability = None
     if save_probabilities is not None:
         native = resize_mask(np.asarray(prob, np.float32), size, t=None)
@@ -312,9 +330,11 @@ def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | o
     return csv_path, write_json(out_dir / "predictions.json", rows)
 
 
-def _check_options(loaded: LoadedModel, save_probabilities: str | None) -> None:
+def _check_options(loaded: LoadedModel, save_probabilities: str | None, overlay_style: str) -> None:
     from unet_jax.models import needs_box_prompts
 
+    if overlay_style not in OVERLAY_STYLES:
+        raise ValueError(f"overlay = {overlay_style!r}; expected one of {list(OVERLAY_STYLES)}")
     if save_probabilities is not None and save_probabilities not in PROBABILITY_FORMATS:
         raise ValueError(f"save_probabilities = {save_probabilities!r}; expected one of {list(PROBABILITY_FORMATS)}")
     if needs_box_prompts(loaded.model):
@@ -334,6 +354,7 @@ def predict_files(
     raw: bool = False,
     progress: Callable[[int, int, PredictionResult], None] | None = None,
     save_probabilities: str | None = None,
+    overlay_style: str = "contour",
 ) -> list[PredictionResult]:
     """Predict every input; write ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png``
     (``save_probabilities`` "png16" / "npy": also ``<stem>_prob.png`` / ``<stem>_prob.npy``,
@@ -341,12 +362,13 @@ def predict_files(
     table ``predictions.csv`` / ``predictions.json`` (:func:`write_prediction_table`).
 
     The checkpoint's inference recipe is applied (``raw``: the model's own output);
-    ``threshold`` and ``flip_tta`` override the recipe's. Returns one result per input:
+    ``threshold`` and ``flip_tta`` override the recipe's. ``overlay_style``: "contour" (the
+    mask's outline and a legend of the probabilities) or "fill" (40% red). Returns one result per input:
     first the skipped mask files (``note`` set; see :func:`plan_prediction`, whose errors
     this raises), then the images in order; unreadable inputs have ``error`` set.
     """
     recipe = effective_recipe(loaded, threshold, flip_tta, raw)
-    _check_options(loaded, save_probabilities)
+    _check_options(loaded, save_probabilities, overlay_style)
     plan = plan_prediction(inputs, out_dir)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictionResult] = list(plan.skipped)
@@ -361,7 +383,7 @@ def predict_files(
             results.append(PredictionResult(str(path), error=str(err)))
         else:
             stem = plan.out_dir / _unique_stem(path.stem, used)
-            fields = _predict_image(loaded, recipe, image, stem, save_probabilities)
+            fields = _predict_image(loaded, recipe, image, stem, save_probabilities, overlay_style)
             results.append(PredictionResult(str(path), recipe="raw" if raw else recipe.describe(), **fields))
         if progress is not None:
             progress(n, len(inputs), results[-1])
