@@ -266,7 +266,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment images: mask and overlay PNGs at each input's size")
+    p = sub.add_parser(
+        "predict", help="segment images: mask and overlay PNGs at each input's size, a per-image table predictions.csv"
+    )
     _add_model_arguments(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True)
