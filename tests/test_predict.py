@@ -232,3 +232,20 @@ def test_overlays_outline_the_mask_with_a_legend_or_fill_it_as_before(loaded, bu
     np.testing.assert_array_equal(np.asarray(Image.open(fill.overlay)), overlay(rgb, mask, color=(255, 0, 0)))
     with pytest.raises(ValueError, match=r"overlay = 'dots'; expected one of \['contour', 'fill'\]"):
         predict_files(loaded, [image], tmp_path / "x", overlay_style="dots")
+
+
+def test_the_cli_passes_the_probability_format_and_overlay_style(untuned, busi, tmp_path, capsys):
+    image = busi / "benign" / "benign (1).png"
+    out = tmp_path / "pred"
+    args = ["predict", "--checkpoint", str(untuned), str(image), "--out", str(out)]
+    assert main([*args, "--save-probabilities", "png16", "--overlay", "fill"]) == 0
+    row = json.loads((out / "predictions.json").read_text())[0]
+    assert row["probability"] == str(out / "benign (1)_prob.png")
+    with Image.open(row["probability"]) as im:
+        assert im.size == (48, 40) and np.asarray(im).max() > 255  # 16-bit values
+    mask = np.asarray(Image.open(row["mask"])) > 0
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(row["overlay"]))[~mask], rgb[~mask])
+    with pytest.raises(SystemExit):
+        main([*args, "--save-probabilities", "tiff"])
+    assert "invalid choice: 'tiff'" in capsys.readouterr().err
