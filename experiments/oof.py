@@ -38,6 +38,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cv import pooled  # noqa: E402  (experiments/ is the script's folder, first on sys.path)
+
 from unet_jax import metrics as M  # noqa: E402
 from unet_jax._io import atomic_write  # noqa: E402
 from unet_jax.data import ReadOptions, load_busi  # noqa: E402
@@ -52,7 +54,6 @@ from unet_jax.inference import (  # noqa: E402
 )
 
 DESIGNS = tuple(LEARNED_GATES)  # the learned gates tried: "map", "map+head"
-SUMMARY = ("dice", "iou", "pixel_accuracy", "hd95")
 
 
 def log(message: str) -> None:
@@ -76,15 +77,15 @@ def read_folds(cv: Path) -> list[dict[str, np.ndarray]]:
 def pool_test_parts(folds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The held-out (test) predictions of all folds, one per image, with its fold number."""
     keys = ("probs", "probs_flip", "class_probs")
-    pooled: dict[str, list] = {k: [] for k in (*keys, "ids", "fold")}
+    parts: dict[str, list] = {k: [] for k in (*keys, "ids", "fold")}
     for f, z in enumerate(folds):
         test = z["parts"] == "test"
         for k in keys:
-            pooled[k].append(np.asarray(z[k][test], np.float32))
-        pooled["ids"] += list(z["ids"][test])
-        pooled["fold"] += [f] * int(test.sum())
-    out = {k: np.concatenate(pooled[k]) for k in keys}
-    out["ids"], out["fold"] = np.asarray(pooled["ids"]), np.asarray(pooled["fold"])
+            parts[k].append(np.asarray(z[k][test], np.float32))
+        parts["ids"] += list(z["ids"][test])
+        parts["fold"] += [f] * int(test.sum())
+    out = {k: np.concatenate(parts[k]) for k in keys}
+    out["ids"], out["fold"] = np.asarray(parts["ids"]), np.asarray(parts["fold"])
     if len(set(out["ids"])) != len(out["ids"]):
         raise SystemExit("an image is in two test folds: the fold manifests are not a partition")
     return out
@@ -107,14 +108,6 @@ def image_rows(
             }
         )
     return rows
-
-
-def summary(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    agg = M.aggregate(rows, n_boot=2000, seed=seed)
-    out = {m: agg[m] for m in SUMMARY}
-    for k in ("normal_false_positive_rate", "lesion_empty_prediction_rate", "counts"):
-        out[k] = agg[k]
-    return M.to_jsonable(out)
 
 
 def nested(
@@ -317,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipe_description": recipe.describe(),
         "pooled_choice": report,
         "nested_folds": per_fold,
-        "nested": summary(rows),
-        "nested_raw": summary(raw_rows),
+        "nested": pooled(rows, seed=0),
+        "nested_raw": pooled(raw_rows, seed=0),
         "lesion_vs_normal_auc": {k: M.roc_auc(v, is_lesion) for k, v in curves.items()},
         "operating_point": operating,
         "transfer": transfer_check(folds, oof, recipe, dict(zip(map(str, oof["ids"]), gts))),
