@@ -83,6 +83,7 @@ LAYERS = (
         "unet_jax.losses",
         "unet_jax.convert",
         "unet_jax.plots",
+        "unet_jax.report",
         "unet_jax.summary",
     ),
     ("unet_jax.config",),

@@ -211,7 +211,29 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="a folder in the BUSI layout")
     p.add_argument("--resolution", choices=("native", "training"), default="native")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        default=None,
+        help="also write DIR/report.html: the metrics with their CIs, the per-class table and every "
+        "case from the worst Dice to the best with its contours (one self-contained file)",
+    )
     p.set_defaults(func=_run_evaluate)
+
+
+def _case_thumbnails(dataset, wanted: bool):
+    """(thumbnails by id, the ``on_case`` callback that fills it) for ``evaluate --report``;
+    (None, None) when no report is wanted."""
+    from unet_jax.report import case_thumbnail
+
+    if not wanted:
+        return None, None
+    position, thumbnails = {k: n for n, k in enumerate(dataset.ids)}, {}
+
+    def keep(row, pred, gt) -> None:
+        thumbnails[row["id"]] = case_thumbnail(dataset.images_u8[position[row["id"]]], pred, gt)
+
+    return thumbnails, keep
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -220,13 +242,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from unet_jax.metrics import format_summary
     from unet_jax.models import model_heads
     from unet_jax.progress import ProgressPrinter
+    from unet_jax.report import check_report_folder, write_evaluation_report
 
+    if args.report is not None:
+        check_report_folder(args.report)  # a bad folder is an error before the model loads
     loaded = _load_model(args)
     resolve_threshold(loaded, args.threshold)  # a bad value is an error before the images are read
     has_mask, has_class = model_heads(loaded.model, loaded.config)
     with ProgressPrinter() as printer:
         dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
     report: dict = {"source": str(args.data)}
+    thumbnails, on_case = _case_thumbnails(dataset, args.report is not None and has_mask)
     if has_mask:
         native = args.resolution == "native"
         recipe = effective_recipe(loaded, args.threshold, True if args.tta else None, args.raw)
@@ -237,6 +263,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 native=native,
                 recipe=recipe,
                 progress=lambda d, t: printer({"kind": "evaluate", "done": d, "total": t}),
+                on_case=on_case,
             )
         report = evaluation_report(aggregate, rows, native=native, source=str(args.data))
         status = recipe_status(loaded, args.raw)
@@ -244,6 +271,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         report["recipe_tuned"], report["recipe_description"] = status["tuned"], status["description"]
     if has_class:  # image classification: a classifier, or a U-Net's class head
         report["classification"] = evaluate_classification(loaded, dataset)
+    if args.report is not None:
+        written = write_evaluation_report(report, args.report, thumbnails)
+        print(f"report: {written}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -285,6 +315,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default="contour",
         help="X_overlay.png: the lesion's outline with a legend of its probabilities (default), or a 40%% red fill",
     )
+    p.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="do not write report.html (the table with overlay thumbnails, sortable; written by default)",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -323,6 +359,7 @@ def _load_model(args: argparse.Namespace):
 def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
+    from unet_jax.report import write_prediction_report
 
     plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
@@ -351,6 +388,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         overlay_style=args.overlay,
     )
+    if args.report:
+        print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)

@@ -43,13 +43,16 @@ def evaluate_dataset(
     progress: Callable[[int, int], None] | None = None,
     raw: bool = False,
     recipe: InferenceRecipe | None = None,
+    on_case: Callable[[dict[str, Any], np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Aggregated metrics and per-image rows of ``loaded`` on ``dataset``.
 
     native=True compares at each image's original size with its original (union) mask;
     False at the training size with the resized mask. The checkpoint's inference recipe
     is applied (``raw=True``: the model output at the config's threshold; ``recipe``: this
-    one instead); ``threshold`` / ``flip_tta`` override the recipe's.
+    one instead); ``threshold`` / ``flip_tta`` override the recipe's. ``on_case(row, pred,
+    gt)`` is called for each image with its row and its bool prediction and ground truth
+    (one shape), e.g. to draw a report's overlay without keeping every mask.
     """
     recipe = recipe or effective_recipe(loaded, threshold, flip_tta, raw)
     if native and not dataset.original_masks:
@@ -72,6 +75,8 @@ def evaluate_dataset(
         pred = recipe_mask(prob, None if classes is None else classes[i], recipe, gt.shape)
         row = M.image_metrics(pred, gt)
         rows.append({"id": dataset.ids[i], "class": dataset.class_names[i], **row})
+        if on_case is not None:
+            on_case(rows[-1], pred, gt)
         if progress is not None:
             progress(i + 1, len(probs))
     return M.aggregate(rows, n_boot=n_boot, seed=loaded.config.seed), rows
