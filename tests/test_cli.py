@@ -338,6 +338,7 @@ def test_predict_reports_folders_non_images_and_16_bit_images(trained_run, tmp_p
         f"{good.stem}_overlay.png",
         "predictions.csv",
         "predictions.json",
+        "report.html",
     ]
 
 
