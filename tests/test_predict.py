@@ -75,6 +75,7 @@ def test_mask_files_among_the_inputs_are_skipped_with_a_note(untuned, busi, tmp_
         "benign (2)_overlay.png",
         "predictions.csv",
         "predictions.json",
+        "report.html",
     ]
     # a second run into the same output folder (its X_mask.png have no X.png) is fine
     assert main(["predict", "--checkpoint", str(untuned), *inputs, "--out", str(out)]) == 0
