@@ -221,28 +221,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
-def _case_thumbnails(dataset, wanted: bool):
-    """(thumbnails by id, the ``on_case`` callback that fills it) for ``evaluate --report``;
-    (None, None) when no report is wanted."""
-    from unet_jax.report import case_thumbnail
-
-    if not wanted:
-        return None, None
-    position, thumbnails = {k: n for n, k in enumerate(dataset.ids)}, {}
-
-    def keep(row, pred, gt) -> None:
-        thumbnails[row["id"]] = case_thumbnail(dataset.images_u8[position[row["id"]]], pred, gt)
-
-    return thumbnails, keep
-
-
 def _run_evaluate(args: argparse.Namespace) -> int:
     from unet_jax.evaluate import evaluate_classification, evaluate_dataset, evaluation_report, read_for_evaluation
     from unet_jax.inference import effective_recipe, recipe_status, resolve_threshold
     from unet_jax.metrics import format_summary
     from unet_jax.models import model_heads
     from unet_jax.progress import ProgressPrinter
-    from unet_jax.report import check_report_folder, write_evaluation_report
+    from unet_jax.report import case_collector, check_report_folder, write_evaluation_report
 
     if args.report is not None:
         check_report_folder(args.report)  # a bad folder is an error before the model loads
@@ -252,7 +237,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with ProgressPrinter() as printer:
         dataset = read_for_evaluation(loaded, args.data, lambda d, t: printer({"kind": "read", "done": d, "total": t}))
     report: dict = {"source": str(args.data)}
-    thumbnails, on_case = _case_thumbnails(dataset, args.report is not None and has_mask)
+    thumbnails, on_case = (None, None) if args.report is None else case_collector(dataset.ids, dataset.images_u8)
     if has_mask:
         native = args.resolution == "native"
         recipe = effective_recipe(loaded, args.threshold, True if args.tta else None, args.raw)

@@ -20,7 +20,7 @@ import html
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "CASE_SIDE",
     "REPORT_NAME",
     "THUMBNAIL_SIDE",
+    "case_collector",
     "case_thumbnail",
     "check_report_folder",
     "evaluation_report_html",
@@ -148,6 +149,22 @@ def case_thumbnail(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, max_side
     rgb = np.asarray(Image.fromarray(a).convert("RGB").resize(size[::-1], Image.Resampling.BILINEAR))
     contours = [(resize_mask(gt, size), GT_COLOR), (resize_mask(pred, size), PRED_COLOR)]
     return png_data_uri(contour_overlay(rgb, contours))
+
+
+def case_collector(
+    ids: Sequence[str], images: np.ndarray, max_side: int = CASE_SIDE
+) -> tuple[dict[str, str], Callable[[Mapping[str, Any], np.ndarray, np.ndarray], None]]:
+    """(thumbnails by id, a callback filling it): pass the callback as
+    :func:`unet_jax.evaluate.evaluate_dataset`'s ``on_case``, so that each case's
+    :func:`case_thumbnail` is drawn as it is scored and no mask is kept. ``images[n]`` is the
+    image of ``ids[n]`` (e.g. a dataset's ``images_u8``, at the model's input size)."""
+    position: dict[str, int] = {k: n for n, k in enumerate(ids)}
+    thumbnails: dict[str, str] = {}
+
+    def keep(row: Mapping[str, Any], pred: np.ndarray, gt: np.ndarray) -> None:
+        thumbnails[str(row["id"])] = case_thumbnail(images[position[row["id"]]], pred, gt, max_side)
+
+    return thumbnails, keep
 
 
 def _is_number(value: Any) -> bool:
