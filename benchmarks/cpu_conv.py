@@ -4,7 +4,7 @@ and the XLA:CPU flags that could change that.
     python -m benchmarks.cpu_conv layers   # every 3x3 convolution shape of the seed preset at 256x256
     python -m benchmarks.cpu_conv flags    # seed inference under each candidate XLA_FLAGS value
     taskset -c 1 python -m benchmarks.cpu_conv lowerings --size 128 --threads 1
-                                           # each unet_jax.lowering against PyTorch, per layer
+                                           # each unet_jax.layers.lowering against PyTorch, per layer
 
 ``layers``: for each (spatial size, in -> out channels) of the seed U-Net, a jitted
 ``lax.conv_general_dilated`` against PyTorch's ``nn.Conv2d`` (channels-last, no grad,
@@ -13,7 +13,7 @@ analytic count ``2 * B * H * W * 9 * C_in * C_out``. ``flags``: the seed preset'
 inference (batch 8, 256x256, float32) in a fresh process per flag value, so that every
 XLA_FLAGS value compiles its own program. ``lowerings``: for every 3x3 convolution shape
 of a preset at ``--size`` (the seed shapes scaled from 256), each lowering of
-:mod:`unet_jax.lowering` (lax, direct up to 8 input channels, im2col, winograd2,
+:mod:`unet_jax.layers.lowering` (lax, direct up to 8 input channels, im2col, winograd2,
 winograd4) jitted, forward and forward +
 backward (input and kernel gradients for a random output cotangent), against ``nn.Conv2d`` (channels-last;
 forward under no_grad, and forward + backward) with ``--threads`` PyTorch threads (1 when
@@ -137,7 +137,7 @@ def lowerings(batch: int, size: int, preset: str, threads: int, windows: int, ca
     import torch
 
     from benchmarks.lowering_table import time_lowering
-    from unet_jax.lowering import candidates
+    from unet_jax.layers.lowering import candidates
 
     torch.set_num_threads(threads)
     rows = []

@@ -13,7 +13,7 @@ zero insertion, batch norm as trained) in one switch:
   convolutions as one convolution on the input grid + depth-to-space); ``nchw``
   (``UNet.layout``: activations channels-first inside the network); ``xla_grad`` and
   ``explicit_grad`` (``UNet.gradient``: JAX's own convolution gradients, or the written-out
-  canonical ones of unet_jax.conv_grad; the baseline's ``'auto'`` is explicit on the CPU,
+  canonical ones of unet_jax.layers.conv_grad; the baseline's ``'auto'`` is explicit on the CPU,
   JAX's own elsewhere);
 * inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
   folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``; ``nchw``.

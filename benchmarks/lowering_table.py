@@ -1,6 +1,6 @@
-"""The lowering tuner: times every convolution lowering of :mod:`unet_jax.lowering` on the
+"""The lowering tuner: times every convolution lowering of :mod:`unet_jax.layers.lowering` on the
 3x3 layer shapes of a U-Net preset and writes the per-machine table that
-``Conv2D(lowering='auto')`` reads (:func:`unet_jax.lowering.choose_lowering`).
+``Conv2D(lowering='auto')`` reads (:func:`unet_jax.layers.lowering.choose_lowering`).
 
     python -m benchmarks.lowering_table tune [--preset seed --size 256 --batch 8]
     python -m benchmarks.lowering_table show
@@ -26,7 +26,7 @@ from flax import linen as nn
 from benchmarks.harness import median_ms
 from unet_jax._io import write_json
 from unet_jax.layers import Conv2D, resolve_padding
-from unet_jax.lowering import (
+from unet_jax.layers.lowering import (
     TABLE_ENV,
     TABLE_FORMAT,
     PadPairs,

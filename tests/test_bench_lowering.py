@@ -4,7 +4,7 @@ and the table it writes and shows (its timing replaced: the plumbing, not speed)
 from __future__ import annotations
 
 from benchmarks import lowering_table as T
-from unet_jax import lowering as L
+from unet_jax.layers import lowering as L
 from unet_jax.models import UNet
 
 

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from unet_jax import lowering as lowerings  # called through the module: tests replace a lowering
-from unet_jax.conv_grad import conv_explicit_grad, use_explicit_grad
+from unet_jax.layers import lowering as lowerings  # called through the module: tests replace a lowering
+from unet_jax.layers.conv_grad import conv_explicit_grad, use_explicit_grad
 
 __all__ = [
     "Padding",
