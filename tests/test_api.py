@@ -87,7 +87,7 @@ LAYERS = (
     ),
     ("unet_jax.config",),
     ("unet_jax.layers",),
-    ("unet_jax._io", "unet_jax.progress"),
+    ("unet_jax._io", "unet_jax._keys", "unet_jax.progress"),
 )
 
 

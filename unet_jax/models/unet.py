@@ -30,6 +30,7 @@ from unet_jax.layers import (
     conv_transpose_output_size,
     pool_output_size,
 )
+from unet_jax.models._presets import from_preset
 
 __all__ = [
     "UNet",
@@ -454,8 +455,6 @@ PRESET_SIZES: dict[str, int] = {"ronneberger": 572, "seed": 256, "padded": 256}
 
 def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
     """A :class:`UNet` from a named preset, with field overrides (e.g. ``dtype``)."""
-    from unet_jax.models._presets import from_preset
-
     return from_preset("", PRESETS, preset, overrides, UNet)
 
 
