@@ -206,7 +206,7 @@ def plot_training_curves(
     PNG atomically and returns its path; ``ValueError`` if nothing to plot.
     """
     # Deferred, as in prediction_grid: matplotlib takes ~0.7 s to import, and `unet-jax predict`
-    # and `evaluate` import this module for the overlays only.
+    # imports this module for the overlays only.
     from matplotlib.figure import Figure
 
     panels = []
