@@ -18,11 +18,17 @@ PyTorch (eager, channels-last, ``torch.set_num_threads`` = the cores) runs once,
 process. Prints one table row per (preset, variant) with images/s and the ratio to
 PyTorch; the JSON holds every window. Run it on a quiet machine: the variants are timed one
 after another, not interleaved.
+
+``model`` (``python -m benchmarks.cpu_levers model ...``): the levers of the JAX training
+step and of inference that a model field or an argument switches, each alone, in this one
+process (dtype, steps per dispatch, donation, up-convolution, layout, gradient, folded
+batch norm), on the CPU or an accelerator; see :func:`model_main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -30,8 +36,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.harness import REPO, environment, write_result
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.flops import preset_flops
+from benchmarks.harness import REPO, environment, time_windows, write_result
+from benchmarks.throughput import DTYPES, make_host_data, parse_fields, pick_steps, stats
+from unet_jax.config import TrainConfig
+from unet_jax.data.augment import DeviceData, make_sampler
+from unet_jax.losses import get_loss
+from unet_jax.models import create_unet, fold_batch_norm
+from unet_jax.train.state import create_train_state, make_optimizer
+from unet_jax.train.steps import get_train_steps
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("", []),
@@ -138,5 +157,281 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# model: the levers a model field or an argument switches, in one process (was levers.py)
+# --------------------------------------------------------------------------------------
+TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "float32": {"dtype": "float32"},
+    "single_step": {"num_steps": 1},
+    "no_donate": {"donate": False},
+    "subpixel": {"up_method": "subpixel"},
+    "nchw": {"layout": "NCHW"},
+    "xla_grad": {"gradient": "xla"},
+    "explicit_grad": {"gradient": "explicit"},
+}
+INFER_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "float32": {"dtype": "float32"},
+    "fold_bn": {"fold_bn": True},
+    "subpixel": {"up_method": "subpixel"},
+    "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
+    "nchw": {"layout": "NCHW"},
+}
+MODEL_SWITCHES = ("up_method", "layout", "gradient")
+
+
+def _model_fields(args: argparse.Namespace, switch: dict[str, Any]) -> dict[str, Any]:
+    """The architecture overrides of a variant: ``--model`` plus its model-field switches."""
+    return {**args.model, **{k: switch[k] for k in MODEL_SWITCHES if k in switch}}
+
+
+def train_variant(
+    args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any], flops: Any
+) -> dict[str, Any]:
+    dtype = switch.get("dtype", args.dtype)
+    fields = _model_fields(args, switch)
+    model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
+    n = host["images"].shape[0]
+    data = jax.device_put(
+        DeviceData(jnp.asarray(host["images"]), jnp.asarray(host["masks"]), jnp.asarray(host["labels"]))
+    )
+    tx = make_optimizer(TrainConfig(preset=args.preset, batch_size=args.batch), max(1, n // args.batch))
+    sample = make_sampler(args.batch, n, None)
+    data_key, dropout_key, init_key = jax.random.split(jax.random.key(0), 3)
+    state = create_train_state(model, tx, init_key, (1, args.size, args.size, model.in_channels))
+    steps_fn = get_train_steps(switch.get("donate", True))
+    num_steps = switch.get("num_steps", args.steps)
+    holder = {"state": state, "step": 0}
+    del state
+
+    def run(dispatches: int) -> None:
+        st = holder["state"]
+        for _ in range(dispatches):
+            st, metrics = steps_fn(
+                st,
+                data,
+                data_key,
+                dropout_key,
+                jnp.asarray(holder["step"], jnp.int32),
+                num_steps=num_steps,
+                sample=sample,
+                loss_fn=get_loss("bce_dice"),
+                threshold=0.5,
+                mesh=None,
+            )
+            holder["step"] += num_steps
+        holder["state"] = st
+        jax.block_until_ready((st, metrics))
+
+    t0 = time.perf_counter()
+    run(1)
+    compile_s = time.perf_counter() - t0
+    if args.warmup:
+        run(args.warmup)
+    dispatches = 1 if num_steps > 1 else pick_steps(run, args.window_s, args.steps, args.max_steps)
+    out = stats(time_windows(run, dispatches, args.windows), dispatches * num_steps, args.batch, flops.train, args.peak)
+    out.update(
+        compile_s=round(compile_s, 2),
+        steps_per_dispatch=num_steps,
+        dtype=dtype,
+        donated=switch.get("donate", True),
+        up_method=fields.get("up_method", "zero_insertion"),
+        layout=fields.get("layout", "NHWC"),
+        gradient=fields.get("gradient", "auto"),
+    )
+    holder.clear()  # the state's buffers go before the next variant
+    gc.collect()
+    return out
+
+
+def infer_variant(
+    args: argparse.Namespace, host: dict[str, np.ndarray], switch: dict[str, Any], flops: Any, reference: dict[str, Any]
+) -> dict[str, Any]:
+    dtype = switch.get("dtype", args.dtype)
+    base = create_unet(args.preset, **args.model)
+    if "variables" not in reference:  # the same (float32) parameters for every variant
+        x = jnp.zeros((1, args.size, args.size, base.in_channels))
+        variables = jax.jit(lambda k: base.init(k, x, train=False))(jax.random.key(1))
+        # Running statistics that are not the identity, so folding has something to fold.
+        variables = {
+            "params": variables["params"],
+            "batch_stats": jax.tree.map(
+                lambda v: v + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), v.shape)),
+                variables.get("batch_stats", {}),
+            ),
+        }
+        reference["variables"] = variables
+    fields = _model_fields(args, switch)
+    model = create_unet(args.preset, **fields, dtype=DTYPES[dtype])
+    variables = reference["variables"]
+    if switch.get("fold_bn"):
+        model, variables = fold_batch_norm(model, variables)
+    images = jax.device_put(jnp.asarray(host["images"][: args.batch], jnp.float32) / 255.0)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(apply(variables, images))
+    compile_s = time.perf_counter() - t0
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            out = apply(variables, images)
+        jax.block_until_ready(out)
+
+    if args.warmup:
+        run(args.warmup)
+    steps = pick_steps(run, args.window_s, args.steps, args.max_steps)
+    out = stats(time_windows(run, steps, args.windows), steps, args.batch, flops.forward, args.peak)
+    y = np.asarray(y, np.float32)
+    if "output" not in reference:
+        reference["output"] = y
+    out.update(
+        compile_s=round(compile_s, 2),
+        dtype=dtype,
+        fold_bn=bool(switch.get("fold_bn")),
+        up_method=fields.get("up_method", "zero_insertion"),
+        layout=fields.get("layout", "NHWC"),
+        max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
+        max_abs_baseline=float(np.max(np.abs(reference["output"]))),
+    )
+    return out
+
+
+def _model_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.cpu_levers model",
+        description=model_main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--preset", default="padded")
+    ap.add_argument("--model", type=parse_fields, default={}, help="architecture overrides")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per scanned dispatch = per window (default: ~--window-s)"
+    )
+    ap.add_argument("--window-s", type=float, default=None, help="default 0.5 (GPU), 2 (CPU)")
+    ap.add_argument("--max-steps", type=int, default=100)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--train", type=lambda s: [x for x in s.split(",") if x], default=list(TRAIN_VARIANTS))
+    ap.add_argument("--infer", type=lambda s: [x for x in s.split(",") if x], default=list(INFER_VARIANTS))
+    ap.add_argument("--peak", type=float, default=None, help="bf16 peak TFLOP/s (for shares)")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip variants after this")
+    ap.add_argument("--out", required=True)
+    return ap.parse_args(argv)
+
+
+def model_main(argv: list[str] | None = None) -> int:
+    """The JAX training step's and inference's levers, each switched alone, in one process.
+
+        python -m benchmarks.cpu_levers model --out levers.json              # padded, batch 32, bf16 (GPU)
+        python -m benchmarks.cpu_levers model --preset seed --size 32 --batch 2 --model features=2,depth=1 \\
+            --windows 2 --steps 2 --out /tmp/levers.json           # the CPU dry run (seconds)
+
+    Every variant differs from the baseline (``--dtype`` compute, ``--steps``-step scanned
+    dispatch of ``unet_jax.train.steps.train_steps``, donated state, NHWC, up-convolutions by
+    zero insertion, batch norm as trained) in one switch:
+
+    * train: ``float32`` compute; ``single_step`` (one step per dispatch); ``no_donate`` (the
+      state's buffers not donated); ``subpixel`` (``UNet.up_method``: the transposed
+      convolutions as one convolution on the input grid + depth-to-space); ``nchw``
+      (``UNet.layout``: activations channels-first inside the network); ``xla_grad`` and
+      ``explicit_grad`` (``UNet.gradient``: JAX's own convolution gradients, or the written-out
+      canonical ones of unet_jax.layers.conv_grad; the baseline's ``'auto'`` is explicit on the CPU,
+      JAX's own elsewhere);
+    * inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
+      folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``; ``nchw``.
+
+    Each switch is proven on the CPU to give the baseline's numbers (tests/test_levers.py,
+    tests/test_train.py for steps per dispatch); inference variants also record their largest
+    difference from the baseline's output on the same parameters. The layout lever changes the
+    logical layout only; XLA's layout assignment still chooses the physical one per backend
+    (on GPU usually NHWC for bf16 tensor cores), so it measures what the logical choice costs.
+    Variants run in the order above until ``--budget-s``; the JSON is rewritten after each.
+    """
+    t_start = time.perf_counter()
+    args = _model_args(argv)
+    backend = jax.default_backend()
+    if args.window_s is None:
+        args.window_s = 2.0 if backend == "cpu" else 0.5
+    unknown = (set(args.train) - set(TRAIN_VARIANTS)) | (set(args.infer) - set(INFER_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}")
+    flops = preset_flops(args.preset, args.size, **args.model)
+    channels = create_unet(args.preset, **args.model).in_channels
+    host = make_host_data(2 * args.batch, args.size, channels)
+    if args.steps is None:  # a fixed number of steps per dispatch for every train variant
+        args.steps = 20 if backend != "cpu" else 2
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "levers",
+        "schema": 1,
+        "preset": args.preset,
+        "model_overrides": args.model,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "backend": backend,
+        "device": str(jax.devices()[0].device_kind),
+        "args": {k: v for k, v in vars(args).items()},
+        "train_flops_per_image": flops.train,
+        "forward_flops_per_image": flops.forward,
+        "environment": environment(None, None),
+        "train": {},
+        "infer": {},
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        write_result(out_path, result)
+
+    reference: dict[str, Any] = {}
+    jobs = [("train", name) for name in args.train] + [("infer", name) for name in args.infer]
+    for kind, name in jobs:
+        elapsed = time.perf_counter() - t_start
+        if args.budget_s is not None and elapsed > args.budget_s:
+            result[kind][name] = {"skipped": f"time budget ({elapsed:.0f} s > {args.budget_s:.0f} s)"}
+            save()
+            continue
+        try:
+            if kind == "train":
+                row = train_variant(args, host, TRAIN_VARIANTS[name], flops)
+            else:
+                row = infer_variant(args, host, INFER_VARIANTS[name], flops, reference)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            row = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+        result[kind][name] = row
+        save()
+        print(
+            f"{kind:5s} {name:18s} "
+            + (
+                f"{row['images_per_s']:10.1f} img/s  compile {row['compile_s']:.1f} s"
+                if "images_per_s" in row
+                else str(row)
+            ),
+            flush=True,
+        )
+    for kind in ("train", "infer"):
+        base = result[kind].get("baseline", {}).get("images_per_s")
+        for row in result[kind].values():
+            if base and "images_per_s" in row:
+                row["vs_baseline"] = round(row["images_per_s"] / base, 3)
+    save()
+    print(f"wrote {out_path}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.cpu_levers [flags] ...``: the XLA-flag levers (:func:`main`, the
+    default); ``python -m benchmarks.cpu_levers model ...``: the model levers (:func:`model_main`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["model"]:
+        return model_main(argv[1:])
+    return main(argv[1:] if argv[:1] == ["flags"] else argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -30,7 +30,7 @@ in ``--out``:
 4. ``train_report``: experiments/configs/report.py (the notebook's protocol, seed U-Net at 256x256
    RGB) from the carried RGB cache, likewise capped;
 5. ``augment``: augmentation's share of a training step (benchmarks/bench_data.py);
-6. ``levers``: benchmarks/levers.py, each lever of the training step and of inference
+6. ``levers``: ``python -m benchmarks.cpu_levers model``, each lever of the training step and of inference
    switched alone in one process.
 
 Without a cache the training stages use generated phantom data (recorded). Files in
@@ -468,7 +468,17 @@ class Driver:
                 extra += ["--peak", str(peak)]
         rc, err = self.run_process(
             "levers",
-            [PY, "-m", "benchmarks.levers", *extra, "--budget-s", f"{0.8 * budget:.0f}", "--out", str(dest)],
+            [
+                PY,
+                "-m",
+                "benchmarks.cpu_levers",
+                "model",
+                *extra,
+                "--budget-s",
+                f"{0.8 * budget:.0f}",
+                "--out",
+                str(dest),
+            ],
             budget,
         )
         r = json.loads(dest.read_text()) if dest.is_file() else {}

@@ -318,9 +318,58 @@ def _frame_dice(logits: np.ndarray, target: np.ndarray) -> float:
     return 1.0 if den == 0 else float(2 * (pred & gt).sum() / den)
 
 
+def library_trainer(apply_fn: Any, params: Any, tx: Any) -> tuple[Any, Any]:
+    """``(state, step)``: the library's training step (:func:`unet_jax.train.steps.train_step`,
+    jitted) with the loss :func:`_dice_bce`, on a TrainState of ``apply_fn`` (called as
+    ``apply_fn(variables, inputs, train=..., rngs=..., mutable=...)``, as ``model.apply``),
+    ``params`` and the optax transformation ``tx``. ``step(state, inputs, target)`` returns
+    the new state and the batch's mean loss; ``inputs`` may be any array tree the apply
+    function takes (the embeddings, or the embeddings and their boxes)."""
+    import functools
+
+    import jax
+
+    from unet_jax.data.augment import Batch
+    from unet_jax.train import steps
+    from unet_jax.train.state import TrainState
+
+    state = TrainState.create(apply_fn=apply_fn, params=params, batch_stats={}, tx=tx)
+    jitted = jax.jit(functools.partial(steps.train_step, loss_fn=_dice_bce))
+    key = jax.random.key(0)  # no dropout in either decoder: the key is never drawn from
+
+    def step(state: Any, inputs: Any, target: np.ndarray) -> tuple[Any, float]:
+        n = len(target)
+        batch = Batch(inputs, target, np.zeros(n, np.int32), np.arange(n, dtype=np.int32))
+        state, metrics = jitted(state, batch, key)
+        total, count = metrics["loss"]
+        return state, float(total / count)
+
+    return state, step
+
+
+def decoder_trainer(model: Any, variables: Any, lr: float, tx: Any = None) -> tuple[Any, Any]:
+    """:func:`library_trainer` for LiteMedSAM's mask decoder on cached embeddings and boxes
+    (``inputs = (embeddings (B, 64, 64, 256), boxes (B, 4))``, 256 frame): the trainable
+    params are ``{"mask_decoder": ...}``; the encoders' params and the batch-norm statistics
+    stay fixed in the apply function. ``tx``: AdamW as MedSAM's fine-tuning (weight decay
+    0.01) unless given."""
+    import optax
+
+    frozen = {k: v for k, v in variables["params"].items() if k != "mask_decoder"}
+    fixed_stats = variables.get("batch_stats", {})
+
+    def apply_fn(v: Any, inputs: Any, *, train: bool = False, rngs: Any = None, mutable: Any = False) -> Any:
+        del train, rngs  # the decoder has no dropout and no batch norm
+        full = {"params": {**frozen, **v["params"]}, "batch_stats": fixed_stats}
+        low, _ = model.apply(full, inputs[0], boxes=inputs[1], method="decode")
+        return (low, {}) if mutable else low
+
+    params = {"mask_decoder": variables["params"]["mask_decoder"]}
+    return library_trainer(apply_fn, params, optax.adamw(lr, weight_decay=0.01) if tx is None else tx)
+
+
 def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
     import jax
-    import optax
 
     from unet_jax.convert.litemedsam import load_litemedsam
 
@@ -329,19 +378,7 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = data.lesion("train"), data.lesion("val"), data.lesion("test")
     rng = np.random.default_rng(0)
     frozen = {k: v for k, v in variables["params"].items() if k != "mask_decoder"}
-
-    def loss_fn(dec, emb, boxes, target):
-        v = {"params": {**frozen, "mask_decoder": dec}, "batch_stats": variables["batch_stats"]}
-        low, _ = model.apply(v, emb, boxes=boxes, method="decode")
-        return _dice_bce(low, target)
-
-    opt = optax.adamw(args.ft_lr, weight_decay=0.01)
-
-    @jax.jit
-    def step(dec, state, emb, boxes, target):
-        loss, grads = jax.value_and_grad(loss_fn)(dec, emb, boxes, target)
-        updates, state = opt.update(grads, state, dec)
-        return optax.apply_updates(dec, updates), state, loss
+    state, step = decoder_trainer(model, variables, args.ft_lr)
 
     decode = _decoder_fns(model)
     targets = {i: data.mask256(i) for i in train + val}
@@ -354,8 +391,7 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
 
-    dec = variables["params"]["mask_decoder"]
-    state = opt.init(dec)
+    dec = state.params["mask_decoder"]
     history = [{"epoch": 0, "val_dice_256": val_dice(dec)}]
     best = (history[0]["val_dice_256"], 0, dec)
     log(f"finetune: epoch 0 val Dice (256 frame) {history[0]['val_dice_256']:.4f}")
@@ -369,8 +405,9 @@ def stage_finetune(args: argparse.Namespace) -> dict[str, Any]:
             # MedSAM's box jitter: each coordinate shifted by up to 5 px in the 256 frame
             boxes = np.stack([data.box256(i) for i in ids]) + rng.integers(-5, 6, (len(ids), 4))
             boxes = np.clip(boxes, 0, 255).astype(np.float32)
-            dec, state, loss = step(dec, state, data.emb(ids), boxes, np.stack([targets[i] for i in ids]))
-            losses.append(float(loss))
+            state, loss = step(state, (data.emb(ids), boxes), np.stack([targets[i] for i in ids]))
+            losses.append(loss)
+        dec = state.params["mask_decoder"]
         vd = val_dice(dec)
         history.append(
             {
@@ -447,25 +484,27 @@ def light_decoder():
     return LightDecoder()
 
 
-def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
+def auto_trainer(net: Any, lr: float, tx: Any = None) -> tuple[Any, Any]:
+    """:func:`library_trainer` for the light decoder ``net`` on embeddings (B, 64, 64, 256),
+    initialised from key 0; ``tx``: AdamW with weight decay 1e-4 unless given."""
     import jax
     import jax.numpy as jnp
     import optax
+
+    params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 256)))["params"]
+    return library_trainer(net.apply, params, optax.adamw(lr, weight_decay=1e-4) if tx is None else tx)
+
+
+def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
     from flax import serialization
 
     data = Cached(args)
     train, val, test = data.parts["train"], data.parts["val"], data.parts["test"]
     net = light_decoder()
-    params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 256)))["params"]
+    state, step = auto_trainer(net, args.auto_lr)
+    params = state.params
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-    opt = optax.adamw(args.auto_lr, weight_decay=1e-4)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, emb, target):
-        loss, grads = jax.value_and_grad(lambda p: _dice_bce(net.apply({"params": p}, emb), target))(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
 
     predict = jax.jit(lambda p, emb: net.apply({"params": p}, emb))
     targets = {i: data.mask256(i) for i in train + val}
@@ -488,8 +527,9 @@ def stage_auto(args: argparse.Namespace) -> dict[str, Any]:
         for b in range(0, len(order) - bs + 1, bs):
             ids = [train[k] for k in order[b : b + bs]]
             emb, target = data.emb(ids), np.stack([targets[i] for i in ids])
-            params, state, loss = step(params, state, emb, target)
-            losses.append(float(loss))
+            state, loss = step(state, emb, target)
+            losses.append(loss)
+        params = state.params
         vs = val_score(params)
         history.append(
             {

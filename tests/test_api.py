@@ -87,8 +87,8 @@ LAYERS = (
         "unet_jax.summary",
     ),
     ("unet_jax.config",),
-    ("unet_jax.layers", "unet_jax.lowering", "unet_jax.conv_grad", "unet_jax.reference"),
-    ("unet_jax._io", "unet_jax.progress"),
+    ("unet_jax.layers",),
+    ("unet_jax._io", "unet_jax._keys", "unet_jax.progress"),
 )
 
 

@@ -1,10 +1,10 @@
-"""The lowering tuner (benchmarks/lowering_table.py): the Conv2D shapes it finds in a model,
+"""The lowering tuner (benchmarks/cpu_conv.py tune): the Conv2D shapes it finds in a model,
 and the table it writes and shows (its timing replaced: the plumbing, not speed)."""
 
 from __future__ import annotations
 
-from benchmarks import lowering_table as T
-from unet_jax import lowering as L
+from benchmarks import cpu_conv as T
+from unet_jax.layers import lowering as L
 from unet_jax.models import UNet
 
 

@@ -217,8 +217,8 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run):
     abstract = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
     with pytest.raises(
         ValueError,
-        match=r"saved from a different architecture: \d+ shape\(s\) differ, "
-        r"e.g. .*: checkpoint \(\d+,\) vs model",
+        match=r"saved from a different architecture: \d+ shape mismatch\(es\) \(expected vs found\): "
+        r".*: expected \(\d+,\), found \(\d+,\)",
     ):
         restore_variables(find_checkpoint(run_dir), abstract)
 

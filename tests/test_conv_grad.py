@@ -1,4 +1,4 @@
-"""The convolution's gradients written out as canonical convolutions (unet_jax.conv_grad):
+"""The convolution's gradients written out as canonical convolutions (unet_jax.layers.conv_grad):
 equal to JAX's autodiff, and what makes the scanned training step fast on XLA:CPU."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from unet_jax.conv_grad import conv_explicit_grad, use_explicit_grad
 from unet_jax.layers import Conv2D, ConvTranspose2D
+from unet_jax.layers.conv_grad import conv_explicit_grad, use_explicit_grad
 from unet_jax.models import create_unet
 
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -115,7 +115,7 @@ def test_dry_run_augment_and_levers(dry_run):
     aug = json.loads((out / "augment.json").read_text())
     assert aug["train_step_ms_no_augment"] > 0 and aug["train_step_ms_augment"] > 0
     lv = json.loads((out / "levers.json").read_text())
-    levers = _load("levers")
+    levers = _load("cpu_levers")
     assert set(lv["train"]) == set(levers.TRAIN_VARIANTS) and set(lv["infer"]) == set(levers.INFER_VARIANTS)
     for kind in ("train", "infer"):
         for name, row in lv[kind].items():

@@ -1,7 +1,7 @@
 """The layer math, as tests.
 
 Read top to bottom: the size formulas, hand-computable cases, the literal sum equations
-(unet_jax.reference) against the jax.lax layers, the adjoint relation between
+(unet_jax.layers.reference) against the jax.lax layers, the adjoint relation between
 convolution and transposed convolution, and the errors bad arguments get.
 """
 
@@ -14,7 +14,6 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from unet_jax import reference
 from unet_jax.layers import (
     LAYOUTS,
     Conv2D,
@@ -23,6 +22,7 @@ from unet_jax.layers import (
     conv_output_size,
     conv_transpose_output_size,
     pool_output_size,
+    reference,
     resolve_padding,
     tiled_max_pool,
 )

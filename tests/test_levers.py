@@ -1,4 +1,4 @@
-"""The levers a GPU run compares (benchmarks/levers.py), each proven here to change only the
+"""The levers a GPU run compares (python -m benchmarks.cpu_levers model), each proven here to change only the
 speed: sub-pixel up-convolutions, batch norm folded at inference, donated buffers, bf16
 compute, the NCHW layout. (Steps per dispatch:
 tests/test_train.py::test_scanned_steps_equal_single_steps_and_never_recompile.)

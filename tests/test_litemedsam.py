@@ -291,3 +291,110 @@ def test_postprocess_crops_then_resizes_like_the_reference():
         rtol=0,
         atol=0,
     )
+
+
+# --------------------------------------------------------------------------------------
+# experiments/litemedsam.py trains through the library's step
+# --------------------------------------------------------------------------------------
+def _reference_step(loss_of, params, tx):
+    """One step as the script wrote it before it used the library: value_and_grad of the
+    loss, then the optax update (optax under standard promotion, as train_step scopes it)."""
+    import optax
+
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return float(loss), optax.apply_updates(params, updates), grads
+
+
+def _counting_train_step(monkeypatch):
+    from unet_jax.train import steps
+
+    calls, real = [], steps.train_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "train_step", counted)
+    return calls
+
+
+def _assert_same_step(got, want, grads, optimiser):
+    """``got`` equals the reference step ``want``. SGD: everywhere (``p - lr * grad``, so
+    this compares the gradient itself). AdamW: its first step moves a parameter by
+    ``lr * g / (|g| + 1e-8)``, so where the gradient is float noise (|g| near 1e-8, e.g. an
+    output token the loss does not use) the step is noise too; compared where |g| > 1e-6,
+    which must be most parameters."""
+    compared = total = 0
+    for x, y, g in zip(*(jax.tree_util.tree_leaves(t) for t in (got, want, grads))):
+        x, y, g = np.asarray(x), np.asarray(y), np.asarray(g)
+        assert x.shape == y.shape == g.shape
+        keep = np.ones(g.shape, bool) if optimiser == "sgd" else np.abs(g) > 1e-6
+        np.testing.assert_allclose(x[keep], y[keep], rtol=1e-5, atol=1e-9)
+        compared, total = compared + int(keep.sum()), total + g.size
+    assert total and compared > 0.5 * total, (compared, total)
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adamw"])
+def test_script_auto_decoder_trains_through_the_library_step(monkeypatch, optimiser):
+    """One step of the script's trainer equals the step the script wrote by hand before (loss
+    and parameters, see _assert_same_step), with SGD and with its own AdamW (``tx=None``)."""
+    import optax
+
+    from experiments import litemedsam as script
+
+    calls = _counting_train_step(monkeypatch)
+    net = script.light_decoder()
+    lr = 1e-3
+    tx = optax.sgd(lr) if optimiser == "sgd" else None
+    state, step = script.auto_trainer(net, lr, tx)
+    before = state.params
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(2, 64, 64, 256)).astype(np.float32)
+    target = (rng.random((2, 256, 256, 1)) > 0.7).astype(np.float32)
+    state, loss = step(state, emb, target)
+    assert calls, "the script's step did not go through unet_jax.train.steps.train_step"
+    ref_loss, ref_params, grads = _reference_step(
+        lambda p: script._dice_bce(net.apply({"params": p}, emb), target),
+        before,
+        optax.sgd(lr) if optimiser == "sgd" else optax.adamw(lr, weight_decay=1e-4),
+    )
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    _assert_same_step(state.params, ref_params, grads, optimiser)
+    assert int(state.step) == 1
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adamw"])
+def test_script_mask_decoder_finetune_trains_through_the_library_step(monkeypatch, optimiser):
+    """As the automatic decoder's test, for LiteMedSAM's mask decoder on a tiny SAM."""
+    import optax
+
+    from experiments import litemedsam as script
+
+    calls = _counting_train_step(monkeypatch)
+    model = Sam(**SAM_PRESETS["sam_tiny"])  # 64 px images, 8x8x32 embeddings, 32 px logits
+    variables = sam_init_variables(model)
+    rng = np.random.default_rng(1)
+    images = rng.random((2, 64, 64, 3)).astype(np.float32)
+    emb = model.apply(variables, images, method="encode_image")
+    boxes = np.array([[4, 6, 40, 50], [10, 2, 60, 30]], np.float32)
+    target = (rng.random((2, 32, 32, 1)) > 0.6).astype(np.float32)
+    lr = 1e-3
+    state, step = script.decoder_trainer(model, variables, lr, optax.sgd(lr) if optimiser == "sgd" else None)
+    assert list(state.params) == ["mask_decoder"]  # the encoders stay fixed
+    state, loss = step(state, (emb, boxes), target)
+    assert calls, "the script's step did not go through unet_jax.train.steps.train_step"
+    frozen = {k: v for k, v in variables["params"].items() if k != "mask_decoder"}
+
+    def loss_of(dec):
+        low, _ = model.apply({"params": {**frozen, "mask_decoder": dec}}, emb, boxes=boxes, method="decode")
+        return script._dice_bce(low, target)
+
+    ref_loss, ref_dec, grads = _reference_step(
+        loss_of,
+        variables["params"]["mask_decoder"],
+        optax.sgd(lr) if optimiser == "sgd" else optax.adamw(lr, weight_decay=0.01),
+    )
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    _assert_same_step(state.params["mask_decoder"], ref_dec, grads, optimiser)

@@ -1,7 +1,7 @@
-"""The convolution lowerings (unet_jax.lowering), as tests.
+"""The convolution lowerings (unet_jax.layers.lowering), as tests.
 
 Read top to bottom: the Winograd matrices in one dimension, every lowering against the
-literal sum (unet_jax.reference.conv2d), gradients against XLA's convolution, Conv2D's
+literal sum (unet_jax.layers.reference.conv2d), gradients against XLA's convolution, Conv2D's
 ``lowering`` field and its errors, float32 rounding of Winograd against float64, and the
 tuned table that ``'auto'`` reads.
 """
@@ -18,9 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unet_jax import lowering as L
-from unet_jax import reference
-from unet_jax.layers import Conv2D
+from unet_jax.layers import Conv2D, reference
+from unet_jax.layers import lowering as L
 from unet_jax.models.unet import UNet
 
 NON_LAX = tuple(n for n in L.LOWERINGS if n != "lax")

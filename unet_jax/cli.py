@@ -7,13 +7,21 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from unet_jax import summary as model_summary
+from unet_jax.config import demo_config, load_config
+from unet_jax.convert import convert_checkpoint
+from unet_jax.data.cli import add_data_commands
+from unet_jax.metrics import format_summary
+from unet_jax.models import DEFAULT_PRESET, apply_overrides, model_heads, model_names
+from unet_jax.progress import ProgressPrinter
+from unet_jax.report import case_collector, check_report_folder, write_evaluation_report, write_prediction_report
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
-    from unet_jax.models import DEFAULT_PRESET, model_names
-
     names = sorted(n for members in model_names().values() for n in members)
     p = sub.add_parser("summary", help="layer-by-layer shapes and parameter counts of a preset")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=names)
@@ -31,22 +39,18 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    from unet_jax.summary import format_summary, summarize
-
     if args.size is not None and len(args.size) > 2:
         raise ValueError(f"--size takes H or H W, got {len(args.size)} values: {args.size}")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     size = None if args.size is None else (args.size[0], args.size[-1])
-    summary = summarize(args.preset, size=size, batch=args.batch)
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary))
+    summary = model_summary.summarize(args.preset, size=size, batch=args.batch)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else model_summary.format_summary(summary))
     return 0
 
 
 # ---- data commands (unet_jax.data) -------------------------------------------------
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    from unet_jax.data.cli import add_data_commands
-
     add_data_commands(sub)
 
 
@@ -81,8 +85,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from unet_jax.config import load_config
-    from unet_jax.models import apply_overrides
+    # Deferred, as every import of train/, inference, evaluate and predict here: they pull in
+    # optax and Orbax (~0.7 s), which `unet-jax --help`, data, summary and convert never need.
     from unet_jax.train import distributed
 
     launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id)
@@ -97,6 +101,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _split_cpu(config) -> None:
     """Before anything starts a JAX backend: the CPU as ``config.cpu_devices`` devices."""
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
 
     use_cpu_devices(
@@ -105,7 +110,7 @@ def _split_cpu(config) -> None:
 
 
 def _train_and_report(config, out: str) -> int:
-    from unet_jax.progress import ProgressPrinter
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.train import TrainingDiverged, train
     from unet_jax.train.distributed import PeerLost
 
@@ -134,8 +139,6 @@ def _number(value, digits: int) -> str:
 
 
 def _results_table(run_dir) -> str:
-    from unet_jax.metrics import format_summary
-
     results = json.loads((run_dir / "results.json").read_text())
     train_, test = results["train_at_best_epoch"], results["test_training_resolution"]
     lines = [
@@ -197,9 +200,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from unet_jax.config import demo_config
-    from unet_jax.models import apply_overrides
-
     config = apply_overrides(demo_config(), args.overrides)
     _split_cpu(config)
     return _train_and_report(config, args.out)
@@ -222,12 +222,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.evaluate import evaluate_classification, evaluate_dataset, evaluation_report, read_for_evaluation
     from unet_jax.inference import effective_recipe, recipe_status, resolve_threshold
-    from unet_jax.metrics import format_summary
-    from unet_jax.models import model_heads
-    from unet_jax.progress import ProgressPrinter
-    from unet_jax.report import case_collector, check_report_folder, write_evaluation_report
 
     if args.report is not None:
         check_report_folder(args.report)  # a bad folder is an error before the model loads
@@ -336,15 +333,16 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace):
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.inference import load
 
     return load(args.checkpoint)  # None: the bundled model
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
-    from unet_jax.report import write_prediction_report
 
     plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
@@ -404,8 +402,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from unet_jax.convert import convert_checkpoint
-
     out, preset, count = convert_checkpoint(args.checkpoint, args.out, args.preset, args.channels)
     print(f"{args.checkpoint} -> {out} ({preset}, {count:,} parameters)")
     return 0
@@ -428,8 +424,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.inference import export_model, load, read_recipe_file
 
     recipe = None if args.recipe is None else read_recipe_file(args.recipe)
@@ -466,8 +461,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.train.run import finish_run_again
 
     run_dir = finish_run_again(args.run, cache=args.cache)

@@ -60,6 +60,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 __all__ = [
     "roc_auc",
@@ -139,8 +140,6 @@ def resize_mask(mask_or_prob: np.ndarray, size: tuple[int, int], t: float | None
 
     ``(h, w)`` or ``(h, w, 1)`` in, ``(height, width)`` out (bool, or float32 if ``t`` is None).
     """
-    from PIL import Image
-
     a = _as_2d(np.asarray(mask_or_prob), "mask_or_prob")
     if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
         a = a > 0

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from unet_jax._io import atomic_write
+from unet_jax.metrics import boundary
 
 __all__ = [
     "GT_COLOR",
@@ -30,6 +32,7 @@ __all__ = [
     "contour_overlay",
     "legend_size",
     "write_png",
+    "to_rgb_uint8",
 ]
 
 GT_COLOR: tuple[int, int, int] = (0, 200, 0)  # green: ground truth
@@ -53,8 +56,6 @@ def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
 def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` array (or a bool mask, as 0/255) as a PNG,
     atomically. Returns the path."""
-    from PIL import Image
-
     a = np.asarray(array)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
@@ -66,7 +67,7 @@ def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` image, uint8 or float in [0, 1] -> uint8 RGB."""
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -108,22 +109,18 @@ def overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    rgb = _to_rgb_uint8(image)
+    rgb = to_rgb_uint8(image)
     m = _as_mask(mask, rgb.shape[:2])
     out = rgb.copy()
     tint = np.asarray(color, np.float32)
     out[m] = np.round((1.0 - alpha) * rgb[m].astype(np.float32) + alpha * tint).astype(np.uint8)
     if outline:
-        from unet_jax.metrics import boundary
-
         out[boundary(m)] = np.asarray(color, np.uint8)
     return out
 
 
 def _contour(mask: np.ndarray, width: int) -> np.ndarray:
     """The mask's inner boundary band, ``width`` pixels thick (1: :func:`metrics.boundary`)."""
-    from unet_jax.metrics import boundary  # deferred as in overlay(): plots stays light to import
-
     band, rest = np.zeros_like(mask), mask
     for _ in range(width):
         edge = boundary(rest)
@@ -132,8 +129,6 @@ def _contour(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def _legend_font() -> Any:
-    from PIL import ImageFont
-
     return ImageFont.load_default()
 
 
@@ -142,8 +137,6 @@ def legend_size(lines: Sequence[str]) -> tuple[int, int]:
     image's top-left corner for ``lines`` ((0, 0) for no lines)."""
     if not lines:
         return 0, 0
-    from PIL import Image, ImageDraw
-
     left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox(
         (2, 2), "\n".join(lines), font=_legend_font()
     )
@@ -166,13 +159,11 @@ def contour_overlay(
     """
     if width < 1:
         raise ValueError(f"contour width must be at least 1 pixel, got {width}")
-    rgb = _to_rgb_uint8(image)
+    rgb = to_rgb_uint8(image)
     out = rgb.copy()
     for mask, color in contours:
         out[_contour(_as_mask(mask, rgb.shape[:2]), width)] = np.asarray(color, np.uint8)
     if legend:
-        from PIL import Image, ImageDraw
-
         canvas = Image.fromarray(out)
         w, h = legend_size(legend)
         draw = ImageDraw.Draw(canvas)
@@ -214,6 +205,8 @@ def plot_training_curves(
     ``monitor`` it was chosen by), else the epoch with the lowest validation loss. Writes a
     PNG atomically and returns its path; ``ValueError`` if nothing to plot.
     """
+    # Deferred, as in prediction_grid: matplotlib takes ~0.7 s to import, and `unet-jax predict`
+    # imports this module for the overlays only.
     from matplotlib.figure import Figure
 
     panels = []
@@ -271,6 +264,7 @@ def prediction_grid(
     ``max_items`` are drawn. ``images``: ``(H, W[, C])`` uint8 or float in [0, 1];
     ``masks`` / ``preds``: ``(H, W[, 1])`` bool, {0,1} or probabilities. Returns the path.
     """
+    # Deferred: matplotlib takes ~0.7 s to import (see plot_training_curves).
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -290,7 +284,7 @@ def prediction_grid(
         ax.set_axis_off()
         if i >= n:
             continue
-        rgb = _to_rgb_uint8(images[i])
+        rgb = to_rgb_uint8(images[i])
         gt = _as_mask(masks[i], rgb.shape[:2])
         pred = _as_mask(preds[i], rgb.shape[:2])
         width = max(1, round(max(rgb.shape[:2]) / 150))  # about 2 screen pixels in a 3-inch cell

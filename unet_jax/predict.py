@@ -39,6 +39,8 @@ from unet_jax.inference import (
     recipe_mask,
 )
 from unet_jax.metrics import resize_mask
+from unet_jax.models import needs_box_prompts
+from unet_jax.plots import contour_overlay, overlay
 
 __all__ = [
     "CLASS_NAMES",
@@ -266,8 +268,6 @@ def _overlay_image(
 ) -> np.ndarray:
     """ "contour": the mask's 1-pixel red outline over the untouched image, with a legend (the
     maximum lesion probability, and the class head's probabilities); "fill": 40% red inside."""
-    from unet_jax.plots import contour_overlay, overlay
-
     rgb = np.asarray(image.convert("RGB"))
     if style == "fill":
         return overlay(rgb, mask, color=(255, 0, 0))
@@ -331,8 +331,6 @@ def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | o
 
 
 def _check_options(loaded: LoadedModel, save_probabilities: str | None, overlay_style: str) -> None:
-    from unet_jax.models import needs_box_prompts
-
     if overlay_style not in OVERLAY_STYLES:
         raise ValueError(f"overlay = {overlay_style!r}; expected one of {list(OVERLAY_STYLES)}")
     if save_probabilities is not None and save_probabilities not in PROBABILITY_FORMATS:

@@ -22,6 +22,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 __all__ = ["ProgressPrinter"]
 
 _TRAIN = ("loss", "dice", "accuracy")
@@ -142,9 +145,6 @@ class ProgressPrinter:
     # ---- the live bar ---------------------------------------------------------------
     def _show(self, description: str, done: int, total: int, text: str) -> None:
         if self._bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             console = Console(file=self.stream, force_terminal=True, highlight=False)
             self._bar = Progress(
                 TextColumn("{task.description}"),

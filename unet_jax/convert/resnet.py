@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax._keys import key_problems
 from unet_jax.models.resnet import DEFAULT_WIDTHS, ResNetUNet
 
 __all__ = ["resnet_params_from_torchvision", "resnet_unet_params_from_torch"]
@@ -99,31 +100,24 @@ def _checked_arrays(
 ) -> dict[str, np.ndarray]:
     """The expected tensors as float32 arrays; one ValueError lists every missing,
     unexpected or mis-shaped key."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(
-        k for k in state_dict if k not in expected and not k.endswith(".num_batches_tracked") and not ignore(k)
+    want = {key: shape for key, (_, _, shape, _) in expected.items()}
+    found = {key: tuple(np.shape(value)) for key, value in state_dict.items()}
+
+    def fits(key: str, shape: tuple, wanted: tuple) -> bool:
+        if expected[key][0] == "stem":  # an RGB stem adapts to any in_channels; a matching one as is
+            return shape in {wanted, (wanted[0], in_channels, *wanted[2:])}
+        return shape == wanted
+
+    problems = key_problems(
+        found,
+        want,
+        ignore=lambda k: k.endswith(".num_batches_tracked") or ignore(k),
+        fits=fits,
+        limit=len(found) + len(want),
     )
-    mismatched = []
-    arrays: dict[str, np.ndarray] = {}
-    for key, (kind, _, shape, _) in expected.items():
-        if key not in state_dict:
-            continue
-        value = np.asarray(state_dict[key], dtype=np.float32)
-        ok = value.shape == shape
-        if kind == "stem":  # an RGB stem adapts to any in_channels; a matching one as is
-            ok = value.shape in {shape, (shape[0], in_channels, *shape[2:])}
-        if not ok:
-            mismatched.append(f"{key}: expected {shape}, found {tuple(value.shape)}")
-        arrays[key] = value
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append("shape mismatches (expected vs found): " + "; ".join(mismatched))
+    if problems:
         raise ValueError("cannot convert the PyTorch state dict: " + "; ".join(problems))
+    arrays = {key: np.asarray(state_dict[key], dtype=np.float32) for key in expected}
     return arrays
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from unet_jax._io import atomic_write
+from unet_jax._keys import key_problems
 from unet_jax.convert.pth import read_torch_checkpoint
 from unet_jax.models.sam.sam import SAM_PRESETS, Sam, _SamBase, sam_init_variables
 
@@ -49,17 +50,10 @@ __all__ = [
 ]
 
 _TOP = ("image_encoder", "prompt_encoder", "mask_decoder")
-_MAX_LISTED = 20
 
 
 class SamCheckpointError(ValueError):
     """A SAM state dict or converted params file that does not fit the expected model."""
-
-
-def _list(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -141,7 +135,7 @@ def infer_sam_preset(state_dict: Mapping[str, Any], source: str = "<state_dict>"
     if key not in state_dict:
         raise SamCheckpointError(
             f"{source}: not a SAM state dict: no {key!r} (found {len(state_dict)} keys, e.g. "
-            f"{_list(sorted(state_dict)[:5])})"
+            f"{', '.join(sorted(state_dict)[:5])})"
         )
     shape = tuple(_to_numpy(state_dict[key]).shape)
     embed, patch = shape[0], shape[-1]
@@ -221,26 +215,13 @@ def sam_variables_from_state_dict(
     """
     module, label = _resolve(preset_or_module)
     expected = _expected(module)
-    problems = []
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected and not _dropped(k))
-    mismatched = []
+    want = {key: _torch_shape(kind, shape) for key, (path, kind, shape) in expected.items()}
+    found = {key: tuple(np.shape(value)) for key, value in state_dict.items()}
+    problems = key_problems(found, want, ignore=_dropped)
     converted: dict[tuple[str, ...], np.ndarray] = {}
-    for key, (path, kind, shape) in expected.items():
-        if key not in state_dict:
-            continue
-        arr = _to_numpy(state_dict[key])
-        want = _torch_shape(kind, shape)
-        if tuple(arr.shape) != want:
-            mismatched.append(f"{key}: expected {want}, found {tuple(arr.shape)}")
-            continue
-        converted[path] = np.ascontiguousarray(_to_flax(kind, arr), dtype=np.float32)
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_list(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_list(sorted(mismatched))}")
+    if not problems:
+        for key, (path, kind, _) in expected.items():
+            converted[path] = np.ascontiguousarray(_to_flax(kind, _to_numpy(state_dict[key])), dtype=np.float32)
     if problems:
         hint = ""
         try:

@@ -207,6 +207,15 @@ def _numpy_order(n: int, seed: int, num_epochs: int | None) -> Iterator[int]:
         epoch += 1
 
 
+def _grain() -> Any:
+    """The grain module, or None where it is not installed."""
+    try:
+        import grain  # deferred: an optional dependency (the `grain` extra) that takes 3.5 s to import
+    except ImportError:
+        return None
+    return grain
+
+
 def host_batches(
     source: Any,
     batch_size: int,
@@ -233,16 +242,10 @@ def host_batches(
             "label": np.asarray([int(x["label"]) for x in items], np.int32),
         }
 
-    if use_grain is None:
-        try:
-            import grain  # noqa: F401
-
-            use_grain = True
-        except ImportError:
-            use_grain = False
-    if use_grain:
-        import grain
-
+    grain = _grain() if use_grain in (None, True) else None
+    if use_grain and grain is None:
+        raise ValueError("use_grain=True, but grain is not installed; expected `pip install unet-jax[grain]`")
+    if grain is not None:
         pipe = grain.MapDataset.source(source).shuffle(seed=seed)
         pipe = pipe.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
         yield from iter(pipe)

@@ -19,6 +19,12 @@ import json
 import time
 from pathlib import Path
 
+from unet_jax.data import splits
+from unet_jax.data.busi import ReadOptions, check_dataset, load_busi
+from unet_jax.data.cache import load_cache, prepare
+from unet_jax.data.phantom import write_phantom
+from unet_jax.progress import ProgressPrinter
+
 __all__ = ["add_data_commands"]
 
 
@@ -90,15 +96,11 @@ def _size(values: list[int]) -> tuple[int, int]:
 def _progress():
     """Image-reading progress on stderr: a live bar on a terminal, a few plain lines in a
     log (see unet_jax.progress)."""
-    from unet_jax.progress import ProgressPrinter
-
     printer = ProgressPrinter()
     return lambda done, total: printer({"kind": "read", "done": done, "total": total})
 
 
 def _check(args: argparse.Namespace) -> int:
-    from unet_jax.data.busi import check_dataset
-
     report = check_dataset(args.path, args.threshold, _progress())
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -133,9 +135,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from unet_jax.data.busi import ReadOptions
-    from unet_jax.data.cache import prepare
-
     opts = ReadOptions(size=_size(args.size), channels=args.channels, on_error="skip" if args.skip_bad else "raise")
     t0 = time.perf_counter()
     ds = prepare(args.path, args.out, opts, overwrite=args.overwrite, progress=_progress())
@@ -151,8 +150,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from unet_jax.data.phantom import write_phantom
-
     counts = dict(zip(("benign", "malignant", "normal"), args.counts))
     info = write_phantom(
         args.out, counts, size=_size(args.size), seed=args.seed, duplicates=args.duplicates, overwrite=args.overwrite
@@ -166,10 +163,6 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from unet_jax.data import splits
-    from unet_jax.data.busi import ReadOptions, load_busi
-    from unet_jax.data.cache import load_cache
-
     threshold = splits.DUPLICATE_THRESHOLD if args.threshold is None else args.threshold
     splits.check_threshold(threshold)  # before the slow read
     splits.check_manifest_target(args.out, args.overwrite)

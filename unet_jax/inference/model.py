@@ -35,9 +35,10 @@ from flax import serialization
 
 from unet_jax import metrics as M
 from unet_jax._io import atomic_write
+from unet_jax._keys import key_problems
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.inference.recipe import RAW, InferenceRecipe
-from unet_jax.models import build_model, init_variables
+from unet_jax.models import abstract_variables, build_model
 
 __all__ = [
     "LATEST",
@@ -161,8 +162,7 @@ def _load_orbax(step_dir: Path, expect: dict[str, Any] | None) -> LoadedModel:
     config = config_from_dict(meta["config"], source=f"{step_dir}/meta")
     _check_expected(config, expect, step_dir)
     model = build_model(config)
-    shape = (1, config.image_size, config.image_size, config.channels)
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+    abstract = abstract_variables(model, config)
     variables = restore_variables(step_dir, abstract)
     recipe_file = step_dir / RECIPE_FILE
     return LoadedModel(
@@ -323,21 +323,11 @@ def check_same_structure(saved: Any, wanted: Any, step_dir: Path) -> None:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
-    have, need = shapes(saved), shapes(wanted)
-    if have == need:
-        return
-    missing = sorted(set(need) - set(have))
-    extra = sorted(set(have) - set(need))
-    differ = sorted(k for k in set(have) & set(need) if have[k] != need[k])
-    details = []
-    if missing:
-        details.append(f"missing {missing[:3]}")
-    if extra:
-        details.append(f"unexpected {extra[:3]}")
-    if differ:
-        k = differ[0]
-        details.append(f"{len(differ)} shape(s) differ, e.g. {k}: checkpoint {have[k]} vs model {need[k]}")
-    raise ValueError(f"checkpoint {str(step_dir)!r} was saved from a different architecture: " + "; ".join(details))
+    problems = key_problems(shapes(saved), shapes(wanted), limit=3)
+    if problems:
+        raise ValueError(
+            f"checkpoint {str(step_dir)!r} was saved from a different architecture: " + "; ".join(problems)
+        )
 
 
 def is_exported(path: str | os.PathLike) -> bool:
@@ -403,8 +393,7 @@ def _load_exported(path: str | os.PathLike) -> LoadedModel:
         raise ValueError(f"exported model {str(source)!r} has format {info.get('format')!r}; expected {FORMAT!r}")
     config = config_from_dict(info["config"], source=str(source))
     model = build_model(config)
-    shape = (1, config.image_size, config.image_size, config.channels)
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+    abstract = abstract_variables(model, config)
     template = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
     digests = _digests(info, source)
     members = []

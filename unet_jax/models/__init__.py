@@ -17,7 +17,7 @@ classifier ``(N, K)``; a model with both heads ``{"mask": ..., "class": ...}``.
 
 from __future__ import annotations
 
-from unet_jax.models.build import build_model, init_variables, model_heads, run_model, split_outputs
+from unet_jax.models.build import abstract_variables, build_model, init_variables, model_heads, run_model, split_outputs
 from unet_jax.models.registry import (
     FAMILIES,
     apply_overrides,
@@ -42,6 +42,7 @@ from unet_jax.models.unet import (
 )
 
 __all__ = [
+    "abstract_variables",
     "DEFAULT_PRESET",
     "PRESET_SIZES",
     "PRESETS",

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from unet_jax.config import TrainConfig
 from unet_jax.models.registry import create_model, needs_box_prompts
 
-__all__ = ["Outputs", "build_model", "init_variables", "model_heads", "run_model", "split_outputs"]
+__all__ = [
+    "Outputs",
+    "abstract_variables",
+    "build_model",
+    "init_variables",
+    "model_heads",
+    "run_model",
+    "split_outputs",
+]
 
 Outputs = tuple[jax.Array | None, jax.Array | None]
 
@@ -47,6 +55,14 @@ def init_variables(model: Any, key: jax.Array, input_shape: tuple[int, ...]) -> 
         return model.init(key, x, train=False)
 
     return jax.jit(init)(key)
+
+
+def abstract_variables(model: Any, config: TrainConfig) -> dict[str, Any]:
+    """The shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) of ``model``'s variables at
+    the config's input size ``(1, image_size, image_size, channels)``, traced abstractly:
+    no FLOPs, no memory for the weights."""
+    shape = (1, config.image_size, config.image_size, config.channels)
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
 
 
 def split_outputs(out: Any) -> Outputs:
@@ -90,9 +106,8 @@ def run_model(
 def model_heads(model: Any, config: TrainConfig) -> tuple[bool, bool]:
     """``(has_mask_head, has_class_head)`` of ``model`` at the config's input size, traced
     abstractly (no FLOPs)."""
-    shape = (1, config.image_size, config.image_size, config.channels)
-    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
-    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = abstract_variables(model, config)
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
     boxes = jax.ShapeDtypeStruct((1, 4), jnp.float32) if needs_box_prompts(model) else None
     mask_logits, class_logits = jax.eval_shape(
         lambda v, x, b: run_model(model.apply, v, x, b)[0], variables, images, boxes

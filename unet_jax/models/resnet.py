@@ -28,6 +28,7 @@ import numpy as np
 from flax import linen as nn
 
 from unet_jax.layers import Conv2D, MaxPool2D
+from unet_jax.models._presets import from_preset
 
 __all__ = [
     "BasicBlock",
@@ -437,6 +438,4 @@ RESNET_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 
 def create_resnet(name: str, **overrides: Any) -> nn.Module:
     """A model from :data:`RESNET_PRESETS` (e.g. ``"resnet34_unet"``) with field overrides."""
-    from unet_jax.models._presets import from_preset
-
     return from_preset("ResNet", RESNET_PRESETS, name, overrides)

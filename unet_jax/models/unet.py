@@ -30,6 +30,7 @@ from unet_jax.layers import (
     conv_transpose_output_size,
     pool_output_size,
 )
+from unet_jax.models._presets import from_preset
 
 __all__ = [
     "UNet",
@@ -164,7 +165,7 @@ class UNet(nn.Module):
         scanned step), ``'xla'`` (JAX's autodiff; forward mode too) or ``'explicit'``.
       lowering: how the block convolutions compute (``Conv2D.lowering``: ``'lax'``,
         ``'direct'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
-        ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.lowering`), its
+        ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.layers.lowering`), its
         forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
     """
 
@@ -454,8 +455,6 @@ PRESET_SIZES: dict[str, int] = {"ronneberger": 572, "seed": 256, "padded": 256}
 
 def create_unet(preset: str = DEFAULT_PRESET, **overrides: Any) -> UNet:
     """A :class:`UNet` from a named preset, with field overrides (e.g. ``dtype``)."""
-    from unet_jax.models._presets import from_preset
-
     return from_preset("", PRESETS, preset, overrides, UNet)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 __all__ = [
     "Launch",
@@ -132,8 +133,6 @@ def is_primary() -> bool:
 def sync(name: str) -> None:
     """Wait until every process reaches the point called ``name`` (one process: no-op)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -142,8 +141,6 @@ def agree(value: bool) -> bool:
     that all processes must take alike or their collectives would wait on each other)."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.bool_)))
 
 

@@ -23,9 +23,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from google.protobuf.message import DecodeError
+from PIL import Image
 
 from unet_jax._io import write_bytes, write_text
+from unet_jax.plots import overlay, plot_training_curves, to_rgb_uint8
+from unet_jax.train.steps import apply_model
 
 __all__ = ["MetricsLog", "cut_back", "prediction_overlays", "read_jsonl"]
 
@@ -41,12 +46,12 @@ def _tensorboardx():
     to fail for the length of that import, and works again after it.
     """
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        import tensorboardX
+        import tensorboardX  # deferred: imported with torch blocked (above), never at the top
 
         return tensorboardX
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` an ImportError
     try:
-        import tensorboardX
+        import tensorboardX  # deferred: see above
     finally:
         if "torch" in sys.modules and sys.modules["torch"] is None:
             del sys.modules["torch"]
@@ -72,8 +77,6 @@ def _records(data: bytes) -> list[bytes]:
 
 def _step_of(record: bytes) -> int:
     """The step of the Event in ``record``; 0 (kept) for a payload that is not one."""
-    from google.protobuf.message import DecodeError
-
     event_pb2 = _tensorboardx().proto.event_pb2
     try:
         return event_pb2.Event.FromString(record[12:-4]).step
@@ -96,21 +99,6 @@ def cut_back(logdir: str | os.PathLike, step: int) -> None:
 # --------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"image of shape {image.shape}: expected (H, W), (H, W, 1) or (H, W, 3)")
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-
-
-def _tint(rgb: np.ndarray, where: np.ndarray, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
-    out = rgb.astype(np.float32)
-    out[where] = (1 - alpha) * out[where] + alpha * np.asarray(color, np.float32)
-    return out.round().astype(np.uint8)
-
-
 def prediction_overlays(
     images_u8: np.ndarray, masks: np.ndarray, predicted: np.ndarray, max_side: int = PREVIEW_PIXELS
 ) -> np.ndarray:
@@ -137,10 +125,10 @@ def prediction_overlays(
     stride = max(1, math.ceil(max(shape[1:]) / max_side))
     rows = []
     for image, mask, pred in zip(images_u8, masks, predicted):
-        rgb = _rgb(image)[::stride, ::stride]
+        rgb = to_rgb_uint8(image)[::stride, ::stride]
         gt = mask.reshape(mask.shape[:2])[::stride, ::stride] > 0.5
         pr = pred.reshape(pred.shape[:2])[::stride, ::stride] > 0.5
-        panels = [rgb, _tint(rgb, gt, (0, 255, 0)), _tint(rgb, pr, (255, 0, 0))]
+        panels = [rgb, overlay(rgb, gt, (0, 255, 0), alpha=0.45), overlay(rgb, pr, (255, 0, 0), alpha=0.45)]
         gap = np.full((rgb.shape[0], 2, 3), 255, np.uint8)
         rows.append(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
     gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
@@ -150,8 +138,6 @@ def prediction_overlays(
 def _as_hwc(value: np.ndarray | bytes, tag: str) -> np.ndarray:
     """An image as HWC uint8: PNG (or any Pillow format) bytes decoded, arrays checked."""
     if isinstance(value, (bytes, bytearray)):
-        from PIL import Image
-
         with Image.open(io.BytesIO(value)) as im:
             return np.asarray(im.convert("RGB"))
     array = np.asarray(value)
@@ -243,10 +229,6 @@ class MetricsLog:
         if self.tensorboard is None or len(examples.images_u8) == 0:
             return
         if self._predict is None:
-            import jax
-
-            from unet_jax.train.steps import apply_model
-
             self._predict = jax.jit(lambda st, x, m: apply_model(st, st.params, x, m, train=False)[0][0])
         images = np.asarray(examples.images_u8)
         masks = np.asarray(examples.masks, np.float32).reshape(*images.shape[:3], 1)
@@ -271,8 +253,6 @@ class MetricsLog:
         """Log the figure of unet_jax.plots.plot_training_curves for ``history``."""
         if self.tensorboard is None:
             return
-        from unet_jax.plots import plot_training_curves
-
         with tempfile.TemporaryDirectory() as folder:
             path = plot_training_curves(
                 history, Path(folder) / "curves.png", title=title, best_epoch=best_epoch, monitor=monitor

@@ -281,9 +281,9 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
     """A whole epoch per dispatch on every backend (no host round trip inside an epoch).
 
     The CPU used one step per dispatch while XLA:CPU ran convolution gradients inside a
-    loop 25x slower; with unet_jax.conv_grad's canonical gradients the scanned step is the
+    loop 25x slower; with unet_jax.layers.conv_grad's canonical gradients the scanned step is the
     faster one there too (padded 16-wide U-Net, 128x128, batch 16, 2 cores: 17.0 img/s
-    scanned vs 14.3 one step per dispatch; ``benchmarks/levers.py``, RESULTS.md)."""
+    scanned vs 14.3 one step per dispatch; ``python -m benchmarks.cpu_levers model``, RESULTS.md)."""
     return steps_per_epoch
 
 

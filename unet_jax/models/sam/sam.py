@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unet_jax.models._presets import from_preset
 from unet_jax.models.sam.image_encoder import ImageEncoderViT
 from unet_jax.models.sam.mask_decoder import MaskDecoder
 from unet_jax.models.sam.prompt_encoder import PromptEncoder
@@ -402,8 +403,6 @@ SAM_PRESETS: dict[str, dict[str, Any]] = {
 def create_sam(name: str = "sam_vit_b", **overrides: Any) -> SamSegmenter:
     """A :class:`SamSegmenter` from a :data:`SAM_PRESETS` name with field overrides
     (e.g. ``in_channels=3``, ``dtype=jnp.bfloat16``)."""
-    from unet_jax.models._presets import from_preset
-
     return from_preset("SAM", SAM_PRESETS, name, overrides, SamSegmenter)
 
 

@@ -29,7 +29,7 @@ the project's shared 2-core VM, one core, batch 8, forward: ``direct`` beats XLA
 3-channel first layer, Winograd some 16x16-32x32 layers with 64-128 channels by
 1.1-1.3x, XLA's own convolution the rest; forward + backward: XLA nearly everywhere. The
 im2col patch copy and the stacking of Winograd's transformed tiles are slow in XLA:CPU):
-``python -m benchmarks.lowering_table tune`` times every lowering on the 3x3 layer shapes of
+``python -m benchmarks.cpu_conv tune`` times every lowering on the 3x3 layer shapes of
 a model and writes a table (:func:`table_path`), and :func:`choose_lowering`
 (``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``. Everything
 here is a pure function of arrays (and of that table): nothing imports a layer or a model.
@@ -491,7 +491,7 @@ def _read_table(path: str, mtime_ns: int) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(
             f"{path}: not a lowering table ({err}); expected the JSON that "
-            f"`python -m benchmarks.lowering_table tune` writes (delete it to tune again)"
+            f"`python -m benchmarks.cpu_conv tune` writes (delete it to tune again)"
         ) from None
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: not a lowering table (expected format {TABLE_FORMAT!r})")

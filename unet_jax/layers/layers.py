@@ -2,7 +2,7 @@
 
 All layers are Flax linen modules working on NHWC arrays (batch, height, width, channels)
 by default; ``layout='NCHW'`` (channels first) runs the same math on the other logical
-layout with the same parameters, a performance lever measured by benchmarks/levers.py.
+layout with the same parameters, a performance lever measured by benchmarks/cpu_levers.py (model).
 Each layer's output shape equals the report's output-size formula, implemented here as
 plain functions so that tests, the model summary and input-size validation share one
 definition:
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from unet_jax import lowering as lowerings  # called through the module: tests replace a lowering
-from unet_jax.conv_grad import conv_explicit_grad, use_explicit_grad
+from unet_jax.layers import lowering as lowerings  # called through the module: tests replace a lowering
+from unet_jax.layers.conv_grad import conv_explicit_grad, use_explicit_grad
 
 __all__ = [
     "Padding",

@@ -11,7 +11,7 @@ while loop) they stay as they are and run on a naive loop nest: a scanned traini
 the seed U-Net was 25x slower than the same step dispatched alone (issue 12; ``python
 benchmarks/throughput.py --frameworks jax --modes train --presets seed --size 128 --batches
 16 --dtypes float32``, rows ``train_scan`` and ``train_single``; before/after in
-experiments/RESULTS.md; ``benchmarks/levers.py``'s ``xla_grad`` variant switches it back). :func:`conv_explicit_grad`
+experiments/RESULTS.md; ``cpu_levers.py model``'s ``xla_grad`` variant switches it back). :func:`conv_explicit_grad`
 gives JAX the gradients already canonical, so they are fast wherever they sit.
 
 The gradients (one spatial axis; stride ``s``, padding ``(lo, hi)``, input dilation ``d``
