@@ -59,7 +59,7 @@ from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
 from unet_jax.models import create_unet  # noqa: E402
 from unet_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from unet_jax.train.steps import BATCH_AXIS, make_mesh, train_steps  # noqa: E402
+from unet_jax.train.steps import BATCH_AXIS, make_mesh, run_keys, train_steps  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -182,6 +182,8 @@ def bench_jax(
     loss_fn = get_loss("bce_dice")
     sample = make_sampler(batch, n, None)  # gather + /255, no augmentation
     data_key, dropout_key, init_key = jax.random.split(jax.random.key(args.seed), 3)
+    if args.dropout_prng != "threefry2x32":  # the training loop's choice (unet_jax.train.steps.run_keys)
+        dropout_key = run_keys(args.seed, args.dropout_prng)[1]
     modes = args.modes
     counter = {"step": 0}
 
@@ -454,6 +456,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--torch-no-channels-last", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dropout-prng",
+        choices=("threefry2x32", "rbg", "unsafe_rbg"),
+        default="threefry2x32",
+        help="JAX: the dropout key's implementation (TrainConfig.dropout_prng)",
+    )
     ap.add_argument(
         "--mesh",
         action="store_true",
