@@ -19,7 +19,8 @@ flag each, as listed by the binary in benchmarks/results/xla_cpu_flags.txt):
   split over two CPU devices (data parallel, as the training loop runs on every device);
 * ``two_devices_eigen_1_thread``: both, one thread per device;
 * ``two_devices+LEVER`` (e.g. ``two_devices+onednn``): the user path with one more flag;
-  ``+rbg`` / ``+unsafe_rbg`` (``ARG_LEVERS``): dropout bits from XLA's RngBitGenerator.
+  ``+rbg`` / ``+unsafe_rbg`` (``ARG_LEVERS``): dropout bits from XLA's RngBitGenerator;
+  ``+fold_bn``: inference with batch norm folded into the convolutions.
 
 PyTorch (eager, channels-last, ``torch.set_num_threads`` = the cores) runs in its own
 process before the variants of each repeat. Prints one table row per (preset, variant,
@@ -76,6 +77,7 @@ LEVERS: dict[str, str] = {
 ARG_LEVERS: dict[str, list[str]] = {
     "rbg": ["--dropout-prng", "rbg"],
     "unsafe_rbg": ["--dropout-prng", "unsafe_rbg"],
+    "fold_bn": ["--fold-bn"],
 }
 PATHS = ("train_single", "train_scan", "infer")
 
