@@ -95,6 +95,14 @@ def _run_train(args: argparse.Namespace) -> int:
     return _train_and_report(config, args.out)
 
 
+def _xla_cpu_flags() -> None:
+    """Before anything starts a JAX backend: the XLA:CPU flags measured to help (issue 22)."""
+    # Deferred: the CLI imports JAX only for the commands that need it (start-up speed).
+    from unet_jax.train.cpu import use_xla_cpu_flags
+
+    use_xla_cpu_flags()
+
+
 def _split_cpu(config) -> None:
     """Before anything starts a JAX backend: the CPU as ``config.cpu_devices`` devices."""
     from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
@@ -468,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "demo", "predict", "evaluate"):
+        _xla_cpu_flags()
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad input: one clear line, no traceback
