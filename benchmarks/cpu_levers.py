@@ -20,7 +20,8 @@ flag each, as listed by the binary in benchmarks/results/xla_cpu_flags.txt):
 * ``two_devices_eigen_1_thread``: both, one thread per device;
 * ``two_devices+LEVER`` (e.g. ``two_devices+onednn``): the user path with one more flag;
   ``+rbg`` / ``+unsafe_rbg`` (``ARG_LEVERS``): dropout bits from XLA's RngBitGenerator;
-  ``+fold_bn``: inference with batch norm folded into the convolutions.
+  ``+fold_bn``: inference with batch norm folded into the convolutions (throughput.py
+  ``--fold-bn``).
 
 PyTorch (eager, channels-last, ``torch.set_num_threads`` = the cores) runs in its own
 process before the variants of each repeat. Prints one table row per (preset, variant,

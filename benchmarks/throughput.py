@@ -239,7 +239,7 @@ def bench_jax(
         split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS)) if mesh is not None else replicated
         images = jax.device_put(jnp.asarray(host["images"][:batch], jnp.float32) / 255.0, split)
         infer_model = model
-        if args.fold_bn:  # as unet_jax.inference.run predicts: batch norm folded into the convolutions
+        if args.fold_bn:  # the lever: batch norm folded into the convolutions (unet_jax.models)
             infer_model, variables = fold_batch_norm(model, variables)
         apply = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
 

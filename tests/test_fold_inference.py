@@ -1,18 +1,14 @@
-"""Batch norm folded into the convolutions on the prediction path (unet_jax.inference.run):
-a random U-Net's folded output equals the unfolded one within 1e-5, and predict folds."""
+"""Batch norm folded into the convolutions (unet_jax.models.fold_batch_norm): a random
+U-Net's folded output equals the unfolded one within 1e-5. (Not on the prediction path:
+measured no faster there, RESULTS.md "The CPU at or past PyTorch".)"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax.config import TrainConfig
-from unet_jax.inference import LoadedModel, predict_probabilities
-from unet_jax.inference import run as inference_run
 from unet_jax.models import create_unet, fold_batch_norm
 
 
@@ -45,22 +41,3 @@ def test_folded_random_unet_equals_the_unfolded_within_1e_5(preset, fields):
     for u, w in zip(a, b):
         assert float(jnp.max(jnp.abs(u))) > 1e-2  # a real output, not a vanishing one
         np.testing.assert_allclose(w, u, rtol=1e-5, atol=1e-5)
-
-
-def test_predict_runs_the_folded_model_and_gives_the_unfolded_probabilities(monkeypatch):
-    model, variables, _ = _random_unet("seed")
-    config = TrainConfig(preset="seed", image_size=32, channels=1, model={"features": 8, "depth": 2})
-    loaded = LoadedModel(model, variables, config, Path("."))
-    calls = []
-
-    def spy(m, v):
-        calls.append(m.norm)
-        return fold_batch_norm(m, v)
-
-    monkeypatch.setattr(inference_run, "fold_batch_norm", spy)
-    inference_run._probabilities.clear_cache()  # trace afresh, whatever ran before in this process
-    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
-    probs = predict_probabilities(loaded, images, batch_size=2)
-    assert calls == ["batch"]  # traced once: one compiled program for both batches
-    expected = jax.nn.sigmoid(model.apply(variables, jnp.asarray(images, jnp.float32) / 255.0, train=False)[..., 0])
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-5)

@@ -18,30 +18,13 @@ from unet_jax.data import BusiDataset
 from unet_jax.data.prompts import boxes_from_masks
 from unet_jax.inference.model import LoadedModel
 from unet_jax.inference.recipe import InferenceRecipe, tune_recipe
-from unet_jax.models import UNet, fold_batch_norm, needs_box_prompts, run_model
+from unet_jax.models import needs_box_prompts, run_model
 
-__all__ = [
-    "inference_form",
-    "predict_probabilities",
-    "predict_class_probabilities",
-    "predict_outputs",
-    "prompt_boxes",
-    "tune_inference",
-]
+__all__ = ["predict_probabilities", "predict_class_probabilities", "predict_outputs", "prompt_boxes", "tune_inference"]
 
 
 def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None) -> Any:
     return run_model(model.apply, variables, x, boxes)[0]
-
-
-def inference_form(model: Any, variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The model and variables that predict: a U-Net's batch norms folded into the
-    convolutions before them (``fold_batch_norm``: one convolution with a bias instead of a
-    convolution and a normalisation; equal up to rounding), any other model as it is.
-    Inside the jitted prediction the fold is a few elementwise products on the weights."""
-    if isinstance(model, UNet):
-        return fold_batch_norm(model, variables)
-    return model, variables
 
 
 @functools.partial(jax.jit, static_argnames=("model", "flip"))
@@ -49,7 +32,6 @@ def _probabilities(
     model: Any, variables: dict[str, Any], images_u8: jax.Array, boxes: jax.Array | None, flip: bool
 ) -> tuple[jax.Array | None, jax.Array | None]:
     x = images_u8.astype(jnp.float32) / 255.0
-    model, variables = inference_form(model, variables)
     mask_logits, class_logits = _outputs(model, variables, x, boxes)
     prob = None if mask_logits is None else jax.nn.sigmoid(mask_logits[..., 0])
     if flip and prob is not None:  # test-time augmentation: average with the mirrored image's prediction
