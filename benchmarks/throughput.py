@@ -57,9 +57,9 @@ from benchmarks.harness import REPO, environment, time_windows, write_result  # 
 from unet_jax.config import TrainConfig  # noqa: E402
 from unet_jax.data.augment import DeviceData, make_sampler  # noqa: E402
 from unet_jax.losses import get_loss  # noqa: E402
-from unet_jax.models import create_unet  # noqa: E402
+from unet_jax.models import create_unet, fold_batch_norm  # noqa: E402
 from unet_jax.train.state import create_train_state, make_optimizer  # noqa: E402
-from unet_jax.train.steps import BATCH_AXIS, make_mesh, train_steps  # noqa: E402
+from unet_jax.train.steps import BATCH_AXIS, make_mesh, run_keys, train_steps  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -182,6 +182,8 @@ def bench_jax(
     loss_fn = get_loss("bce_dice")
     sample = make_sampler(batch, n, None)  # gather + /255, no augmentation
     data_key, dropout_key, init_key = jax.random.split(jax.random.key(args.seed), 3)
+    if args.dropout_prng != "threefry2x32":  # the training loop's choice (unet_jax.train.steps.run_keys)
+        dropout_key = run_keys(args.seed, args.dropout_prng)[1]
     modes = args.modes
     counter = {"step": 0}
 
@@ -236,7 +238,10 @@ def bench_jax(
         )
         split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS)) if mesh is not None else replicated
         images = jax.device_put(jnp.asarray(host["images"][:batch], jnp.float32) / 255.0, split)
-        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        infer_model = model
+        if args.fold_bn:  # the lever: batch norm folded into the convolutions (unet_jax.models)
+            infer_model, variables = fold_batch_norm(model, variables)
+        apply = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
 
         def infer(k: int) -> None:
             for _ in range(k):
@@ -454,6 +459,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--torch-no-channels-last", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fold-bn", action="store_true", help="JAX inference: batch norm folded into the convolutions")
+    ap.add_argument(
+        "--dropout-prng",
+        choices=("threefry2x32", "rbg", "unsafe_rbg"),
+        default="threefry2x32",
+        help="JAX: the dropout key's implementation (TrainConfig.dropout_prng)",
+    )
     ap.add_argument(
         "--mesh",
         action="store_true",

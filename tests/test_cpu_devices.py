@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from unet_jax.config import TrainConfig
-from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
+from unet_jax.train.cpu import cpu_device_count, use_cpu_devices, use_xla_cpu_flags
 from unet_jax.train.steps import default_steps_per_dispatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +52,16 @@ def test_a_fresh_process_gets_two_cpu_devices():
 
 def test_an_epoch_is_one_dispatch_on_every_backend():
     assert default_steps_per_dispatch(27) == 27
+
+
+def test_xla_cpu_flags_are_added_unless_the_user_named_them(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2")
+    added = use_xla_cpu_flags(("--xla_cpu_enable_fast_math=true", "--xla_cpu_use_onednn=true"))
+    assert added == ["--xla_cpu_use_onednn=true"]  # the user's fast-math setting stays
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2 --xla_cpu_use_onednn=true"
+    )
+    monkeypatch.delenv("XLA_FLAGS")
+    assert use_xla_cpu_flags(("--xla_cpu_use_onednn=true",)) == ["--xla_cpu_use_onednn=true"]
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+    assert use_xla_cpu_flags(()) == [] and os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"

@@ -114,6 +114,9 @@ class TrainConfig:
 
     # Run.
     seed: int = 0
+    # The bit generator behind dropout (and box jitter): jax.random's implementations. The
+    # data order and augmentation always use threefry2x32 (unet_jax.train.steps.run_keys).
+    dropout_prng: Literal["threefry2x32", "rbg", "unsafe_rbg"] = "threefry2x32"
     steps_per_dispatch: int = 0  # training steps per jitted call; 0: an epoch
     # The CPU split into this many JAX devices, the batch split over them (unet_jax.train.cpu;
     # set by `unet-jax train` before JAX starts); 0: two on a 2+ core host with even batch sizes.

@@ -23,7 +23,13 @@ import os
 
 import jax
 
-__all__ = ["cpu_device_count", "use_cpu_devices"]
+__all__ = ["XLA_CPU_FLAGS", "cpu_device_count", "use_cpu_devices", "use_xla_cpu_flags"]
+
+# XLA:CPU flags that `unet-jax train`, `demo`, `predict` and `evaluate` set before JAX
+# starts: the ones measured to help on the user path (issue 22, benchmarks/cpu_levers.py,
+# RESULTS.md "The CPU at or past PyTorch"; every flag of this jaxlib is listed in
+# benchmarks/results/xla_cpu_flags.txt).
+XLA_CPU_FLAGS: tuple[str, ...] = ()
 
 
 def _cores() -> int:
@@ -59,3 +65,16 @@ def use_cpu_devices(count: int) -> bool:
     except RuntimeError:  # backends already initialised
         return False
     return True
+
+
+def use_xla_cpu_flags(flags: tuple[str, ...] = XLA_CPU_FLAGS) -> list[str]:
+    """Add each ``--name=value`` of ``flags`` to the ``XLA_FLAGS`` environment variable,
+    unless it already names that flag (the user's own setting wins). XLA reads the variable
+    once, when its first backend starts, so this must run before anything touches one.
+    Returns the flags added."""
+    current = os.environ.get("XLA_FLAGS", "")
+    named = {item.split("=")[0].lstrip("-") for item in current.split()}
+    added = [flag for flag in flags if flag.split("=")[0].lstrip("-") not in named]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added

@@ -54,6 +54,7 @@ from unet_jax.train.steps import (
     evaluate_device_data,
     make_mesh,
     metrics_to_host,
+    run_keys,
     train_steps,
 )
 
@@ -346,7 +347,7 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
         )
     steps_per_epoch = n_train // config.batch_size
     per_call = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
-    data_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    data_key, dropout_key = run_keys(config.seed, config.dropout_prng)
     if jax.process_count() > 1:
         train_data = _sharded_device_data(dataset, split["train"], mesh)
     else:

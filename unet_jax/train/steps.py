@@ -42,6 +42,7 @@ __all__ = [
     "get_train_steps",
     "evaluate_device_data",
     "metrics_to_host",
+    "run_keys",
     "add_metrics",
     "default_steps_per_dispatch",
 ]
@@ -275,6 +276,17 @@ train_steps_undonated = jax.jit(train_steps.__wrapped__, static_argnames=_TRAIN_
 def get_train_steps(donate: bool = True) -> Callable[..., tuple[TrainState, Metrics]]:
     """:func:`train_steps`, or its twin that leaves the input state's buffers alive."""
     return train_steps if donate else train_steps_undonated
+
+
+def run_keys(seed: int, dropout_prng: str = "threefry2x32") -> tuple[jax.Array, jax.Array]:
+    """``(data_key, dropout_key)`` of a run with this seed: both split from a threefry2x32
+    key, or, for another ``dropout_prng`` (``"rbg"``, ``"unsafe_rbg"``: XLA's
+    RngBitGenerator), the dropout key is ``jax.random.key(seed, impl=dropout_prng)``. The
+    data order and augmentation never change with it."""
+    data_key, dropout_key = jax.random.split(jax.random.key(seed))
+    if dropout_prng != "threefry2x32":
+        dropout_key = jax.random.key(seed, impl=dropout_prng)
+    return data_key, dropout_key
 
 
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:
