@@ -270,7 +270,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict", help="segment images: mask and overlay PNGs at each input's size, a per-image table predictions.csv"
     )
     _add_model_arguments(p)
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images: PNG, JPEG, BMP, TIFF or DICOM files")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--save-probabilities",
@@ -284,6 +284,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         choices=("contour", "fill"),
         default="contour",
         help="X_overlay.png: the lesion's outline with a legend of its probabilities (default), or a 40%% red fill",
+    )
+    p.add_argument(
+        "--format",
+        choices=("png", "dicom-seg"),
+        default="png",
+        help="dicom-seg: also X_seg.dcm, a DICOM SEG referencing each (single-frame) DICOM input; "
+        "every input must be DICOM",
     )
     p.set_defaults(func=_run_predict)
 
@@ -324,7 +331,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
 
-    plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
+    plan_prediction(args.inputs, args.out, args.format)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
     status = recipe_status(loaded, args.raw)
     if not status["tuned"] and not args.raw:
@@ -350,6 +357,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress=report,
         save_probabilities=args.save_probabilities,
         overlay_style=args.overlay,
+        output_format=args.format,
     )
     failed = sum(r.error is not None for r in results)
     if failed:
