@@ -16,6 +16,7 @@ for ``--format dicom-seg``.
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from pathlib import Path
 
 import highdicom as hd
@@ -24,13 +25,20 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from unet_jax import __version__
 from unet_jax._io import atomic_write
 
 __all__ = ["ALGORITHM_NAME", "SEGMENT_LABEL", "read_seg_mask", "write_seg"]
 
 ALGORITHM_NAME = "unet_jax"
 SEGMENT_LABEL = "lesion"
+
+
+def _version() -> str:
+    """The installed package's version (``unet_jax.__version__`` sits above this layer)."""
+    try:
+        return metadata.version("unet-jax")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _description() -> hd.seg.SegmentDescription:
@@ -41,7 +49,7 @@ def _description() -> hd.seg.SegmentDescription:
         segmented_property_type=codes.SCT.Lesion,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence, version=__version__
+            name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence, version=_version()
         ),
     )
 
@@ -63,7 +71,7 @@ def write_seg(source: Dataset, masks: np.ndarray, path: str | os.PathLike) -> Pa
             instance_number=1,
             manufacturer=ALGORITHM_NAME,
             manufacturer_model_name=ALGORITHM_NAME,
-            software_versions=__version__,
+            software_versions=_version(),
             device_serial_number="none",
             series_description="unet_jax lesion segmentation",
             omit_empty_frames=False,
