@@ -12,6 +12,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from _train_helpers import save_untrained_run
 from PIL import Image
@@ -175,3 +176,17 @@ def test_evaluate_reads_dicom_images_with_png_masks(run, tmp_path, capsys):
     shutil.copy(png / "benign" / "benign (1).png", dcm / "benign" / "benign (1).png")  # two images for one entry
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(dcm), "--json"]) == 2
     assert "a second image for 'benign (1)'" in capsys.readouterr().err
+
+
+def test_a_source_without_study_uid_leaves_no_files_behind(run, threshold, pictures, tmp_path, capsys):
+    root, _ = pictures
+    ds = pydicom.dcmread(root / "us1.dcm")
+    del ds.StudyInstanceUID  # highdicom needs it to build the SEG, after the PNGs were written
+    bad = tmp_path / "nostudy.dcm"
+    ds.save_as(bad)
+    out = tmp_path / "out"
+    assert _predict(run, threshold, [bad, root / "us1.dcm"], out, "--format", "dicom-seg") == 1
+    err = capsys.readouterr().err
+    assert f"[1/2] skipped: {bad}: cannot build a DICOM SEG for it" in err
+    assert not any(p.name.startswith("nostudy") for p in out.iterdir())
+    assert [r["error"] is None for r in _rows(out)] == [False, True]

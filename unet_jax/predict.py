@@ -184,10 +184,12 @@ def _check_not_sources(out_dir: Path, images: Sequence[Path]) -> None:
             )
     for entry in sorted(out_dir.iterdir()):
         m = _BUSI_MASK.match(entry.name)
-        if m is not None and any((out_dir / f"{m['image']}{ext}").is_file() for ext in (".png", ".dcm")):
+        beside = [f"{m['image']}{ext}" for ext in (".png", ".dcm")] if m is not None else []
+        source = next((name for name in beside if (out_dir / name).is_file()), None)
+        if source is not None:
             raise ValueError(
                 f"output folder {str(out_dir)!r} holds the BUSI mask {entry.name!r} (beside its image "
-                f"{m['image'] + '.png'!r}), which a prediction would overwrite; expected another folder"
+                f"{source!r}), which a prediction would overwrite; expected another folder"
             )
 
 
@@ -263,6 +265,16 @@ def _check_size(path: Path, image: Image.Image) -> None:
             f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
             f"at least {MIN_SIDE} pixels"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What every input of one :func:`predict_files` call is written with."""
+
+    save_probabilities: str | None
+    overlay_style: str
+    output_format: str
+    recipe: str  # the recipe's description, or "raw"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,10 +402,10 @@ def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | o
 
 
 def _predict_source(
-    loaded: LoadedModel, recipe: InferenceRecipe, path: Path, source: _Source, stem: Path, options: dict[str, Any]
+    loaded: LoadedModel, recipe: InferenceRecipe, path: Path, source: _Source, stem: Path, options: _Options
 ) -> list[PredictionResult]:
     """Every frame of one input (``X_f001``... for several frames), its area in mm^2 when the
-    spacing is known, and its DICOM SEG (``options["output_format"]`` "dicom-seg"). When the
+    spacing is known, and its DICOM SEG (``options.output_format`` "dicom-seg"). When the
     SEG cannot be built, the input's files are removed again and it is reported as an error."""
     many = len(source.frames) > 1
     digits = max(3, len(str(len(source.frames))))
@@ -401,14 +413,14 @@ def _predict_source(
     for i, frame in enumerate(source.frames, start=1):
         frame_stem = stem.with_name(f"{stem.name}_f{i:0{digits}d}") if many else stem
         fields, mask = _predict_image(
-            loaded, recipe, frame, frame_stem, options["save_probabilities"], options["overlay_style"]
+            loaded, recipe, frame, frame_stem, options.save_probabilities, options.overlay_style
         )
         if source.spacing_mm is not None:
             fields["area_mm2"] = fields["area_px"] * source.spacing_mm[0] * source.spacing_mm[1]
         written += [fields["mask"], fields["overlay"], fields["probability"]]
         masks.append(mask)
-        results.append(PredictionResult(str(path), frame=i if many else None, recipe=options["recipe"], **fields))
-    if options["output_format"] == "dicom-seg" and source.dicom is not None:
+        results.append(PredictionResult(str(path), frame=i if many else None, recipe=options.recipe, **fields))
+    if options.output_format == "dicom-seg" and source.dicom is not None:
         # highdicom costs ~0.9 s to import: only --format dicom-seg pays it
         from unet_jax.data.dicom_seg import write_seg
 
@@ -471,12 +483,7 @@ def predict_files(
         for n, result in enumerate(plan.skipped, start=1):
             progress(n, len(inputs), result)
     used: set[str] = set()
-    options = {
-        "save_probabilities": save_probabilities,
-        "overlay_style": overlay_style,
-        "output_format": output_format,
-        "recipe": "raw" if raw else recipe.describe(),
-    }
+    options = _Options(save_probabilities, overlay_style, output_format, "raw" if raw else recipe.describe())
     for n, path in enumerate(plan.images, start=len(plan.skipped) + 1):
         try:
             source = _read_source(path, output_format)
