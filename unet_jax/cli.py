@@ -290,7 +290,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict", help="segment images: mask and overlay PNGs at each input's size, a per-image table predictions.csv"
     )
     _add_model_arguments(p)
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images: PNG, JPEG, BMP, TIFF or DICOM files")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--save-probabilities",
@@ -310,6 +310,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         dest="report",
         action="store_false",
         help="do not write report.html (the table with overlay thumbnails, sortable; written by default)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("png", "dicom-seg"),
+        default="png",
+        help="dicom-seg: also X_seg.dcm, a DICOM SEG referencing each (single-frame) DICOM input; "
+        "every input must be DICOM",
     )
     p.set_defaults(func=_run_predict)
 
@@ -352,7 +359,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
 
-    plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
+    plan_prediction(args.inputs, args.out, args.format)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
     status = recipe_status(loaded, args.raw)
     if not status["tuned"] and not args.raw:
@@ -378,6 +385,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress=report,
         save_probabilities=args.save_probabilities,
         overlay_style=args.overlay,
+        output_format=args.format,
     )
     if args.report:
         print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")

@@ -7,6 +7,12 @@ to the training size, /255); the probabilities are resized back (bilinear, then 
 threshold). A bad input file is reported and skipped; the others are still predicted.
 Outputs are written atomically (temporary file, then rename).
 
+DICOM inputs (:mod:`unet_jax.data.dicom`: a ``.dcm`` name or the DICM marker) are read as
+8-bit images by its rules; a multi-frame file is predicted frame by frame (``X_f001_mask.png``,
+..., column ``frame``), and its pixel spacing fills ``area_mm2``. ``output_format``
+"dicom-seg" also writes ``X_seg.dcm`` (:mod:`unet_jax.data.dicom_seg`) for each
+single-frame DICOM input; it refuses non-DICOM inputs before the model loads.
+
 Inputs named like masks (``*_mask*``, e.g. caught by ``F/*.png`` in a BUSI folder) are
 skipped with a note; the output folder is checked before the model loads
 (:func:`plan_prediction`): it must be writable and must not hold an input or a BUSI mask
@@ -29,6 +35,7 @@ from PIL import Image
 
 from unet_jax._io import atomic_write, write_json
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
+from unet_jax.data.dicom import is_dicom, read_dicom
 from unet_jax.inference import (
     InferenceRecipe,
     LoadedModel,
@@ -45,6 +52,7 @@ from unet_jax.plots import contour_overlay, overlay
 __all__ = [
     "CLASS_NAMES",
     "MIN_SIDE",
+    "OUTPUT_FORMATS",
     "OVERLAY_STYLES",
     "PROBABILITY_FORMATS",
     "TABLE_COLUMNS",
@@ -62,11 +70,14 @@ _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
 CLASS_NAMES = ("benign", "malignant", "normal")  # the class head's order
 PROBABILITY_FORMATS = ("png16", "npy")
 OVERLAY_STYLES = ("contour", "fill")
+OUTPUT_FORMATS = ("png", "dicom-seg")  # dicom-seg: the PNGs and a DICOM SEG per DICOM input
 # The per-image table's columns (predictions.csv; predictions.json has the same keys).
 TABLE_COLUMNS = (
     "input",
+    "frame",
     "mask",
     "overlay",
+    "seg",
     "probability",
     "lesion_present",
     "max_probability",
@@ -87,12 +98,14 @@ class PredictionResult:
     """One input: its outputs, or ``error`` (unreadable, not predicted), or ``note`` (skipped
     on purpose, e.g. a mask file).
 
+    frame: the 1-based frame of a multi-frame DICOM input (None for a single image).
+    seg: the DICOM SEG written (``output_format`` "dicom-seg"), or None.
     probability: the saved lesion probability map (``--save-probabilities``), or None.
     lesion_present: the final mask holds a lesion pixel (after the recipe, gate included).
     max_probability: the largest lesion probability of the model-resolution map the recipe
       used (flip-averaged under flip TTA).
     area_px: lesion pixels of the final mask (the image's native size); area_mm2: the same
-      in mm^2 when a pixel spacing is known (never yet for PNG/JPEG inputs: None).
+      in mm^2 when a pixel spacing is known (DICOM inputs with a spacing; None for PNG/JPEG).
     components: 8-connected components of the final mask.
     class_probabilities: the class head's (benign, malignant, normal), or None without one.
     recipe: the recipe's description, or "raw".
@@ -115,6 +128,8 @@ class PredictionResult:
     recipe: str | None = None
     gate_emptied: bool | None = None
     gate_score: float | None = None
+    frame: int | None = None
+    seg: str | None = None
 
     def row(self) -> dict[str, Any]:
         """The table row (keys :data:`TABLE_COLUMNS`; None where a value does not apply)."""
@@ -171,20 +186,26 @@ def _check_not_sources(out_dir: Path, images: Sequence[Path]) -> None:
             )
     for entry in sorted(out_dir.iterdir()):
         m = _BUSI_MASK.match(entry.name)
-        if m is not None and (out_dir / f"{m['image']}.png").is_file():
+        beside = [f"{m['image']}{ext}" for ext in (".png", ".dcm")] if m is not None else []
+        source = next((name for name in beside if (out_dir / name).is_file()), None)
+        if source is not None:
             raise ValueError(
                 f"output folder {str(out_dir)!r} holds the BUSI mask {entry.name!r} (beside its image "
-                f"{m['image'] + '.png'!r}), which a prediction would overwrite; expected another folder"
+                f"{source!r}), which a prediction would overwrite; expected another folder"
             )
 
 
-def plan_prediction(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> PredictionPlan:
+def plan_prediction(
+    inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, output_format: str = "png"
+) -> PredictionPlan:
     """Check the output folder and sort the inputs, before any model is loaded.
 
     Mask files (``*_mask*``) are skipped with a note. Raises ValueError when no image is
     left, or ``out_dir`` is not writable (a file, under a file, no permission) or holds an
-    input or a BUSI mask.
+    input or a BUSI mask, or ``output_format`` is "dicom-seg" and an input is not DICOM.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}; expected one of {list(OUTPUT_FORMATS)}")
     out_dir = Path(out_dir)
     paths = [Path(p) for p in inputs]
     images = tuple(p for p in paths if not _is_mask_name(p))
@@ -197,6 +218,13 @@ def plan_prediction(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         raise ValueError(
             f"no image to predict: all {len(paths)} input(s) are mask files (names with '_mask'); expected image files"
         )
+    if output_format == "dicom-seg":
+        for image in images:
+            if image.is_file() and not is_dicom(image):
+                raise ValueError(
+                    f"{image}: not a DICOM file, and a DICOM SEG must reference its DICOM source image; "
+                    f"expected DICOM inputs with --format dicom-seg (or --format png)"
+                )
     _check_writable(out_dir)
     _check_not_sources(out_dir, images)
     return PredictionPlan(images, skipped, out_dir)
@@ -225,16 +253,57 @@ def _load(path: Path) -> Image.Image:
             f"{path}: has {frames} frames (an animation or a multi-page file); expected a single "
             f"image (save the frame to segment as PNG)"
         )
-    if image.width < MIN_SIDE or image.height < MIN_SIDE:
-        raise ValueError(
-            f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
-            f"at least {MIN_SIDE} pixels"
-        )
+    _check_size(path, image)
     if image.mode == "CMYK":  # a CMYK JPEG: converted (PIL's conversion), not refused
         image = image.convert("RGB")
     if image.mode not in IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
         raise ValueError(f"{path}: unsupported image mode {image.mode!r}; expected 8-bit {'/'.join(IMAGE_MODES)}")
     return image
+
+
+def _check_size(path: Path, image: Image.Image) -> None:
+    if image.width < MIN_SIDE or image.height < MIN_SIDE:
+        raise ValueError(
+            f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
+            f"at least {MIN_SIDE} pixels"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What every input of one :func:`predict_files` call is written with."""
+
+    save_probabilities: str | None
+    overlay_style: str
+    output_format: str
+    recipe: str  # the recipe's description, or "raw"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """One input read: its frames (one for a PNG), the (row, column) spacing in mm or None,
+    and the DICOM header (None for other formats)."""
+
+    frames: tuple[Image.Image, ...]
+    spacing_mm: tuple[float, float] | None = None
+    dicom: Any = None
+
+
+def _read_source(path: Path, output_format: str) -> _Source:
+    """A PNG/JPEG/... or a DICOM input; ValueError naming the file when it cannot be used."""
+    if not is_dicom(path):
+        return _Source((_load(path),))
+    dicom = read_dicom(path)
+    for frame in dicom.frames:
+        _check_size(path, frame)
+    if output_format == "dicom-seg" and len(dicom.frames) > 1:
+        raise ValueError(
+            f"{path}: multi-frame DICOM ({len(dicom.frames)} frames): a DICOM SEG is written for "
+            f"single-frame images only (highdicom needs a Frame of Reference and plane positions to "
+            f"reference frames); expected a single-frame file with --format dicom-seg (without it, "
+            f"every frame is predicted to PNG)"
+        )
+    return _Source(dicom.frames, dicom.spacing_mm, dicom.dataset)
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:
@@ -284,8 +353,9 @@ def _predict_image(
     stem: Path,
     save_probabilities: str | None,
     overlay_style: str,
-) -> dict[str, Any]:
-    """Predict one image, write its mask, overlay (and probability map); return its result's fields."""
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Predict one image, write its mask, overlay (and probability map); return its result's
+    fields and the mask, bool (H, W) at the image's size."""
     size = (image.size[1], image.size[0])
     x = preprocess_image(image, loaded.input_size, loaded.config.channels)
     probs, classes = predict_outputs(loaded, x[None], recipe.flip_tta, batch_size=1)
@@ -299,7 +369,7 @@ def _predict_image(
     if save_probabilities is not None:
         native = resize_mask(np.asarray(prob, np.float32), size, t=None)
         probability = str(_save_probability(native, stem, save_probabilities))
-    return {
+    fields = {
         "mask": str(mask_path),
         "overlay": str(overlay_path),
         "lesion_fraction": float(mask.mean()),
@@ -312,6 +382,7 @@ def _predict_image(
         "gate_emptied": None if recipe.gate == "none" else bool(emptied),
         "gate_score": score,
     }
+    return fields, mask
 
 
 def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -328,6 +399,39 @@ def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | o
 
     csv_path = atomic_write(out_dir / "predictions.csv", write_csv)
     return csv_path, write_json(out_dir / "predictions.json", rows)
+
+
+def _predict_source(
+    loaded: LoadedModel, recipe: InferenceRecipe, path: Path, source: _Source, stem: Path, options: _Options
+) -> list[PredictionResult]:
+    """Every frame of one input (``X_f001``... for several frames), its area in mm^2 when the
+    spacing is known, and its DICOM SEG (``options.output_format`` "dicom-seg"). When the
+    SEG cannot be built, the input's files are removed again and it is reported as an error."""
+    many = len(source.frames) > 1
+    digits = max(3, len(str(len(source.frames))))
+    results, masks, written = [], [], []
+    for i, frame in enumerate(source.frames, start=1):
+        frame_stem = stem.with_name(f"{stem.name}_f{i:0{digits}d}") if many else stem
+        fields, mask = _predict_image(
+            loaded, recipe, frame, frame_stem, options.save_probabilities, options.overlay_style
+        )
+        if source.spacing_mm is not None:
+            fields["area_mm2"] = fields["area_px"] * source.spacing_mm[0] * source.spacing_mm[1]
+        written += [fields["mask"], fields["overlay"], fields["probability"]]
+        masks.append(mask)
+        results.append(PredictionResult(str(path), frame=i if many else None, recipe=options.recipe, **fields))
+    if options.output_format == "dicom-seg" and source.dicom is not None:
+        # highdicom costs ~0.9 s to import: only --format dicom-seg pays it
+        from unet_jax.data.dicom_seg import write_seg
+
+        try:
+            seg = write_seg(source.dicom, np.stack(masks), stem.with_name(stem.name + "_seg.dcm"))
+        except ValueError as err:
+            for name in filter(None, written):
+                Path(name).unlink(missing_ok=True)
+            return [PredictionResult(str(path), error=str(err))]
+        results = [dataclasses.replace(r, seg=str(seg)) for r in results]
+    return results
 
 
 def _check_options(loaded: LoadedModel, save_probabilities: str | None, overlay_style: str) -> None:
@@ -353,6 +457,7 @@ def predict_files(
     progress: Callable[[int, int, PredictionResult], None] | None = None,
     save_probabilities: str | None = None,
     overlay_style: str = "contour",
+    output_format: str = "png",
 ) -> list[PredictionResult]:
     """Predict every input; write ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png``
     (``save_probabilities`` "png16" / "npy": also ``<stem>_prob.png`` / ``<stem>_prob.npy``,
@@ -361,29 +466,31 @@ def predict_files(
 
     The checkpoint's inference recipe is applied (``raw``: the model's own output);
     ``threshold`` and ``flip_tta`` override the recipe's. ``overlay_style``: "contour" (the
-    mask's outline and a legend of the probabilities) or "fill" (40% red). Returns one result per input:
+    mask's outline and a legend of the probabilities) or "fill" (40% red). ``output_format``
+    "dicom-seg": also ``<stem>_seg.dcm`` per single-frame DICOM input (see the module
+    docstring). Returns one result per input (per frame of a multi-frame DICOM):
     first the skipped mask files (``note`` set; see :func:`plan_prediction`, whose errors
     this raises), then the images in order; unreadable inputs have ``error`` set.
     """
     recipe = effective_recipe(loaded, threshold, flip_tta, raw)
     _check_options(loaded, save_probabilities, overlay_style)
-    plan = plan_prediction(inputs, out_dir)
+    plan = plan_prediction(inputs, out_dir, output_format)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictionResult] = list(plan.skipped)
     if progress is not None:
         for n, result in enumerate(plan.skipped, start=1):
             progress(n, len(inputs), result)
     used: set[str] = set()
+    options = _Options(save_probabilities, overlay_style, output_format, "raw" if raw else recipe.describe())
     for n, path in enumerate(plan.images, start=len(plan.skipped) + 1):
         try:
-            image = _load(path)
+            source = _read_source(path, output_format)
         except ValueError as err:
-            results.append(PredictionResult(str(path), error=str(err)))
+            new = [PredictionResult(str(path), error=str(err))]
         else:
-            stem = plan.out_dir / _unique_stem(path.stem, used)
-            fields = _predict_image(loaded, recipe, image, stem, save_probabilities, overlay_style)
-            results.append(PredictionResult(str(path), recipe="raw" if raw else recipe.describe(), **fields))
-        if progress is not None:
-            progress(n, len(inputs), results[-1])
+            new = _predict_source(loaded, recipe, path, source, plan.out_dir / _unique_stem(path.stem, used), options)
+        results += new
+        for result in new if progress is not None else ():
+            progress(n, len(inputs), result)
     write_prediction_table(results, plan.out_dir)
     return results

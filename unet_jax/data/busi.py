@@ -7,6 +7,11 @@ Layout (one folder per class)::
     ROOT/benign/benign (1)_mask_1.png      # a second lesion: the mask is the union
     ROOT/malignant/...  ROOT/normal/...
 
+An image may also be a single-frame DICOM file, ``benign (1).dcm``, read by
+:mod:`unet_jax.data.dicom` (the same 8-bit image a PNG gives); its masks stay PNG
+(``benign (1)_mask.png`` beside it). One image per number: ``X.png`` and ``X.dcm`` together
+are a problem.
+
 One example per image: the image, the union (logical OR) of all its mask files, its class,
 its id (the file stem, e.g. ``"benign (1)"``), its original size and its original mask.
 Preprocessing follows the report (sections 2.1.1-2.1.2): resize (default 256x256) and divide
@@ -33,6 +38,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from unet_jax.data.dicom import read_dicom
 from unet_jax.data.splits import DUPLICATE_THRESHOLD, check_threshold, duplicate_groups, image_hash
 
 __all__ = [
@@ -64,7 +70,7 @@ CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
 # leading zero: `benign (012).png` would otherwise silently share the id of `benign (12).png`.
 _NAME = re.compile(
     r"^(?P<cls>[a-z]+) \((?P<num>[1-9]\d*|0)\)"
-    r"(?P<mask>_mask(?:_(?P<extra>[1-9]\d*|0))?)?\.png$"
+    r"(?P<mask>_mask(?:_(?P<extra>[1-9]\d*|0))?)?\.(?P<ext>png|dcm)$"
 )
 
 # The last chunk of every complete PNG: length 0, type IEND, CRC. PIL decodes a file cut
@@ -283,12 +289,18 @@ def _index_class_folder(
             problems.append(
                 Problem(
                     str(entry),
-                    f"file name matches no pattern (expected '{cls} (N).png' or "
+                    f"file name matches no pattern (expected '{cls} (N).png' (or .dcm) or "
                     f"'{cls} (N)_mask[_K].png', N and K without leading zeros)",
                 )
             )
         elif m["cls"] != cls:
             problems.append(Problem(str(entry), f"file of class {m['cls']!r} inside the {cls!r} folder"))
+        elif m["mask"] is not None and m["ext"] == "dcm":
+            problems.append(Problem(str(entry), "mask is a DICOM file; expected a PNG mask (only images may be DICOM)"))
+        elif m["mask"] is None and int(m["num"]) in images:
+            problems.append(
+                Problem(str(entry), f"a second image for '{cls} ({m['num']})' (besides {images[int(m['num'])].name!r})")
+            )
         elif m["mask"] is None:
             images[int(m["num"])] = entry
         else:
@@ -347,6 +359,19 @@ def scan(path: str | os.PathLike, all_classes: bool = True) -> Layout:
 
 
 # ---- decoding -------------------------------------------------------------------------
+def _open_dicom(path: Path) -> Image.Image:
+    """A single-frame DICOM image as the 8-bit image its PNG would be (:mod:`unet_jax.data.dicom`)."""
+    try:
+        frames = read_dicom(path).frames
+    except ValueError as err:  # its message starts with the path, as a Problem prints it
+        raise _DecodeError(Problem(str(path), str(err).removeprefix(f"{path}: "))) from None
+    if len(frames) != 1:
+        raise _DecodeError(
+            Problem(str(path), f"multi-frame DICOM ({len(frames)} frames); expected one image per BUSI entry")
+        )
+    return frames[0]
+
+
 def _open(path: Path) -> Image.Image:
     """Read and fully decode one PNG, so that a bad file fails here and not later.
 
@@ -455,7 +480,7 @@ def preprocess_image(image: Image.Image, size: tuple[int, int], channels: int) -
 
 
 def _read(record: ImageRecord, opts: ReadOptions) -> Example:
-    image = _open(record.image_path)
+    image = _open_dicom(record.image_path) if record.image_path.suffix == ".dcm" else _open(record.image_path)
     if image.mode not in IMAGE_MODES:
         raise _DecodeError(
             Problem(
