@@ -34,7 +34,9 @@ from unet_jax.config import config_to_dict
 from unet_jax.inference.model import FORMAT, MODEL_FILE, LoadedModel
 from unet_jax.inference.recipe import InferenceRecipe
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "ONNX_FILE"]
+
+ONNX_FILE = "model.onnx"  # the network as ONNX (unet_jax.inference.onnx_export), when exported with it
 
 _FP16_MAX = 60000.0  # below float16's largest finite value (65504), with margin
 
@@ -58,9 +60,12 @@ def export_model(
     card: str | None = None,
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
+    onnx: tuple[bytes, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``members`` (LoadedModel objects of one architecture; several = an ensemble)
-    as an exported folder ``out``. The recipe defaults to the first member's.
+    as an exported folder ``out``. The recipe defaults to the first member's. ``onnx``:
+    ``(model.onnx bytes, description)`` from :func:`unet_jax.inference.onnx_export.onnx_export`,
+    written beside model.json, whose ``onnx`` entry is the description and the SHA-256.
 
     Written into a temporary sibling folder and renamed, so a failure leaves no
     half-written model behind. ``overwrite`` replaces only an existing export folder (its
@@ -91,6 +96,9 @@ def export_model(
             "sources": [str(m.step_dir) for m in members],
             **({"provenance": provenance} if provenance else {}),
         }
+        if onnx is not None:
+            (tmp / ONNX_FILE).write_bytes(onnx[0])
+            info["onnx"] = {**onnx[1], "sha256": hashlib.sha256(onnx[0]).hexdigest()}
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)
