@@ -400,6 +400,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "e.g. the one experiments/oof.py chooses on out-of-fold predictions",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the network (ensemble averaged, flip TTA inside when the recipe has it) as model.onnx "
+        "beside model.json; needs the `onnx` extra: pip install 'unet-jax[onnx]'",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -408,6 +414,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from unet_jax.inference import export_model, load, read_recipe_file
 
+    onnx_export = None
+    if args.onnx:  # checked first: a missing converter is reported before any model loads
+        try:  # deferred, and optional: the converter needs the `onnx` extra
+            from unet_jax.inference.onnx_export import onnx_export
+        except ModuleNotFoundError as err:
+            raise ValueError(f"--onnx needs the package {err.name!r}: pip install 'unet-jax[onnx]'") from err
     recipe = None if args.recipe is None else read_recipe_file(args.recipe)
     members = [load(c) for c in args.checkpoints]
     card = None
@@ -415,6 +427,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if not Path(args.card).is_file():
             raise ValueError(f"model card {args.card!r} does not exist; expected a Markdown file")
         card = Path(args.card).read_text()
+    onnx = None if onnx_export is None else onnx_export(members, (recipe or members[0].recipe).flip_tta, args.dtype)
     out = export_model(
         members,
         args.out,
@@ -423,11 +436,12 @@ def _run_export(args: argparse.Namespace) -> int:
         card=card,
         overwrite=args.overwrite,
         provenance=None if args.recipe is None else {"recipe_file": str(args.recipe)},
+        onnx=onnx,
     )
     size = sum(f.stat().st_size for f in out.iterdir())
     print(
-        f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
-        f"recipe: {(recipe or members[0].recipe).describe()}"
+        f"wrote {out}: {sum(len(m.all_variables) for m in members)} member(s), {args.dtype}, {size / 1e6:.1f} MB"
+        f"{' with model.onnx' if onnx else ''}; recipe: {(recipe or members[0].recipe).describe()}"
     )
     return 0
 

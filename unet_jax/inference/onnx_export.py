@@ -26,10 +26,10 @@ ValueError naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,7 +39,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import TensorProto, helper, numpy_helper
 
-from unet_jax.inference.export import ONNX_FILE
+from unet_jax.inference.export import ONNX_FILE, as_stored
 from unet_jax.inference.model import MODEL_FILE, LoadedModel
 from unet_jax.inference.run import network_probabilities
 from unet_jax.models import needs_box_prompts
@@ -351,9 +351,15 @@ def network_graph(loaded: LoadedModel, flip_tta: bool) -> onnx.ModelProto:
     return model
 
 
-def onnx_export(loaded: LoadedModel, flip_tta: bool) -> tuple[bytes, dict[str, Any]]:
-    """``(model.onnx bytes, its description for model.json)`` of :func:`network_graph`:
-    what :func:`unet_jax.inference.export_model` takes as ``onnx``."""
+def onnx_export(members: Sequence[LoadedModel], flip_tta: bool, dtype: str = "float16") -> tuple[bytes, dict[str, Any]]:
+    """``(model.onnx bytes, its description for model.json)`` of :func:`network_graph` over
+    every member's variables (an ensemble's own members included) rounded to the storage
+    ``dtype``, exactly as :func:`unet_jax.inference.export_model` writes them (then computed
+    in float32): what export_model takes as ``onnx``."""
+    everything = [
+        jax.tree.map(lambda a: np.asarray(a, np.float32), as_stored(v, dtype)) for m in members for v in m.all_variables
+    ]
+    loaded = dataclasses.replace(members[0], variables=everything[0], members=tuple(everything[1:]))
     model = network_graph(loaded, flip_tta)
     size, channels = loaded.config.image_size, loaded.config.channels
     outputs = {
