@@ -221,3 +221,27 @@ def test_readme_snippet_segments_an_image(bundled_export, tmp_path):
     probs, _ = predict_outputs(loaded, x, flip_tta=True, batch_size=1)
     expected = M.resize_mask(probs[0], image.size[::-1], t=loaded.recipe.threshold)
     assert got.shape == expected.shape and np.array_equal(got, expected) and expected.any()
+
+
+@pytest.mark.parametrize(
+    "preset, model, size",
+    [
+        ("padded", {"features": 4, "lowering": "winograd2"}, 32),  # exported under the lax lowering
+        ("padded", {"features": 4, "lowering": "direct"}, 32),  # lax.pad
+        ("ronneberger", {"features": 4, "depth": 2}, 92),  # valid convolutions, crops
+        ("resnet18_unet", {}, 64),  # max pooling (reduce_window_max), strided convolutions
+    ],
+)
+def test_other_architectures_and_lowerings(preset, model, size):
+    import jax
+
+    from unet_jax.inference import LoadedModel
+    from unet_jax.models import build_model, init_variables
+
+    config = TrainConfig(preset=preset, model=model, image_size=size)
+    module = build_model(config)
+    loaded = LoadedModel(module, init_variables(module, jax.random.key(0), (1, size, size, 1)), config, Path("x"))
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 1), dtype=np.uint8)
+    got = _onnx_outputs(_session(network_graph(loaded, True).SerializeToString()), images)
+    probs, _ = predict_outputs(loaded, images, flip_tta=True, batch_size=2)
+    np.testing.assert_allclose(got["probabilities"], probs, atol=1e-4, rtol=0)

@@ -171,6 +171,11 @@ def _concatenate(g: _Graph, eqn: Any, *parts: Any) -> str:
     return g.op("Concat", list(parts), axis=int(eqn.params["dimension"]))
 
 
+def _stack(g: _Graph, eqn: Any, *parts: Any) -> str:
+    axis = np.asarray([eqn.params["axis"]], np.int64)
+    return g.op("Concat", [g.op("Unsqueeze", [p, axis]) for p in parts], axis=int(eqn.params["axis"]))
+
+
 def _select_n(g: _Graph, eqn: Any, which: Any, *cases: Any) -> str:
     if len(cases) != 2:
         raise ValueError(f"ONNX export: select_n of {len(cases)} cases; expected 2")
@@ -230,6 +235,42 @@ def _conv(g: _Graph, eqn: Any, x: Any, w: Any) -> str:
     return g.op("Transpose", [y], perm=[int(i) for i in np.argsort(dn.out_spec)])
 
 
+def _pad(g: _Graph, eqn: Any, x: Any, value: Any) -> str:
+    """lax.pad without interior padding: a constant Pad, then a Slice for negative edges."""
+    config = eqn.params["padding_config"]
+    if any(interior for _, _, interior in config):
+        raise ValueError(f"ONNX export: lax.pad with interior padding {config}; expected none")
+    lows, highs = [max(lo, 0) for lo, _, _ in config], [max(hi, 0) for _, hi, _ in config]
+    y = g.op("Pad", [x, np.asarray(lows + highs, np.int64), value], mode="constant") if any(lows + highs) else x
+    cut = [(axis, -lo, hi) for axis, (lo, hi, _) in enumerate(config) if lo < 0 or hi < 0]
+    if not cut:
+        return y if y is not x else g.op("Identity", [x])
+    big = np.iinfo(np.int64).max
+    starts = np.asarray([s if s > 0 else 0 for _, s, _ in cut], np.int64)
+    ends = np.asarray([hi if hi < 0 else big for _, _, hi in cut], np.int64)
+    return g.op("Slice", [y, starts, ends, np.asarray([a for a, _, _ in cut], np.int64)])
+
+
+def _max_pool(g: _Graph, eqn: Any, x: Any) -> str:
+    """reduce_window_max over two axes of a 4-D tensor (max pooling) as an ONNX MaxPool:
+    the two untouched axes moved first (as N, C), the pooled ones last."""
+    p = eqn.params
+    window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+    pooled = [a for a in range(len(window)) if window[a] != 1 or strides[a] != 1 or tuple(padding[a]) != (0, 0)]
+    dilated = any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"]))
+    if len(window) != 4 or len(pooled) != 2 or dilated:
+        raise ValueError(f"ONNX export: reduce_window_max with {p}; expected 2-D max pooling of a 4-D tensor")
+    perm = [a for a in range(4) if a not in pooled] + pooled
+    y = g.op(
+        "MaxPool",
+        [g.op("Transpose", [x], perm=perm)],
+        kernel_shape=[window[a] for a in pooled],
+        strides=[strides[a] for a in pooled],
+        pads=[padding[a][0] for a in pooled] + [padding[a][1] for a in pooled],
+    )
+    return g.op("Transpose", [y], perm=[int(i) for i in np.argsort(perm)])
+
+
 _OPS: dict[str, Callable] = {
     **{
         k: _elementwise(v)
@@ -274,9 +315,12 @@ _OPS: dict[str, Callable] = {
     "slice": _slice,
     "rev": _rev,
     "concatenate": _concatenate,
+    "stack": _stack,
     "select_n": _select_n,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
+    "pad": _pad,
+    "reduce_window_max": _max_pool,
 }
 
 
@@ -322,9 +366,13 @@ def network_graph(loaded: LoadedModel, flip_tta: bool) -> onnx.ModelProto:
         raise ValueError(f"{loaded.config.preset} is box-prompted; ONNX export covers unprompted segmenters only")
     size, channels = loaded.config.image_size, loaded.config.channels
     members = [jax.tree.map(np.asarray, v) for v in loaded.all_variables]
+    # Traced under XLA's own convolution: the other lowerings (unet_jax.lowering) compute the
+    # same sum, but Winograd's tile indexing traces as gathers under a symbolic batch, and
+    # ONNX Runtime chooses its own convolution kernels anyway.
+    model = loaded.model.clone(lowering="lax") if getattr(loaded.model, "lowering", "lax") != "lax" else loaded.model
 
     def network(x: jax.Array, members: list[Any]) -> tuple[jax.Array, jax.Array | None]:
-        outs = [network_probabilities(loaded.model, v, x, None, flip_tta) for v in members]
+        outs = [network_probabilities(model, v, x, None, flip_tta) for v in members]
         if outs[0][0] is None:
             raise ValueError(f"{loaded.config.preset} has no mask head; expected a segmentation model")
         prob = sum(o[0] for o in outs) / len(outs)
