@@ -74,7 +74,7 @@ def _imports(path: Path) -> list[tuple[int, str, str]]:
 # down, never up. The package's __init__ (the lazy public API) stands above everything.
 LAYERS = (
     ("unet_jax", "unet_jax.cli", "unet_jax.data.cli"),
-    ("unet_jax.train", "unet_jax.evaluate", "unet_jax.predict"),
+    ("unet_jax.train", "unet_jax.evaluate", "unet_jax.predict", "unet_jax.predict_boxes"),
     ("unet_jax.inference",),
     (
         "unet_jax.models",

