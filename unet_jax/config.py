@@ -97,6 +97,12 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 75
     grad_clip_norm: float | None = None
+    # Exponential moving average of the weights (and batch-norm statistics), evaluated,
+    # early-stopped on and deployed instead of the raw weights; 0 disables it. The decay
+    # warms up as min(ema_decay, (1 + step) / (10 + step)) (TensorFlow's
+    # ExponentialMovingAverage with num_updates), so early averages are not dominated by
+    # the initialisation.
+    ema_decay: float = 0.0
 
     # Early stopping on the validation split (never the test split).
     patience: int | None = 20  # epochs without improvement; None disables early stopping
@@ -177,6 +183,7 @@ def _check_ranges(config: TrainConfig) -> None:
         ("momentum", 0 <= config.momentum < 1, "a number in [0, 1)"),
         ("warmup_epochs", config.warmup_epochs >= 0, "a number of epochs >= 0"),
         ("grad_clip_norm", config.grad_clip_norm is None or config.grad_clip_norm > 0, "None or a positive number"),
+        ("ema_decay", 0 <= config.ema_decay < 1, "0 (off) or a decay in (0, 1)"),
         ("class_weight", config.class_weight >= 0, "a number >= 0"),
         ("max_lesion_empty", 0 <= config.max_lesion_empty < 1, "a fraction in [0, 1)"),
         ("box_jitter", 0 <= config.box_jitter < 0.5, "a fraction of the image side in [0, 0.5)"),

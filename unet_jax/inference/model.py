@@ -259,7 +259,8 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
 
 
 def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dict[str, Any]:
-    """Parameters and batch statistics of a checkpoint, checked against
+    """Parameters and batch statistics of a checkpoint (their moving average when the run
+    kept one), checked against
     ``abstract_variables`` (the model's ``init`` shapes); a different architecture is a
     ``ValueError`` naming what differs."""
     check_readable(step_dir)
@@ -269,7 +270,9 @@ def restore_variables(step_dir: Path, abstract_variables: dict[str, Any]) -> dic
             restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as err:  # orbax/tensorstore raise several types for damaged files
         raise unreadable_checkpoint(step_dir, err) from err
-    saved = {k: restored["state"].get(k) or {} for k in ("params", "batch_stats")}
+    # A run with a moving average of its weights (config ema_decay) deploys the average.
+    source = restored["state"].get("ema") or restored["state"]
+    saved = {k: source.get(k) or {} for k in ("params", "batch_stats")}
     wanted = {k: abstract_variables.get(k, {}) for k in ("params", "batch_stats")}
     check_same_structure(saved, wanted, step_dir)
     check_finite(saved, step_dir)

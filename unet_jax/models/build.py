@@ -25,6 +25,7 @@ __all__ = [
     "init_variables",
     "model_heads",
     "run_model",
+    "run_model_with_aux",
     "split_outputs",
 ]
 
@@ -96,11 +97,29 @@ def run_model(
     the batch's statistics and returns the new running averages, and ``rngs`` drives
     dropout; otherwise the updates are ``{}``.
     """
+    outputs, _, updates = run_model_with_aux(apply_fn, variables, images, boxes, train=train, rngs=rngs)
+    return outputs, updates
+
+
+def run_model_with_aux(
+    apply_fn: Callable[..., Any],
+    variables: dict[str, Any],
+    images: jax.Array,
+    boxes: jax.Array | None = None,
+    *,
+    train: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> tuple[Outputs, tuple[jax.Array, ...], dict[str, Any]]:
+    """:func:`run_model` plus the deep-supervision logits a model returns in training
+    (``UNet.deep_supervision``: ``(N, H/2, W/2, K), (N, H/4, W/4, K), ...``; ``()`` for
+    models without them): ``(outputs, aux_logits, batch-norm updates)``."""
     extra = () if boxes is None else (boxes,)
     if not train:
-        return split_outputs(apply_fn(variables, images, *extra, train=False)), {}
-    out, updates = apply_fn(variables, images, *extra, train=True, rngs=rngs, mutable=["batch_stats"])
-    return split_outputs(out), updates
+        out, updates = apply_fn(variables, images, *extra, train=False), {}
+    else:
+        out, updates = apply_fn(variables, images, *extra, train=True, rngs=rngs, mutable=["batch_stats"])
+    aux = tuple(out.get("aux", ())) if isinstance(out, dict) else ()
+    return split_outputs(out), aux, updates
 
 
 def model_heads(model: Any, config: TrainConfig) -> tuple[bool, bool]:

@@ -167,6 +167,12 @@ class UNet(nn.Module):
         ``'direct'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
         ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.layers.lowering`), its
         forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
+      deep_supervision: auxiliary 1x1 heads (``aux_head2``, ...) on the outputs of decoder
+        levels 2 .. deep_supervision + 1 (1/2, 1/4, ... of the output size; nnU-Net's deep
+        supervision, Isensee et al. 2021). With ``train=True`` their logits come out as
+        ``{"mask", "aux": (level 2, level 3, ...), ["class"]}``; at inference they are
+        computed for nothing (and dropped by XLA), so the parameters are the same in both
+        modes. 0 disables them.
     """
 
     features: int = 64
@@ -189,11 +195,24 @@ class UNet(nn.Module):
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     gradient: Literal["auto", "xla", "explicit"] = "auto"
     lowering: str = "lax"
+    deep_supervision: int = 0
 
     @staticmethod
     def check_fields(values: dict[str, Any]) -> None:
         """The U-Net's own constraints between fields (the shared rules are in
-        ``models._presets.FIELD_RULES``): a 'SAME' convolution needs an odd kernel."""
+        ``models._presets.FIELD_RULES``): a 'SAME' convolution needs an odd kernel; deep
+        supervision needs that many decoder levels below the top one."""
+        aux = values.get("deep_supervision", 0)
+        if not isinstance(aux, int) or isinstance(aux, bool) or not 0 <= aux < values.get("depth", 4):
+            raise ValueError(
+                f"model.deep_supervision = {aux!r}: expected an integer from 0 to depth - 1 = "
+                f"{values.get('depth', 4) - 1} (auxiliary heads on the decoder levels below the top) (UNet)"
+            )
+        if aux and values.get("padding") == "VALID":
+            raise ValueError(
+                "model.deep_supervision with padding 'VALID': the decoder levels' sizes are not the "
+                "output size halved; expected padding 'SAME' (or deep_supervision=0) (UNet)"
+            )
         if values.get("padding") == "SAME" and values.get("kernel_size", 3) % 2 == 0:
             raise ValueError(
                 f"model.kernel_size = {values['kernel_size']}: expected an odd size with "
@@ -245,6 +264,7 @@ class UNet(nn.Module):
             pooled = jnp.mean(x.astype(jnp.float32), axis=(2, 3) if channels_first else (1, 2))
             class_logits = nn.Dense(self.class_head, param_dtype=self.param_dtype, name="class_head")(pooled)
 
+        aux: list[jax.Array] = []
         for level in range(self.depth, 0, -1):
             features = self.features * 2 ** (level - 1)
             x = ConvTranspose2D(
@@ -262,7 +282,21 @@ class UNet(nn.Module):
             x = CropConcat(layout=self.layout, name=f"concat{level}")(skips[level - 1], x)
             x = self._dropout(x, f"drop_concat{level}", train)
             x = self._block(features, f"dec{level}")(x, train=train)
+            if 2 <= level <= self.deep_supervision + 1:
+                aux.insert(0, self._head(x, f"aux_head{level}"))
 
+        logits = self._head(x, "head")
+        if not train or not aux:
+            if class_logits is not None:
+                return {"mask": logits, "class": class_logits.astype(jnp.float32)}
+            return logits
+        out = {"mask": logits, "aux": tuple(aux)}
+        if class_logits is not None:
+            out["class"] = class_logits.astype(jnp.float32)
+        return out
+
+    def _head(self, x: jax.Array, name: str) -> jax.Array:
+        """A 1x1 convolution to ``num_classes`` float32 logits, NHWC whatever the layout."""
         logits = Conv2D(
             self.num_classes,
             1,
@@ -271,12 +305,10 @@ class UNet(nn.Module):
             param_dtype=self.param_dtype,
             layout=self.layout,
             gradient=self.gradient,
-            name="head",
+            name=name,
         )(x)
-        if channels_first:
+        if self.layout == "NCHW":
             logits = jnp.transpose(logits, (0, 2, 3, 1))
-        if class_logits is not None:
-            return {"mask": logits.astype(jnp.float32), "class": class_logits.astype(jnp.float32)}
         return logits.astype(jnp.float32)
 
     def _check_input(self, x: jax.Array) -> None:

@@ -30,7 +30,11 @@ _TMP_MARK = ".orbax-checkpoint-tmp-"
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    if state.ema is not None:
+        # The moving average, the weights inference loads (unet_jax.inference.restore_variables).
+        tree["ema"] = state.ema
+    return tree
 
 
 class CheckpointStore:
@@ -81,7 +85,11 @@ class CheckpointStore:
             raise unreadable_checkpoint(Path(manager.directory) / str(step), err) from err
         tree = restored["state"]
         state = state.replace(
-            step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"]
+            step=tree["step"],
+            params=tree["params"],
+            batch_stats=tree["batch_stats"],
+            opt_state=tree["opt_state"],
+            ema=tree.get("ema"),
         )
         return state, dict(restored["meta"])
 

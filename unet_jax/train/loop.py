@@ -206,7 +206,7 @@ def _finite_flags(tree: Any) -> list[jax.Array]:
 def _non_finite_arrays(state: TrainState) -> list[str]:
     """Paths (``batch_stats/.../var``) of the state's arrays holding NaN or inf: the arrays
     a checkpoint saves."""
-    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state, "ema": state.ema}
     paths = [
         jax.tree_util.keystr(path, simple=True, separator="/")
         for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -253,7 +253,7 @@ class _Run:
         """Metrics of ``state`` over a device-resident split, means on the host (the run's
         loss unless ``loss_fn`` and ``class_weight`` say otherwise)."""
         totals = evaluate_device_data(
-            state,
+            state.deployed(),
             data,
             batch_size=self.config.eval_batch_size,
             loss_fn=loss_fn or self.loss_fn,
@@ -385,14 +385,17 @@ def _initial_state(run: _Run) -> tuple[TrainState, LoopState]:
     # backends; a run is reproducible on the same kind of device.
     init_key = jax.random.key(config.seed, impl="rbg")
     state = create_train_state(
-        run.model, run.tx, init_key, (1, config.image_size, config.image_size, config.channels), frozen=config.freeze
+        run.model,
+        run.tx,
+        init_key,
+        (1, config.image_size, config.image_size, config.channels),
+        frozen=config.freeze,
+        ema_decay=config.ema_decay,
     )
     resuming = run.store.latest_step() is not None
     if config.init_from is not None and not resuming:
         variables, copied = load_initial_variables(config, {"params": state.params, "batch_stats": state.batch_stats})
-        state = state.replace(
-            params=variables["params"], batch_stats=variables["batch_stats"], opt_state=run.tx.init(variables["params"])
-        )
+        state = state.with_variables(variables).replace(opt_state=run.tx.init(variables["params"]))
         run.emit({"kind": "init_from", "path": config.init_from, "parameters_copied": copied})
     state = _replicate(state, run.mesh)
     loop = LoopState()
@@ -466,6 +469,7 @@ def _train_epochs(run: _Run, state: TrainState, loop: LoopState, started: float)
 def _log_images(run: _Run, log: MetricsLog, state: TrainState, loop: LoopState, last: bool) -> None:
     """TensorBoard images: 4 validation predictions every epoch, the curves after the last."""
     step = loop.epoch * run.steps_per_epoch
+    state = state.deployed()
     if jax.process_count() > 1:  # only process 0 logs: a copy of the model on its own device
         local = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
         state = state.replace(opt_state=None, **local)

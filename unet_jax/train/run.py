@@ -308,6 +308,7 @@ def finish_run(
 def _trained_model(config: TrainConfig, model: Any, state: Any, run_dir: Path) -> LoadedModel:
     """The evaluated state as a LoadedModel, its step folder the checkpoint it is saved in
     (where its recipe goes)."""
+    state = state.deployed()
     variables = distributed.to_host({"params": state.params, "batch_stats": state.batch_stats})
     try:
         step_dir = find_checkpoint(run_dir if config.restore_best else run_dir / "checkpoints" / LATEST)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
@@ -17,15 +18,45 @@ __all__ = ["TrainState", "LoopState", "make_optimizer", "make_schedule", "create
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the batch-norm running statistics (empty without norm).
+    """Flax's TrainState plus the batch-norm running statistics (empty without norm) and,
+    with ``ema_decay > 0``, an exponential moving average of both (``ema``:
+    ``{"params", "batch_stats"}``; None without it).
 
     Static (not saved, rebuilt from the config): ``box_prompts``, whether the model takes
-    box prompts (SAM); ``frozen``, the top-level parameter groups that get no gradient.
+    box prompts (SAM); ``frozen``, the top-level parameter groups that get no gradient;
+    ``ema_decay``.
     """
 
     batch_stats: Any = None
+    ema: Any = None
     box_prompts: bool = struct.field(pytree_node=False, default=False)
     frozen: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+    def deployed(self) -> TrainState:
+        """The state whose weights are evaluated, early-stopped on and deployed: the
+        moving average when there is one, else the state itself."""
+        if self.ema is None:
+            return self
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
+
+    def update_ema(self) -> TrainState:
+        """The moving average after the step just taken (``self.step`` counts it):
+        ``ema <- d * ema + (1 - d) * new`` with ``d = min(ema_decay, (1 + t) / (10 + t))``,
+        ``t`` the number of steps before this one."""
+        if self.ema is None:
+            return self
+        t = jnp.asarray(self.step, jnp.float32) - 1.0
+        decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
+        new = {"params": self.params, "batch_stats": self.batch_stats}
+        ema = jax.tree.map(lambda e, x: (decay * e + (1.0 - decay) * x).astype(e.dtype), self.ema, new)
+        return self.replace(ema=ema)
+
+    def with_variables(self, variables: dict[str, Any]) -> TrainState:
+        """``variables`` (``{"params", "batch_stats"}``) as the weights, the moving
+        average (if any) restarted from them."""
+        ema = None if self.ema is None else jax.tree.map(jnp.copy, variables)
+        return self.replace(params=variables["params"], batch_stats=variables["batch_stats"], ema=ema)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +125,12 @@ def create_train_state(
     key: jax.Array,
     input_shape: tuple[int, ...],
     frozen: tuple[str, ...] = (),
+    ema_decay: float = 0.0,
 ) -> TrainState:
     """Initialise parameters for inputs of ``input_shape`` (N, H, W, C).
 
-    ``frozen``: top-level parameter groups to keep fixed (they must exist).
+    ``frozen``: top-level parameter groups to keep fixed (they must exist); ``ema_decay``
+    > 0 keeps a moving average of the weights (:meth:`TrainState.update_ema`).
     """
     variables = init_variables(model, key, input_shape)
     unknown = sorted(set(frozen) - set(variables["params"]))
@@ -111,6 +144,12 @@ def create_train_state(
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
+        ema=(
+            jax.tree.map(jnp.copy, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+            if ema_decay > 0
+            else None
+        ),
         box_prompts=needs_box_prompts(model),
         frozen=tuple(frozen),
+        ema_decay=float(ema_decay),
     )

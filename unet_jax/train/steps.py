@@ -24,7 +24,7 @@ from unet_jax.data.augment import Batch, DeviceData
 from unet_jax.data.prompts import boxes_from_masks
 from unet_jax.losses import batch_confusion, softmax_cross_entropy
 from unet_jax.metrics import scores_from_confusion
-from unet_jax.models.build import Outputs, run_model
+from unet_jax.models.build import Outputs, run_model_with_aux
 from unet_jax.train.distributed import to_host
 from unet_jax.train.state import TrainState
 
@@ -33,6 +33,8 @@ __all__ = [
     "Metrics",
     "LossFn",
     "apply_model",
+    "deep_supervision_loss",
+    "downsample_masks",
     "make_mesh",
     "batch_metrics",
     "train_step",
@@ -80,12 +82,51 @@ def apply_model(
     Box-prompted models (``state.box_prompts``) get boxes from ``masks`` (jittered in
     training, see unet_jax.data.prompts); ``key`` drives dropout and the jitter.
     """
+    outputs, _, updates = _apply_with_aux(state, params, images, masks, train=train, key=key, box_jitter=box_jitter)
+    return outputs, updates
+
+
+def _apply_with_aux(
+    state: TrainState,
+    params: Any,
+    images: jax.Array,
+    masks: jax.Array,
+    *,
+    train: bool,
+    key: jax.Array | None = None,
+    box_jitter: float = 0.0,
+) -> tuple[Outputs, tuple[jax.Array, ...], Any]:
+    """:func:`apply_model` plus the model's deep-supervision logits (``()`` without)."""
     variables = {"params": params, "batch_stats": state.batch_stats}
     boxes = None
     if state.box_prompts:
         jitter_key = None if key is None else jax.random.fold_in(key, 1)
         boxes = boxes_from_masks(masks, jitter=box_jitter if train else 0.0, key=jitter_key)
-    return run_model(state.apply_fn, variables, images, boxes, train=train, rngs={"dropout": key} if train else None)
+    rngs = {"dropout": key} if train else None
+    return run_model_with_aux(state.apply_fn, variables, images, boxes, train=train, rngs=rngs)
+
+
+def downsample_masks(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Masks (B, H, W, K) averaged over blocks to (B, h, w, K), ``H = f * h`` and
+    ``W = f * w``: each block's lesion fraction, the soft target of a deep-supervision
+    head at that scale."""
+    b, h, w, k = masks.shape
+    fh, fw = h // size[0], w // size[1]
+    if (fh * size[0], fw * size[1]) != (h, w):
+        raise ValueError(f"deep supervision: masks of size {(h, w)} do not divide into logits of size {size}")
+    return jnp.mean(masks.reshape(b, size[0], fh, size[1], fw, k), axis=(2, 4))
+
+
+def deep_supervision_loss(main: jax.Array, aux: tuple[jax.Array, ...], masks: jax.Array, loss_fn: LossFn) -> jax.Array:
+    """nnU-Net's deep-supervision objective (Isensee et al. 2021): the main loss and each
+    coarser head's loss against the block-averaged masks, weighted 1, 1/2, 1/4, ... and
+    normalised to sum to 1. ``main``: the full-resolution loss; ``aux``: logits at 1/2,
+    1/4, ... of the mask size."""
+    weights = [0.5 ** (i + 1) for i in range(len(aux))]
+    total = main
+    for weight, logits in zip(weights, aux):
+        total = total + weight * loss_fn(logits, downsample_masks(masks, logits.shape[1:3]))
+    return total / (1.0 + sum(weights))
 
 
 def batch_metrics(
@@ -173,10 +214,15 @@ def train_step(
     key = jax.random.fold_in(dropout_key, state.step)
 
     def objective(params: Any) -> tuple[jax.Array, tuple[Outputs, Any]]:
-        outputs, updates = apply_model(
+        outputs, aux, updates = _apply_with_aux(
             state, _frozen_stopped(state, params), batch.images, batch.masks, train=True, key=key, box_jitter=box_jitter
         )
-        return _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False), (outputs, updates)
+        loss = _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False)
+        if aux:
+            # Only the mask term is supervised at every scale; the class term stays as it is.
+            main = _total_loss((outputs[0], None), batch.masks, batch.labels, loss_fn, 0.0, False)
+            loss = loss - main + deep_supervision_loss(main, aux, batch.masks, loss_fn)
+        return loss, (outputs, updates)
 
     (_, (outputs, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     # optax is written for standard dtype promotion (Adam's bias correction raises a Python
@@ -185,6 +231,7 @@ def train_step(
     # third-party code, is the one place scoped back to standard; otherwise a no-op.
     with jax.numpy_dtype_promotion("standard"):
         state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    state = state.update_ema()
     outputs = jax.lax.stop_gradient(outputs)
     per_image = _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, True)
     return state, batch_metrics(outputs, batch.masks, batch.labels, per_image, threshold)
