@@ -136,6 +136,7 @@ def test_dicom_seg_of_a_multi_frame_file_is_refused_for_that_file(run, threshold
     assert sorted(p.name for p in out.iterdir()) == [
         "predictions.csv",
         "predictions.json",
+        "report.html",
         "us1_mask.png",
         "us1_overlay.png",
         "us1_seg.dcm",
