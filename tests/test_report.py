@@ -206,7 +206,8 @@ def test_predict_writes_the_report_with_the_tables_rows_and_overlay_thumbnails(u
     assert len(parsed.tables) == 1
     table = parsed.tables[0]
     header = [c["text"] for c in table["head"]]
-    assert header[:3] == ["overlay", "input", "lesion_present"] and "mask" not in header and "area_px" in header
+    assert header[:4] == ["overlay", "input", "frame", "lesion_present"] and "area_px" in header
+    assert "mask" not in header and "seg" not in header  # paths are not columns
     assert _column(table, "input") == [r["input"] for r in rows] == inputs
     assert _column(table, "area_px") == [str(r["area_px"]) for r in rows[:2]] + [""]
     for row, cells in zip(rows[:2], table["rows"][:2], strict=True):

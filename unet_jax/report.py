@@ -52,7 +52,7 @@ THUMBNAIL_SIDE = 160  # predict: the overlay's longer side in the table, in pixe
 CASE_SIDE = 200  # evaluate: a case's longer side (contours drawn at this size)
 # predict's path columns: shown as the thumbnail (overlay) or not at all (the files sit beside
 # the report; the input's name is its own column).
-_PREDICT_HIDDEN = ("mask", "overlay", "probability", "recipe")
+_PREDICT_HIDDEN = ("mask", "overlay", "probability", "seg", "recipe")
 _METRIC_LABELS = {
     "dice": "Dice",
     "iou": "IoU",
