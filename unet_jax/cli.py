@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from unet_jax import summary as model_summary
 from unet_jax.config import demo_config, load_config
@@ -340,6 +341,30 @@ def _add_box_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _progress_line(extra: Callable[[Any], str] = lambda result: "") -> Callable[[int, int, Any], None]:
+    """predict's progress callback: one line per input (skipped inputs on stderr);
+    ``extra(result)`` is appended inside the parentheses of a written mask's line."""
+
+    def report(n: int, total: int, result: Any) -> None:
+        if result.error:
+            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
+        elif result.note:
+            print(f"[{n}/{total}] {result.note}")
+        else:
+            fraction = 100 * result.lesion_fraction
+            print(f"[{n}/{total}] {result.input} -> {result.mask} (lesion {fraction:.1f}% of pixels{extra(result)})")
+
+    return report
+
+
+def _failed_status(results: Sequence[Any]) -> int:
+    """predict's exit status: 1 when any input could not be read (counted on stderr), else 0."""
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _run_predict_boxes(args: argparse.Namespace) -> int:
     # Deferred like every command's imports: the parser loads without JAX.
     from unet_jax.inference.prompted import CONTAMINATION, load_box_prompted
@@ -358,24 +383,11 @@ def _run_predict_boxes(args: argparse.Namespace) -> int:
     prompted = load_box_prompted(args.checkpoint)
     print(f"LiteMedSAM ({prompted.source}). {CONTAMINATION}")
 
-    def report(n: int, total: int, result) -> None:
-        if result.error:
-            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
-        elif result.note:
-            print(f"[{n}/{total}] {result.note}")
-        else:
-            print(
-                f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of "
-                f"pixels; {result.recipe.split(';')[0]}; BUSI may be in LiteMedSAM's pretraining)"
-            )
-
+    report = _progress_line(lambda r: f"; {r.recipe.split(';')[0]}; BUSI may be in LiteMedSAM's pretraining")
     results = predict_with_boxes(prompted, plan, progress=report, save_probabilities=args.save_probabilities)
     if args.report:
         print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
-    failed = sum(r.error is not None for r in results)
-    if failed:
-        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    return _failed_status(results)
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -424,16 +436,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not status["tuned"] and not args.raw:
         print(status["description"])
 
-    def report(n: int, total: int, result) -> None:
-        if result.error:
-            print(f"[{n}/{total}] skipped: {result.error}", file=sys.stderr)
-        elif result.note:
-            print(f"[{n}/{total}] {result.note}")
-        else:
-            print(
-                f"[{n}/{total}] {result.input} -> {result.mask} (lesion {100 * result.lesion_fraction:.1f}% of pixels)"
-            )
-
+    report = _progress_line()
     results = predict_files(
         loaded,
         args.inputs,
@@ -448,10 +451,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     if args.report:
         print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
-    failed = sum(r.error is not None for r in results)
-    if failed:
-        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    return _failed_status(results)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

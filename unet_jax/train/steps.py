@@ -175,15 +175,26 @@ def _class_term(outputs: Outputs, class_weight: float) -> float:
 
 
 def _total_loss(
-    outputs: Outputs, masks: jax.Array, labels: jax.Array, loss_fn: LossFn, class_weight: float, per_image: bool
+    outputs: Outputs,
+    masks: jax.Array,
+    labels: jax.Array,
+    loss_fn: LossFn,
+    class_weight: float,
+    per_image: bool,
+    aux: tuple[jax.Array, ...] = (),
 ) -> jax.Array:
-    """The training objective: the segmentation loss (batch value, or per image) plus the
+    """The training objective: the segmentation loss (batch value, or per image; with the
+    deep-supervision logits ``aux``, :func:`deep_supervision_loss` of the batch) plus the
     weighted cross-entropy of the class head."""
     mask_logits, class_logits = outputs
     batch = masks.shape[0]
     total = jnp.zeros((batch,) if per_image else (), jnp.float32)
     if mask_logits is not None:
-        total = total + (_per_image(loss_fn, mask_logits, masks) if per_image else loss_fn(mask_logits, masks))
+        if per_image:
+            total = total + _per_image(loss_fn, mask_logits, masks)
+        else:
+            main = loss_fn(mask_logits, masks)
+            total = total + (deep_supervision_loss(main, aux, masks, loss_fn) if aux else main)
     weight = _class_term(outputs, class_weight)
     if weight:
         ce = softmax_cross_entropy(class_logits, labels)
@@ -217,11 +228,7 @@ def train_step(
         outputs, aux, updates = _apply_with_aux(
             state, _frozen_stopped(state, params), batch.images, batch.masks, train=True, key=key, box_jitter=box_jitter
         )
-        loss = _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False)
-        if aux:
-            # Only the mask term is supervised at every scale; the class term stays as it is.
-            main = _total_loss((outputs[0], None), batch.masks, batch.labels, loss_fn, 0.0, False)
-            loss = loss - main + deep_supervision_loss(main, aux, batch.masks, loss_fn)
+        loss = _total_loss(outputs, batch.masks, batch.labels, loss_fn, class_weight, False, aux)
         return loss, (outputs, updates)
 
     (_, (outputs, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
