@@ -16,8 +16,8 @@ analytic count ``2 * B * H * W * 9 * C_in * C_out``. ``flags``: the seed preset'
 inference (batch 8, 256x256, float32) in a fresh process per flag value, so that every
 XLA_FLAGS value compiles its own program. ``lowerings``: for every 3x3 convolution shape
 of a preset at ``--size`` (the seed shapes scaled from 256), each lowering of
-:mod:`unet_jax.layers.lowering` (lax, direct up to 8 input channels, im2col, winograd2,
-winograd4) jitted, forward and forward +
+:mod:`unet_jax.layers.lowering` (lax, direct and stem up to 8 input channels, im2col,
+winograd2, winograd4) jitted, forward and forward +
 backward (input and kernel gradients for a random output cotangent), against ``nn.Conv2d`` (channels-last;
 forward under no_grad, and forward + backward) with ``--threads`` PyTorch threads (1 when
 pinned to one core, for a fair comparison); GFLOP/s from the nominal direct-convolution
@@ -49,6 +49,7 @@ from flax import linen as nn
 from jax import lax
 
 from benchmarks.harness import REPO, environment, median_ms, write_result
+from benchmarks.throughput import parse_fields
 from unet_jax._io import write_json
 from unet_jax.layers import Conv2D, resolve_padding
 from unet_jax.layers.lowering import (
@@ -271,11 +272,13 @@ def time_lowering(
     pads: PadPairs = ((1, 1), (1, 1)),
     windows: int = 5,
     calls: int = 3,
+    input_gradient: bool = True,
 ) -> float:
     """Median milliseconds of one jitted 3x3 stride-1 convolution by ``lowering``.
 
     ``mode='infer'``: the forward; ``'train'``: forward + backward (the input and kernel
-    gradients for a random output cotangent).
+    gradients for a random output cotangent; the kernel gradient alone with
+    ``input_gradient=False``, as for a network's first layer, whose input is the data).
     """
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape, np.float32))
@@ -290,8 +293,10 @@ def time_lowering(
 
     if mode == "infer":
         fn = jax.jit(lambda x, w, dy: forward(x, w))
-    elif mode == "train":
+    elif mode == "train" and input_gradient:
         fn = jax.jit(lambda x, w, dy: jax.vjp(forward, x, w)[1](dy))
+    elif mode == "train":
+        fn = jax.jit(lambda x, w, dy: jax.vjp(lambda w: forward(x, w), w)[1](dy))
     else:
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
     return median_ms(lambda: jax.block_until_ready(fn(x, w, dy)), windows, calls)
@@ -307,31 +312,52 @@ def tune(
     calls: int = 2,
     out: str | os.PathLike | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time every lowering on each distinct 3x3 stride-1 ungrouped Conv2D of a U-Net preset;
     write the table (atomically) to ``out`` (default :func:`table_path`) and return it.
 
-    ``lowerings``: those to time (default :func:`candidates` of each shape). ``report``
-    receives one dict per measured (shape, mode), e.g. to print progress.
+    A table already at ``out`` from this machine keeps its other entries (tune several
+    presets and sizes into one file). ``lowerings``: those to time, each where
+    :func:`candidates` allows it (default: all of them). ``report``
+    receives one dict per measured (shape, mode), e.g. to print progress. ``model``:
+    field overrides of the preset (e.g. ``{"features": 16}``). The layer that reads the
+    network's input is timed in ``'train'`` mode on its kernel gradient alone (a training
+    step never asks for the image's gradient); its entries say so (``"input_gradient":
+    false``).
     """
-    model = create_unet(preset)
-    shapes = conv_shapes(model, (batch, size, size, model.in_channels), train=False)
+    net = create_unet(preset, **(model or {}))
+    x_shape = (batch, size, size, net.in_channels)
+    shapes = conv_shapes(net, x_shape, train=False)
     seen = {}
     for s in shapes:
         if s["kernel"] == (3, 3) and s["strides"] == (1, 1) and s["groups"] == 1:
             seen.setdefault((s["shape"], s["features"], s["pads"]), None)
     entries = {}
     for (shape, c_out, pads), _ in seen.items():
+        input_gradient = shape != x_shape
         for mode in modes:
             ms = {
-                name: round(time_lowering(name, shape, c_out, mode, pads, windows, calls), 3)
-                for name in (lowerings or candidates(shape[3]))
+                name: round(
+                    time_lowering(name, shape, c_out, mode, pads, windows, calls, input_gradient or mode != "train"), 3
+                )
+                for name in candidates(shape[3])
+                if lowerings is None or name in lowerings
             }
             best = min(ms, key=ms.get)
             key = table_key(shape[1], shape[2], shape[3], c_out, batch, mode, pads)
             entries[key] = {"best": best, "ms": ms}
+            if mode == "train" and not input_gradient:
+                entries[key]["input_gradient"] = False
             if report:
                 report({"key": key, **entries[key]})
+    out = Path(out) if out is not None else table_path()
+    tuned = [{"preset": preset, "size": size, "batch": batch, "model": dict(model or {})}]
+    previous = load_table(out) if out.exists() else None
+    if previous and previous.get("machine") == machine_id():
+        # Several presets and sizes share one table: keep this machine's other entries.
+        entries = {**previous.get("entries", {}), **entries}
+        tuned = [*previous.get("tuned", []), *tuned]
     table = {
         "format": TABLE_FORMAT,
         "machine": machine_id(),
@@ -340,9 +366,10 @@ def tune(
         "preset": preset,
         "size": size,
         "batch": batch,
+        "tuned": tuned,
         "entries": entries,
     }
-    write_json(out if out is not None else table_path(), table)
+    write_json(out, table)
     return table
 
 
@@ -391,6 +418,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     t.add_argument("--windows", type=int, default=3)
+    t.add_argument("--model", type=parse_fields, default={}, help="preset field overrides, e.g. features=16")
+    t.add_argument(
+        "--lowerings",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=None,
+        help="time only these (e.g. lax,direct,stem: the first layer's choice, lax elsewhere)",
+    )
     t.add_argument("--out", default=None, help=f"table file (default: ${TABLE_ENV} or the user cache)")
     s = sub.add_parser("show", help="print the table")
     s.add_argument("--path", default=None)
@@ -412,7 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.modes,
             windows=args.windows,
             out=args.out,
+            lowerings=args.lowerings,
             report=lambda row: print(json.dumps(row), flush=True),
+            model=args.model,
         )
         print(f"wrote {len(table['entries'])} entries to {args.out or table_path()}")
         return 0

@@ -21,7 +21,9 @@ flag each, as listed by the binary in benchmarks/results/xla_cpu_flags.txt):
 * ``two_devices+LEVER`` (e.g. ``two_devices+onednn``): the user path with one more flag;
   ``+rbg`` / ``+unsafe_rbg`` (``ARG_LEVERS``): dropout bits from XLA's RngBitGenerator;
   ``+fold_bn``: inference with batch norm folded into the convolutions (throughput.py
-  ``--fold-bn``).
+  ``--fold-bn``); ``+auto_lowering`` (``MODEL_LEVERS``): the model field
+  ``lowering='auto'``, every 3x3 layer by the machine's tuned lowering table (tune it
+  first: ``python -m benchmarks.cpu_conv tune``).
 
 PyTorch (eager, channels-last, ``torch.set_num_threads`` = the cores) runs in its own
 process before the variants of each repeat. Prints one table row per (preset, variant,
@@ -99,24 +101,39 @@ ARG_LEVERS: dict[str, list[str]] = {
     "unsafe_rbg": ["--dropout-prng", "unsafe_rbg"],
     "fold_bn": ["--fold-bn"],
 }
+# Levers that are model fields (throughput.py --model, JAX only): ``auto_lowering`` lets
+# every 3x3 convolution take the machine's tuned lowering (python -m benchmarks.cpu_conv
+# tune; unet_jax.layers.lowering), e.g. conv_stem for the first layer.
+MODEL_LEVERS: dict[str, str] = {
+    "auto_lowering": "lowering=auto",
+}
 PATHS = ("train_single", "train_scan", "infer")
 
 
 def variant(name: str) -> tuple[str, list[str]]:
     """``base+lever+...``: the base's flags and arguments with each lever's flag added."""
     base, *levers = name.split("+")
-    if base not in VARIANTS or any(lever not in LEVERS and lever not in ARG_LEVERS for lever in levers):
+    known = {*LEVERS, *ARG_LEVERS, *MODEL_LEVERS}
+    if base not in VARIANTS or any(lever not in known for lever in levers):
         raise SystemExit(
-            f"unknown variant {name!r}; expected a base of {sorted(VARIANTS)} and levers of "
-            f"{sorted(LEVERS) + sorted(ARG_LEVERS)}"
+            f"unknown variant {name!r}; expected a base of {sorted(VARIANTS)} and levers of {sorted(known)}"
         )
     flags, extra = VARIANTS[base]
     flags = " ".join([flags, *(LEVERS[lever] for lever in levers if lever in LEVERS)]).strip()
     return flags, [*extra, *(a for lever in levers for a in ARG_LEVERS.get(lever, []))]
 
 
-def _throughput(args: argparse.Namespace, preset: str, framework: str, flags: str, extra: list[str]) -> dict:
-    """One throughput.py process; its JSON row for ``preset``."""
+def variant_model(name: str, model: str = "") -> str:
+    """``--model`` for a variant's JAX process: ``model`` and its model-field levers."""
+    levers = name.split("+")[1:]
+    return ",".join(x for x in (model, *(MODEL_LEVERS[lever] for lever in levers if lever in MODEL_LEVERS)) if x)
+
+
+def _throughput(
+    args: argparse.Namespace, preset: str, framework: str, flags: str, extra: list[str], model: str | None = None
+) -> dict:
+    """One throughput.py process; its JSON row for ``preset`` (``model``: ``--model``, default ``args.model``)."""
+    model = args.model if model is None else model
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         load = [round(x, 2) for x in os.getloadavg()]
@@ -147,8 +164,8 @@ def _throughput(args: argparse.Namespace, preset: str, framework: str, flags: st
             str(out),
             *extra,
         ]
-        if args.model:
-            cmd += ["--model", args.model]
+        if model:
+            cmd += ["--model", model]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=args.timeout_s)
         if proc.returncode != 0:
             return {"error": proc.stderr[-1500:]}
@@ -208,12 +225,12 @@ def _measure(args: argparse.Namespace, preset: str, names: list[str], result: di
         )
         for name in names:
             flags, extra = variant(name)
-            row = _throughput(args, preset, "jax", flags, extra)
+            row = _throughput(args, preset, "jax", flags, extra, variant_model(name, args.model))
             for path in PATHS:
                 if _ips(row, path) and peer[path]:
                     row[path]["ratio_to_torch"] = round(_ips(row, path) / peer[path], 3)
             entry = rows[name]
-            entry.update(xla_flags=flags, args=extra)
+            entry.update(xla_flags=flags, args=extra, model=variant_model(name, args.model))
             entry.setdefault("repeats", []).append(row)
             entry["median"] = _summary(entry["repeats"])
             write_result(Path(args.out), result)

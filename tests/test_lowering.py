@@ -97,7 +97,7 @@ def test_direct_and_im2col_other_kernels_and_strides(kernel, stride):
     k = rng.standard_normal((*kernel, 3, 2)).astype(np.float32)
     pads = ((1, 0), (0, 1))
     expected = np.asarray(L.conv_lax(jnp.asarray(x), jnp.asarray(k), stride, pads, jax.lax.Precision.HIGHEST))
-    for conv in (L.conv_direct, L.conv_im2col):
+    for conv in (L.conv_direct, L.conv_stem, L.conv_im2col):
         y = np.asarray(conv(jnp.asarray(x), jnp.asarray(k), stride, pads))
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4, err_msg=conv.__name__)
 
@@ -125,6 +125,30 @@ def test_gradients_equal_lax(shape, pads):
     for name in NON_LAX:
         for got, want in zip(found[name], found["lax"]):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, pads", [((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 2), (2, 1), ((1, 0), (0, 2)))]
+)
+def test_stem_kernel_gradient_is_the_patch_product(kernel, stride, pads):
+    # conv_stem's kernel gradient is written out (P^T dY), not autodiff: against XLA's on
+    # 1- and 3-channel inputs, strided and asymmetric; and, as in a network's first layer,
+    # the kernel gradient alone (the input gradient then dead code) gives the same numbers.
+    rng = np.random.default_rng(3)
+    for c_in in (1, 3):
+        x = jnp.asarray(rng.standard_normal((2, 9, 8, c_in)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((*kernel, c_in, 5)), jnp.float32)
+        y = L.conv_lax(x, k, stride, pads)
+        probe = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+
+        def loss(x, k, name):
+            return jnp.sum(L.lower_conv(name, x, k, stride, pads, jax.lax.Precision.HIGHEST) * probe)
+
+        want = jax.grad(loss, argnums=(0, 1))(x, k, "lax")
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, k, "stem")
+        only_w = jax.jit(jax.grad(loss, argnums=1), static_argnums=2)(x, k, "stem")
+        for a, b in ((got[0], want[0]), (got[1], want[1]), (only_w, want[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------

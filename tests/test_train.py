@@ -563,3 +563,33 @@ def test_metrics_log_drops_a_line_cut_short_and_refuses_a_bad_one(tmp_path):
     path.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"line 2 is not valid JSON .*; expected one JSON object per line"):
         read_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------
+# Hard negatives: normal images repeated in the training split
+# --------------------------------------------------------------------------------------
+def test_repeat_normals_adds_copies_of_the_normal_training_images_only():
+    from unet_jax.data import CLASSES
+    from unet_jax.train.loop import repeat_normals
+
+    ids = ("b1", "n1", "m1", "n2")
+    labels = np.array([CLASSES.index(c) for c in ("benign", "normal", "malignant", "normal", "benign")])
+    order = {k: i for i, k in enumerate((*ids, "b2"))}
+    dataset = SimpleNamespace(labels=labels, index_of=lambda keys: np.array([order[k] for k in keys]))
+    assert repeat_normals(ids, dataset, 1) == ids
+    assert repeat_normals(ids, dataset, 3) == (*ids, "n1", "n2", "n1", "n2")
+    with pytest.raises(ValueError, match=r"config normal_repeats = 0: expected a positive integer"):
+        dataclasses.replace(TINY, normal_repeats=0)
+
+
+def test_normal_repeats_lengthen_the_epoch_by_the_copies(tmp_path):
+    # BUSI ids name their class ("normal (3)"); the phantom data follows the same layout.
+    events = []
+    config = dataclasses.replace(TINY, epochs=1, normal_repeats=3)
+    result = train(config, tmp_path, progress=events.append)
+    train_ids = json.loads((tmp_path / "split.json").read_text())["partitions"]["train"]
+    normals = sum(1 for i in train_ids if i.startswith("normal"))
+    assert normals > 0
+    steps = max(e["step"] for e in events if "step" in e)
+    assert steps == (len(train_ids) + 2 * normals) // config.batch_size
+    assert result.best_epoch == 1

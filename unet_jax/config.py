@@ -59,6 +59,10 @@ class TrainConfig:
     split_seed: int = 0
     manifest: str | None = None  # reuse a split manifest (JSON) instead of making one
     phantom_images: int = 120  # size of the generated dataset when data is None
+    # Hard negatives: every normal (lesion-free) training image appears this many times per
+    # epoch (each copy augmented on its own); 1 trains on the split as it is. Validation
+    # and test splits are never repeated.
+    normal_repeats: int = 1
 
     # Augmentation (unet_jax.data.AugmentConfig); augment=False trains on the images as read.
     augment: bool = True
@@ -170,6 +174,7 @@ def _check_ranges(config: TrainConfig) -> None:
         ("cpu_devices", config.cpu_devices >= 0, "0 (auto) or a positive integer"),
         ("checkpoint_every", config.checkpoint_every >= 1, "a positive integer"),
         ("phantom_images", config.phantom_images >= 1, "a positive integer"),
+        ("normal_repeats", config.normal_repeats >= 1, "a positive integer (1: no repeats)"),
         ("hflip", 0 <= config.hflip <= 1, "a probability in [0, 1]"),
         ("max_rotation_deg", config.max_rotation_deg >= 0, "a number of degrees >= 0"),
         ("scale_min", 0 < config.scale_min <= config.scale_max, "above 0 and at most scale_max"),

@@ -12,6 +12,11 @@ on NHWC float arrays with HWIO kernels and explicit zero padding ``((top, bottom
 * :func:`conv_direct`: the sum itself, one multiply-add of a shifted input channel per
   kernel tap and input channel, vectorised over output channels: for the first layer of a
   network (1 or 3 input channels), where a matrix product has almost no inner dimension.
+* :func:`conv_stem`: the direct sum forward for the first layer, with a kernel gradient
+  that is one matrix product of the transposed patch matrix with the output gradient
+  (``(kh kw C, N Ho Wo) @ (N Ho Wo, O)``: a long inner dimension, where XLA's own kernel
+  gradient of a 1-3-channel layer is a correlation with a whole-image "kernel") and
+  XLA's canonical input gradient (:mod:`unet_jax.layers.conv_grad`).
 * :func:`conv_im2col`: im2col + one matrix product (Chellapilla, Puri and Simard 2006,
   "High Performance Convolutional Neural Networks for Document Processing"): copy every
   receptive field into a row, then ``(N Ho Wo, kh kw C) @ (kh kw C, O)``.
@@ -20,7 +25,7 @@ on NHWC float arrays with HWIO kernels and explicit zero padding ``((top, bottom
   ``Y = A^T [ (G g G^T) (.) (B^T d B) ] A`` per ``(m + 2) x (m + 2)`` input tile, with the
   elementwise product summed over channels as ``(m + 2)^2`` independent matrix products.
 
-Gradients are JAX's autodiff of each forward (for im2col the transposes of the strided
+Gradients are JAX's autodiff of each forward except :func:`conv_stem`'s (for im2col the transposes of the strided
 slices are pads and adds, i.e. col2im; for Winograd the transposed transforms).
 
 Which one is fastest depends on the shape and the machine, so the choice is made by
@@ -51,12 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax.layers.conv_grad import conv_explicit_grad
+
 __all__ = [
     "LOWERINGS",
     "LOWERING_CHOICES",
     "conv_lax",
     "conv_direct",
     "conv_im2col",
+    "conv_stem",
     "conv_winograd",
     "winograd_matrices",
     "lower_conv",
@@ -76,8 +84,9 @@ PadPairs = tuple[tuple[int, int], tuple[int, int]]
 
 # Concrete lowerings, and the values Conv2D accepts ('auto': the tuned table's choice for
 # inference, 'auto-train': its choice for forward + backward).
-LOWERINGS = ("lax", "direct", "im2col", "winograd2", "winograd4")
-# conv_direct unrolls kh kw C_in terms: measured only up to this many input channels.
+LOWERINGS = ("lax", "direct", "stem", "im2col", "winograd2", "winograd4")
+# conv_direct (and conv_stem's forward) unroll kh kw C_in terms: measured only up to this
+# many input channels.
 DIRECT_MAX_CHANNELS = 8
 LOWERING_CHOICES = (*LOWERINGS, "auto", "auto-train")
 TABLE_ENV = "UNET_JAX_LOWERING_TABLE"
@@ -109,9 +118,10 @@ def conv_lax(
 
 
 def candidates(c_in: int) -> tuple[str, ...]:
-    """The lowerings worth timing for ``c_in`` input channels (all but ``direct`` above
-    :data:`DIRECT_MAX_CHANNELS`, whose unrolled sum compiles and runs slowly there)."""
-    return tuple(n for n in LOWERINGS if n != "direct" or c_in <= DIRECT_MAX_CHANNELS)
+    """The lowerings worth timing for ``c_in`` input channels (all but ``direct`` and
+    ``stem`` above :data:`DIRECT_MAX_CHANNELS`, whose unrolled sum compiles and runs slowly
+    there)."""
+    return tuple(n for n in LOWERINGS if n not in ("direct", "stem") or c_in <= DIRECT_MAX_CHANNELS)
 
 
 # --------------------------------------------------------------------------------------
@@ -143,6 +153,75 @@ def conv_direct(
                 term = shifted * w[u, v, ci].reshape(1, 1, 1, o)
                 y = term if y is None else y + term
     return y
+
+
+# --------------------------------------------------------------------------------------
+# The first layer: the direct sum forward, the kernel gradient as one long matrix product
+# --------------------------------------------------------------------------------------
+def _patches_transposed(
+    x: jax.Array, kernel: Sequence[int], strides: Sequence[int], pads: PadPairs, out: tuple[int, int]
+) -> jax.Array:
+    """The transposed patch matrix ``(kh kw C, N Ho Wo)``: row ``(u, v, c)`` holds
+    ``xpad[n, s_h i + u, s_w j + v, c]`` for every output ``(n, i, j)``.
+
+    The input is moved channels-first once (``C`` is 1-3 here, so that copy is small), after
+    which every row is one strided slice; stacking them is the only other copy.
+    """
+    kh, kw = kernel
+    sh, sw = strides
+    ho, wo = out
+    c, n = x.shape[3], x.shape[0]
+    xp = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), tuple(pads[0]), tuple(pads[1])))
+    taps = [
+        jax.lax.slice(xp, (0, 0, u, v), (c, n, u + (ho - 1) * sh + 1, v + (wo - 1) * sw + 1), (1, 1, sh, sw))
+        for u in range(kh)
+        for v in range(kw)
+    ]
+    return jnp.stack(taps).reshape(kh * kw * c, n * ho * wo)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_stem(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: PadPairs) -> jax.Array:
+    return conv_direct(x, w, strides, pads)
+
+
+def _stem_forward(x, w, strides, pads):
+    return conv_direct(x, w, strides, pads), (x, w)
+
+
+def _stem_backward(strides, pads, residuals, dy):
+    x, w = residuals
+    kh, kw, c, o = w.shape
+    patches = _patches_transposed(x, (kh, kw), strides, pads, dy.shape[1:3])
+    dw = jax.lax.dot_general(patches, dy.reshape(-1, o), (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    _, pullback = jax.vjp(lambda x, w: conv_explicit_grad(x, w, strides, pads), x, w)
+    dx, _ = pullback(dy)  # the canonical input gradient; dead code (and removed) for a network's input
+    return dx, dw.reshape(kh, kw, c, o).astype(w.dtype)
+
+
+_conv_stem.defvjp(_stem_forward, _stem_backward)
+
+
+def conv_stem(
+    x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1), pads: PadPairs = ((0, 0), (0, 0))
+) -> jax.Array:
+    """The first layer's convolution: ``(N, H, W, C) * (kh, kw, C, O) -> (N, Ho, Wo, O)``, ``C`` small.
+
+    * Forward: :func:`conv_direct`, the sum as written.
+    * Kernel gradient: ``dw[u, v, c, o] = sum_{n, i, j} xpad[n, s_h i + u, s_w j + v, c]
+      dy[n, i, j, o]``, i.e. ``P^T dY`` with ``P^T`` the ``(kh kw C, N Ho Wo)`` transposed
+      patch matrix and ``dY`` the output gradient as ``(N Ho Wo, O)``: one matrix product
+      whose inner dimension is every output pixel. (Autodiff of the direct sum would make
+      ``kh kw C`` separate reductions, each reading all of ``dY``; XLA's own kernel
+      gradient is a correlation of the image with a whole-image "kernel".)
+    * Input gradient: XLA's convolution in the canonical layout
+      (:func:`unet_jax.layers.conv_grad.conv_explicit_grad`). A network's first layer
+      never needs it: under ``jit`` it is dead code.
+
+    Reverse mode only (a ``custom_vjp``). Any kernel size and stride.
+    """
+    _padded_geometry("conv_stem", x, w, strides, pads)  # the same checks and messages as conv_direct
+    return _conv_stem(x, w, tuple(int(s) for s in strides), tuple(tuple(int(p) for p in pair) for pair in pads))
 
 
 # --------------------------------------------------------------------------------------
@@ -435,6 +514,8 @@ def lower_conv(
         return conv_lax(x, w, strides, pads, precision)
     if lowering == "direct":
         return conv_direct(x, w, strides, pads)
+    if lowering == "stem":
+        return conv_stem(x, w, strides, pads)
     if lowering == "im2col":
         return conv_im2col(x, w, strides, pads, precision)
     if lowering in ("winograd2", "winograd4"):

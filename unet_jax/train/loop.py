@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unet_jax.config import TrainConfig, config_to_dict
-from unet_jax.data import AugmentConfig, BusiDataset, DeviceData, Split, make_sampler
+from unet_jax.data import CLASSES, AugmentConfig, BusiDataset, DeviceData, Split, make_sampler
 from unet_jax.inference import BEST, LATEST
 from unet_jax.losses import get_loss
 from unet_jax.models import build_model, model_heads
@@ -58,7 +58,7 @@ from unet_jax.train.steps import (
     train_steps,
 )
 
-__all__ = ["TrainingDiverged", "RunResult", "train", "check_model_config", "augment_config"]
+__all__ = ["TrainingDiverged", "RunResult", "train", "check_model_config", "augment_config", "repeat_normals"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -121,6 +121,17 @@ def _replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(tree, sharding)
     # Multi-host: every process holds the same (small) arrays; build global ones from them.
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]), tree)
+
+
+def repeat_normals(ids: Sequence[str], dataset: BusiDataset, repeats: int) -> tuple[str, ...]:
+    """``ids`` followed by ``repeats - 1`` more copies of its normal images (hard negatives:
+    ``TrainConfig.normal_repeats``), in split order; ``ids`` itself when ``repeats`` is 1."""
+    if repeats == 1:
+        return tuple(ids)
+    normal = CLASSES.index("normal")
+    labels = dataset.labels[dataset.index_of(tuple(ids))]
+    normals = tuple(i for i, label in zip(ids, labels) if label == normal)
+    return (*ids, *normals * (repeats - 1))
 
 
 def _device_data(dataset: BusiDataset, ids: tuple[str, ...], mesh: Mesh) -> DeviceData:
@@ -339,7 +350,8 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     heads = model_heads(model, config)
     check_model_config(config, heads)
     dataset, split = start_run_data(config, run_dir, model, emit)
-    n_train = len(split["train"])
+    train_ids = repeat_normals(split["train"], dataset, config.normal_repeats)
+    n_train = len(train_ids)
     if n_train < config.batch_size:
         raise ValueError(
             f"the training split has {n_train} images, fewer than batch_size "
@@ -349,9 +361,9 @@ def _start_run(config: TrainConfig, run_dir: str | os.PathLike, progress: Progre
     per_call = min(config.steps_per_dispatch or default_steps_per_dispatch(steps_per_epoch), steps_per_epoch)
     data_key, dropout_key = run_keys(config.seed, config.dropout_prng)
     if jax.process_count() > 1:
-        train_data = _sharded_device_data(dataset, split["train"], mesh)
+        train_data = _sharded_device_data(dataset, train_ids, mesh)
     else:
-        train_data = _device_data(dataset, split["train"], mesh)
+        train_data = _device_data(dataset, train_ids, mesh)
     return _Run(
         config=config,
         run_dir=run_dir,
