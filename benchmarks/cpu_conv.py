@@ -336,13 +336,15 @@ def tune(
     entries = {}
     for (shape, c_out, pads), _ in seen.items():
         input_gradient = shape != x_shape
+        names = [n for n in candidates(shape[3]) if lowerings is None or n in lowerings]
+        if len(names) < 2:
+            continue  # nothing to choose between: 'auto' falls back to lax without an entry
         for mode in modes:
             ms = {
                 name: round(
                     time_lowering(name, shape, c_out, mode, pads, windows, calls, input_gradient or mode != "train"), 3
                 )
-                for name in candidates(shape[3])
-                if lowerings is None or name in lowerings
+                for name in names
             }
             best = min(ms, key=ms.get)
             key = table_key(shape[1], shape[2], shape[3], c_out, batch, mode, pads)

@@ -67,11 +67,11 @@ def test_tune_merges_into_this_machines_table_and_times_only_the_lowerings_asked
 
     monkeypatch.setattr(T, "time_lowering", time_lowering)
     T.tune("seed", 32, 2, ("infer",), lowerings=("lax", "direct", "stem"), out=path)
-    assert {name for c_in, name in timed if c_in > L.DIRECT_MAX_CHANNELS} == {"lax"}
-    assert {name for c_in, name in timed if c_in == 3} == {"lax", "direct", "stem"}
+    assert {c_in for c_in, name in timed} == {3}  # elsewhere lax is the only one asked: not timed
+    assert {name for c_in, name in timed} == {"lax", "direct", "stem"}
     first = L.table_key(32, 32, 3, 16, 2, "infer")
     assert L.load_table(path)["entries"][first]["best"] == "direct"
-    T.tune("padded", 32, 2, ("infer",), lowerings=("lax",), out=path, model={"features": 8})
+    T.tune("padded", 32, 2, ("infer",), lowerings=("lax", "direct"), out=path, model={"features": 8})
     table = L.load_table(path)
-    assert first in table["entries"] and L.table_key(32, 32, 1, 8, 2, "infer") in table["entries"]
+    assert set(table["entries"]) == {first, L.table_key(32, 32, 1, 8, 2, "infer")}  # seed's entry kept
     assert [t["preset"] for t in table["tuned"]] == ["seed", "padded"]
