@@ -437,7 +437,7 @@ def test_evaluation_is_at_the_native_size_unless_asked_otherwise(trained_run, tm
 
 
 def test_output_names_never_collide():
-    from unet_jax.predict import _unique_stem
+    from unet_jax.predict import unique_stem
 
     used: set[str] = set()
-    assert [_unique_stem(s, used) for s in ("x", "x_1", "x", "x")] == ["x", "x_1", "x_2", "x_3"]
+    assert [unique_stem(s, used) for s in ("x", "x_1", "x", "x")] == ["x", "x_1", "x_2", "x_3"]

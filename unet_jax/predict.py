@@ -58,8 +58,12 @@ __all__ = [
     "TABLE_COLUMNS",
     "PredictionPlan",
     "PredictionResult",
+    "load_image",
     "plan_prediction",
     "predict_files",
+    "save_png",
+    "save_probability",
+    "unique_stem",
     "write_prediction_table",
 ]
 
@@ -230,11 +234,14 @@ def plan_prediction(
     return PredictionPlan(images, skipped, out_dir)
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path) -> None:
+    """``array`` (uint8, 2-D or RGB) as a PNG, written atomically."""
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def _load(path: Path) -> Image.Image:
+def load_image(path: Path) -> Image.Image:
+    """One single-frame 8-bit image of at least ``MIN_SIDE`` pixels a side (CMYK converted
+    to RGB); ValueError naming the file and what was expected otherwise."""
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; expected an image file (pass its images, e.g. {path / '*.png'})")
     try:
@@ -292,7 +299,7 @@ class _Source:
 def _read_source(path: Path, output_format: str) -> _Source:
     """A PNG/JPEG/... or a DICOM input; ValueError naming the file when it cannot be used."""
     if not is_dicom(path):
-        return _Source((_load(path),))
+        return _Source((load_image(path),))
     dicom = read_dicom(path)
     for frame in dicom.frames:
         _check_size(path, frame)
@@ -306,7 +313,7 @@ def _read_source(path: Path, output_format: str) -> _Source:
     return _Source(dicom.frames, dicom.spacing_mm, dicom.dataset)
 
 
-def _unique_stem(stem: str, used: set[str]) -> str:
+def unique_stem(stem: str, used: set[str]) -> str:
     """``stem``, or ``stem_1``, ``stem_2``... when inputs from several folders share a name."""
     candidate, n = stem, 0
     while candidate in used:
@@ -316,7 +323,7 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
-def _save_probability(prob: np.ndarray, path_stem: Path, fmt: str) -> Path:
+def save_probability(prob: np.ndarray, path_stem: Path, fmt: str) -> Path:
     """The native-size lesion probability map as a 16-bit PNG (0-65535) or float32 ``.npy``."""
     if fmt == "npy":
         path = path_stem.with_name(path_stem.name + "_prob.npy")
@@ -328,7 +335,7 @@ def _save_probability(prob: np.ndarray, path_stem: Path, fmt: str) -> Path:
         atomic_write(path, write)
         return path
     path = path_stem.with_name(path_stem.name + "_prob.png")
-    _save_png(np.round(np.clip(prob, 0.0, 1.0) * 65535.0).astype(np.uint16), path)
+    save_png(np.round(np.clip(prob, 0.0, 1.0) * 65535.0).astype(np.uint16), path)
     return path
 
 
@@ -363,12 +370,12 @@ def _predict_image(
     mask = recipe_mask(prob, class_prob, recipe, size)
     emptied, score = gate_decision(recipe, prob, class_prob)
     mask_path, overlay_path = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_overlay.png")
-    _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
-    _save_png(_overlay_image(image, mask, overlay_style, float(np.max(prob)), class_prob), overlay_path)
+    save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
+    save_png(_overlay_image(image, mask, overlay_style, float(np.max(prob)), class_prob), overlay_path)
     probability = None
     if save_probabilities is not None:
         native = resize_mask(np.asarray(prob, np.float32), size, t=None)
-        probability = str(_save_probability(native, stem, save_probabilities))
+        probability = str(save_probability(native, stem, save_probabilities))
     fields = {
         "mask": str(mask_path),
         "overlay": str(overlay_path),
@@ -488,7 +495,7 @@ def predict_files(
         except ValueError as err:
             new = [PredictionResult(str(path), error=str(err))]
         else:
-            new = _predict_source(loaded, recipe, path, source, plan.out_dir / _unique_stem(path.stem, used), options)
+            new = _predict_source(loaded, recipe, path, source, plan.out_dir / unique_stem(path.stem, used), options)
         results += new
         for result in new if progress is not None else ():
             progress(n, len(inputs), result)

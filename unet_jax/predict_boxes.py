@@ -30,11 +30,11 @@ from unet_jax.inference.prompted import CONTAMINATION, BoxPromptedModel, segment
 from unet_jax.plots import contour_overlay
 from unet_jax.predict import (
     PredictionResult,
-    _load,
-    _save_png,
-    _save_probability,
-    _unique_stem,
+    load_image,
     plan_prediction,
+    save_png,
+    save_probability,
+    unique_stem,
     write_prediction_table,
 )
 
@@ -180,9 +180,9 @@ def _predict_one(
         "(experiments/RESULTS.md)",
     ]
     overlay = contour_overlay(rgb, [(_box_outline(box, mask.shape), (255, 255, 0)), (mask, (255, 0, 0))], legend)
-    probability = None if save_probabilities is None else str(_save_probability(prob, stem, save_probabilities))
-    _save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
-    _save_png(overlay, overlay_path)
+    probability = None if save_probabilities is None else str(save_probability(prob, stem, save_probabilities))
+    save_png(mask.astype(np.uint8) * np.uint8(255), mask_path)
+    save_png(overlay, overlay_path)
     return {
         "mask": str(mask_path),
         "overlay": str(overlay_path),
@@ -212,11 +212,11 @@ def predict_with_boxes(
     used: set[str] = set()
     for n, (path, box) in enumerate(plan.prompts, start=len(plan.skipped) + 1):
         try:
-            image = _load(path)
+            image = load_image(path)
         except ValueError as err:
             results.append(PredictionResult(str(path), error=str(err), recipe=box_recipe(box, prompted.threshold)))
         else:
-            stem = plan.out_dir / _unique_stem(path.stem, used)
+            stem = plan.out_dir / unique_stem(path.stem, used)
             results.append(PredictionResult(str(path), **_predict_one(prompted, image, box, stem, save_probabilities)))
         if progress is not None:
             progress(n, total, results[-1])
