@@ -333,7 +333,9 @@ class Conv2D(nn.Module):
       lowering: how the convolution is computed (:mod:`unet_jax.lowering`), the same
         parameters and, up to rounding, the same outputs: ``'lax'`` (XLA's convolution,
         the default), ``'direct'`` (the sum, unrolled; for 1-3 input channels),
-        ``'im2col'`` (patches + one GEMM), ``'winograd2'`` / ``'winograd4'``
+        ``'stem'`` (the direct sum forward, the kernel gradient as one patch-matrix
+        product; a network's first layer; reverse mode only), ``'im2col'`` (patches + one
+        GEMM), ``'winograd2'`` / ``'winograd4'``
         (Winograd ``F(2x2, 3x3)`` / ``F(4x4, 3x3)``; 3x3 kernels, stride 1 only),
         ``'auto'`` (the machine's tuned table's fastest for inference,
         :func:`unet_jax.lowering.choose_lowering`; ``'lax'`` without a table or where the

@@ -164,7 +164,8 @@ class UNet(nn.Module):
         (written-out canonical gradients on the CPU backend, which XLA:CPU needs inside a
         scanned step), ``'xla'`` (JAX's autodiff; forward mode too) or ``'explicit'``.
       lowering: how the block convolutions compute (``Conv2D.lowering``: ``'lax'``,
-        ``'direct'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same parameters.
+        ``'direct'``, ``'stem'``, ``'im2col'``, ``'winograd2'``, ``'winograd4'``, ``'auto'``); the same
+        parameters.
         ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.layers.lowering`), its
         forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
       deep_supervision: auxiliary 1x1 heads (``aux_head2``, ...) on the outputs of decoder
