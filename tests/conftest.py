@@ -23,6 +23,11 @@ if os.environ.get("UNET_JAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_
 # suite's subprocesses run under the same rule.
 os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
 
+# A developer's tuned lowering table (python -m benchmarks.cpu_conv tune) would switch
+# `predict` and `evaluate` to other convolution lowerings: the suite runs without one,
+# as CI does; tests of the table point this variable at their own file.
+os.environ["UNET_JAX_LOWERING_TABLE"] = os.path.join(os.sep, "nonexistent", "unet_jax_lowering_table.json")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

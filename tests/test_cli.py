@@ -46,10 +46,13 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         apply_overrides(TrainConfig(), ["batch_size=0"])
 
 
-@pytest.mark.parametrize("name", ["base", "base_cpu", "report", "report_cpu"])
+@pytest.mark.parametrize("name", ["base", "base_cpu", "report", "report_cpu", "ensemble_cpu", "ensemble_ds_cpu"])
 def test_experiment_configs_load(name):
     config = load_config(REPO / "experiments" / "configs" / f"{name}.py")
     assert isinstance(config, TrainConfig)
+    if name.startswith("ensemble"):
+        # The bundle's recipe, and its deep-supervised variant: the same but for the heads.
+        assert (config.epochs, config.model.get("deep_supervision", 0)) == (36, 2 if "_ds" in name else 0)
     if name.startswith("report"):
         # The notebook's protocol: seed preset, lesion images, 80/20, RGB, BCE, Adam 1e-3, batch 32.
         assert (config.preset, config.classes, config.split, config.channels, config.loss) == (

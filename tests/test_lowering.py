@@ -257,6 +257,33 @@ def test_auto_reads_the_table(tmp_path, monkeypatch):
     assert seen == ["winograd4", "im2col"]
 
 
+def test_predict_and_evaluate_take_the_tuned_lowerings_on_the_cpu(tmp_path, monkeypatch):
+    # with_tuned_lowering (what `unet-jax predict` / `evaluate` load through): without a
+    # table the model is left alone; with one, the first layer computes as the table says
+    # and the output is the same.
+    from _train_helpers import TINY, save_untrained_run
+
+    from unet_jax.inference import load, predict_outputs, with_tuned_lowering
+
+    run = tmp_path / "run"
+    save_untrained_run(run)
+    loaded = load(run)
+    monkeypatch.setenv(L.TABLE_ENV, str(tmp_path / "table.json"))
+    assert with_tuned_lowering(loaded) is loaded  # no table yet
+    size, c_in, c_out = TINY.image_size, loaded.model.in_channels, loaded.model.features
+    _write_table(tmp_path / "table.json", {L.table_key(size, size, c_in, c_out, 2, "infer"): {"best": "direct"}})
+    tuned = with_tuned_lowering(loaded)
+    assert tuned.model.lowering == "auto" and tuned.variables is loaded.variables
+    seen = []
+    real = L.lower_conv
+    monkeypatch.setattr(L, "lower_conv", lambda name, *a: seen.append(name) or real(name, *a))
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, c_in), dtype=np.uint8)
+    want, _ = predict_outputs(loaded, images, False, batch_size=2)
+    got, _ = predict_outputs(tuned, images, False, batch_size=2)
+    assert seen == ["direct"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 def test_a_damaged_table_is_a_clear_error_naming_the_file(tmp_path):
     path = tmp_path / "lowering.json"
     path.write_text('{"format": "unet_jax.lowering_table", "entries": {')  # cut short

@@ -418,9 +418,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace):
     # Deferred: pulls in optax and Orbax (keeps --help fast).
-    from unet_jax.inference import load
+    from unet_jax.inference import load, with_tuned_lowering
 
-    return load(args.checkpoint)  # None: the bundled model
+    # None: the bundled model. On the CPU, a tuned lowering table picks each layer's fastest
+    # convolution (+7-9% images/s at batch 1-2: benchmarks/results/cpu_levers_quiet_predict_b*.json).
+    return with_tuned_lowering(load(args.checkpoint))
 
 
 def _run_predict(args: argparse.Namespace) -> int:

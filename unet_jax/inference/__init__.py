@@ -42,6 +42,7 @@ from unet_jax.inference.model import (
     restore_variables,
     save_recipe,
     unreadable_checkpoint,
+    with_tuned_lowering,
 )
 from unet_jax.inference.recipe import (
     GATE_FEATURES,
@@ -107,6 +108,7 @@ __all__ = [
     "NO_RECIPE",
     "LoadedModel",
     "load",
+    "with_tuned_lowering",
     "bundled_path",
     "is_exported",
     "find_checkpoint",

@@ -38,6 +38,7 @@ from unet_jax._io import atomic_write
 from unet_jax._keys import key_problems
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.inference.recipe import RAW, InferenceRecipe
+from unet_jax.layers.lowering import load_table
 from unet_jax.models import abstract_variables, build_model
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "NO_RECIPE",
     "LoadedModel",
     "load",
+    "with_tuned_lowering",
     "bundled_path",
     "is_exported",
     "find_checkpoint",
@@ -153,6 +155,19 @@ def load(path: str | Path | None = None, expect: dict[str, Any] | None = None) -
             f"not exist; expected the file written by `unet-jax export` beside its member_*.msgpack"
         )
     return _load_orbax(find_checkpoint(path), expect)
+
+
+def with_tuned_lowering(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its convolutions on this machine's tuned lowerings (``lowering='auto'``:
+    per layer and batch size, the fastest of :mod:`unet_jax.layers.lowering` in the table
+    that ``python -m benchmarks.cpu_conv tune`` writes), when it runs on the CPU backend,
+    its model has a ``lowering`` field left at ``'lax'``, and such a table exists;
+    ``loaded`` itself otherwise. The same parameters and, up to float32 rounding, the same
+    outputs (tests/test_lowering.py). Inference only: some lowerings are reverse-mode only.
+    """
+    if jax.default_backend() != "cpu" or getattr(loaded.model, "lowering", None) != "lax" or load_table() is None:
+        return loaded
+    return dataclasses.replace(loaded, model=loaded.model.clone(lowering="auto"))
 
 
 def _load_orbax(step_dir: Path, expect: dict[str, Any] | None) -> LoadedModel:

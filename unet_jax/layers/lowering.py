@@ -36,7 +36,11 @@ the project's shared 2-core VM, one core, batch 8, forward: ``direct`` beats XLA
 im2col patch copy and the stacking of Winograd's transformed tiles are slow in XLA:CPU):
 ``python -m benchmarks.cpu_conv tune`` times every lowering on the 3x3 layer shapes of
 a model and writes a table (:func:`table_path`), and :func:`choose_lowering`
-(``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``. Everything
+(``Conv2D(lowering='auto')``) reads it; without a table ``'auto'`` is ``'lax'``. The
+first layer's training entry times its forward and kernel gradient only. On the same VM,
+two threads, batch 8: ``stem`` beats XLA 2.1-2.6x on a 1 -> 64 first layer's forward +
+kernel gradient, but not on 3 -> 16; for one image at a time the table's choices make
+prediction 7-9% faster (experiments/RESULTS.md, issue 22). Everything
 here is a pure function of arrays (and of that table): nothing imports a layer or a model.
 """
 
