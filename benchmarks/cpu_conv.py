@@ -362,7 +362,7 @@ def tune(
                 report({"key": key, **entries[key]})
     out = Path(out) if out is not None else table_path()
     tuned = [{"preset": preset, "size": size, "batch": batch, "model": dict(model or {})}]
-    previous = load_table(out) if out.exists() else None
+    previous = load_table(out)  # None when there is none yet
     if previous and previous.get("machine") == machine_id():
         # Several presets and sizes share one table: keep this machine's other entries.
         entries = {**previous.get("entries", {}), **entries}

@@ -25,8 +25,9 @@ on NHWC float arrays with HWIO kernels and explicit zero padding ``((top, bottom
   ``Y = A^T [ (G g G^T) (.) (B^T d B) ] A`` per ``(m + 2) x (m + 2)`` input tile, with the
   elementwise product summed over channels as ``(m + 2)^2`` independent matrix products.
 
-Gradients are JAX's autodiff of each forward except :func:`conv_stem`'s (for im2col the transposes of the strided
-slices are pads and adds, i.e. col2im; for Winograd the transposed transforms).
+Gradients are JAX's autodiff of each forward except :func:`conv_stem`'s (for im2col the
+transposes of the strided slices are pads and adds, i.e. col2im; for Winograd the
+transposed transforms).
 
 Which one is fastest depends on the shape and the machine, so the choice is made by
 measurement (``python -m benchmarks.cpu_conv lowerings``, results in ``benchmarks/results``; on
