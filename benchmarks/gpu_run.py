@@ -3,12 +3,13 @@
     bash benchmarks/gpu_run.sh                    # on the device (calls this file)
     python3 -m benchmarks.gpu_run --dry-run --out /tmp/gpu_out   # the same, tiny, on a CPU
 
-Device tool call (the two caches are made here, on the developer machine, and carried):
+Device tool call (the caches are made here, on the developer machine, and carried in one
+folder with the wheels the device image lacks; benchmarks/gpu_carry.py):
 
     unet-jax data prepare ../shared/data --out .cache/busi256 --size 256
     unet-jax data prepare ../shared/data --out .cache/busi256_rgb --size 256 --channels 3
-    run(command="bash benchmarks/gpu_run.sh", carry=[".cache/busi256", ".cache/busi256_rgb"],
-        timeout_s=600)
+    python3 -m benchmarks.gpu_carry pack .cache/busi256 .cache/busi256_rgb --out .gpu
+    run(command="bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=600)
 
 then, here: ``python3 -m benchmarks.ingest_gpu /work/.device/...`` (the folder the files
 came back to) updates benchmarks/results/, experiments/results/ and the tables of
@@ -20,8 +21,10 @@ out-of-memory error stops only that stage) under a share of what is left of
 in ``--out``:
 
 1. ``env``: nvidia-smi, versions, devices, and that nothing imports TensorFlow;
-2. ``throughput``: benchmarks/throughput.py, JAX against the PyTorch peer, seed and padded
-   at batch 32 and 128, bf16 rows first, with the bf16 matmul peak of the same card; if
+2. ``throughput``: benchmarks/throughput.py, JAX against the PyTorch peer, padded and seed
+   at batch 32 and 128 in bf16 (the targets' rows, padded first: a row costs about 150 s on
+   the H200, so float32 rows are for benchmarks/throughput.py alone), with the bf16 matmul
+   peak of the same card; if
    the two frameworks cannot share the process, each is measured in its own;
 3. ``train_base``: experiments/configs/base.py (the strong protocol, 64-wide padded U-Net at
    256x256) from the carried grayscale cache, under a wall-time cap
@@ -297,11 +300,11 @@ class Driver:
         else:
             extra = [
                 "--presets",
-                "seed,padded",
+                "padded,seed",
                 "--batches",
                 "32,128",
                 "--dtypes",
-                "bfloat16,float32",
+                "bfloat16",
                 "--windows",
                 "3",
                 "--window-s",
@@ -362,8 +365,9 @@ class Driver:
         run_dir = self.work / "runs" / stage.removeprefix("train_")
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        # Cap: what the stage has, less start-up, compilation, final evaluation and plots.
-        overhead = 15.0 if self.args.dry_run else 30.0
+        # Cap: what the stage has, less start-up, compilation, final evaluation and plots
+        # (on the H200, 2026-12-04: first epoch 55 s, the final evaluation over 80 s).
+        overhead = 15.0 if self.args.dry_run else 150.0
         cap_min = max(budget - overhead, 0.25 * budget) / 60
         overrides = ["plots=True", "checkpoint_every=100000", f"max_train_minutes={cap_min:.4f}"]
         if self.args.dry_run:

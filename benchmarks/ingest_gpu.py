@@ -28,6 +28,8 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from benchmarks.gpu_run import RUN_FILES, _headline_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,10 +141,15 @@ def targets_table(summary: dict[str, Any], tp: dict[str, Any], runs: dict[str, A
             f"{_f(None if share is None else 100 * share, '{:.1f}%')} | {_met(share, lambda v: v >= 0.55)} |"
         )
     est = notebook_estimate(runs["report"]) if "report" in runs else {}
+    how = (
+        f" (estimated from {est['epochs_run']} epochs x {est['train_images']} images in "
+        f"{_f(est.get('wall_time_s'), '{:.1f}')} s)"
+        if est.get("estimate_75x517_s") is not None
+        else ""
+    )
     lines.append(
         f"| notebook protocol (75 epochs x 517 images, 256x256) <= 30 s wall incl. compilation | "
-        f"{_f(est.get('estimate_75x517_s'), '{:.1f} s')} (estimated from {_f(est.get('epochs_run'), '{}')} "
-        f"epochs x {_f(est.get('train_images'), '{}')} images in {_f(est.get('wall_time_s'), '{:.1f}')} s) | "
+        f"{_f(est.get('estimate_75x517_s'), '{:.1f} s')}{how} | "
         f"{_met(est.get('estimate_75x517_s'), lambda v: v <= 30)} |"
     )
     overhead = aug.get("augment_overhead")
@@ -203,6 +210,7 @@ def throughput_table(tp: dict[str, Any]) -> str:
     def ips(d: dict[str, Any], k: str) -> str:
         return _f((d.get(k) or {}).get("images_per_s"), "{:.0f}")
 
+    notes = [f"{r['preset']} {r['batch']} {r['dtype']}: {r['measured_in']}" for r in tp["rows"] if r.get("measured_in")]
     for r in tp["rows"]:
         if "skipped" in r or "derived" not in r:
             lines.append(
@@ -233,6 +241,7 @@ def throughput_table(tp: dict[str, Any]) -> str:
             )
             + " |"
         )
+    lines += ["", *(f"- {n}" for n in notes)] if notes else []
     return "\n".join(lines)
 
 
@@ -259,6 +268,9 @@ def training_table(runs: dict[str, Any]) -> str:
     ]
     for run in ("base", "report"):
         if run not in runs:
+            continue
+        if "results" not in runs[run]:
+            lines.append(_unfinished_row(run, runs[run].get("metrics", [])))
             continue
         res, env = runs[run].get("results", {}), runs[run].get("environment", {})
         m = _headline_metrics(res)
@@ -294,6 +306,26 @@ def training_table(runs: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def _unfinished_row(run: str, metrics: list[dict[str, Any]]) -> str:
+    """A run stopped before its results.json: what its metrics.jsonl shows, and no test figure."""
+    epochs = [m for m in metrics if "val/dice" in m]
+    if epochs:
+        best = max(epochs, key=lambda m: m["val/dice"])
+        times = [m.get("epoch_time_s") or 0.0 for m in epochs]
+        pace = f"first epoch {times[0]:.1f} s with compilation"
+        if len(times) > 1:
+            pace += f", then {float(np.median(times[1:])):.2f} s per epoch"
+        seen = (
+            f"stopped before results.json (the stage's time limit) after {len(epochs)} "
+            f"epoch{'s' * (len(epochs) > 1)}; best validation Dice {best['val/dice']:.3f} "
+            f"at epoch {best['epoch']}; {pace}"
+        )
+    else:
+        seen = "stopped before its first epoch ended"
+    cells = [f"{run} (`experiments/configs/{run}.py`)", f"{len(epochs)} (-)", seen] + ["not measured"] * 6 + ["-"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def augment_table(aug: dict[str, Any]) -> str:

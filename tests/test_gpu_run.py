@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _data_helpers import make_cache_pair
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -23,6 +24,7 @@ def _load(name: str):
 
 
 gpu_run = _load("gpu_run")
+gpu_carry = _load("gpu_carry")
 ingest_gpu = _load("ingest_gpu")
 
 
@@ -30,12 +32,16 @@ ingest_gpu = _load("ingest_gpu")
 def dry_run(tmp_path_factory):
     """``DRY_RUN=1 bash benchmarks/gpu_run.sh``: every stage, tiny, in its own process."""
     out = tmp_path_factory.mktemp("gpu_out")
+    # The carried folder as packed for the device (no wheels): gpu_run.sh rebuilds its RGB cache.
+    carry = tmp_path_factory.mktemp("carry") / ".gpu"
+    gpu_carry.pack(*make_cache_pair(carry.parent), carry, wheels=False)
     # A generous budget: on a loaded CPU the stages are slow, and a stage cut short by its
     # share of the budget would fail this test for the machine's sake, not the code's.
     env = {
         **os.environ,
         "OUT": str(out),
         "DRY_RUN": "1",
+        "GPU_CARRY": str(carry),
         "TOTAL_S": os.environ.get("GPU_RUN_DRY_TOTAL_S", "3000"),
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         # bench_data.py calls optax directly, and optax's Adam raises a float to an int
@@ -48,13 +54,14 @@ def dry_run(tmp_path_factory):
     )
     wall = time.monotonic() - t0
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    return out, proc, summary, wall
+    return out, proc, summary, wall, carry
 
 
 def test_dry_run_runs_every_stage_and_returns_the_files(dry_run):
-    out, proc, summary, wall = dry_run
+    out, proc, summary, wall, carry = dry_run
     log = (out / "log.txt").read_text() if (out / "log.txt").is_file() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log[-4000:]}"
+    assert (carry / gpu_carry.RGB / "arrays.npz").is_file()  # the wrapper unpacked the carried folder
     assert summary["dry_run"] is True
     assert list(summary["stages"]) == list(gpu_run.STAGES)
     for name, rec in summary["stages"].items():
@@ -87,7 +94,7 @@ def test_dry_run_throughput_measures_both_frameworks_on_both_paths(dry_run):
 
 
 def test_dry_run_training_stops_at_its_cap_and_still_evaluates(dry_run):
-    out, _, summary, _ = dry_run
+    out, _, summary, *_ = dry_run
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
         for run in ("base", "report"):
