@@ -28,6 +28,13 @@ os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
 # as CI does; tests of the table point this variable at their own file.
 os.environ["UNET_JAX_LOWERING_TABLE"] = os.path.join(os.sep, "nonexistent", "unet_jax_lowering_table.json")
 
+# The XLA:CPU flags that `unet-jax train` sets, so that the whole suite runs under them (its
+# subprocesses too, through the environment); imported after the variables above, since
+# importing JAX reads them. The CLI adds none that the variable already names.
+from unet_jax.train.cpu import XLA_CPU_FLAGS, use_xla_cpu_flags  # noqa: E402
+
+use_xla_cpu_flags(XLA_CPU_FLAGS["train"])
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import jax
 import pytest
 
 from unet_jax.config import TrainConfig
-from unet_jax.train.cpu import cpu_device_count, use_cpu_devices, use_xla_cpu_flags
+from unet_jax.train.cpu import XLA_CPU_FLAGS, cpu_device_count, use_cpu_devices, use_xla_cpu_flags
 from unet_jax.train.steps import default_steps_per_dispatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +66,36 @@ def test_xla_cpu_flags_are_added_unless_the_user_named_them(monkeypatch):
     assert use_xla_cpu_flags(("--xla_cpu_use_onednn=true",)) == ["--xla_cpu_use_onednn=true"]
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
     assert use_xla_cpu_flags(()) == [] and os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+
+
+def test_training_takes_ynn_fusion_and_inference_does_not():
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+    assert XLA_CPU_FLAGS["train"] == XLA_CPU_FLAGS["demo"] == (ynn,)
+    assert XLA_CPU_FLAGS["predict"] == XLA_CPU_FLAGS["evaluate"] == ()
+
+
+def test_this_jaxlib_accepts_the_training_flags_in_a_fresh_process():
+    # XLA aborts on a flag it does not know: a jaxlib that drops one fails here, not in
+    # a user's `unet-jax train`. The process starts without XLA_FLAGS, as a user's does.
+    script = (
+        "import os\n"
+        "from unet_jax.cli import _xla_cpu_flags\n"
+        "_xla_cpu_flags('predict'); print(os.environ.get('XLA_FLAGS', '-'))\n"
+        "_xla_cpu_flags('train'); print(os.environ['XLA_FLAGS'])\n"
+        "import jax, jax.numpy as jnp\n"
+        "x = jnp.ones((8, 8), jnp.float32)\n"
+        "print(float(jax.jit(lambda x: jnp.tanh(x @ x).sum())(x)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predict_flags, train_flags, value = proc.stdout.split()
+    assert predict_flags == "-" and train_flags == " ".join(XLA_CPU_FLAGS["train"])
+    assert abs(float(value) - 64 * math.tanh(8.0)) < 1e-4

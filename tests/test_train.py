@@ -164,6 +164,7 @@ def test_run_folder_holds_everything(reference_run):
     assert json.loads((run_dir / "config.json").read_text())["image_size"] == 32
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["backend"] == "cpu" and environment["wall_time_s"] > 0 and environment["jax"] == jax.__version__
+    assert environment["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # speed and rounding depend on them
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert {"train/loss", "val/loss", "val/dice", "val/iou", "val/pixel_accuracy"} <= set(history[0])

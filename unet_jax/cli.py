@@ -100,12 +100,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return _train_and_report(config, args.out)
 
 
-def _xla_cpu_flags() -> None:
-    """Before anything starts a JAX backend: the XLA:CPU flags measured to help (issue 22)."""
+def _xla_cpu_flags(command: str) -> None:
+    """Before anything starts a JAX backend: the XLA:CPU flags measured to help ``command``
+    (issue 22)."""
     # Deferred: the CLI imports JAX only for the commands that need it (start-up speed).
-    from unet_jax.train.cpu import use_xla_cpu_flags
+    from unet_jax.train.cpu import XLA_CPU_FLAGS, use_xla_cpu_flags
 
-    use_xla_cpu_flags()
+    use_xla_cpu_flags(XLA_CPU_FLAGS[command])
 
 
 def _split_cpu(config) -> None:
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "demo", "predict", "evaluate"):
-        _xla_cpu_flags()
+        _xla_cpu_flags(args.command)
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad input: one clear line, no traceback

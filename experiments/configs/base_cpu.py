@@ -8,13 +8,14 @@ Command (from the repository root; about 20 minutes on 2 cores):
 
     unet-jax train --config experiments/configs/base_cpu.py --out runs/base_cpu
 
-Measured (2026-12-03, 2-core VM, two CPU devices, a whole epoch per dispatch; 1,161 s, of
-which 50 epochs at 20.5 s each, then the test evaluation and the inference recipe): best
-epoch 43 of 50; test split (93 images, duplicate-aware) at native resolution with the
-recipe chosen on validation, lesion images (77): Dice 0.722 [0.656, 0.790], IoU 0.632
-[0.564, 0.691], HD95 85 px; raw model output lesion Dice 0.719; normal images predicted
-empty 13 of 16. The same command took 1,953 s on 2026-11-27 (one device, one step per
-dispatch, 40.7 s per epoch; Dice 0.704 [0.635, 0.773]). Details and the run files:
+Measured (2026-12-04, 2-core VM, two CPU devices, a whole epoch per dispatch, the XLA:CPU
+flags that `unet-jax train` sets; 866 s, of which 50 epochs at 15.2 s each, then the test
+evaluation and the inference recipe): best epoch 37 of 50; test split (93 images,
+duplicate-aware) at native resolution with the recipe chosen on validation, lesion images
+(77): Dice 0.724 [0.656, 0.792], IoU 0.636 [0.564, 0.697]; raw model output lesion Dice
+0.727; normal images predicted empty 10 of 16. The same command took 1,161 s on 2026-12-03
+(20.5 s per epoch; Dice 0.722) and 1,953 s on 2026-11-27 (one device, one step per
+dispatch, 40.7 s per epoch; Dice 0.704). Details and the run files:
 experiments/RESULTS.md, experiments/results/base_cpu/.
 """
 

@@ -264,6 +264,9 @@ def environment(mesh: Mesh) -> dict[str, Any]:
         "num_devices": len(devices),
         "process_count": jax.process_count(),
         "host": platform.node(),
+        # The XLA flags the backend started with (unet-jax train adds its measured CPU
+        # flags, unet_jax.train.cpu.XLA_CPU_FLAGS): they change speed and rounding.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
