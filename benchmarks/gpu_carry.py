@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_jax._io import check_target, new_temp_dir, swap_in
+
 # Runtime dependencies (pyproject.toml) missing from the device image (its package list in
 # /work/.library/device/KINDS.md); pyjpegls is highdicom's.
 DEVICE_MISSING = ("pydicom", "highdicom", "pyjpegls", "tensorboardX")
@@ -95,20 +97,23 @@ def download_wheels(dest: Path) -> list[str]:
     return specs
 
 
+def _is_pack(folder: Path) -> bool:
+    return (folder / RESIDUAL).is_file() and (folder / GRAY).is_dir()
+
+
 def pack(gray: Path, rgb: Path, out: Path, wheels: bool = True) -> dict:
-    """Write ``out`` (replacing an earlier pack; built in a sibling, then renamed)."""
+    """Write ``out`` (built in a hidden sibling, then renamed into place). An existing
+    ``out`` is replaced only if it is empty or an earlier pack: any other folder, such as
+    a cache or a dataset given by mistake, is refused and left as it was."""
+    check_target(out, True, _is_pack, "gpu_carry pack (busi256/ and busi256_rgb.residual.npz)")
     residual, _ = rgb_residual(gray, rgb)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_temp_dir(out)
     try:
         shutil.copytree(gray, tmp / GRAY)
         np.savez_compressed(tmp / RESIDUAL, images_delta=residual)
         shutil.copyfile(rgb / "index.json", tmp / RGB_INDEX)
         specs = download_wheels(tmp / "wheels") if wheels else []
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,7 +122,8 @@ def pack(gray: Path, rgb: Path, out: Path, wheels: bool = True) -> dict:
 
 
 def unpack(folder: Path) -> Path:
-    """Rebuild ``folder/busi256_rgb/`` from the grayscale cache and the residual."""
+    """Rebuild ``folder/busi256_rgb/`` (written by this function alone) from the grayscale
+    cache and the residual."""
     _, g = _cache(folder / GRAY, 1)
     with np.load(folder / RESIDUAL) as z:
         residual = z["images_delta"]
@@ -126,14 +132,16 @@ def unpack(folder: Path) -> Path:
             f"{str(folder / RESIDUAL)!r}: shape {residual.shape} does not fit the grayscale cache's "
             f"{g['images_delta'].shape}; expected (N, H, W, 3) over the same images"
         )
-    dest, tmp = folder / RGB, folder / f"{RGB}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    delta = np.repeat(g["images_delta"], 3, axis=-1) + residual
-    np.savez_compressed(tmp / "arrays.npz", images_delta=delta, **{k: g[k] for k in SAME_ARRAYS})
-    shutil.copyfile(folder / RGB_INDEX, tmp / "index.json")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    dest = folder / RGB
+    tmp = new_temp_dir(dest)
+    try:
+        delta = np.repeat(g["images_delta"], 3, axis=-1) + residual  # uint8 wraps mod 256
+        np.savez_compressed(tmp / "arrays.npz", images_delta=delta, **{k: g[k] for k in SAME_ARRAYS})
+        shutil.copyfile(folder / RGB_INDEX, tmp / "index.json")
+        swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest
 
 

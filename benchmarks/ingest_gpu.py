@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-import numpy as np
 
 from benchmarks.gpu_run import RUN_FILES, _headline_metrics
 
@@ -316,7 +315,7 @@ def _unfinished_row(run: str, metrics: list[dict[str, Any]]) -> str:
         times = [m.get("epoch_time_s") or 0.0 for m in epochs]
         pace = f"first epoch {times[0]:.1f} s with compilation"
         if len(times) > 1:
-            pace += f", then {float(np.median(times[1:])):.2f} s per epoch"
+            pace += f", then {statistics.median(times[1:]):.2f} s per epoch"
         seen = (
             f"stopped before results.json (the stage's time limit) after {len(epochs)} "
             f"epoch{'s' * (len(epochs) > 1)}; best validation Dice {best['val/dice']:.3f} "

@@ -36,8 +36,9 @@ def test_the_count_cannot_change_once_jax_runs(monkeypatch):
     assert use_cpu_devices(2) is False  # the user's own flag wins
 
 
-def test_a_fresh_process_gets_two_cpu_devices():
-    script = "import jax; from unet_jax.train.cpu import use_cpu_devices; print(use_cpu_devices(2), len(jax.devices()))"
+def _fresh_cpu_process(script: str) -> subprocess.CompletedProcess:
+    """``script`` in a new Python on the CPU backend, started without XLA_FLAGS as a user's
+    process is; asserts that it succeeded."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -48,6 +49,12 @@ def test_a_fresh_process_gets_two_cpu_devices():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_a_fresh_process_gets_two_cpu_devices():
+    script = "import jax; from unet_jax.train.cpu import use_cpu_devices; print(use_cpu_devices(2), len(jax.devices()))"
+    proc = _fresh_cpu_process(script)
     assert proc.stdout.split() == ["True", "2"]
 
 
@@ -86,16 +93,7 @@ def test_this_jaxlib_accepts_the_training_flags_in_a_fresh_process():
         "x = jnp.ones((8, 8), jnp.float32)\n"
         "print(float(jax.jit(lambda x: jnp.tanh(x @ x).sum())(x)))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env={**env, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _fresh_cpu_process(script)
     predict_flags, train_flags, value = proc.stdout.split()
     assert predict_flags == "-" and train_flags == " ".join(XLA_CPU_FLAGS["train"])
     assert abs(float(value) - 64 * math.tanh(8.0)) < 1e-4

@@ -44,7 +44,12 @@ def test_pack_then_unpack_rebuilds_the_rgb_cache_bit_for_bit(caches, tmp_path):
     assert (rebuilt / "index.json").read_bytes() == (rgb / "index.json").read_bytes()
     # Unpacking again replaces the folder; no temporary is left beside it.
     gpu_carry.unpack(carried)
-    assert not any(p.name.endswith(".partial") for p in carried.iterdir())
+    assert sorted(p.name for p in carried.iterdir()) == sorted(
+        [gpu_carry.GRAY, gpu_carry.RESIDUAL, gpu_carry.RGB_INDEX, gpu_carry.RGB]
+    )
+    # Packing again replaces an earlier pack; nothing else stays beside it.
+    gpu_carry.pack(gray, rgb, carried, wheels=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gpu"]
 
 
 def test_pack_refuses_caches_that_do_not_pair(caches, tmp_path):
@@ -60,7 +65,15 @@ def test_pack_refuses_caches_that_do_not_pair(caches, tmp_path):
         gpu_carry.pack(gray, other, tmp_path / "b", wheels=False)
     with pytest.raises(ValueError, match=r"is not a data cache"):
         gpu_carry.pack(tmp_path, rgb, tmp_path / "c", wheels=False)
-    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "a.partial", "b.partial", "c.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other_rgb"]  # nothing half-written
+
+
+def test_pack_never_replaces_a_folder_it_did_not_write(caches, tmp_path):
+    gray, rgb = caches
+    before = {p.name: p.read_bytes() for p in rgb.iterdir()}
+    with pytest.raises(ValueError, match=r"refusing to replace .*rgb.*not a gpu_carry pack"):
+        gpu_carry.pack(gray, rgb, rgb, wheels=False)  # --out mistyped as the RGB cache
+    assert {p.name: p.read_bytes() for p in rgb.iterdir()} == before
 
 
 def test_the_wheels_are_this_machines_versions_of_what_the_device_lacks(monkeypatch, tmp_path):

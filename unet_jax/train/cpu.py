@@ -29,9 +29,9 @@ __all__ = ["XLA_CPU_FLAGS", "cpu_device_count", "use_cpu_devices", "use_xla_cpu_
 # (issue 22, benchmarks/cpu_levers.py, RESULTS.md "The CPU at or past PyTorch"; every flag of
 # this jaxlib is listed in benchmarks/results/xla_cpu_flags.txt). XNNPACK fusion of dots,
 # elementwise ops and reductions sped the training step up 1.6-1.9x for the 64-wide U-Net
-# and 5-10% for the seed one (three quiet repeats each), and `unet-jax train --config
+# and 7-10% for the seed one (three quiet repeats each), and `unet-jax train --config
 # experiments/configs/base_cpu.py` 4% per epoch (15.2 s against 15.8, back to back); it
-# slowed inference 3-14%. So training (the demo's too) takes it; predict and evaluate do not.
+# slowed inference 4-14%. So training (the demo's too) takes it; predict and evaluate do not.
 _YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 XLA_CPU_FLAGS: dict[str, tuple[str, ...]] = {
     "train": (_YNN_FUSION,),
