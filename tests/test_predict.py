@@ -250,3 +250,42 @@ def test_the_cli_passes_the_probability_format_and_overlay_style(untuned, busi, 
     with pytest.raises(SystemExit):
         main([*args, "--save-probabilities", "tiff"])
     assert "invalid choice: 'tiff'" in capsys.readouterr().err
+
+
+# ---- never over a file predict did not write (issue 30) -----------------------------------
+@pytest.mark.parametrize("name", ["x_mask.png", "x_overlay.png", "predictions.csv", "report.html"])
+def test_a_file_predict_did_not_write_is_never_overwritten(untuned, busi, tmp_path, capsys, monkeypatch, name):
+    import unet_jax.cli as cli
+
+    gt = tmp_path / "gtdir"  # a ground-truth mask without its image beside it
+    gt.mkdir()
+    (gt / name).write_bytes((busi / "benign" / "benign (1)_mask.png").read_bytes())
+    image = tmp_path / "other" / "x.png"
+    image.parent.mkdir()
+    image.write_bytes((busi / "benign" / "benign (1).png").read_bytes())
+    before = _snapshot(gt)
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    assert main(["predict", str(image), "--out", str(gt)]) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {str(gt)!r} holds {name!r}, which predict did not write" in err, err
+    assert err.count("\n") == 1 and _snapshot(gt) == before
+    with pytest.raises(ValueError, match="which predict did not write"):
+        predict_files(load(untuned), [image], gt)
+    assert _snapshot(gt) == before
+
+
+def test_predict_may_replace_its_own_outputs_of_an_earlier_run(untuned, busi, tmp_path, capsys):
+    out = tmp_path / "pred"
+    first, second = busi / "benign" / "benign (1).png", busi / "malignant" / "malignant (1).png"
+    assert main(["predict", "--checkpoint", str(untuned), str(first), "--out", str(out)]) == 0
+    assert main(["predict", "--checkpoint", str(untuned), str(second), "--out", str(out)]) == 0
+    # benign (1)_mask.png is no longer in the table, but it carries predict's mark
+    assert (
+        main(["predict", "--checkpoint", str(untuned), str(first), "--out", str(out), "--save-probabilities", "npy"])
+        == 0
+    )
+    assert (
+        main(["predict", "--checkpoint", str(untuned), str(first), "--out", str(out), "--save-probabilities", "npy"])
+        == 0
+    )
+    capsys.readouterr()

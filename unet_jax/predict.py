@@ -16,13 +16,18 @@ single-frame DICOM input; it refuses non-DICOM inputs before the model loads.
 Inputs named like masks (``*_mask*``, e.g. caught by ``F/*.png`` in a BUSI folder) are
 skipped with a note; the output folder is checked before the model loads
 (:func:`plan_prediction`): it must be writable and must not hold an input or a BUSI mask
-(``X_mask.png`` beside its ``X.png``), which the outputs' names would overwrite.
+(``X_mask.png`` beside its ``X.png``), nor any file at one of the outputs' names that predict
+did not write (:func:`check_own_outputs`): a ground-truth ``X_mask.png`` without its image, a
+user's ``predictions.csv`` or ``report.html``. predict's PNGs carry its mark (a PNG text chunk
+``Software: unet-jax predict``); its other files are those its earlier ``predictions.json``
+in that folder lists.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import re
 import tempfile
@@ -32,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from unet_jax._io import atomic_write, write_json
 from unet_jax.data.busi import IMAGE_MODES, preprocess_image
@@ -57,6 +63,7 @@ __all__ = [
     "PROBABILITY_FORMATS",
     "TABLE_COLUMNS",
     "PredictionPlan",
+    "check_own_outputs",
     "PredictionResult",
     "load_image",
     "plan_prediction",
@@ -71,6 +78,10 @@ __all__ = [
 # image would be upsampled to the model's input size and "segmented").
 MIN_SIDE = 16
 _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
+# predict's mark in every PNG it writes (a tEXt chunk), so that a later run knows its own files.
+PNG_MARK = ("Software", "unet-jax predict")
+# The files a run writes once, whatever its inputs (report.html: the command line's).
+TABLE_FILES = ("predictions.csv", "predictions.json", "report.html")
 CLASS_NAMES = ("benign", "malignant", "normal")  # the class head's order
 PROBABILITY_FORMATS = ("png16", "npy")
 OVERLAY_STYLES = ("contour", "fill")
@@ -151,6 +162,7 @@ class PredictionPlan:
     images: tuple[Path, ...]
     skipped: tuple[PredictionResult, ...]
     out_dir: Path
+    stems: tuple[str, ...] = ()  # each image's output stem (X of X_mask.png), as :func:`unique_stem` gives
 
 
 def _is_mask_name(path: Path) -> bool:
@@ -231,12 +243,61 @@ def plan_prediction(
                 )
     _check_writable(out_dir)
     _check_not_sources(out_dir, images)
-    return PredictionPlan(images, skipped, out_dir)
+    used: set[str] = set()
+    stems = tuple(unique_stem(p.stem, used) for p in images)
+    check_own_outputs(out_dir, stems)
+    return PredictionPlan(images, skipped, out_dir, stems)
+
+
+def _listed_outputs(out_dir: Path) -> set[str] | None:
+    """The file names an earlier run's ``predictions.json`` in ``out_dir`` lists (its table
+    files included), or None when there is no such table."""
+    try:
+        rows = json.loads((out_dir / "predictions.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"input", "mask"} <= r.keys() for r in rows):
+        return None
+    columns = ("mask", "overlay", "probability", "seg")
+    return {*TABLE_FILES, *(Path(str(r[c])).name for r in rows for c in columns if r.get(c))}
+
+
+def _has_mark(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get(PNG_MARK[0]) == PNG_MARK[1]
+    except Exception:  # noqa: BLE001 - not an image PIL reads: not one of ours
+        return False
+
+
+def check_own_outputs(out_dir: str | os.PathLike, stems: Sequence[str]) -> None:
+    """Raise ValueError when ``out_dir`` holds a file at one of the names a prediction of
+    ``stems`` writes (``X_mask.png``, ``X_f001_overlay.png``, ``X_prob.npy``, ``X_seg.dcm``,
+    the table files) that predict did not write: neither carrying its PNG mark nor listed by
+    the folder's earlier ``predictions.json``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    names = "|".join(re.escape(stem) for stem in stems)
+    pattern = re.compile(rf"^(?:{names})(?:_f\d{{3,}})?_(?:mask|overlay|prob|seg)\.(?:png|npy|dcm)$")
+    listed = _listed_outputs(out_dir) or set()
+    for entry in sorted(out_dir.iterdir()):
+        if entry.name not in TABLE_FILES and pattern.match(entry.name) is None:
+            continue
+        if entry.name in listed or _has_mark(entry):
+            continue
+        raise ValueError(
+            f"output folder {str(out_dir)!r} holds {entry.name!r}, which predict did not write and an "
+            f"output of this run would overwrite; expected another folder (or move that file)"
+        )
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """``array`` (uint8, 2-D or RGB) as a PNG, written atomically."""
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    """``array`` (uint8 or uint16, 2-D or RGB) as a PNG carrying predict's mark
+    (:data:`PNG_MARK`), written atomically."""
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
 
 
 def load_image(path: Path) -> Image.Image:
@@ -487,15 +548,14 @@ def predict_files(
     if progress is not None:
         for n, result in enumerate(plan.skipped, start=1):
             progress(n, len(inputs), result)
-    used: set[str] = set()
     options = _Options(save_probabilities, overlay_style, output_format, "raw" if raw else recipe.describe())
-    for n, path in enumerate(plan.images, start=len(plan.skipped) + 1):
+    for n, (path, stem) in enumerate(zip(plan.images, plan.stems, strict=True), start=len(plan.skipped) + 1):
         try:
             source = _read_source(path, output_format)
         except ValueError as err:
             new = [PredictionResult(str(path), error=str(err))]
         else:
-            new = _predict_source(loaded, recipe, path, source, plan.out_dir / unique_stem(path.stem, used), options)
+            new = _predict_source(loaded, recipe, path, source, plan.out_dir / stem, options)
         results += new
         for result in new if progress is not None else ():
             progress(n, len(inputs), result)
