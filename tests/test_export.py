@@ -63,13 +63,31 @@ def test_overwrite_refuses_a_folder_that_is_or_holds_a_source(tmp_path, where):
 
 def test_overwrite_replaces_an_export_but_not_itself(loaded, tmp_path):
     out = export_model([loaded], tmp_path / "m")
-    (out / "stale.txt").write_text("from before")
-    assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()
+    (out / "model.onnx").write_bytes(b"an earlier export's network")  # the export's own files
+    (out / "MODEL_CARD.md").write_text("an earlier card")
+    assert export_model([loaded], out, overwrite=True) == out
+    assert sorted(p.name for p in out.iterdir()) == ["member_0.msgpack", "model.json"]
     again = load(out)  # an export as the source of a new export
     with pytest.raises(ValueError, match="a checkpoint being exported"):
         export_model([again], out, overwrite=True)
     (tmp_path / "empty").mkdir()
     assert export_model([loaded], tmp_path / "empty", overwrite=True) == tmp_path / "empty"
+
+
+def test_overwrite_never_deletes_a_file_the_export_did_not_write(loaded, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(loaded.step_dir), "--out", str(out), "--onnx"]) == 0
+    (out / "my scan.png").write_bytes(b"a user's image")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("a user's file")
+    before = _snapshot(out)
+    assert main(["export", str(loaded.step_dir), "--out", str(out), "--onnx", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-jax export: error: refusing to replace {str(out)!r}: it holds 'my scan.png', 'notes'")
+    assert err.count("\n") == 1
+    with pytest.raises(ValueError, match="which the export did not write"):
+        export_model([loaded], out, overwrite=True)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
 def _dead_pid() -> int:

@@ -221,8 +221,11 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     np.testing.assert_allclose(d, c, atol=5e-3)
     with pytest.raises(ValueError, match="exists"):
         export_model([loaded], out)
-    (out / "stale.txt").write_text("from before")
-    assert export_model([loaded], out, overwrite=True) == out and not (out / "stale.txt").exists()  # replaced whole
+    (out / "stale.txt").write_text("from before")  # not the export's: refused, kept
+    with pytest.raises(ValueError, match=r"it holds 'stale.txt', which the export did not write"):
+        export_model([loaded], out, overwrite=True)
+    (out / "stale.txt").unlink()
+    assert export_model([loaded], out, overwrite=True) == out
     # An ensemble of two copies predicts what one member does; of a model and a perturbed
     # copy, the mean of the two.
     shifted = dataclasses.replace(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,8 +74,9 @@ def export_model(
 
     Written into a temporary sibling folder and renamed, so a failure leaves no
     half-written model behind. ``overwrite`` replaces only an existing export folder (its
-    model.json of this format) or an empty one, never a folder that is or holds one of the
-    members' sources.
+    model.json of this format) holding nothing but an export's own files, or an empty one;
+    never a folder that is or holds one of the members' sources, nor one to which a user
+    added a file or a subfolder (refused, naming them: the replacement would delete them).
     """
     _check_members(members, dtype)
     first = members[0]
@@ -143,9 +145,42 @@ def _is_export(path: Path) -> bool:
         return False
 
 
+def _own_names(out: Path) -> set[str]:
+    """The names an export writes in ``out``: model.json, its members (those its model.json
+    lists, and ``member_N.msgpack``), MODEL_CARD.md, model.onnx."""
+    try:
+        listed = json.loads((out / MODEL_FILE).read_text()).get("members", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    return {MODEL_FILE, "MODEL_CARD.md", ONNX_FILE, *(str(m) for m in listed if isinstance(m, str))}
+
+
+def _check_only_own_files(out: Path) -> None:
+    """Refuse to replace an export folder holding anything an export does not write: a
+    user's image or subfolder would be deleted with the old folder."""
+    own = _own_names(out)
+    foreign = sorted(
+        e.name
+        for e in out.iterdir()
+        if e.is_symlink()
+        or not e.is_file()
+        or (e.name not in own and re.fullmatch(r"member_\d+\.msgpack", e.name) is None)
+    )
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise ValueError(
+            f"refusing to replace {str(out)!r}: it holds {shown}, which the export did not write "
+            f"(--overwrite replaces only an export's own files: {MODEL_FILE}, member_N.msgpack, "
+            f"MODEL_CARD.md, {ONNX_FILE}); move them or choose another output folder"
+        )
+
+
 def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
     """Refuse an ``out`` that is, or holds, a source of the export, then anything
-    :func:`unet_jax._io.check_target` refuses (an existing folder that is not an export)."""
+    :func:`unet_jax._io.check_target` refuses (an existing folder that is not an export),
+    then an export folder holding files an export did not write."""
     target = Path(os.path.realpath(out))
     for source in sources:
         real = Path(os.path.realpath(source))
@@ -155,3 +190,5 @@ def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) ->
                 f"checkpoint being exported; choose another output folder"
             )
     check_target(out, overwrite, _is_export, f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})")
+    if out.is_dir() and not out.is_symlink():
+        _check_only_own_files(out)
