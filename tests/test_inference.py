@@ -58,6 +58,33 @@ def test_fill_holes_matches_scipy(mask):
     np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
 
 
+def _serpentine(side: int) -> np.ndarray:
+    """One 8-connected path of ~side^2/2 pixels: full even rows joined at alternating ends."""
+    path = np.zeros((side, side), bool)
+    path[::2] = True
+    path[1::4, -1] = True
+    path[3::4, 0] = True
+    return path
+
+
+def test_components_and_holes_take_linear_time_on_a_long_path():
+    # A 200x200 path of 20,000 pixels: label propagation needs a pass per pixel of its
+    # length (~10 s); scipy's labelling is one sweep (~1 ms). Generous bound for a busy machine.
+    import time
+
+    path = _serpentine(200)
+    corridor = np.zeros((202, 202), bool)  # the path as background, open to the border at one pixel
+    corridor[1:-1, 1:-1] = _serpentine(200)
+    corridor[1, 0] = True
+    start = time.perf_counter()
+    labels, n = connected_components(path)
+    filled = fill_holes(~corridor)
+    elapsed = time.perf_counter() - start
+    assert n == 1 and (labels == 1).sum() == path.sum()
+    assert not filled[corridor].any()  # the corridor reaches the border: not a hole
+    assert elapsed < 1.0, f"{elapsed:.2f} s for 200x200"
+
+
 def test_closed_form_components_and_holes():
     mask = np.zeros((9, 9), bool)
     mask[1:6, 1:6] = True  # a 5x5 ring with a 3x3 hole -> 16 pixels, hole of 9
