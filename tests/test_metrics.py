@@ -328,6 +328,44 @@ def test_normal_false_positive_rate_and_missed_lesions():
     assert (missed["rate"], missed["count"], missed["n"]) == (0.2, 1, 5)
 
 
+@pytest.mark.parametrize(
+    "k, n, expected",
+    [(0, 20, (0.0, 0.161)), (1, 20, (0.009, 0.236)), (20, 20, (0.839, 1.0)), (1, 4, (0.046, 0.699))],
+)
+def test_rates_have_wilson_intervals_that_hold_at_0_of_n(k, n, expected):
+    # Wilson score intervals (Newcombe 1998, Table I): 0/20 -> [0, 0.161], 1/20 -> [0.009, 0.236]
+    assert M.wilson_ci(k, n) == pytest.approx(expected, abs=5e-4)
+    rows = [{"class": "normal", "pred_area": int(i < k)} for i in range(n)]
+    rows += [{"class": "benign", "pred_area": 0 if i < k else 5} for i in range(n)]
+    agg = M.aggregate(rows, metrics=(), n_boot=200)
+    for name in ("normal_false_positive_rate", "lesion_empty_prediction_rate"):
+        r = agg[name]
+        assert (r["count"], r["n"]) == (k, n)
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(expected, abs=5e-4), name
+    assert all(math.isnan(v) for v in M.wilson_ci(0, 0))
+    lo, hi = expected
+    assert f"normal_false_positive_rate: {k / n:.4f} ({k}/{n}) [Wilson 95% CI {lo:.3f}, {hi:.3f}]" in M.format_summary(
+        agg, ()
+    )
+
+
+def test_the_distance_transform_is_scipys(monkeypatch):
+    from scipy import ndimage
+
+    calls = []
+    real = ndimage.distance_transform_edt
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ndimage, "distance_transform_edt", spy)
+    a, b = np.zeros((30, 30), bool), np.zeros((30, 30), bool)
+    a[5:15, 5:15], b[8:20, 6:18] = True, True
+    assert M.hd95(a, b) == pytest.approx(brute_hd95(a, b))
+    assert calls  # one home: scipy's exact transform, not a hand-written one
+
+
 def test_aggregate_is_deterministic_and_json_ready():
     rows = make_rows()
     a, b = M.aggregate(rows, n_boot=200, seed=7), M.aggregate(rows, n_boot=200, seed=7)

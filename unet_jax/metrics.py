@@ -47,9 +47,10 @@ outside), distances run boundary to boundary, and the symmetric value is the lar
 two directed 95th percentiles (NumPy's linear interpolation). MONAI warns and returns
 inf/NaN when one mask is empty; we return NaN, and 0 when both are empty.
 
-The distance transform is exact Euclidean (Felzenszwalb and Huttenlocher 2012: the
-distance along each column, then the 1-D squared transform along each row), vectorised
-in NumPy, on the bounding box of both masks only; no SciPy needed.
+The distance transform is exact Euclidean (``scipy.ndimage.distance_transform_edt``), on
+the bounding box of both masks only. Means get percentile-bootstrap intervals
+(:func:`bootstrap_ci`); rates (a count of n images) get Wilson score intervals
+(:func:`wilson_ci`), which hold at 0 of n and n of n, where a bootstrap collapses to a point.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage, stats
 
 __all__ = [
     "roc_auc",
@@ -85,6 +87,8 @@ __all__ = [
     "recall",
     "image_metrics",
     "bootstrap_ci",
+    "wilson_ci",
+    "rate_summary",
     "summarize",
     "aggregate",
     "format_summary",
@@ -226,70 +230,16 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     return m & ~interior
 
 
-def _squared_edt_rows(g: np.ndarray) -> np.ndarray:
-    """1-D squared distance transform of every row: ``f[r, q] = min_p (q - p)^2 + g[r, p]``.
-
-    The lower envelope of the parabolas ``(q - p)^2 + g[p]`` (Felzenszwalb and
-    Huttenlocher 2012, algorithm DT1), run on all rows at once: the loop is over the row
-    positions, each step a vectorised operation over rows, with the rows that need more
-    envelope pops than others masked. ``g`` must be finite (use a large value for
-    "no feature"); exact for integer inputs below 2**52.
-    """
-    rows_n, n = g.shape
-    rows = np.arange(rows_n)
-    v = np.zeros((rows_n, n), np.int64)  # vertex positions of the envelope's parabolas
-    z = np.empty((rows_n, n + 1))  # boundaries between envelope parabolas
-    z[:, 0], z[:, 1] = -np.inf, np.inf
-    k = np.zeros(rows_n, np.int64)
-    for q in range(1, n):
-        gq = g[:, q] + q * q
-        while True:
-            vk = v[rows, k]
-            s = (gq - (g[rows, vk] + vk * vk)) / (2.0 * (q - vk))
-            pop = s <= z[rows, k]  # never at k = 0, where z = -inf
-            if not pop.any():
-                break
-            k -= pop
-        k += 1
-        v[rows, k] = q
-        z[rows, k] = s
-        z[rows, k + 1] = np.inf
-    out = np.empty_like(g)
-    k[:] = 0
-    for q in range(n):
-        while True:
-            step = z[rows, k + 1] < q
-            if not step.any():
-                break
-            k += step
-        vk = v[rows, k]
-        out[:, q] = (q - vk) ** 2 + g[rows, vk]
-    return out
-
-
-def _column_distance(features: np.ndarray, big: float) -> np.ndarray:
-    """Distance along each column to the nearest feature in that column (``big`` if none):
-    ``min(i - last feature at or above i, next feature at or below i - i)``, from running
-    maxima/minima of feature indices, without a Python loop."""
-    h = features.shape[0]
-    i = np.arange(h, dtype=np.float64)[:, None]
-    above = np.maximum.accumulate(np.where(features, i, -np.inf), axis=0)
-    below = np.minimum.accumulate(np.where(features, i, np.inf)[::-1], axis=0)[::-1]
-    d = np.minimum(i - above, below - i)
-    return np.where(np.isfinite(d), d, big)
-
-
 def squared_edt(features: np.ndarray) -> np.ndarray:
     """Exact squared Euclidean distance from every pixel to the nearest ``True`` pixel of
-    ``features`` (2-D bool), as float64 integers. Separable: the squared distance along
-    each column to its nearest feature, ``g``, then the 1-D transform
-    ``min_p (q - p)^2 + g[p]`` along each row. Pixels with no feature anywhere in the image
-    get a value larger than any real squared distance (``> H^2 + W^2``)."""
+    ``features`` (2-D bool), as float64 (``scipy.ndimage.distance_transform_edt``). With no
+    feature anywhere in the image, every pixel gets a value larger than any real squared
+    distance (``> H^2 + W^2``)."""
     f = np.asarray(features, bool)
     h, w = f.shape
-    big = float(4 * (h * h + w * w) + 1)
-    d = _column_distance(f, math.sqrt(big))
-    return _squared_edt_rows(d * d)
+    if not f.any():
+        return np.full(f.shape, float(4 * (h * h + w * w) + 1))
+    return np.rint(np.square(ndimage.distance_transform_edt(~f)))  # integers: undo sqrt's rounding
 
 
 def surface_distances(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -386,6 +336,25 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def wilson_ci(count: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``count`` of ``n``
+    (``scipy.stats.binomtest(count, n).proportion_ci("wilson")``): 0 of 20 gives
+    [0, 0.161], 1 of 20 [0.009, 0.236]. ``(nan, nan)`` when ``n`` is 0."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(int(count), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def rate_summary(flags: Iterable[bool], level: float = 0.95) -> dict[str, float | int]:
+    """``rate``, ``count``, ``n`` and the Wilson ``ci_low`` / ``ci_high`` of boolean flags
+    (rate NaN when there are none)."""
+    values = [bool(f) for f in flags]
+    count, n = sum(values), len(values)
+    lo, hi = wilson_ci(count, n, level)
+    return {"rate": count / n if n else math.nan, "count": count, "n": n, "ci_low": lo, "ci_high": hi}
+
+
 def summarize(
     values: Iterable[float], n_boot: int = 1000, seed: int | Sequence[int] = 0, level: float = 0.95
 ) -> dict[str, float | int]:
@@ -427,9 +396,9 @@ def aggregate(
 
     ``normal_false_positive_rate`` is the share of ``normal_class`` images with at least one
     predicted positive pixel; ``lesion_empty_prediction_rate`` the share of lesion images
-    predicted entirely empty (missed). Rates are NaN with ``n = 0`` when the group is
-    absent. Every (metric, group) bootstrap has its own seeded stream, so adding a metric
-    does not change the others' intervals.
+    predicted entirely empty (missed); their intervals are Wilson's (:func:`rate_summary`).
+    Rates are NaN with ``n = 0`` when the group is absent. Every (metric, group) bootstrap
+    has its own seeded stream, so adding a metric does not change the others' intervals.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {"overall": list(rows)}
     groups["lesion"] = [r for r in rows if r.get("class") in lesion_classes]
@@ -443,19 +412,9 @@ def aggregate(
             for gi, (g, members) in enumerate(groups.items())
         }
 
-    def rate(flags: list[bool], stream: int) -> dict[str, float | int]:
-        s = summarize(np.asarray(flags, np.float64), n_boot=n_boot, seed=(seed, stream), level=level)
-        return {
-            "rate": s["mean"],
-            "count": int(sum(flags)),
-            "n": s["n"],
-            "ci_low": s["ci_low"],
-            "ci_high": s["ci_high"],
-        }
-
     normal = [r for r in rows if r.get("class") == normal_class]
-    out["normal_false_positive_rate"] = rate([_pred_area(r) > 0 for r in normal], 10_000)
-    out["lesion_empty_prediction_rate"] = rate([_pred_area(r) == 0 for r in groups["lesion"]], 10_001)
+    out["normal_false_positive_rate"] = rate_summary([_pred_area(r) > 0 for r in normal], level)
+    out["lesion_empty_prediction_rate"] = rate_summary([_pred_area(r) == 0 for r in groups["lesion"]], level)
     out["counts"] = {g: len(members) for g, members in groups.items()}
     return out
 
@@ -470,7 +429,8 @@ def _pred_area(row: Mapping[str, Any]) -> int:
 
 def format_summary(agg: Mapping[str, Any], metrics: Sequence[str] = METRICS, digits: int = 4) -> str:
     """A plain-text table of :func:`aggregate`'s result: one line per metric, one column
-    per group, ``mean [ci_low, ci_high]``; then the two rates. For logs and the CLI."""
+    per group, ``mean [ci_low, ci_high]``; then the two rates with their Wilson intervals.
+    For logs and the CLI."""
     groups = list(agg["counts"])
     header = ["metric"] + [f"{g} (n={agg['counts'][g]})" for g in groups]
     lines = [header]
@@ -489,7 +449,8 @@ def format_summary(agg: Mapping[str, Any], metrics: Sequence[str] = METRICS, dig
     for key in ("normal_false_positive_rate", "lesion_empty_prediction_rate"):
         r = agg.get(key)
         if r is not None and r["n"]:
-            text.append(f"{key}: {r['rate']:.{digits}f} ({r['count']}/{r['n']})")
+            lo, hi = wilson_ci(r["count"], r["n"])  # recomputed: a stored row may predate its interval
+            text.append(f"{key}: {r['rate']:.{digits}f} ({r['count']}/{r['n']}) [Wilson 95% CI {lo:.3f}, {hi:.3f}]")
     return "\n".join(text)
 
 
@@ -513,7 +474,8 @@ def to_jsonable(obj: Any) -> Any:
 # Image classification (benign / malignant / normal)
 # --------------------------------------------------------------------------------------
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve by the Mann-Whitney rank statistic (ties count one half).
+    """Area under the ROC curve by the Mann-Whitney rank statistic on
+    ``scipy.stats.rankdata``'s average ranks (ties count one half).
 
     ``scores`` (N,) real, ``positive`` (N,) bool. NaN when either class is absent (the
     area is undefined, not 0.5).
@@ -523,17 +485,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    sorted_scores = scores[order]
-    # Average ranks over ties (1-based).
-    start = 0
-    while start < len(scores):
-        stop = start
-        while stop + 1 < len(scores) and sorted_scores[stop + 1] == sorted_scores[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = 0.5 * (start + stop) + 1.0
-        start = stop + 1
+    ranks = stats.rankdata(scores)  # average ranks over ties (1-based)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 

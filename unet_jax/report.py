@@ -5,8 +5,9 @@ data URIs, nothing fetched) that a reader opens in any browser.
   ``predictions.csv``) with a thumbnail of each overlay; a click on a column header sorts the
   rows by it (numbers as numbers, text as text, empty cells last).
 - :func:`evaluation_report_html`: ``unet-jax evaluate``'s metrics with their bootstrap 95%
-  confidence intervals, the per-class table, the classification scores, and every case from
-  the worst Dice to the best with the predicted (red) and ground-truth (green) contours.
+  confidence intervals (the two rates: Wilson intervals), the per-class table, the
+  classification scores, and every case from the worst Dice to the best with the predicted
+  (red) and ground-truth (green) contours.
 
 The HTML builders are pure (rows in, a string out); every text is escaped
 (:func:`html.escape`), so a file name holding ``<`` or ``&`` stays text. The writers build
@@ -295,7 +296,7 @@ def _static_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str
 
 def _metric_sections(report: Mapping[str, Any]) -> list[str]:
     """The summary (lesion images, the two rates) and the per-class table, every value a
-    mean with its bootstrap 95% CI."""
+    mean with its bootstrap 95% CI, a rate with its Wilson 95% CI (count/n)."""
     lesion = [(_METRIC_LABELS[m], _ci(report[m]["summary"].get("lesion"))) for m in METRICS if m in report]
     summary_rows = [
         *((f"{label}, lesion images", value) for label, value in lesion),
@@ -309,7 +310,7 @@ def _metric_sections(report: Mapping[str, Any]) -> list[str]:
     ]
     header = ["group", "images", *(_METRIC_LABELS[m] for m in METRICS if m in report)]
     return [
-        "<h2>Metrics: mean [95% bootstrap CI]</h2>",
+        "<h2>Metrics: mean [95% bootstrap CI]; rates: rate [95% Wilson CI] (count/n)</h2>",
         _static_table(["metric", "value"], summary_rows, "metrics"),
         "<h2>Per class: mean [95% bootstrap CI]</h2>",
         _static_table(header, per_class, "per-class"),
