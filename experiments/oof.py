@@ -148,11 +148,14 @@ def nested(
 
 
 def roc_points(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false-positive rate, true-positive rate) at every threshold, highest score first."""
+    """(false-positive rate, true-positive rate) at every distinct threshold, highest score
+    first: tied scores are one point (a diagonal step), so the plotted area is the AUC."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
     order = np.argsort(-scores, kind="mergesort")
     pos = positive[order]
-    tpr = np.concatenate([[0.0], np.cumsum(pos) / max(pos.sum(), 1)])
-    fpr = np.concatenate([[0.0], np.cumsum(~pos) / max((~pos).sum(), 1)])
+    last = np.flatnonzero(np.diff(scores[order]) != 0).tolist() + [len(scores) - 1]  # each threshold's last
+    tpr = np.concatenate([[0.0], np.cumsum(pos)[last] / max(pos.sum(), 1)])
+    fpr = np.concatenate([[0.0], np.cumsum(~pos)[last] / max((~pos).sum(), 1)])
     return fpr, tpr
 
 
@@ -333,7 +336,9 @@ def _ci(s: dict[str, Any]) -> str:
 
 
 def _rate(s: dict[str, Any]) -> str:
-    return f"{s['count']}/{s['n']} ({s['rate']:.1%})"
+    """``count/n (rate) [Wilson 95% interval]``."""
+    lo, hi = M.wilson_ci(s["count"], s["n"])
+    return f"{s['count']}/{s['n']} ({s['rate']:.1%}) [{lo:.3f}, {hi:.3f}]"
 
 
 def format_tables(r: dict[str, Any]) -> str:
