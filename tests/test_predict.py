@@ -289,3 +289,24 @@ def test_predict_may_replace_its_own_outputs_of_an_earlier_run(untuned, busi, tm
         == 0
     )
     capsys.readouterr()
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(loaded, tmp_path, monkeypatch):
+    names = ["=1+1.png", "+SUM(1+1).png", "@cmd.png", "-2+3.png"]
+    pixels = (np.random.default_rng(0).random((40, 48)) * 255).astype(np.uint8)
+    for name in names:
+        Image.fromarray(pixels).save(tmp_path / name)
+    (tmp_path / "=bad.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)  # relative paths: the cells start with "=", "+", "-", "@"
+    results = predict_files(loaded, [*names, "=bad.png"], "=out")
+    with open(tmp_path / "=out" / "predictions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["input"] for r in rows] == [f"'{n}" for n in [*names, "=bad.png"]]  # OWASP: a leading quote
+    for row, result in zip(rows, results, strict=True):
+        for column in TABLE_COLUMNS:  # no cell starts a formula
+            assert not row[column] or row[column][0] not in "=+-@", (column, row[column])
+        if result.error is None:  # paths escaped, numbers still numbers
+            assert row["mask"] == "'" + result.mask and row["area_px"] == str(result.area_px)
+            assert float(row["max_probability"]) == pytest.approx(result.max_probability)
+    assert rows[-1]["error"].startswith("'=bad.png: unreadable image")
+    assert json.loads((tmp_path / "=out" / "predictions.json").read_text())[0]["input"] == "=1+1.png"  # JSON: raw

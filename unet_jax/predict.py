@@ -64,6 +64,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "PredictionPlan",
     "check_own_outputs",
+    "csv_cell",
     "PredictionResult",
     "load_image",
     "plan_prediction",
@@ -82,6 +83,7 @@ _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
 PNG_MARK = ("Software", "unet-jax predict")
 # The files a run writes once, whatever its inputs (report.html: the command line's).
 TABLE_FILES = ("predictions.csv", "predictions.json", "report.html")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a CSV cell a spreadsheet would run as a formula
 CLASS_NAMES = ("benign", "malignant", "normal")  # the class head's order
 PROBABILITY_FORMATS = ("png16", "npy")
 OVERLAY_STYLES = ("contour", "fill")
@@ -453,9 +455,23 @@ def _predict_image(
     return fields, mask
 
 
+def csv_cell(value: Any) -> Any:
+    """One CSV cell: "" for None, numbers and booleans as they are, text starting with
+    ``=``, ``+``, ``-`` or ``@`` (a formula to a spreadsheet) behind a single quote (OWASP's
+    CSV-injection rule), so that ``=1+1.png`` reads ``'=1+1.png`` and never runs."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float):
+        return value
+    text = str(value)
+    return "'" + text if text[:1] in _FORMULA_STARTS else text
+
+
 def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``predictions.csv`` and ``predictions.json`` (one row per result, columns
-    :data:`TABLE_COLUMNS`; empty CSV cells / JSON nulls where a value does not apply)."""
+    :data:`TABLE_COLUMNS`; empty CSV cells / JSON nulls where a value does not apply). The
+    CSV's text cells are escaped against formula injection (:func:`csv_cell`); the JSON
+    holds the values as they are."""
     out_dir = Path(out_dir)
     rows = [r.row() for r in results]
 
@@ -463,7 +479,7 @@ def write_prediction_table(results: Sequence[PredictionResult], out_dir: str | o
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
             writer.writeheader()
-            writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+            writer.writerows([{k: csv_cell(v) for k, v in row.items()} for row in rows])
 
     csv_path = atomic_write(out_dir / "predictions.csv", write_csv)
     return csv_path, write_json(out_dir / "predictions.json", rows)
