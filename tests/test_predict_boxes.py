@@ -129,6 +129,20 @@ def test_box_table_gives_each_image_its_box(small, use_small, images, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "b_mask.png")) > 0, b > 0.5)
 
 
+@pytest.mark.parametrize("header", [True, False])
+def test_a_box_table_saved_by_excel_with_a_bom_is_read(images, header):
+    from unet_jax.predict_boxes import read_box_table
+
+    table = images[0].parent / "boxes.csv"  # Excel's "CSV UTF-8": a byte-order mark, CRLF rows
+    text = ("image,x0,y0,x1,y1\r\n" if header else "") + "a.png,35,25,75,65\r\nb.png,10,20,60,90\r\n"
+    table.write_bytes(text.encode("utf-8-sig"))
+    rows = read_box_table(table)
+    assert sorted((p.name, box) for p, box in rows.values()) == [
+        ("a.png", (35.0, 25.0, 75.0, 65.0)),
+        ("b.png", (10.0, 20.0, 60.0, 90.0)),
+    ]
+
+
 def _bad(tmp, images):
     table = tmp / "boxes.csv"
     return {

@@ -81,7 +81,7 @@ def read_box_table(path: str | os.PathLike) -> dict[str, tuple[Path, Box]]:
     image."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ValueError(f"{path}: cannot read the box table ({err}); expected a CSV file image,x0,y0,x1,y1") from None
