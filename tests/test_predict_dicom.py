@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -191,3 +192,32 @@ def test_a_source_without_study_uid_leaves_no_files_behind(run, threshold, pictu
     assert f"[1/2] skipped: {bad}: cannot build a DICOM SEG for it" in err
     assert not any(p.name.startswith("nostudy") for p in out.iterdir())
     assert [r["error"] is None for r in _rows(out)] == [False, True]
+
+
+def _lying_jpeg(path: Path, pixels: np.ndarray) -> Path:
+    """A JPEG-baseline DICOM whose JPEG stream is cut: its header promises more than it holds."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+
+    write_dicom(path, pixels[None], transfer_syntax=JPEGBaseline8Bit)
+    ds = pydicom.dcmread(path)
+    (jpeg,) = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([jpeg[: len(jpeg) // 2]])
+    ds.save_as(path)
+    return path
+
+
+def test_a_lying_jpeg_is_one_clean_line_and_counts_agree(run, threshold, pictures, tmp_path, capfd, caplog):
+    root, pixels = pictures
+    cine = write_dicom(tmp_path / "cine.dcm", np.stack([pixels[0], pixels[1], pixels[0]]))  # 3 frames
+    bad = _lying_jpeg(tmp_path / "lying.dcm", pixels[0])
+    with caplog.at_level(logging.DEBUG):
+        assert _predict(run, threshold, [cine, bad, root / "us1.png"], tmp_path / "out") == 1
+    out, err = capfd.readouterr()
+    assert "ERROR" not in err and "Traceback" not in err, err
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]  # nothing from pydicom's own logger
+    (line,) = [line for line in err.splitlines() if str(bad) in line]
+    assert line.startswith(f"[2/3] skipped: {bad}: unreadable DICOM pixel data")
+    assert [line[:5] for line in out.splitlines() if line.startswith("[")] == ["[1/3]"] * 3 + ["[3/3]"]
+    assert "1 of 3 input(s) could not be read" in err  # inputs, as the progress counts them (5 rows)
+    assert len(_rows(tmp_path / "out")) == 5

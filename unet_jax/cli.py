@@ -358,11 +358,13 @@ def _progress_line(extra: Callable[[Any], str] = lambda result: "") -> Callable[
     return report
 
 
-def _failed_status(results: Sequence[Any]) -> int:
-    """predict's exit status: 1 when any input could not be read (counted on stderr), else 0."""
+def _failed_status(results: Sequence[Any], inputs: int) -> int:
+    """predict's exit status: 1 when any input could not be read (counted on stderr), else 0.
+    Counted in inputs, as the progress lines are (a multi-frame file is one input, several
+    rows; a failed input is one row)."""
     failed = sum(r.error is not None for r in results)
     if failed:
-        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {inputs} input(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -388,7 +390,7 @@ def _run_predict_boxes(args: argparse.Namespace) -> int:
     results = predict_with_boxes(prompted, plan, progress=report, save_probabilities=args.save_probabilities)
     if args.report:
         print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
-    return _failed_status(results)
+    return _failed_status(results, len(args.inputs))
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -454,7 +456,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     if args.report:
         print(f"report: {write_prediction_report([r.row() for r in results], args.out)}")
-    return _failed_status(results)
+    return _failed_status(results, len(args.inputs))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

@@ -30,8 +30,11 @@ Every problem is a ValueError whose one line names the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +181,20 @@ def _check_header(path: Path, ds: Dataset) -> None:
         raise ValueError(f"{path}: unsupported BitsAllocated {bits}; expected 8 or 16")
 
 
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """pydicom's logger off while it decodes: a failing decoder plugin logs its exception
+    (an ``ERROR:`` line and a traceback on the console) before pydicom raises the error that
+    :func:`read_dicom` reports in one line, with every plugin's message."""
+    logger = logging.getLogger("pydicom")  # its modules' loggers inherit this level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_dicom(path: str | os.PathLike) -> DicomImage:
     """Read and decode one DICOM image (every frame); see the module docstring for the rules.
     Raises ValueError naming the file when it is unreadable or not convertible."""
@@ -185,7 +202,8 @@ def read_dicom(path: str | os.PathLike) -> DicomImage:
     ds = _open(path)
     _check_header(path, ds)
     try:
-        pixels = ds.pixel_array  # YBR_FULL(_422) comes back as RGB (pydicom's as_rgb default)
+        with _pydicom_quiet():
+            pixels = ds.pixel_array  # YBR_FULL(_422) comes back as RGB (pydicom's as_rgb default)
     except Exception as err:  # decoders raise several types on corrupt data
         raise ValueError(f"{path}: unreadable DICOM pixel data ({type(err).__name__}: {err})") from None
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
