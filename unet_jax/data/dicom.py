@@ -205,7 +205,8 @@ def read_dicom(path: str | os.PathLike) -> DicomImage:
         with _pydicom_quiet():
             pixels = ds.pixel_array  # YBR_FULL(_422) comes back as RGB (pydicom's as_rgb default)
     except Exception as err:  # decoders raise several types on corrupt data
-        raise ValueError(f"{path}: unreadable DICOM pixel data ({type(err).__name__}: {err})") from None
+        message = " ".join(str(err).split())  # one line: pydicom lists each plugin's failure on its own
+        raise ValueError(f"{path}: unreadable DICOM pixel data ({type(err).__name__}: {message})") from None
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
     frames_n = int(ds.get("NumberOfFrames", 1) or 1)
     if frames_n == 1:
