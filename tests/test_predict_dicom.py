@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -116,6 +117,33 @@ def test_dicom_seg_references_its_source_and_holds_the_png_mask(run, threshold, 
     assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("lesion", "AUTOMATIC")
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("unet_jax", __version__)
     assert seg.SegmentationType == "BINARY"
+    _check_conforms(out / "us1_seg.dcm")
+
+
+def _check_conforms(path: Path) -> None:
+    """dciodvfy (Debian's dicom3tools; .ci/run installs it) finds no error in the file. It is
+    required: the test fails, never skips, without it."""
+    tool = shutil.which("dciodvfy")
+    assert tool is not None, "dciodvfy is missing: apt-get install -y dicom3tools (as .ci/run does)"
+    report = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("orientation", [None, ["A", "F"]])
+def test_the_seg_passes_dciodvfy_with_the_sources_patient_orientation(pictures, tmp_path, orientation):
+    from unet_jax.data.dicom_seg import write_seg
+
+    _, pixels = pictures
+    source = write_dicom(tmp_path / "src.dcm", pixels[0][None], pixel_spacing=SPACING)
+    ds = pydicom.dcmread(source)
+    if orientation is not None:
+        ds.PatientOrientation = orientation
+        ds.save_as(source)
+        ds = pydicom.dcmread(source)
+    seg = write_seg(ds, pixels[0][None] > 100, tmp_path / "seg.dcm")
+    _check_conforms(seg)
+    assert list(pydicom.dcmread(seg).PatientOrientation or []) == (orientation or [])
 
 
 def test_dicom_seg_refuses_a_png_input_before_writing_anything(run, pictures, tmp_path, capsys):

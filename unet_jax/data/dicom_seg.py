@@ -5,7 +5,8 @@ One SEG per source file: segment 1, label "lesion" (SNOMED CT category "Morpholo
 abnormal structure", type "Lesion"), algorithm type AUTOMATIC, algorithm "unet_jax" with
 the package version. It carries the source's patient and study (StudyInstanceUID) and
 references its SOP instance and series; a new series. No pixel spacing is repeated in it
-for a 2D source (see :func:`_drop_partial_pixel_measures`). A multi-frame source gets one
+for a 2D source (see :func:`_drop_partial_pixel_measures`); its PatientOrientation is the
+source's (empty when the source has none), so that ``dciodvfy`` finds no error. A multi-frame source gets one
 segmentation frame per source frame. Empty frames are kept (a frame without lesion is a
 result, not a missing one).
 
@@ -80,7 +81,19 @@ def write_seg(source: Dataset, masks: np.ndarray, path: str | os.PathLike) -> Pa
         name = source.filename if isinstance(source.filename, str) else "the source image"
         raise ValueError(f"{name}: cannot build a DICOM SEG for it ({type(err).__name__}: {err})") from None
     _drop_partial_pixel_measures(seg)
+    _copy_patient_orientation(source, seg)
     return atomic_write(path, lambda tmp: seg.save_as(tmp))
+
+
+def _copy_patient_orientation(source: Dataset, seg: Dataset) -> None:
+    """PatientOrientation (General Image, Type 2C: required when the SEG has no plane
+    orientation, as for a 2D ultrasound source without a Frame of Reference), which
+    highdicom 0.28 leaves out: the source's value, or empty (Type 2 allows it). Without it
+    ``dciodvfy`` reports the SEG as non-conforming."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" in shared or "PatientOrientation" in seg:
+        return
+    seg.PatientOrientation = source.get("PatientOrientation", "") or ""
 
 
 def _drop_partial_pixel_measures(seg: Dataset) -> None:
