@@ -310,3 +310,31 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(loaded, tmp_path, mo
             assert float(row["max_probability"]) == pytest.approx(result.max_probability)
     assert rows[-1]["error"].startswith("'=bad.png: unreadable image")
     assert json.loads((tmp_path / "=out" / "predictions.json").read_text())[0]["input"] == "=1+1.png"  # JSON: raw
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` (8-bit grayscale) and holds no
+    pixels: what is read of a file before its pixels are decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_largest_size_is_refused_naming_it_before_decoding(loaded, tmp_path, capsys):
+    from unet_jax.predict import MAX_PIXELS
+
+    assert MAX_PIXELS == 8192 * 8192
+    big = _png_header(tmp_path / "huge.png", 9000, 8000)  # 72 MP: over the limit, under PIL's bomb check
+    result = _predict_one(loaded, big, tmp_path)
+    assert result.error == (
+        f"{big}: image of 9000x8000 pixels (72.0 megapixels) is too large; expected at most "
+        f"{MAX_PIXELS} pixels (67.1 megapixels, e.g. 8192x8192): crop or downscale it"
+    )
+    assert main(["predict", str(big), "--out", str(tmp_path / "cli")]) == 1
+    assert f"[1/1] skipped: {big}: image of 9000x8000 pixels" in capsys.readouterr().err

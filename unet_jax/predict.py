@@ -57,6 +57,7 @@ from unet_jax.plots import contour_overlay, overlay
 
 __all__ = [
     "CLASS_NAMES",
+    "MAX_PIXELS",
     "MIN_SIDE",
     "OUTPUT_FORMATS",
     "OVERLAY_STYLES",
@@ -78,6 +79,11 @@ __all__ = [
 # The smallest image side predicted: below it an image holds no lesion to outline (a 1x1
 # image would be upsampled to the model's input size and "segmented").
 MIN_SIDE = 16
+# The largest image predicted, in pixels (64 Mi: 8192 x 8192 or any shape of as many pixels).
+# Native-size outputs cost ~40 bytes a pixel at their peak (probability map, mask, labels,
+# overlay): ~2.7 GB here, within a 2-core / 24 GiB machine; larger images are refused, naming
+# their size, before their pixels are decoded (benchmarks/predict_native.py times 512-4096 px).
+MAX_PIXELS = 8192 * 8192
 _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
 # predict's mark in every PNG it writes (a tEXt chunk), so that a later run knows its own files.
 PNG_MARK = ("Software", "unet-jax predict")
@@ -309,11 +315,14 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError(f"{path}: is a folder; expected an image file (pass its images, e.g. {path / '*.png'})")
     try:
         with Image.open(path) as im:
+            _check_size(path, im)  # from the header: a too large image is refused before decoding
             im.load()
             image = im.copy()
             frames = getattr(im, "n_frames", 1)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
+    except _SizeError:
+        raise
     except Exception as err:  # PIL raises several types for corrupt files
         raise ValueError(
             f"{path}: unreadable image ({type(err).__name__}: {err}); expected a PNG/JPEG/BMP/TIFF image"
@@ -323,7 +332,6 @@ def load_image(path: Path) -> Image.Image:
             f"{path}: has {frames} frames (an animation or a multi-page file); expected a single "
             f"image (save the frame to segment as PNG)"
         )
-    _check_size(path, image)
     if image.mode == "CMYK":  # a CMYK JPEG: converted (PIL's conversion), not refused
         image = image.convert("RGB")
     if image.mode not in IMAGE_MODES:  # as the BUSI reader: 16-bit or float would be clipped
@@ -331,11 +339,21 @@ def load_image(path: Path) -> Image.Image:
     return image
 
 
+class _SizeError(ValueError):
+    """An image too small or too large to predict (raised from its header)."""
+
+
 def _check_size(path: Path, image: Image.Image) -> None:
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
-        raise ValueError(
+        raise _SizeError(
             f"{path}: image of {image.width}x{image.height} pixels is too small; expected both sides "
             f"at least {MIN_SIDE} pixels"
+        )
+    if image.width * image.height > MAX_PIXELS:
+        raise _SizeError(
+            f"{path}: image of {image.width}x{image.height} pixels ({image.width * image.height / 1e6:.1f} "
+            f"megapixels) is too large; expected at most {MAX_PIXELS} pixels ({MAX_PIXELS / 1e6:.1f} "
+            f"megapixels, e.g. 8192x8192): crop or downscale it"
         )
 
 
