@@ -215,6 +215,26 @@ def test_phantom_refuses_bad_arguments(tmp_path, kwargs, message):
     assert _entries(tmp_path) == []
 
 
+def test_overwrite_never_deletes_a_file_added_to_a_cache_or_a_phantom(phantom, tmp_path):
+    ds = load_busi(phantom.root, ReadOptions(size=(8, 8), keep_original=False))
+    cache = save_cache(ds, tmp_path / "cache")
+    (cache / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match=r"it holds 'notes.txt', not part of a data cache"):
+        save_cache(ds, cache, overwrite=True)
+    assert (cache / "notes.txt").read_text() == "a user's file"
+    counts = {"benign": 2, "malignant": 1, "normal": 1}
+    root = write_phantom(tmp_path / "p", counts, size=(8, 8), seed=1).root
+    (root / "benign" / "my scan.png").write_bytes(b"a user's image")
+    (root / "extra").mkdir()
+    with pytest.raises(ValueError, match=r"it holds 'benign/my scan.png', 'extra', not part of a phantom dataset"):
+        write_phantom(root, counts, size=(8, 8), seed=2, overwrite=True)
+    assert (root / "benign" / "my scan.png").read_bytes() == b"a user's image"
+    (root / "benign" / "my scan.png").unlink()
+    (root / "extra").rmdir()
+    write_phantom(root, {"benign": 3, "malignant": 1, "normal": 1}, size=(8, 8), seed=2, overwrite=True)
+    assert save_cache(ds, tmp_path / "cache2") and save_cache(ds, tmp_path / "cache2", overwrite=True)
+
+
 def test_phantom_overwrite_replaces_only_a_phantom(tmp_path):
     counts = {"benign": 2, "malignant": 1, "normal": 1}
     write_phantom(tmp_path / "p", counts, size=(8, 8), seed=1)

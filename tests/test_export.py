@@ -85,7 +85,7 @@ def test_overwrite_never_deletes_a_file_the_export_did_not_write(loaded, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"unet-jax export: error: refusing to replace {str(out)!r}: it holds 'my scan.png', 'notes'")
     assert err.count("\n") == 1
-    with pytest.raises(ValueError, match="which the export did not write"):
+    with pytest.raises(ValueError, match="not part of a model folder of `unet-jax export`"):
         export_model([loaded], out, overwrite=True)
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 

@@ -249,7 +249,7 @@ def test_export_round_trip_and_ensemble(tuned_run, tmp_path):
     with pytest.raises(ValueError, match="exists"):
         export_model([loaded], out)
     (out / "stale.txt").write_text("from before")  # not the export's: refused, kept
-    with pytest.raises(ValueError, match=r"it holds 'stale.txt', which the export did not write"):
+    with pytest.raises(ValueError, match=r"it holds 'stale.txt', not part of a model folder"):
         export_model([loaded], out, overwrite=True)
     (out / "stale.txt").unlink()
     assert export_model([loaded], out, overwrite=True) == out

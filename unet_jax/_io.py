@@ -12,8 +12,9 @@ Files: :func:`atomic_write` (any writer given a path), :func:`write_bytes`,
 Folders (a data cache, a phantom dataset, an export): :func:`check_target`, then
 :func:`new_temp_dir` (which first removes the temporaries of killed writers), fill it, then
 :func:`swap_in`. ``overwrite`` replaces only an empty folder or one that the
-same writer produced (recognised by ``is_ours``): a mistyped ``--out`` must not delete a
-dataset, a home directory or anything else.
+same writer produced (recognised by ``is_ours``) and holding nothing but its own files
+(``is_own``): a mistyped ``--out`` must not delete a dataset, a home directory or anything
+else, nor an ``--overwrite`` the files a user added to an earlier output.
 
 A folder one process at a time works in (a run folder): :class:`FolderLock`.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "FolderLock",
     "atomic_write",
     "check_target",
+    "foreign_entries",
     "new_temp_dir",
     "pid_alive",
     "remove_stale_temps",
@@ -94,9 +96,18 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> P
 # --------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------
-def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
+def check_target(
+    out: Path,
+    overwrite: bool,
+    is_ours: Callable[[Path], bool],
+    what: str,
+    is_own: Callable[[Path, bool], bool] | None = None,
+) -> None:
     """Raise ValueError unless ``out`` may be written: it does not exist, or ``overwrite``
-    is set and ``out`` is an empty folder or a ``what`` (``is_ours(out)``)."""
+    is set and ``out`` is an empty folder or a ``what`` (``is_ours(out)``) holding nothing
+    but the writer's own files: ``is_own(relative path, is a folder)`` for every entry (a
+    user's file added to an earlier output would be deleted with it; see
+    :func:`foreign_entries`)."""
     if not out.exists() and not out.is_symlink():
         parent = next(p for p in out.absolute().parents if p.exists())
         if not parent.is_dir():
@@ -112,6 +123,34 @@ def check_target(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], wh
         raise ValueError(
             f"refusing to replace {str(out)!r}: it is not empty and not a {what}; choose another output folder"
         )
+    foreign = [] if is_own is None else foreign_entries(out, is_own)
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise ValueError(
+            f"refusing to replace {str(out)!r}: it holds {shown}, not part of a {what} (--overwrite would "
+            f"delete it with the old folder); move it or choose another output folder"
+        )
+
+
+def foreign_entries(out: Path, is_own: Callable[[Path, bool], bool]) -> list[str]:
+    """The entries of the folder ``out`` (paths relative to it, the outermost of each
+    branch) that ``is_own(relative path, is a folder)`` does not claim; a symbolic link is
+    never one's own. The folders it claims are searched in turn."""
+    found: list[str] = []
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            rel = entry.relative_to(out)
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            if entry.is_symlink() or not is_own(rel, is_dir):
+                found.append(str(rel))
+            elif is_dir:
+                walk(entry)
+
+    walk(out)
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -40,6 +40,13 @@ def _pack_original(masks: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[int]
     return (np.concatenate(parts) if parts else np.zeros((0,), np.uint8)), offsets
 
 
+_CACHE_FILES = ("index.json", "arrays.npz")  # all a cache folder holds
+
+
+def _is_cache_file(rel: Path, is_dir: bool) -> bool:
+    return not is_dir and str(rel) in _CACHE_FILES
+
+
 def _is_cache(folder: Path) -> bool:
     try:
         return json.loads((folder / "index.json").read_text()).get("format") == CACHE_FORMAT
@@ -53,10 +60,11 @@ def save_cache(
     """Write ``dataset`` as a cache folder at ``out`` (atomically); returns ``out``.
 
     Raises ValueError if ``out`` exists and not ``overwrite``, or if it exists and is
-    neither an empty folder nor a cache (so a mistyped ``out`` never deletes data).
+    neither an empty folder nor a cache (so a mistyped ``out`` never deletes data), or is a
+    cache holding anything else (a user's file would be deleted with it).
     """
     out = Path(out)
-    check_target(out, overwrite, _is_cache, "data cache")
+    check_target(out, overwrite, _is_cache, "data cache", _is_cache_file)
     tmp = new_temp_dir(out)
     try:
         _write(dataset, tmp, threshold)
@@ -176,7 +184,7 @@ def prepare(
             f"output {str(out)!r} is, contains or lies inside the dataset "
             f"folder {str(root)!r}; expected a folder outside it"
         )
-    check_target(out, overwrite, _is_cache, "data cache")  # fail before the slow read
+    check_target(out, overwrite, _is_cache, "data cache", _is_cache_file)  # fail before the slow read
     ds = load_busi(source, options, progress)
     save_cache(ds, out, overwrite=overwrite, threshold=threshold)
     return ds

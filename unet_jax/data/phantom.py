@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -214,7 +215,7 @@ def write_phantom(
     if duplicates < 0:
         raise ValueError(f"duplicates must be >= 0, got {duplicates}")
     out = Path(out)
-    check_target(out, overwrite, _is_phantom, "phantom dataset (no phantom.json found)")
+    check_target(out, overwrite, _is_phantom, "phantom dataset (no phantom.json found)", _is_phantom_file)
     tmp = new_temp_dir(out)
     try:
         info = _write_into(tmp, counts, (int(size[0]), int(size[1])), seed, multi_mask_fraction, duplicates)
@@ -223,6 +224,16 @@ def write_phantom(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PhantomInfo(out, info.ids, info.multi_mask, info.duplicates)
+
+
+def _is_phantom_file(rel: Path, is_dir: bool) -> bool:
+    """Whether ``rel`` (inside a phantom folder) is one a phantom writes: phantom.json, the
+    class folders, and their ``CLASS (N).png`` / ``CLASS (N)_mask[_K].png``."""
+    parts = rel.parts
+    if len(parts) == 1:
+        return is_dir == (parts[0] in _CLASSES) and (is_dir or parts[0] == MARKER)
+    pattern = rf"{re.escape(parts[0])} \(\d+\)(_mask(_\d+)?)?\.png"
+    return len(parts) == 2 and not is_dir and re.fullmatch(pattern, parts[1]) is not None
 
 
 def _is_phantom(folder: Path) -> bool:

@@ -155,28 +155,6 @@ def _own_names(out: Path) -> set[str]:
     return {MODEL_FILE, "MODEL_CARD.md", ONNX_FILE, *(str(m) for m in listed if isinstance(m, str))}
 
 
-def _check_only_own_files(out: Path) -> None:
-    """Refuse to replace an export folder holding anything an export does not write: a
-    user's image or subfolder would be deleted with the old folder."""
-    own = _own_names(out)
-    foreign = sorted(
-        e.name
-        for e in out.iterdir()
-        if e.is_symlink()
-        or not e.is_file()
-        or (e.name not in own and re.fullmatch(r"member_\d+\.msgpack", e.name) is None)
-    )
-    if foreign:
-        shown = ", ".join(repr(name) for name in foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise ValueError(
-            f"refusing to replace {str(out)!r}: it holds {shown}, which the export did not write "
-            f"(--overwrite replaces only an export's own files: {MODEL_FILE}, member_N.msgpack, "
-            f"MODEL_CARD.md, {ONNX_FILE}); move them or choose another output folder"
-        )
-
-
 def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
     """Refuse an ``out`` that is, or holds, a source of the export, then anything
     :func:`unet_jax._io.check_target` refuses (an existing folder that is not an export),
@@ -189,6 +167,10 @@ def _check_export_target(out: Path, sources: Sequence[Path], overwrite: bool) ->
                 f"refusing to write the export to {str(out)!r}: it is or holds {str(source)!r}, a "
                 f"checkpoint being exported; choose another output folder"
             )
-    check_target(out, overwrite, _is_export, f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})")
-    if out.is_dir() and not out.is_symlink():
-        _check_only_own_files(out)
+    own = _own_names(out)
+
+    def is_own(rel: Path, is_dir: bool) -> bool:
+        return not is_dir and (rel.name in own or re.fullmatch(r"member_\d+\.msgpack", rel.name) is not None)
+
+    what = f"model folder of `unet-jax export` ({MODEL_FILE} of format {FORMAT!r})"
+    check_target(out, overwrite, _is_export, what, is_own)
