@@ -80,9 +80,10 @@ __all__ = [
 # image would be upsampled to the model's input size and "segmented").
 MIN_SIDE = 16
 # The largest image predicted, in pixels (64 Mi: 8192 x 8192 or any shape of as many pixels).
-# Native-size outputs cost ~40 bytes a pixel at their peak (probability map, mask, labels,
-# overlay): ~2.7 GB here, within a 2-core / 24 GiB machine; larger images are refused, naming
-# their size, before their pixels are decoded (benchmarks/predict_native.py times 512-4096 px).
+# A native-size image costs ~20 bytes a pixel at its peak (probability map, mask, labels,
+# overlay: +330 MB at 4096 x 4096, benchmarks/results/predict_native.json), so ~1.4 GB here
+# and ~21 s on 2 cores, within a 2-core / 24 GiB machine; a larger image is refused, naming
+# its size, before its pixels are decoded.
 MAX_PIXELS = 8192 * 8192
 _BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(_\d+)?\.png$")
 # predict's mark in every PNG it writes (a tEXt chunk), so that a later run knows its own files.
