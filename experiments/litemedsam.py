@@ -639,7 +639,13 @@ def stage_report(args: argparse.Namespace) -> dict[str, Any]:
         return f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
     def rate(r: dict) -> str:
-        return "-" if r["n"] == 0 else f"{r['count']}/{r['n']} ({r['rate']:.2f})"
+        """``count/n (rate) [Wilson 95% CI]``."""
+        from unet_jax.metrics import wilson_ci  # deferred, as this script's other package imports
+
+        if r["n"] == 0:
+            return "-"
+        lo, hi = wilson_ci(r["count"], r["n"])
+        return f"{r['count']}/{r['n']} ({r['rate']:.2f}) [{lo:.2f}, {hi:.2f}]"
 
     lines = [
         "| row | images | lesion Dice [95% CI] | lesion IoU | HD95 px | pixel acc. | pixel BCE | "

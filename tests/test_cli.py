@@ -444,3 +444,13 @@ def test_output_names_never_collide():
 
     used: set[str] = set()
     assert [unique_stem(s, used) for s in ("x", "x_1", "x", "x")] == ["x", "x_1", "x_2", "x_3"]
+
+
+def test_the_raw_outputs_rate_in_the_results_table_has_its_wilson_interval():
+    from unet_jax.cli import _raw_rate
+
+    counted = {"rate": 0.0, "count": 0, "n": 20, "ci_low": 0.0, "ci_high": 0.0}  # a bootstrap's [0, 0]
+    assert _raw_rate({"normal_false_positive_rate": 0.0, "normal_false_positive": counted}) == (
+        "0.000 (0/20) [Wilson 95% CI 0.000, 0.161]"
+    )
+    assert _raw_rate({"normal_false_positive_rate": 0.25}) == "0.250"  # an older results.json: no counts

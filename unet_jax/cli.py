@@ -14,8 +14,8 @@ from unet_jax import summary as model_summary
 from unet_jax.config import demo_config, load_config
 from unet_jax.convert import convert_checkpoint
 from unet_jax.data.cli import add_data_commands
-from unet_jax.metrics import format_summary
-from unet_jax.models import DEFAULT_PRESET, apply_overrides, model_heads, model_names
+from unet_jax.metrics import format_rate, format_summary
+from unet_jax.models import DEFAULT_PRESET, apply_overrides, model_family, model_heads, model_names
 from unet_jax.progress import ProgressPrinter
 from unet_jax.report import case_collector, check_report_folder, write_evaluation_report, write_prediction_report
 
@@ -92,6 +92,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     launch = distributed.launch_from(args.coordinator, args.num_processes, args.process_id)
     config = apply_overrides(load_config(args.config), args.overrides)
+    _xla_cpu_flags("train", model_family(config.preset))
     if launch is not None or config.distributed:
         # Before anything touches a JAX backend.
         distributed.initialize(launch, heartbeat_timeout_s=args.heartbeat_timeout)
@@ -100,13 +101,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return _train_and_report(config, args.out)
 
 
-def _xla_cpu_flags(command: str) -> None:
+def _xla_cpu_flags(command: str, family: str | None = None) -> None:
     """Before anything starts a JAX backend: the XLA:CPU flags measured to help ``command``
-    (issue 22)."""
+    (issue 22) for a model of ``family`` (issue 29: not every family gains from them)."""
     # Deferred: the CLI imports JAX only for the commands that need it (start-up speed).
-    from unet_jax.train.cpu import XLA_CPU_FLAGS, use_xla_cpu_flags
+    from unet_jax.train.cpu import use_xla_cpu_flags, xla_cpu_flags
 
-    use_xla_cpu_flags(XLA_CPU_FLAGS[command])
+    use_xla_cpu_flags(xla_cpu_flags(command, family))
 
 
 def _split_cpu(config) -> None:
@@ -148,6 +149,13 @@ def _number(value, digits: int) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def _raw_rate(raw: dict) -> str:
+    """The raw output's normal false-positive rate with its Wilson interval (a results.json
+    written before the counts were kept: the rate alone)."""
+    counted = raw.get("normal_false_positive")
+    return format_rate(counted, 3) if counted else _number(raw["normal_false_positive_rate"], 3)
+
+
 def _results_table(run_dir) -> str:
     results = json.loads((run_dir / "results.json").read_text())
     train_, test = results["train_at_best_epoch"], results["test_training_resolution"]
@@ -182,7 +190,7 @@ def _results_table(run_dir) -> str:
         raw = results["test_raw"]
         lines += [
             f"  raw model output on the test split: lesion Dice {_number(raw['dice'].get('lesion'), 4)}, "
-            f"normal false-positive rate {_number(raw['normal_false_positive_rate'], 3)}"
+            f"normal false-positive rate {_raw_rate(raw)}"
         ]
     if "test" in results:
         report = results["test"]
@@ -580,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "demo", "predict", "evaluate"):
+    if args.command in ("demo", "predict", "evaluate"):  # train's depend on its model (_run_train)
         _xla_cpu_flags(args.command)
     try:
         return int(args.func(args) or 0)

@@ -62,7 +62,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage, stats
 
 __all__ = [
     "roc_auc",
@@ -92,6 +91,7 @@ __all__ = [
     "summarize",
     "aggregate",
     "format_summary",
+    "format_rate",
     "to_jsonable",
 ]
 
@@ -239,6 +239,8 @@ def squared_edt(features: np.ndarray) -> np.ndarray:
     h, w = f.shape
     if not f.any():
         return np.full(f.shape, float(4 * (h * h + w * w) + 1))
+    from scipy import ndimage  # deferred: the CLI imports this module at start-up (0.2 s)
+
     return np.rint(np.square(ndimage.distance_transform_edt(~f)))  # integers: undo sqrt's rounding
 
 
@@ -342,6 +344,8 @@ def wilson_ci(count: int, n: int, level: float = 0.95) -> tuple[float, float]:
     [0, 0.161], 1 of 20 [0.009, 0.236]. ``(nan, nan)`` when ``n`` is 0."""
     if n == 0:
         return math.nan, math.nan
+    from scipy import stats  # deferred: the CLI imports this module at start-up (0.5 s)
+
     ci = stats.binomtest(int(count), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return float(ci.low), float(ci.high)
 
@@ -449,9 +453,18 @@ def format_summary(agg: Mapping[str, Any], metrics: Sequence[str] = METRICS, dig
     for key in ("normal_false_positive_rate", "lesion_empty_prediction_rate"):
         r = agg.get(key)
         if r is not None and r["n"]:
-            lo, hi = wilson_ci(r["count"], r["n"])  # recomputed: a stored row may predate its interval
-            text.append(f"{key}: {r['rate']:.{digits}f} ({r['count']}/{r['n']}) [Wilson 95% CI {lo:.3f}, {hi:.3f}]")
+            text.append(f"{key}: {format_rate(r, digits)}")
     return "\n".join(text)
+
+
+def format_rate(r: Mapping[str, Any], digits: int = 4) -> str:
+    """A rate of :func:`rate_summary` for logs and the console:
+    ``rate (count/n) [Wilson 95% CI low, high]``; "n/a" when ``n`` is 0. The interval is
+    recomputed from the counts (a stored result may predate Wilson intervals)."""
+    if not r.get("n"):
+        return "n/a"
+    lo, hi = wilson_ci(r["count"], r["n"])
+    return f"{r['rate']:.{digits}f} ({r['count']}/{r['n']}) [Wilson 95% CI {lo:.3f}, {hi:.3f}]"
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -485,6 +498,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    from scipy import stats  # deferred: the CLI imports this module at start-up (0.5 s)
+
     ranks = stats.rankdata(scores)  # average ranks over ties (1-based)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
