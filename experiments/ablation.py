@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from unet_jax import metrics as M
+
 
 def training_row(run: Path) -> str:
     results = json.loads((run / "results.json").read_text())
@@ -39,8 +41,9 @@ def lever_rows(run: Path) -> list[str]:
         ("chosen recipe", report["chosen"]),
     ]
     return [
-        f"| {run.name} | {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-        f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |"
+        f"| {run.name} | {name} | {s['lesion_dice']:.3f} | "
+        f"{M.rate_cell(s.get('normal_false_positive'), s['normal_false_positive_rate'])} | "
+        f"{M.rate_cell(s.get('lesion_empty'), s['lesion_empty_rate'])} | {s['dice_all']:.3f} |"
         for name, s in rows
     ]
 

@@ -138,6 +138,8 @@ def nested(
                 "lesion_iou": agg["iou"]["lesion"]["mean"],
                 "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
                 "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
+                "normal_false_positive": agg["normal_false_positive_rate"],  # counts, Wilson interval
+                "lesion_empty_prediction": agg["lesion_empty_prediction_rate"],
                 "raw_lesion_dice": M.aggregate(fold_raw, n_boot=0)["dice"]["lesion"]["mean"],
             }
         )
@@ -250,6 +252,8 @@ def transfer_check(
             "lesion_dice": agg["dice"]["lesion"]["mean"],
             "normal_false_positive_rate": agg["normal_false_positive_rate"]["rate"],
             "lesion_empty_prediction_rate": agg["lesion_empty_prediction_rate"]["rate"],
+            "normal_false_positive": agg["normal_false_positive_rate"],  # counts, Wilson interval
+            "lesion_empty_prediction": agg["lesion_empty_prediction_rate"],
             "normal_images": agg["counts"]["normal"],
             "lesion_images": agg["counts"]["lesion"],
             "median_max_probability": float(np.median(maxima)),
@@ -350,7 +354,8 @@ def format_tables(r: dict[str, Any]) -> str:
     for f in r["nested_folds"]:
         lines.append(
             f"| {f['fold']} | {f['recipe']} | {f['lesion_dice']:.3f} | {f['lesion_iou']:.3f} | "
-            f"{f['normal_false_positive_rate']:.3f} | {f['lesion_empty_prediction_rate']:.3f} | "
+            f"{M.rate_cell(f.get('normal_false_positive'), f['normal_false_positive_rate'])} | "
+            f"{M.rate_cell(f.get('lesion_empty_prediction'), f['lesion_empty_prediction_rate'])} | "
             f"{f['raw_lesion_dice']:.3f} |"
         )
     lines += [
@@ -379,8 +384,9 @@ def format_tables(r: dict[str, Any]) -> str:
     rows = [("raw model output", choice["raw"]), *choice["levers"].items(), ("chosen recipe", choice["chosen"])]
     for name, s in rows:
         lines.append(
-            f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-            f"{s['lesion_empty_rate']:.3f} | {s['dice_all']:.3f} |"
+            f"| {name} | {s['lesion_dice']:.3f} | "
+            f"{M.rate_cell(s.get('normal_false_positive'), s['normal_false_positive_rate'])} | "
+            f"{M.rate_cell(s.get('lesion_empty'), s['lesion_empty_rate'])} | {s['dice_all']:.3f} |"
         )
     lines += ["", "| lesion-vs-normal score (out of fold) | AUC |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["lesion_vs_normal_auc"].items()]
@@ -396,8 +402,10 @@ def format_tables(r: dict[str, Any]) -> str:
     for name in ("one member", "two-member average"):
         s = t[name]
         lines.append(
-            f"| {name} | {s['lesion_dice']:.3f} | {s['normal_false_positive_rate']:.3f} | "
-            f"{s['lesion_empty_prediction_rate']:.3f} | {s['median_max_probability']:.3f} | "
+            f"| {name} | {s['lesion_dice']:.3f} | "
+            f"{M.rate_cell(s.get('normal_false_positive'), s['normal_false_positive_rate'])} | "
+            f"{M.rate_cell(s.get('lesion_empty_prediction'), s['lesion_empty_prediction_rate'])} | "
+            f"{s['median_max_probability']:.3f} | "
             f"{s['auc_max_probability']:.3f} | {s['auc_class_head']:.3f} | "
             f"{s.get('auc_learned_gate', float('nan')):.3f} |"
         )

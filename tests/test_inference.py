@@ -189,6 +189,18 @@ def test_tuning_chooses_a_gate_and_the_largest_component_on_validation():
     assert report["chosen"]["dice_all"] > report["raw"]["dice_all"]
     assert {"flip TTA", "largest component", "fill holes", "threshold 0.5"} <= set(report["levers"])
     assert any(k.startswith("gate class") for k in report["levers"])
+    # every rate with its count and Wilson interval (the ablation and oof tables show them)
+    normals = int(sum(not g.any() for g in gts))
+    fp = report["chosen"]["normal_false_positive"]
+    assert (fp["count"], fp["n"]) == (0, normals)
+    assert (fp["ci_low"], fp["ci_high"]) == pytest.approx(M.wilson_ci(0, normals)) and fp["ci_high"] > 0
+    raw = report["raw"]["normal_false_positive"]
+    assert (raw["count"], raw["ci_high"]) == (normals, 1.0) and raw["ci_low"] < 1.0
+    assert (
+        M.rate_cell(report["chosen"]["lesion_empty"], 0.0)
+        == f"0.000 [0.000, {report['chosen']['lesion_empty']['ci_high']:.3f}]"
+    )
+    assert M.rate_cell(None, 0.25) == "0.250"  # a stored report from before the counts were kept
 
 
 def test_tuning_respects_the_lesion_empty_budget():

@@ -92,6 +92,7 @@ __all__ = [
     "aggregate",
     "format_summary",
     "format_rate",
+    "rate_cell",
     "to_jsonable",
 ]
 
@@ -465,6 +466,16 @@ def format_rate(r: Mapping[str, Any], digits: int = 4) -> str:
         return "n/a"
     lo, hi = wilson_ci(r["count"], r["n"])
     return f"{r['rate']:.{digits}f} ({r['count']}/{r['n']}) [Wilson 95% CI {lo:.3f}, {hi:.3f}]"
+
+
+def rate_cell(summary: Mapping[str, Any] | None, rate: float, digits: int = 3) -> str:
+    """A table's rate cell: ``rate [Wilson 95% CI]`` from ``summary``'s count and n (a
+    :func:`rate_summary`), or the rate alone when there is no summary (a stored result from
+    before the counts were kept)."""
+    if not summary or not summary.get("n"):
+        return f"{rate:.{digits}f}"
+    lo, hi = wilson_ci(summary["count"], summary["n"])
+    return f"{rate:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -461,13 +461,17 @@ def _objective(dice: np.ndarray, empty: np.ndarray, is_lesion: np.ndarray, max_l
     return float(np.mean(dice))
 
 
-def _scores(dice: np.ndarray, empty: np.ndarray, is_lesion: np.ndarray) -> dict[str, float]:
+def _scores(dice: np.ndarray, empty: np.ndarray, is_lesion: np.ndarray) -> dict[str, Any]:
+    """One setting's row: Dice over all and lesion images, the two rates (and, beside them,
+    their counts with Wilson intervals: :func:`unet_jax.metrics.rate_summary`)."""
     normal = ~is_lesion
     return {
         "dice_all": float(np.mean(dice)),
         "lesion_dice": float(np.mean(dice[is_lesion])) if is_lesion.any() else float("nan"),
         "normal_false_positive_rate": float(np.mean(~empty[normal])) if normal.any() else float("nan"),
         "lesion_empty_rate": float(np.mean(empty[is_lesion])) if is_lesion.any() else float("nan"),
+        "normal_false_positive": M.rate_summary(~empty[normal]),
+        "lesion_empty": M.rate_summary(empty[is_lesion]),
     }
 
 
