@@ -249,3 +249,19 @@ def test_a_report_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_pa
     code = main(["evaluate", "--checkpoint", str(missing_model), "--data", str(tmp_path), "--report", str(taken / "r")])
     assert code == 2
     assert f"report folder {str(taken / 'r')!r}: {str(taken)!r} is a file" in capsys.readouterr().err
+
+
+def test_a_report_html_unet_jax_did_not_write_is_refused_before_the_model_loads(untuned, busi, tmp_path, capsys):
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "report.html").write_text("<html>the user's own report</html>")
+    missing_model = tmp_path / "no-model"
+    code = main(["evaluate", "--checkpoint", str(missing_model), "--data", str(busi), "--report", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"report folder {str(out)!r} holds 'report.html', which unet-jax did not write" in err, err
+    assert (out / "report.html").read_text() == "<html>the user's own report</html>"
+    (out / "report.html").unlink()  # its own report is replaced by the next run
+    args = ["evaluate", "--checkpoint", str(untuned), "--data", str(busi), "--raw", "--report", str(out)]
+    assert main(args) == 0 and main(args) == 0
+    capsys.readouterr()

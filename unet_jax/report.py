@@ -34,11 +34,13 @@ from unet_jax.plots import GT_COLOR, PRED_COLOR, contour_overlay
 
 __all__ = [
     "CASE_SIDE",
+    "GENERATOR",
     "REPORT_NAME",
     "THUMBNAIL_SIDE",
     "case_collector",
     "case_thumbnail",
     "check_report_folder",
+    "is_own_report",
     "evaluation_report_html",
     "png_data_uri",
     "prediction_report_html",
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 REPORT_NAME = "report.html"
+# Every page's mark (a <meta name="generator">): a later run replaces only a report.html it wrote.
+GENERATOR = '<meta name="generator" content="unet-jax">'
 THUMBNAIL_SIDE = 160  # predict: the overlay's longer side in the table, in pixels
 CASE_SIDE = 200  # evaluate: a case's longer side (contours drawn at this size)
 # predict's path columns: shown as the thumbnail (overlay) or not at all (the files sit beside
@@ -231,7 +235,7 @@ def table_html(
 def _page(title: str, sections: Sequence[str]) -> str:
     """The whole HTML document: ``sections`` (HTML) under an escaped ``title``."""
     return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n{GENERATOR}\n'
         f"<title>{html.escape(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + f"\n<script>\n{_JS}\n</script>\n</body>\n</html>\n"
     )
@@ -389,10 +393,25 @@ def write_evaluation_report(
 
 def check_report_folder(out_dir: str | os.PathLike) -> None:
     """Raise ValueError unless ``out_dir`` is a folder or can be created as one (nothing
-    is created here), so that a bad ``--report`` fails before any work."""
+    is created here), and holds no ``report.html`` that this package did not write, so that
+    a bad ``--report`` fails before any work and never replaces a user's file."""
     path = Path(out_dir)
     existing = next((p for p in (path.absolute(), *path.absolute().parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(
             f"report folder {str(out_dir)!r}: {str(existing)!r} is a file; expected a folder (created if missing)"
         )
+    if (path / REPORT_NAME).exists() and not is_own_report(path / REPORT_NAME):
+        raise ValueError(
+            f"report folder {str(out_dir)!r} holds {REPORT_NAME!r}, which unet-jax did not write and the "
+            f"report would overwrite; expected another folder (or move that file)"
+        )
+
+
+def is_own_report(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a report.html this package wrote (its head holds :data:`GENERATOR`)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return GENERATOR in f.read(4096)
+    except OSError:
+        return False
