@@ -307,15 +307,32 @@ def test_text_empty_and_random_files(tmp_path):
     assert "Git LFS pointer" in _error(lfs)
 
 
-def test_legacy_format_says_how_to_resave(tmp_path):
-    sd = {"w": torch.randn(2, 2)}
-    path = _save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    msg = _error(path)
-    assert "legacy (pre-1.6)" in msg
-    assert "re-save it with torch.save(..., _use_new_zipfile_serialization=True)" in msg
-    assert "on a machine with PyTorch" in msg
-    path = _save(sd, tmp_path / "legacy4.pth", _use_new_zipfile_serialization=False, pickle_protocol=4)
-    assert "legacy (pre-1.6)" in _error(path)
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_format_reads_back_exactly(tmp_path, protocol):
+    # torch.save's pre-1.6 layout (pickles, then raw storages), as EfficientNet-Lite0's
+    # released weights are saved; views of one storage and several dtypes included.
+    base = torch.randn(4, 6)
+    sd = collections.OrderedDict(
+        w=base, t=base.t(), row=base[1], half=torch.randn(3).half(), n=torch.tensor(7), b=torch.tensor([True, False])
+    )
+    path = _save(sd, tmp_path / f"legacy{protocol}.pth", _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    got = read_torch_checkpoint(path)
+    assert list(got) == list(sd)
+    for key, tensor in sd.items():
+        _assert_same(got[key], tensor)
+
+
+def test_legacy_format_truncated_or_with_foreign_classes_is_refused(tmp_path):
+    path = _save({"w": torch.randn(50, 50)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[:-100])
+    assert "truncated legacy storage" in _error(cut)
+    evil = _save(
+        {"w": torch.randn(2), "when": datetime.date(2020, 1, 1)},
+        tmp_path / "evil.pth",
+        _use_new_zipfile_serialization=False,
+    )
+    assert "refusing to load class/function 'datetime.date'" in _error(evil)
 
 
 def test_truncated_file(tmp_path):

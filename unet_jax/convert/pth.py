@@ -53,6 +53,7 @@ import pickle
 import tarfile
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -243,6 +244,8 @@ def _load(name: str) -> Any:
             f"{name}: cannot read the file ({e.strerror or e}); expected a PyTorch checkpoint written by torch.save"
         ) from None
     if not head.startswith(b"PK"):
+        if head.startswith(b"\x80") and _is_legacy(name):
+            return _load_legacy(name)
         _raise_not_zip(name, head)
     try:
         zf = zipfile.ZipFile(name)
@@ -354,6 +357,64 @@ def _unpickle_archive(zf: zipfile.ZipFile, name: str) -> Any:
             f"{name}: corrupt {pkl!r} ({type(e).__name__}: {e}); expected the pickled "
             "state dict of a torch.save checkpoint"
         ) from None
+
+
+# ---------------------------------------------------------------------------- legacy
+
+
+def _load_legacy(name: str) -> Any:
+    """The object in a legacy (pre-1.6, non-zip) ``torch.save`` file.
+
+    Layout (torch/serialization.py ``_legacy_save``): four pickles, then the raw storages.
+    The magic number, the protocol version (1001) and ``sys_info`` (``little_endian``);
+    the object, whose storages are persistent ids ``('storage', storage_type, key,
+    location, numel, view_metadata)``; the list of storage keys; then for each key in that
+    order an int64 element count and ``count * itemsize`` bytes. The object is unpickled
+    twice: once to learn the storages (nothing is called but the stand-ins), once to
+    rebuild the tensors from their bytes.
+    """
+    data = Path(name).read_bytes()
+    stream = io.BytesIO(data)
+    try:
+        for _ in range(2):  # magic number, protocol version
+            _NothingUnpickler(stream).load()
+        info = _NothingUnpickler(stream).load()
+        little = bool(info.get("little_endian", True)) if isinstance(info, dict) else True
+        start = stream.tell()
+        survey = _LegacySurvey(name, data[start:], little)
+        survey.load()
+        stream.seek(start + survey.consumed())
+        keys = _NothingUnpickler(stream).load()
+    except TorchCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside a corrupt pickle
+        raise TorchCheckpointError(
+            f"{name}: corrupt legacy torch.save file ({type(e).__name__}: {e}); expected the pickled state dict"
+        ) from None
+    raw = _legacy_storages(name, data, stream.tell(), keys, survey.storages, little)
+    return _LegacyUnpickler(name, data[start:], little, raw).load()
+
+
+def _legacy_storages(
+    name: str, data: bytes, pos: int, keys: Any, storages: dict[str, int], little: bool
+) -> dict[str, np.ndarray]:
+    """Each storage's bytes, read in ``keys`` order from ``data[pos:]``."""
+    if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+        raise TorchCheckpointError(f"{name}: the storage key list does not match the storages the pickle names")
+    raw: dict[str, np.ndarray] = {}
+    order = "<" if little else ">"
+    for key in map(str, keys):
+        if pos + 8 > len(data):
+            raise TorchCheckpointError(f"{name}: truncated legacy file at storage {key!r}")
+        numel = int(np.frombuffer(data, f"{order}i8", 1, pos)[0])
+        nbytes = numel * storages[key]
+        if numel < 0 or pos + 8 + nbytes > len(data):
+            raise TorchCheckpointError(
+                f"{name}: truncated legacy storage {key!r}: expected {max(numel, 0)} elements at byte {pos + 8}"
+            )
+        raw[key] = np.frombuffer(data, np.uint8, nbytes, pos + 8).copy()
+        pos += 8 + nbytes
+    return raw
 
 
 # ---------------------------------------------------------------------------- unpickler
@@ -624,3 +685,61 @@ def _select_state_dict(obj: Any, name: str, key: str | None) -> dict[str, np.nda
         f"{name}: cannot find the state dict: {why}; top-level keys: {keys}. Expected a "
         "dict of tensors; pass key=... to select one"
     )
+
+
+class _LegacySurvey(_StateDictUnpickler):
+    """First pass over a legacy file's object pickle: records every storage's key and
+    element size, rebuilds nothing."""
+
+    def __init__(self, name: str, data: bytes, little: bool) -> None:
+        super().__init__(None, name, "", little, data)  # type: ignore[arg-type]
+        self._stream = io.BytesIO(data)
+        pickle.Unpickler.__init__(self, self._stream)
+        self.storages: dict[str, int] = {}
+
+    def consumed(self) -> int:
+        return self._stream.tell()
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        key, stype = _legacy_pid(self._name, pid)
+        self.storages[key] = 1 if stype.dtype is None else stype.dtype.storage_dtype.itemsize
+        return _Storage(key, np.empty(0, np.uint8), stype.dtype)
+
+    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> np.ndarray:
+        return np.empty(0, np.float32)
+
+
+class _LegacyUnpickler(_StateDictUnpickler):
+    """Second pass: tensors rebuilt from the storages' bytes (views of a storage included)."""
+
+    def __init__(self, name: str, data: bytes, little: bool, raw: dict[str, np.ndarray]) -> None:
+        super().__init__(None, name, "", little, data)  # type: ignore[arg-type]
+        self._raw = raw
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        key, stype = _legacy_pid(self._name, pid)
+        raw, view = self._raw[key], pid[5]
+        if view is not None:  # (view key, element offset, element count) of the root storage
+            itemsize = 1 if stype.dtype is None else stype.dtype.storage_dtype.itemsize
+            raw = raw[view[1] * itemsize : (view[1] + view[2]) * itemsize]
+        return _Storage(key, raw, stype.dtype)
+
+
+def _legacy_pid(name: str, pid: Any) -> tuple[str, _StorageType]:
+    """``(key, storage type)`` of a legacy persistent id, checked."""
+    if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")):
+        raise TorchCheckpointError(
+            f"{name}: unexpected persistent id {pid!r}; expected ('storage', type, key, location, numel, view)"
+        )
+    stype = pid[1]
+    if not isinstance(stype, _StorageType) or not stype.known or stype.dtype is None:
+        raise TorchCheckpointError(
+            f"{name}: unknown storage type {getattr(stype, 'name', stype)!r}; "
+            f"expected one of {sorted(_STORAGE_CLASSES)}"
+        )
+    if stype.dtype.storage_dtype is None:
+        raise TorchCheckpointError(f"{name}: unknown storage dtype torch.{stype.dtype.name} (no numpy equivalent)")
+    key = pid[2].decode("ascii", "replace") if isinstance(pid[2], bytes) else pid[2]
+    if not isinstance(key, str):
+        raise TorchCheckpointError(f"{name}: malformed storage id {pid!r}; expected a string key")
+    return key, stype
