@@ -231,6 +231,7 @@ def test_readme_snippet_segments_an_image(bundled_export, tmp_path):
         ("padded", {"features": 4, "lowering": "direct"}, 32),  # lax.pad
         ("ronneberger", {"features": 4, "depth": 2}, 92),  # valid convolutions, crops
         ("resnet18_unet", {}, 64),  # max pooling (reduce_window_max), strided convolutions
+        ("effnet_lite0_unet", {"class_head": 3}, 64),  # depthwise taps (custom_vjp), 'SAME' pads, ReLU6
     ],
 )
 def test_other_architectures_and_lowerings(preset, model, size):

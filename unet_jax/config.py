@@ -95,6 +95,9 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4  # adamw only
+    # Transfer learning: the pretrained ``encoder`` parameter group (resnet*/effnet* U-Nets)
+    # learns at learning_rate x this (its own warm-up and schedule); 1 treats it as the rest.
+    encoder_lr_scale: float = 1.0
     momentum: float = 0.9  # sgd only
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = 0.0
@@ -185,6 +188,7 @@ def _check_ranges(config: TrainConfig) -> None:
         ("bce_weight", config.bce_weight >= 0, "a number >= 0"),
         ("dice_weight", config.dice_weight >= 0, "a number >= 0"),
         ("weight_decay", config.weight_decay >= 0, "a number >= 0"),
+        ("encoder_lr_scale", config.encoder_lr_scale > 0, "a positive factor (1: the encoder as the rest)"),
         ("momentum", 0 <= config.momentum < 1, "a number in [0, 1)"),
         ("warmup_epochs", config.warmup_epochs >= 0, "a number of epochs >= 0"),
         ("grad_clip_norm", config.grad_clip_norm is None or config.grad_clip_norm > 0, "None or a positive number"),

@@ -1,8 +1,9 @@
 """A PyTorch checkpoint file of any preset's family -> Flax variables, in memory or on disk.
 
 The family of the target preset chooses the conversion: ``sam`` (the official Segment
-Anything checkpoints and LiteMedSAM's, :mod:`unet_jax.convert.sam`) or ``resnet`` (a
-torchvision ResNet, :mod:`unet_jax.convert.resnet`). The file is read without PyTorch
+Anything checkpoints and LiteMedSAM's, :mod:`unet_jax.convert.sam`), ``resnet`` (a
+torchvision ResNet, :mod:`unet_jax.convert.resnet`) or ``efficientnet`` (EfficientNet-Lite0's
+released weights, :mod:`unet_jax.convert.efficientnet`). The file is read without PyTorch
 (:mod:`unet_jax.convert.pth`).
 """
 
@@ -35,8 +36,9 @@ def read_pth_variables(path: str | os.PathLike, preset: str, channels: int = 3) 
     """Flax variables ``{"params": ...[, "batch_stats": ...]}`` of preset ``preset`` read
     from the PyTorch checkpoint ``path``: a SAM/LiteMedSAM state dict for the ``sam_*`` and
     ``litemedsam`` presets (LiteMedSAM's BatchNorm statistics included), a torchvision
-    ResNet's for the ``resnet*`` presets (its encoder; ``channels`` is the input channels
-    of the model it will initialise: an RGB stem is summed over RGB for 1).
+    ResNet's for the ``resnet*`` presets and EfficientNet-Lite0's for the ``effnet_*``
+    presets (the encoder; ``channels`` is the input channels of the model it will
+    initialise: an RGB stem is summed over RGB for 1).
 
     Raises:
       TorchCheckpointError: not a readable PyTorch checkpoint.
@@ -44,14 +46,16 @@ def read_pth_variables(path: str | os.PathLike, preset: str, channels: int = 3) 
         the family (``unet``) has no PyTorch counterpart.
     """
     family = model_family(preset)
-    if family not in ("sam", "resnet"):
+    if family not in ("sam", "resnet", "efficientnet"):
         raise ValueError(
             f"{os.fspath(path)!r}: a PyTorch checkpoint cannot initialise preset {preset!r}; "
-            f"expected a sam_* or resnet* preset"
+            f"expected a sam_*, resnet* or effnet_* preset"
         )
     state_dict = read_torch_checkpoint(path)
     if family == "sam":
         return dict(_port("sam").sam_variables_from_state_dict(state_dict, preset, source=os.fspath(path)))
+    if family == "efficientnet":
+        return dict(_port("efficientnet").lite0_params_from_state_dict(state_dict, in_channels=channels))
     return dict(_port("resnet").resnet_params_from_torchvision(state_dict, in_channels=channels))
 
 

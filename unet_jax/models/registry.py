@@ -30,6 +30,7 @@ __all__ = [
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "unet": ("unet_jax.models.unet", "PRESETS", "create_unet"),
     "resnet": ("unet_jax.models.resnet", "RESNET_PRESETS", "create_resnet"),
+    "efficientnet": ("unet_jax.models.efficientnet", "EFFICIENTNET_PRESETS", "create_efficientnet"),
     "sam": ("unet_jax.models.sam", "SAM_PRESETS", "create_sam"),
 }
 

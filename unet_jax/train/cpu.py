@@ -23,7 +23,7 @@ import os
 
 import jax
 
-__all__ = ["XLA_CPU_FLAGS", "cpu_device_count", "use_cpu_devices", "use_xla_cpu_flags"]
+__all__ = ["XLA_CPU_FLAGS", "xla_cpu_flags", "cpu_device_count", "use_cpu_devices", "use_xla_cpu_flags"]
 
 # XLA:CPU flags each command sets before JAX starts: the ones measured to help on its path
 # (issue 22, benchmarks/cpu_levers.py, RESULTS.md "The CPU at or past PyTorch"; every flag of
@@ -39,6 +39,21 @@ XLA_CPU_FLAGS: dict[str, tuple[str, ...]] = {
     "predict": (),
     "evaluate": (),
 }
+
+
+# Model families whose training step the YNN fusion slows down, so `unet-jax train` leaves
+# it off for them: EfficientNet-Lite0's encoder step (batch 16, 128 px, RGB) took 547 ms
+# without it and 2,934 ms with it (issue 29; its depthwise taps and 49 batch norms become
+# YNN elementwise/reduce fusions), 1,271 ms with dots alone.
+_YNN_SLOWER_FAMILIES = frozenset({"efficientnet"})
+
+
+def xla_cpu_flags(command: str, family: str | None = None) -> tuple[str, ...]:
+    """The XLA:CPU flags ``command`` sets (:data:`XLA_CPU_FLAGS`), for a run of a model of
+    ``family`` (a :data:`unet_jax.models.FAMILIES` key; None: the command's default)."""
+    if command == "train" and family in _YNN_SLOWER_FAMILIES:
+        return tuple(flag for flag in XLA_CPU_FLAGS[command] if flag != _YNN_FUSION)
+    return XLA_CPU_FLAGS[command]
 
 
 def _cores() -> int:

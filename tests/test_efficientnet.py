@@ -1,0 +1,186 @@
+"""EfficientNet-Lite0 (unet_jax.models.efficientnet) with its released ImageNet weights,
+read without PyTorch (unet_jax.convert.efficientnet), against the PyTorch reference
+``efficientnet_lite_pytorch`` (a test peer), and the U-Net on it through the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_jax.cli import main
+from unet_jax.config import TrainConfig
+from unet_jax.convert.efficientnet import find_lite0_checkpoint, lite0_params_from_state_dict, read_lite0_variables
+from unet_jax.convert.pth import read_torch_checkpoint
+from unet_jax.models import create_model, model_family
+from unet_jax.models.efficientnet import EfficientNetLiteEncoder
+from unet_jax.train.cpu import XLA_CPU_FLAGS, xla_cpu_flags
+from unet_jax.train.init_from import load_initial_variables
+from unet_jax.train.state import create_train_state, make_optimizer
+
+GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+MILITARY_UNIFORM = 652  # ImageNet class index
+
+
+def _count(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+@pytest.fixture(scope="module")
+def released():
+    """(state dict as numpy, the converted classifier's variables, the PyTorch reference)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = find_lite0_checkpoint()
+    state_dict = read_torch_checkpoint(path)  # the legacy torch.save format, read without torch
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
+    return state_dict, lite0_params_from_state_dict(state_dict, classifier=True), reference
+
+
+def _torch_logits(reference, images_01: np.ndarray) -> np.ndarray:
+    x = torch.tensor((images_01 * 255.0 - 127.0) / 128.0, dtype=torch.float32).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return reference(x).numpy()
+
+
+def test_the_released_file_reads_exactly_as_torch_loads_it(released):
+    state_dict, _, _ = released
+    want = torch.load(find_lite0_checkpoint(), map_location="cpu", weights_only=True)
+    assert set(state_dict) == set(want) and len(want) == 296
+    for key, tensor in want.items():
+        assert state_dict[key].tobytes() == tensor.numpy().tobytes(), key
+    assert sum(t.numel() for t in want.values()) == 4_694_073  # 4,652,008 parameters + BN statistics
+
+
+def test_parameter_counts_are_pinned(released):
+    _, variables, _ = released
+    assert _count(variables["params"]) == 4_652_008  # every released weight, no more
+    assert _count(variables["batch_stats"]) == 42_016
+    unet = create_model("effnet_lite0_unet", class_head=3)
+    v = jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), train=False))
+    encoder = _count(v["params"]["encoder"])
+    assert encoder == 4_652_008 - 1_281_000 - 2 * 32 * 3 * 3  # no fc; the stem summed to one channel
+    assert _count(v["params"]) == 4_210_100
+
+
+@pytest.mark.parametrize("size", [224, 128])
+def test_classifier_logits_match_the_pytorch_reference(released, size):
+    _, variables, reference = released
+    images = np.random.default_rng(size).random((2, size, size, 3)).astype(np.float32)
+    want = _torch_logits(reference, images)
+    got = np.asarray(create_model("effnet_lite0_classifier").apply(variables, jnp.asarray(images)))
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_converted_weights_rank_grace_hopper_as_military_uniform():
+    # Converted without PyTorch: what a user of `pip install "unet-jax[pretrained]"` gets.
+    variables = read_lite0_variables(classifier=True)
+    image = Image.open(GRACE_HOPPER).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+    x = jnp.asarray(np.asarray(image, np.float32)[None] / 255.0)
+    probs = jax.nn.softmax(create_model("effnet_lite0_classifier").apply(variables, x))[0]
+    assert int(jnp.argmax(probs)) == MILITARY_UNIFORM
+    assert float(probs[MILITARY_UNIFORM]) > 0.4  # 0.463 here; the issue measured 0.46 with the reference
+
+
+def test_grayscale_stem_is_the_rgb_network_on_the_replicated_image(released):
+    state_dict, _, _ = released
+    rgb, gray = (lite0_params_from_state_dict(state_dict, in_channels=c) for c in (3, 1))
+    assert gray["params"]["conv_stem"]["kernel"].shape == (3, 3, 1, 32)
+    g = jnp.asarray(np.random.default_rng(1).random((2, 64, 64, 1)), jnp.float32)
+    feats_rgb = EfficientNetLiteEncoder(in_channels=3).apply(rgb, jnp.concatenate([g, g, g], axis=-1))
+    feats_gray = EfficientNetLiteEncoder(in_channels=1).apply(gray, g)
+    assert [f.shape[1:] for f in feats_gray] == [
+        (32, 32, 16),
+        (16, 16, 24),
+        (8, 8, 40),
+        (4, 4, 112),
+        (2, 2, 320),
+        (2, 2, 1280),
+    ]
+    for a, b in zip(feats_rgb, feats_gray):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_shapes_heads_and_input_checks():
+    model = create_model("effnet_lite0_unet", class_head=3)
+    x = jnp.zeros((2, 96, 64, 1), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    out = model.apply(variables, x)
+    assert out["mask"].shape == (2, 96, 64, 1) and out["class"].shape == (2, 3)
+    half = create_model("effnet_lite0_unet", class_head=3, dtype=jnp.bfloat16).apply(variables, x)
+    assert half["mask"].dtype == jnp.float32 and half["class"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="input height 100 is not a multiple of 32"):
+        model.init(jax.random.key(0), jnp.zeros((1, 100, 64, 1)), train=False)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        create_model("effnet_lite0_unet", decoder_channels=(8, 8))
+    assert model_family("effnet_lite0_unet") == "efficientnet"
+
+
+def test_init_from_imagenet_lays_the_released_encoder_into_the_unet():
+    config = TrainConfig(preset="effnet_lite0_unet", image_size=64, init_from="imagenet")
+    model = create_model(config.preset, in_channels=1)
+    state = create_train_state(model, make_optimizer(config, 4), jax.random.key(0), (1, 64, 64, 1))
+    fresh = {"params": state.params, "batch_stats": state.batch_stats}
+    variables, copied = load_initial_variables(config, fresh)
+    assert copied == len(jax.tree.leaves(read_lite0_variables(in_channels=1)))
+    stem = read_lite0_variables(in_channels=1)["params"]["conv_stem"]["kernel"]
+    np.testing.assert_array_equal(variables["params"]["encoder"]["conv_stem"]["kernel"], stem)
+    decoder = variables["params"]["decoder_block0"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(decoder, fresh["params"]["decoder_block0"]["conv1"]["kernel"])
+    with pytest.raises(ValueError, match="no bundled ImageNet weights"):
+        load_initial_variables(TrainConfig(preset="seed", init_from="imagenet"), fresh)
+
+
+def test_encoder_lr_scale_moves_the_encoder_less_and_needs_one():
+    config = TrainConfig(optimizer="sgd", momentum=0.0, learning_rate=1.0, encoder_lr_scale=0.1)
+    tx = make_optimizer(config, 10)
+    params = {"encoder": jnp.ones(3), "decoder_block0": jnp.ones(3)}
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["encoder"], -0.1)
+    np.testing.assert_allclose(updates["decoder_block0"], -1.0)
+    with pytest.raises(ValueError, match="encoder_lr_scale 0.1: UNet has no parameter group 'encoder'"):
+        create_train_state(
+            create_model("seed", features=4, depth=1), tx, jax.random.key(0), (1, 16, 16, 3), encoder_lr_scale=0.1
+        )
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        TrainConfig(encoder_lr_scale=0.0)
+
+
+def test_training_leaves_the_ynn_fusion_off_for_efficientnet_only():
+    assert xla_cpu_flags("train", "efficientnet") == ()
+    assert xla_cpu_flags("train", "unet") == XLA_CPU_FLAGS["train"] != ()
+    assert xla_cpu_flags("predict", "efficientnet") == XLA_CPU_FLAGS["predict"]
+
+
+def test_preset_through_summary_train_export_predict_and_onnx(tmp_path, capsys):
+    assert main(["summary", "--preset", "effnet_lite0_unet", "--size", "128", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["trainable_params"], summary["non_trainable_params"]) == (4_206_257, 43_072)
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "preset=effnet_lite0_unet", "init_from=imagenet", "model.class_head=3"]
+    args += [
+        "image_size=64",
+        "phantom_images=24",
+        "batch_size=4",
+        "epochs=1",
+        "plots=false",
+        "encoder_lr_scale=0.1",
+        "class_weight=0.2",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    export = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(export), "--onnx"]) == 0, capsys.readouterr().err
+    assert (export / "model.onnx").is_file()
+    image = next((run / "phantom" / "malignant").glob("*).png"))
+    out = tmp_path / "pred"
+    assert main(["predict", str(image), "--checkpoint", str(export), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / f"{image.stem}_mask.png").is_file()
+    assert Image.open(out / f"{image.stem}_mask.png").size == Image.open(image).size
