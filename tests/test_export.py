@@ -181,3 +181,43 @@ def test_restoring_a_checkpoint_logs_no_missing_metadata_warning(run, caplog):
     assert not [m for m in messages if "Metadata file does not exist" in m], messages
     assert "another warning" in messages  # only that one warning is silenced
     assert not logging.getLogger("absl").filters
+
+
+def test_int8_storage_quantises_kernels_per_channel_and_loads_back_close(loaded, tmp_path):
+    from unet_jax.inference import as_stored, from_stored, predict_probabilities
+
+    stored = as_stored(loaded.variables, "int8")
+    kernel = loaded.variables["params"]["enc1"]["conv1"]["kernel"]
+    leaf = stored["params"]["enc1"]["conv1"]["kernel"]
+    assert set(leaf) == {"int8", "scale"} and leaf["int8"].dtype == np.int8
+    assert leaf["scale"].shape == kernel.shape[-1:]
+    # Closed form: each output channel's largest |w| maps to 127 and comes back within half a step.
+    assert np.abs(leaf["int8"]).reshape(-1, kernel.shape[-1]).max(axis=0).tolist() == [127] * kernel.shape[-1]
+    back = from_stored(stored)["params"]["enc1"]["conv1"]["kernel"]
+    assert np.all(np.abs(back - np.asarray(kernel)) <= leaf["scale"] / 2 + 1e-7)
+    assert stored["params"]["enc1"]["conv1"]["bias"].dtype == np.float16  # the rest float16
+
+    sizes = {}
+    for dtype in ("float32", "int8"):
+        export_model([loaded], tmp_path / dtype, dtype=dtype)
+        sizes[dtype] = (tmp_path / dtype / "member_0.msgpack").stat().st_size
+    assert sizes["int8"] < 0.4 * sizes["float32"]
+    reloaded = load(tmp_path / "int8")
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    want = predict_probabilities(loaded, images, 2)
+    got = predict_probabilities(reloaded, images, 2)
+    assert np.max(np.abs(got - want)) < 0.05
+
+
+def test_a_damaged_quantised_kernel_is_refused_naming_the_member(loaded, tmp_path):
+    from unet_jax.inference import as_stored
+
+    out = export_model([loaded], tmp_path / "int8", dtype="int8")
+    stored = as_stored(loaded.variables, "int8")
+    stored["params"]["enc1"]["conv1"]["kernel"]["scale"] = np.ones(1, np.float32)  # not one per channel
+    (out / "member_0.msgpack").write_bytes(serialization.to_bytes(stored))
+    info = json.loads((out / "model.json").read_text())
+    info.pop("member_sha256")
+    (out / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"member_0.msgpack.*one scale per output channel"):
+        load(out)

@@ -499,7 +499,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write checkpoints as one portable model folder (several: an ensemble)")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="run or checkpoint folders, one architecture")
     p.add_argument("--out", required=True, help="the model folder to write (model.json + member_*.msgpack)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the weights")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "float32", "int8"),
+        default="float16",
+        help="storage dtype of the weights (int8: kernels with per-channel scales, the rest float16)",
+    )
     p.add_argument("--card", default=None, help="a Markdown model card to include as MODEL_CARD.md")
     p.add_argument(
         "--recipe",

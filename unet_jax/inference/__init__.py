@@ -13,7 +13,6 @@ Their public names are importable from here.
 
 from unet_jax.inference.export import (
     ONNX_FILE,
-    as_stored,
     export_model,
 )
 from unet_jax.inference.model import (
@@ -76,6 +75,7 @@ from unet_jax.inference.run import (
     prompt_boxes,
     tune_inference,
 )
+from unet_jax.inference.storage import STORAGE_DTYPES, as_stored, from_stored
 
 __all__ = [
     "InferenceRecipe",
@@ -134,5 +134,7 @@ __all__ = [
     "export_model",
     "ONNX_FILE",
     "as_stored",
+    "from_stored",
+    "STORAGE_DTYPES",
     "network_probabilities",
 ]

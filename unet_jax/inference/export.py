@@ -7,8 +7,9 @@ Layout (``format`` ``unet_jax.exported/1``)::
                        (``inference_tuned``: false when it is only the raw output), storage
                        dtype, provenance
     member_0.msgpack   flax.serialization bytes of {"params", "batch_stats"} (float16 by
-    member_1.msgpack   default: half the size, outputs within ~1e-3 of float32); one file
-    ...                per ensemble member (same architecture), probabilities averaged
+    member_1.msgpack   default: half the size, outputs within ~1e-3 of float32; or int8
+    ...                kernels with per-channel scales, unet_jax.inference.storage); one file
+                       per ensemble member (same architecture), probabilities averaged
     MODEL_CARD.md      optional
     model.onnx         optional (``export --onnx``): the network for ONNX Runtime, described by
                        model.json's ``onnx`` entry (unet_jax.inference.onnx_export)
@@ -29,31 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import serialization
 
 from unet_jax._io import check_target, new_temp_dir, swap_in
 from unet_jax.config import config_to_dict
 from unet_jax.inference.model import FORMAT, MODEL_FILE
 from unet_jax.inference.recipe import InferenceRecipe
+from unet_jax.inference.storage import STORAGE_DTYPES, as_stored
 
-__all__ = ["export_model", "ONNX_FILE", "as_stored"]
+__all__ = ["export_model", "ONNX_FILE"]
 
 ONNX_FILE = "model.onnx"  # the network as ONNX (unet_jax.inference.onnx_export), when exported with it
-
-_FP16_MAX = 60000.0  # below float16's largest finite value (65504), with margin
-
-
-def as_stored(tree: Any, dtype: str) -> Any:
-    """``tree``'s arrays as an export stores them (``dtype``; float16 only where it fits)."""
-
-    def cast(x: Any) -> np.ndarray:
-        x = np.asarray(x, np.float32)
-        if dtype == "float16" and np.all(np.abs(x) < _FP16_MAX):
-            return x.astype(np.float16)
-        return x  # a leaf float16 cannot hold stays float32
-
-    return jax.tree.map(cast, tree)
 
 
 def export_model(
@@ -120,8 +107,8 @@ def _check_members(members: Sequence[Any], dtype: str) -> None:
     """At least one member, all of one architecture, image size and channel count."""
     if not members:
         raise ValueError("export_model needs at least one model")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"export dtype {dtype!r}: expected 'float16' or 'float32'")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected one of {list(STORAGE_DTYPES)}")
     first = members[0]
     key = lambda m: (m.config.preset, m.config.model, m.config.image_size, m.config.channels)  # noqa: E731
     for m in members[1:]:

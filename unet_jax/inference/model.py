@@ -38,6 +38,7 @@ from unet_jax._io import atomic_write
 from unet_jax._keys import key_problems
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.inference.recipe import RAW, InferenceRecipe
+from unet_jax.inference.storage import from_stored
 from unet_jax.layers.lowering import load_table
 from unet_jax.models import abstract_variables, build_model
 
@@ -418,9 +419,13 @@ def _load_exported(path: str | os.PathLike) -> LoadedModel:
     for name in info["members"]:
         file = path / name
         raw = _read_member(file, digests.get(name))
+        try:
+            raw = from_stored(raw)  # int8 kernels dequantised; every leaf float32
+        except ValueError as err:
+            raise ValueError(f"exported model member {str(file)!r}: {err}") from None
         check_same_structure(raw, template, file)
         check_finite(raw, file, "exported model member")
-        members.append(jax.tree.map(lambda x: np.asarray(x, np.float32), raw))
+        members.append(raw)
     recipe = InferenceRecipe.from_dict(info.get("inference", {}), source=str(source))
     tuned = info.get("inference_tuned", recipe != RAW)  # absent from exports written before it
     return LoadedModel(

@@ -39,9 +39,10 @@ import onnx
 from jax.extend import core as jcore
 from onnx import TensorProto, helper, numpy_helper
 
-from unet_jax.inference.export import ONNX_FILE, as_stored
+from unet_jax.inference.export import ONNX_FILE
 from unet_jax.inference.model import MODEL_FILE, LoadedModel
 from unet_jax.inference.run import network_probabilities
+from unet_jax.inference.storage import as_stored, from_stored
 from unet_jax.models import needs_box_prompts
 
 __all__ = ["OPSET", "network_graph", "onnx_export"]
@@ -404,9 +405,7 @@ def onnx_export(members: Sequence[LoadedModel], flip_tta: bool, dtype: str = "fl
     every member's variables (an ensemble's own members included) rounded to the storage
     ``dtype``, exactly as :func:`unet_jax.inference.export_model` writes them (then computed
     in float32): what export_model takes as ``onnx``."""
-    everything = [
-        jax.tree.map(lambda a: np.asarray(a, np.float32), as_stored(v, dtype)) for m in members for v in m.all_variables
-    ]
+    everything = [from_stored(as_stored(v, dtype)) for m in members for v in m.all_variables]
     loaded = dataclasses.replace(members[0], variables=everything[0], members=tuple(everything[1:]))
     model = network_graph(loaded, flip_tta)
     size, channels = loaded.config.image_size, loaded.config.channels
