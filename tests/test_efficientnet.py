@@ -184,3 +184,27 @@ def test_preset_through_summary_train_export_predict_and_onnx(tmp_path, capsys):
     assert main(["predict", str(image), "--checkpoint", str(export), "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / f"{image.stem}_mask.png").is_file()
     assert Image.open(out / f"{image.stem}_mask.png").size == Image.open(image).size
+
+
+def test_convert_writes_the_encoder_and_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "lite0.msgpack"
+    args = [
+        "convert",
+        str(find_lite0_checkpoint()),
+        "--out",
+        str(out),
+        "--preset",
+        "effnet_lite0_unet",
+        "--channels",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "effnet_lite0_unet, 3,370,432 parameters" in capsys.readouterr().out
+    written = out.read_bytes()
+    assert main(args) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0 and out.read_bytes() == written  # its own output: replaced
+    notes = tmp_path / "notes.msgpack"
+    notes.write_text("a user's file that happens to end in .msgpack")
+    assert main([*args[:3], str(notes), *args[4:], "--overwrite"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert notes.read_text() == "a user's file that happens to end in .msgpack"

@@ -474,6 +474,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="the .pth file (read without PyTorch; nothing is downloaded)")
     p.add_argument("--out", required=True, help="the .msgpack file to write (then init_from=FILE)")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out written by an earlier conversion"
+    )
+    p.add_argument(
         "--preset",
         default=None,
         help="target preset (sam_vit_b, sam_vit_l, sam_vit_h, resnet34_unet, ...); "
@@ -490,7 +493,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    out, preset, count = convert_checkpoint(args.checkpoint, args.out, args.preset, args.channels)
+    out, preset, count = convert_checkpoint(args.checkpoint, args.out, args.preset, args.channels, args.overwrite)
     print(f"{args.checkpoint} -> {out} ({preset}, {count:,} parameters)")
     return 0
 

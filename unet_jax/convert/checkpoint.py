@@ -59,8 +59,34 @@ def read_pth_variables(path: str | os.PathLike, preset: str, channels: int = 3) 
     return dict(_port("resnet").resnet_params_from_torchvision(state_dict, in_channels=channels))
 
 
+def _is_variables_file(path: Path) -> bool:
+    """Whether ``path`` is a msgpack file of Flax variables (what this function writes)."""
+    try:
+        return isinstance(serialization.msgpack_restore(path.read_bytes()), dict)
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for other bytes
+        return False
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.suffix != ".msgpack":
+        raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ValueError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    if out.is_symlink() or not out.is_file() or not _is_variables_file(out):
+        raise ValueError(
+            f"refusing to replace {str(out)!r}: it is not a msgpack file of Flax variables "
+            f"(an earlier `unet-jax convert` output); choose another --out"
+        )
+
+
 def convert_checkpoint(
-    pth: str | os.PathLike, out: str | os.PathLike, preset: str | None = None, channels: int = 3
+    pth: str | os.PathLike,
+    out: str | os.PathLike,
+    preset: str | None = None,
+    channels: int = 3,
+    overwrite: bool = False,
 ) -> tuple[Path, str, int]:
     """An official PyTorch checkpoint written as Flax variables to ``out`` (``.msgpack``),
     atomically (nothing half-written). ``preset`` None: a SAM checkpoint whose preset is
@@ -71,11 +97,11 @@ def convert_checkpoint(
     Returns (path written, preset, number of parameters).
 
     Raises:
-      ValueError: ``out`` does not end in ``.msgpack``; or as :func:`read_pth_variables`.
+      ValueError: ``out`` does not end in ``.msgpack``, or exists (see above); or as
+        :func:`read_pth_variables`.
     """
     out = Path(out)
-    if out.suffix != ".msgpack":
-        raise ValueError(f"--out {str(out)!r}: expected a file name ending in .msgpack")
+    _check_out(out, overwrite)
     if preset is None or model_family(preset) == "sam":
         params, preset = _port("sam").read_sam_checkpoint(pth, preset)
         tree: dict[str, Any] = params
