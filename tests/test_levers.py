@@ -38,7 +38,9 @@ from unet_jax.train.steps import get_train_steps, train_steps, train_steps_undon
 )
 def test_subpixel_transposed_convolution_equals_zero_insertion(kernel, stride, padding, output_padding):
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
-    zero = ConvTranspose2D(4, kernel, strides=stride, padding=padding, output_padding=output_padding)
+    zero = ConvTranspose2D(
+        4, kernel, strides=stride, padding=padding, output_padding=output_padding, method="zero_insertion"
+    )
     sub = zero.clone(method="subpixel")
     variables = zero.init(jax.random.key(1), x)
     variables = {"params": {**variables["params"], "bias": jax.random.normal(jax.random.key(2), (4,))}}
@@ -58,7 +60,7 @@ def test_subpixel_transposed_convolution_equals_zero_insertion(kernel, stride, p
 
 
 def test_an_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="method must be 'zero_insertion' or 'subpixel'"):
+    with pytest.raises(ValueError, match="method must be one of"):
         ConvTranspose2D(2, method="fft").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
 
 

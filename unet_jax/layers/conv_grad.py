@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GRADIENTS", "conv_explicit_grad", "use_explicit_grad"]
+__all__ = ["GRADIENTS", "conv_explicit_grad", "conv_transpose_vjp", "interleave", "use_explicit_grad"]
 
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
 # How a layer differentiates its convolution: "xla" JAX's autodiff (forward and reverse
@@ -175,3 +175,74 @@ def _backward(strides, pads, lhs_dilation, precision, residuals, dy):
 
 
 conv_explicit_grad.defvjp(_forward, _backward)
+
+
+def interleave(x: jax.Array, strides: tuple[int, int], pads: PadPairs, layout: str = "NHWC") -> jax.Array:
+    """``x`` with ``s - 1`` zeros between neighbouring pixels and ``pads`` (negative: crops)
+    at its edges, by one ``lax.pad`` with interior padding: the zero-inserted input of a
+    transposed convolution, materialised (equinox PR #1259's formulation)."""
+    spatial = tuple((lo, hi, s - 1) for (lo, hi), s in zip(pads, strides))
+    none = ((0, 0, 0),)
+    config = none + spatial + none if layout == "NHWC" else none + none + spatial
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def conv_transpose_vjp(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    pads: PadPairs,
+    precision: Any = None,
+    layout: str = "NHWC",
+    explicit: bool = False,
+) -> jax.Array:
+    """A transposed convolution with its own VJP: ``lax.conv_general_dilated(x, w, 1, pads,
+    lhs_dilation=strides)`` (``w`` the already flipped ``(kh, kw, C, F)`` kernel, ``pads``
+    those of the zero-inserted input) whose kernel gradient is a canonical convolution.
+
+    Autodiff of the lhs-dilated convolution gives a kernel gradient that keeps the lhs
+    dilation, which XLA's GPU rewriter cannot map to cuDNN's backward-filter call (issue
+    31: jax-ml/jax#31662, openxla/xla#34273). Here the kernel gradient is that of a stride-1
+    convolution of the interleaved input (:func:`interleave`): JAX's own (``explicit``
+    False) or the written-out canonical form of :func:`_kernel_gradient` (``explicit``
+    True, NHWC: XLA:CPU's fast path inside loops). The input gradient is one strided
+    convolution of the output gradient, as in :func:`conv_explicit_grad`. The forward pass
+    multiplies no inserted zeros. Reverse mode only.
+    """
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), pads, lhs_dilation=strides, dimension_numbers=(layout, "HWIO", layout), precision=precision
+    )
+
+
+def _transpose_forward(x, w, strides, pads, precision, layout, explicit):
+    return conv_transpose_vjp(x, w, strides, pads, precision, layout, explicit), (x, w)
+
+
+def _transpose_backward(strides, pads, precision, layout, explicit, residuals, dy):
+    x, w = residuals
+    axes = (1, 2) if layout == "NHWC" else (2, 3)
+    dims = (layout, "HWIO", layout)
+    geometry = zip(
+        (x.shape[a] for a in axes), (dy.shape[a] for a in axes), w.shape[:2], strides, (lo for lo, _ in pads)
+    )
+    dx = jax.lax.conv_general_dilated(
+        dy,
+        jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
+        strides,
+        [_input_gradient_pads(n, m, k, 1, s, lo) for n, m, k, s, lo in geometry],
+        dimension_numbers=dims,
+        precision=precision,
+    )
+    z = interleave(x, strides, ((0, 0), (0, 0)), layout)
+    if explicit:
+        dw = _kernel_gradient(z, w, dy, (1, 1), pads, (1, 1), precision)
+    else:
+        conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
+            z, k, (1, 1), pads, dimension_numbers=dims, precision=precision
+        )
+        dw = jax.vjp(conv, w)[1](dy)[0]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_transpose_vjp.defvjp(_transpose_forward, _transpose_backward)

@@ -37,7 +37,7 @@ import numpy as np
 from flax import linen as nn
 
 from unet_jax.layers import lowering as lowerings  # called through the module: tests replace a lowering
-from unet_jax.layers.conv_grad import conv_explicit_grad, use_explicit_grad
+from unet_jax.layers.conv_grad import conv_explicit_grad, conv_transpose_vjp, interleave, use_explicit_grad
 from unet_jax.layers.depthwise import depthwise_conv, use_depthwise_taps
 
 __all__ = [
@@ -49,6 +49,10 @@ __all__ = [
     "pool_output_size",
     "conv_transpose_output_size",
     "subpixel_conv_transpose",
+    "matmul_conv_transpose",
+    "resolve_transpose_method",
+    "TRANSPOSE_METHODS",
+    "AUTO_TRANSPOSE_METHOD",
     "tiled_max_pool",
     "resolve_padding",
     "resolve_transpose_padding",
@@ -62,6 +66,18 @@ PadPairs = tuple[tuple[int, int], tuple[int, int]]
 # Logical layouts of activations; kernels are always (kh, kw, in, out) (HWIO).
 LAYOUTS = ("NHWC", "NCHW")
 Initializer = Callable[..., jax.Array]
+
+# How ConvTranspose2D computes (its ``method``; the same parameters and numbers each way).
+TRANSPOSE_METHODS = ("auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp")
+# What ``method='auto'`` takes per backend and per kernel (``kernel == strides``: "k=s";
+# larger: "k>s"). CPU: measured, ``python -m benchmarks.cpu_levers model`` (issue 31;
+# benchmarks/results/cpu_levers_up_methods_*.json, experiments/RESULTS.md). Other backends:
+# issue 31's recommendation (equinox PR #1259's interleave), NOT measured until the GPU
+# profile (benchmarks/gpu_profile.py) runs.
+AUTO_TRANSPOSE_METHOD = {
+    "cpu": {"k=s": "zero_insertion", "k>s": "zero_insertion"},
+    "gpu": {"k=s": "interleave", "k>s": "interleave"},
+}
 
 # Keras' "he_normal": truncated normal, std sqrt(2 / fan_in) (fan_in = kh * kw * c_in).
 he_normal: Initializer = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
@@ -557,12 +573,19 @@ class ConvTranspose2D(nn.Module):
       padding: ``p`` of the size formula: ``'VALID'`` (``p = 0``, full output),
         ``'SAME'`` (output ``s * n``, placed as Keras/TensorFlow), an int, or pairs.
       output_padding: extra rows/columns at the bottom/right, ``0 <= op < stride``.
-      method: ``'zero_insertion'`` (the report's construction above) or ``'subpixel'``:
-        the same numbers from one ordinary convolution on the input grid, whose ``s_h s_w``
-        groups of output channels are the output's phases (each phase sees only the
-        kernel taps that reach it), interleaved by a depth-to-space reshape
-        (:func:`subpixel_conv_transpose`). Same parameters, no multiplications by
-        inserted zeros (``s_h s_w`` times fewer FLOPs for ``k = s``).
+      method: how it computes (:data:`TRANSPOSE_METHODS`; the same parameters and numbers):
+        ``'zero_insertion'`` (the report's construction above, the zeros as the
+        convolution's ``lhs_dilation``); ``'interleave'`` (the zeros inserted by one
+        ``lax.pad`` with interior padding, then a stride-1 convolution: equinox PR #1259's
+        fix for the lhs-dilated kernel gradient that cuDNN cannot take, issue 31);
+        ``'matmul'`` (``kernel == strides`` only: each input pixel's ``k_h k_w F`` outputs
+        are one matrix product, then a reshape, :func:`matmul_conv_transpose`);
+        ``'subpixel'`` (one ordinary convolution on the input grid, whose ``s_h s_w`` groups
+        of output channels are the output's phases, interleaved by depth-to-space:
+        :func:`subpixel_conv_transpose`; ``s_h s_w`` times fewer FLOPs for ``k = s``);
+        ``'custom_vjp'`` (the lhs-dilated forward with its own VJP whose kernel gradient is
+        a canonical convolution, :func:`unet_jax.layers.conv_grad.conv_transpose_vjp`);
+        ``'auto'`` (per backend and kernel, :data:`AUTO_TRANSPOSE_METHOD`).
       layout: ``'NHWC'`` or ``'NCHW'``, as :class:`Conv2D`.
       gradient: ``'auto'``, ``'xla'`` or ``'explicit'``, as :class:`Conv2D`.
     """
@@ -572,7 +595,7 @@ class ConvTranspose2D(nn.Module):
     strides: int | Sequence[int] = 2
     padding: Padding = "VALID"
     output_padding: int | Sequence[int] = 0
-    method: str = "zero_insertion"
+    method: str = "auto"
     use_bias: bool = True
     in_features: int | None = None
     dtype: Any = None
@@ -595,31 +618,93 @@ class ConvTranspose2D(nn.Module):
         for axis in (0, 1):
             conv_transpose_output_size(hw[axis], kernel[axis], strides[axis], crop[axis], out_pad[axis])
 
-        if self.method not in ("zero_insertion", "subpixel"):
-            raise ValueError(
-                f"{_layer_label('ConvTranspose2D', self.name)}: method must be 'zero_insertion' "
-                f"or 'subpixel', got {self.method!r}"
-            )
+        label = _layer_label("ConvTranspose2D", self.name)
+        try:
+            method = resolve_transpose_method(self.method, kernel, strides)
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
         x, w, b = _kernel_and_bias(self, kernel, x)
-        explicit = use_explicit_grad(self.gradient, self.layout, 1, _layer_label("ConvTranspose2D", self.name))
-        if self.method == "subpixel":
-            y = subpixel_conv_transpose(x, w, strides, crop, out_pad, self.precision, self.layout, explicit)
-            return _add_bias(y, b, self.layout)
-        # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
-        pads = tuple((k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(kernel, crop, out_pad))
-        if explicit:
-            y = conv_explicit_grad(x, jnp.flip(w, axis=(0, 1)), (1, 1), _int_pairs(pads), strides, self.precision)
-            return _add_bias(y, b, self.layout)
-        y = jax.lax.conv_general_dilated(
-            x,
-            jnp.flip(w, axis=(0, 1)),
-            window_strides=(1, 1),
-            padding=pads,
-            lhs_dilation=strides,
-            dimension_numbers=(self.layout, "HWIO", self.layout),
-            precision=self.precision,
-        )
+        explicit = use_explicit_grad(self.gradient, self.layout, 1, label)
+        y = _conv_transpose(method, x, w, strides, crop, out_pad, self.precision, self.layout, explicit)
         return _add_bias(y, b, self.layout)
+
+
+def resolve_transpose_method(method: str, kernel: tuple[int, int], strides: tuple[int, int]) -> str:
+    """The method a :class:`ConvTranspose2D` runs: ``method`` itself, or for ``'auto'`` the
+    backend's entry of :data:`AUTO_TRANSPOSE_METHOD` (the CPU's, or the GPU's on any other
+    backend). ``'matmul'`` needs ``kernel == strides``; an unknown name is an error."""
+    if method not in TRANSPOSE_METHODS:
+        raise ValueError(f"method must be one of {TRANSPOSE_METHODS}, got {method!r}")
+    if method == "auto":
+        table = AUTO_TRANSPOSE_METHOD["cpu" if jax.default_backend() == "cpu" else "gpu"]
+        method = table["k=s" if kernel == strides else "k>s"]
+    if method == "matmul" and kernel != strides:
+        raise ValueError(f"method 'matmul' needs kernel_size == strides, got {kernel} and {strides}")
+    return method
+
+
+def _conv_transpose(
+    method: str,
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    crop: PadPairs,
+    out_pad: tuple[int, int],
+    precision: Any,
+    layout: str,
+    explicit: bool,
+) -> jax.Array:
+    """The transposed convolution of :class:`ConvTranspose2D` (no bias) by ``method``."""
+    if method == "subpixel":
+        return subpixel_conv_transpose(x, w, strides, crop, out_pad, precision, layout, explicit)
+    if method == "matmul":
+        return matmul_conv_transpose(x, w, crop, out_pad, precision, layout)
+    flipped = jnp.flip(w, axis=(0, 1))
+    # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
+    pads = _int_pairs([(k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(w.shape[:2], crop, out_pad)])
+    if method == "custom_vjp":
+        return conv_transpose_vjp(x, flipped, strides, pads, precision, layout, explicit)
+    if method == "interleave":
+        x, pads, strides = interleave(x, strides, pads, layout), ((0, 0), (0, 0)), (1, 1)
+    if explicit:
+        return conv_explicit_grad(x, flipped, (1, 1), pads, strides, precision)
+    return jax.lax.conv_general_dilated(
+        x,
+        flipped,
+        window_strides=(1, 1),
+        padding=pads,
+        lhs_dilation=strides,
+        dimension_numbers=(layout, "HWIO", layout),
+        precision=precision,
+    )
+
+
+def matmul_conv_transpose(
+    x: jax.Array,
+    w: jax.Array,
+    crop: PadPairs,
+    output_padding: tuple[int, int] = (0, 0),
+    precision: Any = None,
+    layout: str = "NHWC",
+) -> jax.Array:
+    """A transposed convolution whose kernel equals its stride (no bias) as one matrix
+    product per input pixel: the kernel's windows tile the output without overlap, so
+    ``y[b, s i + u, s j + v, o] = sum_c x[b, i, j, c] w[u, v, c, o]`` is an einsum, then a
+    reshape; then the crops ``p`` and ``output_padding``'s zero rows (one ``lax.pad``).
+
+    x: (N, H, W, C) (``layout='NCHW'``: (N, C, H, W)); w: (s_h, s_w, C, F).
+    """
+    kh, kw, _, f = w.shape
+    if layout == "NHWC":
+        n, h, wd, _ = x.shape
+        y = jnp.einsum("nijc,uvco->niujvo", x, w, precision=precision).reshape(n, h * kh, wd * kw, f)
+    else:
+        n, _, h, wd = x.shape
+        y = jnp.einsum("ncij,uvco->noiujv", x, w, precision=precision).reshape(n, f, h * kh, wd * kw)
+    spatial = tuple((-lo, op - hi, 0) for (lo, hi), op in zip(crop, output_padding))
+    none = ((0, 0, 0),)
+    config = none + spatial + none if layout == "NHWC" else none + none + spatial
+    return jax.lax.pad(y, jnp.zeros((), y.dtype), config)
 
 
 def _subpixel_axis(n: int, k: int, s: int, crop: tuple[int, int], op: int) -> tuple[np.ndarray, int, int, int, int]:

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pad", "conv2d", "maxpool2d", "insert_zeros", "conv_transpose2d", "conv_transpose2d_scatter"]
+__all__ = [
+    "pad",
+    "conv2d",
+    "maxpool2d",
+    "insert_zeros",
+    "conv_transpose2d",
+    "conv_transpose2d_scatter",
+    "conv_transpose2d_grads",
+]
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -162,3 +170,43 @@ def conv_transpose2d_scatter(
                     for v in range(kw):
                         full[stride * i + u, stride * j + v] += x[i, j, c] * w[u, v, c]
     return full[pt : full.shape[0] - pb, pl : full.shape[1] - pr]
+
+
+def conv_transpose2d_grads(
+    x: np.ndarray,
+    w: np.ndarray,
+    g: np.ndarray,
+    stride: int = 1,
+    pads: Pads = ((0, 0), (0, 0)),
+    output_padding: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The gradients of ``L = sum(Y * G)`` for ``Y`` = :func:`conv_transpose2d_scatter`
+    ``(X, K)``, by the chain rule on the scatter sum: each ``Y[s i + u - p, s j + v - p, o]``
+    received ``X[i, j, c] K[u, v, c, o]``, so
+
+    ``dL/dX[i, j, c] = sum_{u, v, o} Gfull[s i + u, s j + v, o] K[u, v, c, o]`` and
+    ``dL/dK[u, v, c, o] = sum_{i, j} X[i, j, c] Gfull[s i + u, s j + v, o]``,
+
+    with ``Gfull`` the full (uncropped) output's gradient: ``G`` placed at ``(p_top,
+    p_left)``, zeros on the cropped rows and columns. ``x`` ``(H, W, C_in)``, ``w`` ``(kh,
+    kw, C_in, C_out)``, ``g`` the output's shape. Returns ``(dX, dK)``.
+    """
+    x, _ = _as_hwc(x)
+    w = _as_kernel(w)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, np.shape(g)[1], w.shape[3])
+    kh, kw, c_in, c_out = w.shape
+    (pt, _), (pl, _) = pads
+    full = np.zeros(
+        (stride * (x.shape[0] - 1) + kh + output_padding, stride * (x.shape[1] - 1) + kw + output_padding, c_out)
+    )
+    full[pt : pt + g.shape[0], pl : pl + g.shape[1]] = g
+    dx, dw = np.zeros(x.shape), np.zeros(w.shape)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            for c in range(c_in):
+                for u in range(kh):
+                    for v in range(kw):
+                        for o in range(c_out):
+                            dx[i, j, c] += full[stride * i + u, stride * j + v, o] * w[u, v, c, o]
+                            dw[u, v, c, o] += x[i, j, c] * full[stride * i + u, stride * j + v, o]
+    return dx, dw

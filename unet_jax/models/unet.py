@@ -153,7 +153,9 @@ class UNet(nn.Module):
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); logits are float32.
       param_dtype: parameter dtype.
       up_method: how the up-convolutions compute (``ConvTranspose2D.method``):
-        ``'zero_insertion'`` or ``'subpixel'``; the same parameters and outputs.
+        ``'auto'`` (per backend: ``unet_jax.layers.layers.AUTO_TRANSPOSE_METHOD``),
+        ``'zero_insertion'``, ``'interleave'``, ``'matmul'`` (``up_kernel`` 2 only),
+        ``'subpixel'`` or ``'custom_vjp'``; the same parameters and outputs.
       class_head: if > 0, also classify the image from the bottleneck (global average
         pooling + a dense layer named ``class_head``); the model then returns
         ``{"mask": (N, H_out, W_out, num_classes), "class": (N, class_head)}`` logits.
@@ -192,7 +194,7 @@ class UNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     class_head: int = 0
-    up_method: Literal["zero_insertion", "subpixel"] = "zero_insertion"
+    up_method: Literal["auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp"] = "auto"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     gradient: Literal["auto", "xla", "explicit"] = "auto"
     lowering: str = "lax"
@@ -213,6 +215,12 @@ class UNet(nn.Module):
             raise ValueError(
                 "model.deep_supervision with padding 'VALID': the decoder levels' sizes are not the "
                 "output size halved; expected padding 'SAME' (or deep_supervision=0) (UNet)"
+            )
+        if values.get("up_method") == "matmul" and values.get("up_kernel", 2) != 2:
+            raise ValueError(
+                f"model.up_method = 'matmul' with up_kernel {values['up_kernel']}: a per-pixel matrix "
+                "product needs the kernel to equal the stride (2); expected up_kernel=2 or another "
+                "up_method (UNet)"
             )
         if values.get("padding") == "SAME" and values.get("kernel_size", 3) % 2 == 0:
             raise ValueError(
