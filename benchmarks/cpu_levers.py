@@ -279,7 +279,11 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     "float32": {"dtype": "float32"},
     "single_step": {"num_steps": 1},
     "no_donate": {"donate": False},
+    "zero_insertion": {"up_method": "zero_insertion"},
+    "interleave": {"up_method": "interleave"},
+    "matmul": {"up_method": "matmul"},
     "subpixel": {"up_method": "subpixel"},
+    "custom_vjp": {"up_method": "custom_vjp"},
     "nchw": {"layout": "NCHW"},
     "xla_grad": {"gradient": "xla"},
     "explicit_grad": {"gradient": "explicit"},
@@ -288,6 +292,9 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "float32": {"dtype": "float32"},
     "fold_bn": {"fold_bn": True},
+    "zero_insertion": {"up_method": "zero_insertion"},
+    "interleave": {"up_method": "interleave"},
+    "matmul": {"up_method": "matmul"},
     "subpixel": {"up_method": "subpixel"},
     "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
     "nchw": {"layout": "NCHW"},
@@ -313,6 +320,8 @@ def train_variant(
     tx = make_optimizer(TrainConfig(preset=args.preset, batch_size=args.batch), max(1, n // args.batch))
     sample = make_sampler(args.batch, n, None)
     data_key, dropout_key, init_key = jax.random.split(jax.random.key(0), 3)
+    if switch.get("dropout_prng", "threefry2x32") != "threefry2x32":  # as unet_jax.train.steps.run_keys
+        dropout_key = jax.random.key(0, impl=switch["dropout_prng"])
     state = create_train_state(model, tx, init_key, (1, args.size, args.size, model.in_channels))
     steps_fn = get_train_steps(switch.get("donate", True))
     num_steps = switch.get("num_steps", args.steps)
@@ -350,9 +359,10 @@ def train_variant(
         steps_per_dispatch=num_steps,
         dtype=dtype,
         donated=switch.get("donate", True),
-        up_method=fields.get("up_method", "zero_insertion"),
+        up_method=fields.get("up_method", "auto"),
         layout=fields.get("layout", "NHWC"),
         gradient=fields.get("gradient", "auto"),
+        dropout_prng=switch.get("dropout_prng", "threefry2x32"),
     )
     holder.clear()  # the state's buffers go before the next variant
     gc.collect()
@@ -403,7 +413,7 @@ def infer_variant(
         compile_s=round(compile_s, 2),
         dtype=dtype,
         fold_bn=bool(switch.get("fold_bn")),
-        up_method=fields.get("up_method", "zero_insertion"),
+        up_method=fields.get("up_method", "auto"),
         layout=fields.get("layout", "NHWC"),
         max_abs_diff_vs_baseline=float(np.max(np.abs(y - reference["output"]))),
         max_abs_baseline=float(np.max(np.abs(reference["output"]))),
@@ -446,17 +456,21 @@ def model_main(argv: list[str] | None = None) -> int:
 
     Every variant differs from the baseline (``--dtype`` compute, ``--steps``-step scanned
     dispatch of ``unet_jax.train.steps.train_steps``, donated state, NHWC, up-convolutions by
-    zero insertion, batch norm as trained) in one switch:
+    ``UNet.up_method='auto'``, batch norm as trained) in one switch:
 
     * train: ``float32`` compute; ``single_step`` (one step per dispatch); ``no_donate`` (the
-      state's buffers not donated); ``subpixel`` (``UNet.up_method``: the transposed
-      convolutions as one convolution on the input grid + depth-to-space); ``nchw``
+      state's buffers not donated); the up-convolution's method (``UNet.up_method``, issue
+      31): ``zero_insertion`` (lhs-dilated convolution), ``interleave`` (``lax.pad`` interior
+      zeros + a stride-1 convolution), ``matmul`` (kernel = stride only: one matrix product
+      per pixel; an error row for the seed preset's 3x3), ``subpixel`` (one convolution on
+      the input grid + depth-to-space), ``custom_vjp`` (its own VJP); ``nchw``
       (``UNet.layout``: activations channels-first inside the network); ``xla_grad`` and
       ``explicit_grad`` (``UNet.gradient``: JAX's own convolution gradients, or the written-out
       canonical ones of unet_jax.layers.conv_grad; the baseline's ``'auto'`` is explicit on the CPU,
       JAX's own elsewhere);
     * inference: ``float32``; ``fold_bn`` (``unet_jax.models.fold_batch_norm``: batch norm
-      folded into the convolutions); ``subpixel``; ``subpixel_fold_bn``; ``nchw``.
+      folded into the convolutions); ``zero_insertion``, ``interleave``, ``matmul``,
+      ``subpixel``; ``subpixel_fold_bn``; ``nchw``.
 
     Each switch is proven on the CPU to give the baseline's numbers (tests/test_levers.py,
     tests/test_train.py for steps per dispatch); inference variants also record their largest

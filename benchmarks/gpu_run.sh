@@ -48,6 +48,15 @@ if [ -d "$GPU_CARRY" ]; then
   fi
   export CACHE_GRAY=${CACHE_GRAY:-$GPU_CARRY/busi256} CACHE_RGB=${CACHE_RGB:-$GPU_CARRY/busi256_rgb}
 fi
+# `bash benchmarks/gpu_run.sh profile [ARGS]`: issue 31's profile of the training step instead
+# (benchmarks/gpu_profile.py: HLO, per-op device time, the levers, the PyTorch peer; <= 5 min).
+if [ "${1:-}" = "profile" ]; then
+  shift
+  timeout -k 10 "${PROFILE_S:-330}" "$PY" -m benchmarks.gpu_profile --out "$OUT" "$@"
+  RC=$?
+  [ $RC -eq 124 ] || [ $RC -eq 137 ] && echo "gpu_profile.py stopped by the hard time limit; files so far in $OUT"
+  exit $RC
+fi
 ARGS=(--out "$OUT")
 if [ "${DRY_RUN:-0}" = "1" ]; then ARGS+=(--dry-run); TOTAL_S=${TOTAL_S:-1200}; fi
 TOTAL_S=${TOTAL_S:-480}
