@@ -70,12 +70,14 @@ Initializer = Callable[..., jax.Array]
 # How ConvTranspose2D computes (its ``method``; the same parameters and numbers each way).
 TRANSPOSE_METHODS = ("auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp")
 # What ``method='auto'`` takes per backend and per kernel (``kernel == strides``: "k=s";
-# larger: "k>s"). CPU: measured, ``python -m benchmarks.cpu_levers model`` (issue 31;
-# benchmarks/results/cpu_levers_up_methods_*.json, experiments/RESULTS.md). Other backends:
-# issue 31's recommendation (equinox PR #1259's interleave), NOT measured until the GPU
-# profile (benchmarks/gpu_profile.py) runs.
+# larger: "k>s"). CPU: measured, ``python -m benchmarks.cpu_levers model`` at 128 px in
+# float32 (issue 31; benchmarks/results/cpu_levers_up_methods_{seed,padded}_128.json,
+# experiments/RESULTS.md): the padded U-Net's 2x2 trains 1.13x faster by matmul; the seed
+# U-Net's 3x3 trains 2x slower by interleave or subpixel, so it keeps zero insertion.
+# Other backends: issue 31's recommendation (equinox PR #1259's interleave), NOT measured
+# until the GPU profile (benchmarks/gpu_profile.py) runs.
 AUTO_TRANSPOSE_METHOD = {
-    "cpu": {"k=s": "zero_insertion", "k>s": "zero_insertion"},
+    "cpu": {"k=s": "matmul", "k>s": "zero_insertion"},
     "gpu": {"k=s": "interleave", "k>s": "interleave"},
 }
 
