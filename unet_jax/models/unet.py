@@ -30,6 +30,7 @@ from unet_jax.layers import (
     conv_transpose_output_size,
     pool_output_size,
 )
+from unet_jax.layers.dropout import Dropout8
 from unet_jax.models._presets import from_preset
 
 __all__ = [
@@ -170,6 +171,9 @@ class UNet(nn.Module):
         parameters.
         ``'auto'`` reads the machine's tuned table (:mod:`unet_jax.layers.lowering`), its
         forward + backward entries when ``train=True``. The 1x1 head stays on ``'lax'``.
+      dropout_bits: random bits per dropped-out element: 32 (``flax.linen.Dropout``) or 8
+        (``unet_jax.layers.dropout.Dropout8``: one 32-bit draw per four elements, the rate
+        rounded to 1/256; issue 31). A speed lever; other masks than 32's.
       deep_supervision: auxiliary 1x1 heads (``aux_head2``, ...) on the outputs of decoder
         levels 2 .. deep_supervision + 1 (1/2, 1/4, ... of the output size; nnU-Net's deep
         supervision, Isensee et al. 2021). With ``train=True`` their logits come out as
@@ -199,6 +203,7 @@ class UNet(nn.Module):
     gradient: Literal["auto", "xla", "explicit"] = "auto"
     lowering: str = "lax"
     deep_supervision: int = 0
+    dropout_bits: Literal[32, 8] = 32
 
     @staticmethod
     def check_fields(values: dict[str, Any]) -> None:
@@ -249,6 +254,8 @@ class UNet(nn.Module):
     def _dropout(self, x: jax.Array, name: str, train: bool) -> jax.Array:
         if self.dropout_rate == 0.0:
             return x
+        if self.dropout_bits == 8:
+            return Dropout8(self.dropout_rate, deterministic=not train, name=name)(x)
         return nn.Dropout(self.dropout_rate, deterministic=not train, name=name)(x)
 
     @nn.compact
