@@ -299,7 +299,7 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "subpixel_fold_bn": {"up_method": "subpixel", "fold_bn": True},
     "nchw": {"layout": "NCHW"},
 }
-MODEL_SWITCHES = ("up_method", "layout", "gradient")
+MODEL_SWITCHES = ("up_method", "layout", "gradient", "dropout_bits")
 
 
 def _model_fields(args: argparse.Namespace, switch: dict[str, Any]) -> dict[str, Any]:
@@ -363,6 +363,7 @@ def train_variant(
         layout=fields.get("layout", "NHWC"),
         gradient=fields.get("gradient", "auto"),
         dropout_prng=switch.get("dropout_prng", "threefry2x32"),
+        dropout_bits=fields.get("dropout_bits", 32),
     )
     holder.clear()  # the state's buffers go before the next variant
     gc.collect()

@@ -84,10 +84,12 @@ LEVERS: dict[str, dict[str, Any]] = {
     "custom_vjp": {"up_method": "custom_vjp"},
     "rbg": {**BEFORE, "dropout_prng": "rbg"},
     "unsafe_rbg": {**BEFORE, "dropout_prng": "unsafe_rbg"},
+    "bits8": {**BEFORE, "dropout_bits": 8},
 }
 # All together: issue 31's recommended up-convolution (equinox PR #1259's interleave) and
-# the cheapest dropout bits. Unmeasured on a GPU until this script runs.
-ALL: dict[str, Any] = {"up_method": "interleave", "dropout_prng": "unsafe_rbg"}
+# the cheapest dropout bits (XLA's generator, 8 bits an element). Unmeasured on a GPU until this script runs.
+ALL: dict[str, Any] = {"up_method": "interleave", "dropout_prng": "unsafe_rbg", "dropout_bits": 8}
+DROPOUT_SWITCHES = ("dropout_prng", "dropout_bits")
 TINY_MODEL = "features=2,depth=1,convs_per_block=1"
 # The dry run times one model-field lever and one dropout lever (its test must stay fast);
 # every lever's numbers are tested in tests/test_conv_transpose.py and test_dropout_prng.py.
@@ -232,7 +234,7 @@ def _fit(preset: str, switch: dict[str, Any], args: argparse.Namespace) -> dict[
     model = create_unet(preset, **args.model)
     if switch.get("up_method") == "matmul" and model.up_kernel != 2:
         return None
-    return {k: v for k, v in switch.items() if k != "dropout_prng" or model.dropout_rate > 0.0}
+    return {k: v for k, v in switch.items() if k not in DROPOUT_SWITCHES or model.dropout_rate > 0.0}
 
 
 def _lever_args(args: argparse.Namespace, preset: str, peak: float | None) -> argparse.Namespace:

@@ -83,6 +83,7 @@ def test_dry_run_writes_hlo_op_tables_and_timings(dry_runs, preset):
     assert timings["before"]["vs_before"] == 1.0
     assert timings["all"]["up_method"] == "interleave"
     assert timings["all"]["dropout_prng"] == ("unsafe_rbg" if preset == "seed" else "threefry2x32")
+    assert timings["all"]["dropout_bits"] == (8 if preset == "seed" else 32)
     assert row["torch"]["train"]["images_per_s"] > 0
     assert log.strip().splitlines()[0].startswith("gpu_profile (dry run)")
 
