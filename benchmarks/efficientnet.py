@@ -3,8 +3,9 @@
 Two tables, in one process, PyTorch measured beside JAX on the same cores:
 
 * ``depthwise``: one depthwise layer (batch 16, float32, NHWC / channels-last), forward
-  and forward + both gradients: ``lax``'s grouped convolution, the project's shifted
-  multiply-adds (:func:`unet_jax.layers.depthwise.depthwise_conv`) and PyTorch;
+  and forward + both gradients for a fixed random output gradient: ``lax``'s grouped
+  convolution, the project's shifted multiply-adds
+  (:func:`unet_jax.layers.depthwise.depthwise_conv`) and PyTorch;
 * ``encoder``: the whole encoder's training step (forward in training mode with batch
   statistics, backward, an SGD update) at batch 16 and 128 px (RGB, the reference model
   ``efficientnet_lite_pytorch`` with the released weights) and the U-Net preset's step
@@ -53,15 +54,22 @@ def depthwise_rows(torch: Any, batch: int = 16) -> list[dict[str, Any]]:
         w = jnp.asarray(rng.standard_normal((k, k, 1, channels)), jnp.float32)
         pads = resolve_padding("SAME", (size, size), (k, k), (s, s))
         row: dict[str, Any] = {"shape": f"{size}x{size}x{channels}", "kernel": k, "stride": s}
+        out = _jax_depthwise("lax", x, w, (s, s), pads).shape
+        # A random output gradient: with sum() as the loss it is all ones, which XLA folds
+        # into the kernel gradient (a plain sum of the input), flattering the JAX rows.
+        dy = jnp.asarray(rng.standard_normal(out), jnp.float32)
         for kind in ("lax", "taps"):
             fwd = jax.jit(lambda x, w, kind=kind: _jax_depthwise(kind, x, w, (s, s), pads))
             both = jax.jit(
-                jax.grad(lambda x, w, kind=kind: jnp.sum(_jax_depthwise(kind, x, w, (s, s), pads)), argnums=(0, 1))
+                jax.grad(
+                    lambda x, w, dy, kind=kind: jnp.sum(_jax_depthwise(kind, x, w, (s, s), pads) * dy), argnums=(0, 1)
+                )
             )
             row[f"{kind}_forward_ms"] = median_ms(lambda: jax.block_until_ready(fwd(x, w)))
-            row[f"{kind}_train_ms"] = median_ms(lambda: jax.block_until_ready(both(x, w)))
+            row[f"{kind}_train_ms"] = median_ms(lambda: jax.block_until_ready(both(x, w, dy)))
         tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         tw = torch.tensor(np.asarray(w)).permute(3, 2, 0, 1).contiguous().requires_grad_()
+        tdy = torch.tensor(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         tx.requires_grad_()
         torch_pads = (*pads[1], *pads[0])
 
@@ -72,8 +80,9 @@ def depthwise_rows(torch: Any, batch: int = 16) -> list[dict[str, Any]]:
                 )
 
         def t_train() -> None:
+            tx.grad = tw.grad = None
             y = torch.nn.functional.conv2d(torch.nn.functional.pad(tx, torch_pads), tw, stride=s, groups=channels)
-            y.sum().backward()
+            y.backward(tdy)
 
         row["torch_forward_ms"] = median_ms(t_fwd)
         row["torch_train_ms"] = median_ms(t_train)

@@ -16,6 +16,7 @@ from unet_jax.layers.depthwise import (
     depthwise_forward,
     depthwise_input_grad,
     depthwise_kernel_grad,
+    images_per_chunk,
     use_depthwise_taps,
 )
 
@@ -75,6 +76,29 @@ def test_forward_and_both_gradients_equal_lax(h, w, c, k, s, same, seed):
     dx_want, dw_want = vjp(dy)
     np.testing.assert_allclose(depthwise_input_grad(dy, kernel, (h, w), (s, s), pads), dx_want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(depthwise_kernel_grad(x, dy, (k, k), (s, s), pads), dw_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 6])
+def test_kernel_gradient_in_image_chunks_equals_lax(chunk):
+    # The scan over chunks of images (the L2-sized path) sums to the same gradient as one
+    # pass, for every divisor of the batch.
+    x, kernel = _arrays(6, 6, 9, 7, 4, 3)
+    pads = resolve_padding("SAME", (9, 7), (3, 3), (2, 2))
+    y, vjp = jax.vjp(lambda a, b: _lax(a, b, (2, 2), pads), x, kernel)
+    dy = jnp.asarray(np.random.default_rng(7).standard_normal(y.shape), jnp.float32)
+    got = depthwise_kernel_grad(x, dy, (3, 3), (2, 2), pads, chunk=chunk)
+    np.testing.assert_allclose(got, vjp(dy)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_size_fits_the_budget_and_divides_the_batch():
+    assert images_per_chunk((16, 64, 64, 96)) == 2  # 1.5 MiB per image, 3 MiB budget
+    assert images_per_chunk((16, 32, 32, 144)) == 4
+    assert images_per_chunk((8, 8, 8, 16)) == 8  # small: one pass
+    assert images_per_chunk((6, 128, 128, 64)) == 1  # one image is over the budget: still 1
+    assert images_per_chunk((12, 64, 64, 96)) == 2
+    assert images_per_chunk((7, 32, 32, 144)) == 1  # 7 is prime and 7 images are over budget
+    with pytest.raises(ValueError, match="chunk=4 must be a positive divisor of the batch size 6"):
+        depthwise_kernel_grad(*_arrays(0, 6, 5, 5, 2, 3)[:1], jnp.zeros((6, 5, 5, 2)), (3, 3), (1, 1), ((1, 1),) * 2, 4)
 
 
 def test_custom_vjp_gives_autodiff_gradients_of_lax():
