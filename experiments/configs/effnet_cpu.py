@@ -27,7 +27,9 @@ Commands (from the repository root; rerun to resume):
         --cache .cache/busi128
     python3 experiments/oof.py --cv runs/effnet --data ../shared/data --out experiments/results/effnet_cpu
 
-Measured results: experiments/RESULTS.md ("Pretrained features under the shipped model").
+Measured results: experiments/RESULTS.md ("Pretrained features under the shipped model");
+160 px: the same commands on `.cache/busi160` with `--set image_size=160` (out
+`runs/effnet160`, results `experiments/results/effnet160_cpu`).
 """
 
 import dataclasses
