@@ -98,7 +98,7 @@ def test_chunk_size_fits_the_budget_and_divides_the_batch():
     assert images_per_chunk((12, 64, 64, 96)) == 2
     assert images_per_chunk((7, 32, 32, 144)) == 1  # 7 is prime and 7 images are over budget
     with pytest.raises(ValueError, match="chunk=4 must be a positive divisor of the batch size 6"):
-        depthwise_kernel_grad(*_arrays(0, 6, 5, 5, 2, 3)[:1], jnp.zeros((6, 5, 5, 2)), (3, 3), (1, 1), ((1, 1),) * 2, 4)
+        depthwise_kernel_grad(jnp.zeros((6, 5, 5, 2)), jnp.zeros((6, 5, 5, 2)), (3, 3), (1, 1), ((1, 1),) * 2, 4)
 
 
 def test_custom_vjp_gives_autodiff_gradients_of_lax():

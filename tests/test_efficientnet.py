@@ -162,7 +162,8 @@ def test_training_leaves_the_ynn_fusion_off_for_efficientnet_only():
 
 
 def test_preset_through_summary_train_export_and_predict(tmp_path, capsys):
-    # export --onnx of this preset: tests/test_onnx.py::test_other_architectures_and_lowerings
+    # This preset's ONNX graph against predict: tests/test_onnx.py::test_other_architectures_and_lowerings;
+    # the --onnx flag itself is preset-independent and tested in tests/test_onnx.py's CLI tests.
     assert main(["summary", "--preset", "effnet_lite0_unet", "--size", "128", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["trainable_params"], summary["non_trainable_params"]) == (4_206_257, 43_072)

@@ -99,7 +99,8 @@ def depthwise_input_grad(
 # The kernel gradient's working set per scan step: an image chunk's padded input (and the
 # output gradient beside it) stays in a core's L2 cache while all taps read it. Measured
 # (issue 29, batch 16, 3x3, random output gradient, 2 cores): 64x64x96 takes 76-82 ms as
-# one reduction over the batch, 12-15 ms in chunks of 1-2 images; 32x32x144 7.6 -> 4.3 ms.
+# one reduction over the batch, 12-30 ms in chunks of 1-2 images (runs vary); 32x32x144
+# 7.6 -> 4.3 ms.
 KERNEL_GRAD_CHUNK_BYTES = 3 * 2**20
 
 
@@ -141,8 +142,8 @@ def depthwise_kernel_grad(
     of once per tap (5-6x faster at 16x16x240, 5x5, batch 16, than one reduction per
     tap); it reduces batch and rows first, then the columns of the small remainder. That
     reduction runs over ``chunk`` images at a time in a ``lax.scan`` (default
-    :func:`images_per_chunk`: the chunk fits in L2, where XLA's scalar variadic loop
-    is not starved by memory); ``chunk`` must divide the batch."""
+    :func:`images_per_chunk`: the chunk stays in L2 while every tap reads it, measured
+    up to 6x faster at 64x64x96); ``chunk`` must divide the batch."""
     n = x.shape[0]
     chunk = images_per_chunk(x.shape, x.dtype.itemsize) if chunk is None else chunk
     if chunk <= 0 or n % chunk:
