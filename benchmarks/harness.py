@@ -65,9 +65,26 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# The host CPU's matrix and vector extensions that decide bfloat16 speed (issue 32).
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_card(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any] | None:
+    """The first CPU's model name and which of ``CPU_ISA_FLAGS`` it has (None off Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "isa": [f for f in CPU_ISA_FLAGS if f in flags]}
+
+
 def environment(torch: Any, torch_device: Any) -> dict[str, Any]:
     dev = jax.devices()[0]
     env: dict[str, Any] = {
+        "cpu": cpu_card(),
         "jax_backend": jax.default_backend(),
         "jax_device": str(dev.device_kind),
         "jax_device_count": jax.device_count(),

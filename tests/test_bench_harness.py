@@ -36,6 +36,14 @@ def test_the_environment_card_and_the_writer(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
 
 
+def test_the_cpu_card_names_the_model_and_the_matrix_units(tmp_path):
+    info = tmp_path / "cpuinfo"
+    first = "model name\t: Test Xeon\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16 sse4_2\n"
+    info.write_text(first + "\nmodel name\t: Other\nflags\t\t: fpu\n")
+    assert harness.cpu_card(info) == {"model": "Test Xeon", "isa": ["avx2", "avx512f", "amx_tile", "amx_bf16"]}
+    assert harness.cpu_card(tmp_path / "missing") is None
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__"))
 def test_every_benchmark_imports_as_a_package_module(name):
     if name == "torch_peer":
