@@ -40,6 +40,7 @@ from unet_jax._io import atomic_write  # noqa: E402
 from unet_jax.config import load_config  # noqa: E402
 from unet_jax.data import BusiDataset, cross_validation_splits, duplicate_groups, read_manifest, write_manifest  # noqa: E402,E501
 from unet_jax.inference import load, predict_outputs, predict_probabilities  # noqa: E402
+from unet_jax.layers.onednn import wanted  # noqa: E402
 from unet_jax.models import apply_overrides  # noqa: E402
 from unet_jax.train.cpu import cpu_device_count, use_cpu_devices  # noqa: E402
 from unet_jax.train.loop import train  # noqa: E402
@@ -120,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     config = apply_overrides(load_config(args.config), args.set + ([f"cache={args.cache}"] if args.cache else []))
     # Before anything starts JAX's backend: the CPU as two devices, as `unet-jax train` does.
     use_cpu_devices(
-        cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size), config.distributed)
+        cpu_device_count(
+            config.cpu_devices,
+            (config.batch_size, config.eval_batch_size),
+            config.distributed,
+            onednn=wanted(config.cpu_bf16),
+        )
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

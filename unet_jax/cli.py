@@ -113,11 +113,11 @@ def _xla_cpu_flags(command: str, family: str | None = None) -> None:
 def _split_cpu(config) -> None:
     """Before anything starts a JAX backend: the CPU as ``config.cpu_devices`` devices."""
     # Deferred: pulls in optax and Orbax (keeps --help fast).
+    from unet_jax.layers.onednn import wanted
     from unet_jax.train.cpu import cpu_device_count, use_cpu_devices
 
-    use_cpu_devices(
-        cpu_device_count(config.cpu_devices, (config.batch_size, config.eval_batch_size), config.distributed)
-    )
+    batches = (config.batch_size, config.eval_batch_size)
+    use_cpu_devices(cpu_device_count(config.cpu_devices, batches, config.distributed, onednn=wanted(config.cpu_bf16)))
 
 
 def _train_and_report(config, out: str) -> int:

@@ -42,6 +42,11 @@ class TrainConfig:
     preset: str = "seed"
     model: dict = dataclasses.field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # The U-Net's convolutions and up-convolutions in bfloat16 on the CPU's matrix units
+    # (AMX) through oneDNN (unet_jax.layers.onednn, issue 32), the rest in `dtype`; the run
+    # then takes one CPU device (oneDNN threads itself over the cores). "on": an error where
+    # it cannot run; "auto": on where the CPU has AMX and the oneDNN build works; "off".
+    cpu_bf16: Literal["off", "auto", "on"] = "off"
     # Parameters to start from: a converted .msgpack (unet-jax convert), an official PyTorch
     # .pth (SAM or a torchvision ResNet, converted on the fly), or a run / checkpoint folder.
     init_from: str | None = None

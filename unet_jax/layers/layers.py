@@ -37,6 +37,7 @@ import numpy as np
 from flax import linen as nn
 
 from unet_jax.layers import lowering as lowerings  # called through the module: tests replace a lowering
+from unet_jax.layers import onednn
 from unet_jax.layers.conv_grad import conv_explicit_grad, conv_transpose_vjp, interleave, use_explicit_grad
 from unet_jax.layers.depthwise import depthwise_conv, use_depthwise_taps
 
@@ -68,7 +69,7 @@ LAYOUTS = ("NHWC", "NCHW")
 Initializer = Callable[..., jax.Array]
 
 # How ConvTranspose2D computes (its ``method``; the same parameters and numbers each way).
-TRANSPOSE_METHODS = ("auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp")
+TRANSPOSE_METHODS = ("auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp", "onednn")
 # What ``method='auto'`` takes per backend and per kernel (``kernel == strides``: "k=s";
 # larger: "k>s"). CPU: measured, ``python -m benchmarks.cpu_levers model`` at 128 px in
 # float32 (issue 31; benchmarks/results/cpu_levers_up_methods_{seed,padded}_128.json,
@@ -280,6 +281,44 @@ def _channels(x: jax.Array, layout: str) -> int:
     return x.shape[-1] if layout == "NHWC" else x.shape[1]
 
 
+def _check_groups(label: str, groups: int, channels: int, features: int, shape) -> None:
+    _check_positive("feature_group_count", groups)
+    if channels % groups or features % groups:
+        raise ValueError(
+            f"{label}: feature_group_count {groups} must divide the input channels ({channels}, "
+            f"input shape {tuple(shape)}) and features ({features})"
+        )
+
+
+def _onednn_conv(x: jax.Array, w: jax.Array, strides, pads, layout: str) -> jax.Array:
+    """The oneDNN bfloat16 convolution (NHWC inside), in the input's dtype and layout."""
+    _require_onednn("lowering 'onednn'", "lowering='lax'")
+    nchw = layout == "NCHW"
+    y = onednn.conv_bf16(jnp.transpose(x, (0, 2, 3, 1)) if nchw else x, w, strides, _int_pairs(pads))
+    return (jnp.transpose(y, (0, 3, 1, 2)) if nchw else y).astype(x.dtype)
+
+
+def _onednn_conv_transpose(x: jax.Array, w: jax.Array, strides, crop, out_pad, layout: str) -> jax.Array:
+    """The oneDNN bfloat16 transposed convolution (NHWC inside), in the input's dtype and layout."""
+    _require_onednn("method 'onednn'", "another method")
+    if not onednn.transpose_fits(x.shape, w.shape[:2], strides, crop, out_pad):
+        raise ValueError(
+            f"method 'onednn' needs crops within (k - 1) // 2 of kernel {tuple(w.shape[:2])} (less output_padding "
+            f"at the bottom/right), got {crop} and output_padding {tuple(out_pad)}; use another method"
+        )
+    nchw = layout == "NCHW"
+    y = onednn.conv_transpose_bf16(jnp.transpose(x, (0, 2, 3, 1)) if nchw else x, w, strides, crop, out_pad)
+    return (jnp.transpose(y, (0, 3, 1, 2)) if nchw else y).astype(x.dtype)
+
+
+def _require_onednn(what: str, instead: str) -> None:
+    if not onednn.available():
+        raise RuntimeError(
+            f"{what} needs the CPU backend and the oneDNN build (unet_jax.layers.onednn; "
+            f"{onednn.INSTALL_HINT}); use {instead} elsewhere"
+        )
+
+
 def _add_bias(y: jax.Array, b: jax.Array | None, layout: str) -> jax.Array:
     if b is None:
         return y
@@ -358,9 +397,13 @@ class Conv2D(nn.Module):
         (Winograd ``F(2x2, 3x3)`` / ``F(4x4, 3x3)``; 3x3 kernels, stride 1 only),
         ``'auto'`` (the machine's tuned table's fastest for inference,
         :func:`unet_jax.lowering.choose_lowering`; ``'lax'`` without a table or where the
-        choice cannot apply) or ``'auto-train'`` (the table's fastest forward + backward).
-        The non-lax lowerings work on NHWC: with ``layout='NCHW'`` the input and output
-        are transposed around them. A forced lowering that cannot compute the layer
+        choice cannot apply), ``'auto-train'`` (the table's fastest forward + backward) or
+        ``'onednn'`` (bfloat16 on the CPU's AMX units through oneDNN,
+        :func:`unet_jax.layers.onednn.conv_bf16`: inputs and kernel rounded to bfloat16,
+        float32 accumulation, the output cast to the input's dtype; reverse mode only; an
+        optional build that needs ``g++`` and ``libdnnl-dev``). The non-lax lowerings work
+        on NHWC: with ``layout='NCHW'`` the input and output are transposed around them.
+        A forced lowering that cannot compute the layer
         (grouped convolution; Winograd with another kernel or stride) is a ValueError.
 
     A depthwise convolution (``feature_group_count = C_in = features``, NHWC, lowering
@@ -397,14 +440,8 @@ class Conv2D(nn.Module):
         for axis in (0, 1):
             conv_output_size(hw[axis], kernel[axis], strides[axis], pads[axis])
         groups = self.feature_group_count
-        _check_positive("feature_group_count", groups)
         channels = _channels(x, self.layout)
-        if channels % groups or self.features % groups:
-            raise ValueError(
-                f"{_layer_label('Conv2D', self.name)}: feature_group_count {groups} must divide "
-                f"the input channels ({channels}, input shape {tuple(x.shape)}) and "
-                f"features ({self.features})"
-            )
+        _check_groups(_layer_label("Conv2D", self.name), groups, channels, self.features, x.shape)
 
         nhwc_shape = tuple(x.shape) if self.layout == "NHWC" else (x.shape[0], *hw, channels)
         try:
@@ -424,6 +461,8 @@ class Conv2D(nn.Module):
             return _add_bias(depthwise_conv(x, w, strides, _int_pairs(pads)), b, self.layout)
         explicit = use_explicit_grad(self.gradient, self.layout, groups, _layer_label("Conv2D", self.name))
         x, w, b = _kernel_and_bias(self, kernel, x, groups)
+        if lowering == lowerings.ONEDNN:
+            return _add_bias(_onednn_conv(x, w, strides, pads, self.layout), b, self.layout)
         if lowering != "lax":
             # The lowerings are written on NHWC; NCHW pays two transposes for them.
             if self.layout == "NCHW":
@@ -587,6 +626,9 @@ class ConvTranspose2D(nn.Module):
         :func:`subpixel_conv_transpose`; ``s_h s_w`` times fewer FLOPs for ``k = s``);
         ``'custom_vjp'`` (the lhs-dilated forward with its own VJP whose kernel gradient is
         a canonical convolution, :func:`unet_jax.layers.conv_grad.conv_transpose_vjp`);
+        ``'onednn'`` (bfloat16 on the CPU's AMX units: oneDNN's backward-data pass of the
+        adjoint convolution, :func:`unet_jax.layers.onednn.conv_transpose_bf16`; the
+        output in the input's dtype; paddings within ``(k - 1) // 2``; reverse mode only);
         ``'auto'`` (per backend and kernel, :data:`AUTO_TRANSPOSE_METHOD`).
       layout: ``'NHWC'`` or ``'NCHW'``, as :class:`Conv2D`.
       gradient: ``'auto'``, ``'xla'`` or ``'explicit'``, as :class:`Conv2D`.
@@ -661,6 +703,8 @@ def _conv_transpose(
         return subpixel_conv_transpose(x, w, strides, crop, out_pad, precision, layout, explicit)
     if method == "matmul":
         return matmul_conv_transpose(x, w, crop, out_pad, precision, layout)
+    if method == "onednn":
+        return _onednn_conv_transpose(x, w, strides, crop, out_pad, layout)
     flipped = jnp.flip(w, axis=(0, 1))
     # Padding of the zero-inserted input: k - 1 - p on each side, output_padding after.
     pads = _int_pairs([(k - 1 - lo, k - 1 - hi + op) for k, (lo, hi), op in zip(w.shape[:2], crop, out_pad)])

@@ -93,7 +93,10 @@ LOWERINGS = ("lax", "direct", "stem", "im2col", "winograd2", "winograd4")
 # conv_direct (and conv_stem's forward) unroll kh kw C_in terms: measured only up to this
 # many input channels.
 DIRECT_MAX_CHANNELS = 8
-LOWERING_CHOICES = (*LOWERINGS, "auto", "auto-train")
+# "onednn": bfloat16 on the CPU's matrix units through a oneDNN custom call
+# (unet_jax.layers.onednn, an optional build); not in the tuned table, chosen by name.
+ONEDNN = "onednn"
+LOWERING_CHOICES = (*LOWERINGS, ONEDNN, "auto", "auto-train")
 TABLE_ENV = "UNET_JAX_LOWERING_TABLE"
 TABLE_FORMAT = "unet_jax.lowering_table"
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from unet_jax.config import TrainConfig
-from unet_jax.models.registry import create_model, needs_box_prompts
+from unet_jax.layers import onednn
+from unet_jax.models.registry import create_model, model_fields, needs_box_prompts
 
 __all__ = [
     "Outputs",
@@ -33,15 +34,28 @@ Outputs = tuple[jax.Array | None, jax.Array | None]
 
 
 def build_model(config: TrainConfig) -> Any:
-    """The run's model: preset + overrides, the data's channels, the compute dtype."""
+    """The run's model: preset + overrides, the data's channels, the compute dtype, and
+    with ``cpu_bf16`` the oneDNN bfloat16 convolutions where the model has the fields."""
     return create_model(
         config.preset,
         **{
             "in_channels": config.channels,
             **config.model,
+            **onednn_fields(config),
             "dtype": None if config.dtype == "float32" else config.dtype,
         },
     )
+
+
+def onednn_fields(config: TrainConfig) -> dict[str, str]:
+    """The model fields that route a U-Net's convolutions (``lowering``) and
+    up-convolutions (``up_method``) through oneDNN when ``config.cpu_bf16`` resolves to on
+    (:func:`unet_jax.layers.onednn.use_onednn`); empty otherwise, or for models without
+    those fields."""
+    if not onednn.use_onednn(config.cpu_bf16):
+        return {}
+    fields = model_fields(config.preset)
+    return {k: v for k, v in (("lowering", "onednn"), ("up_method", "onednn")) if k in fields}
 
 
 def init_variables(model: Any, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:

@@ -198,7 +198,7 @@ class UNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     class_head: int = 0
-    up_method: Literal["auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp"] = "auto"
+    up_method: Literal["auto", "zero_insertion", "interleave", "matmul", "subpixel", "custom_vjp", "onednn"] = "auto"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     gradient: Literal["auto", "xla", "explicit"] = "auto"
     lowering: str = "lax"

@@ -64,16 +64,21 @@ def _cores() -> int:
 
 
 def cpu_device_count(
-    cpu_devices: int, batch_sizes: tuple[int, ...], distributed: bool = False, cores: int | None = None
+    cpu_devices: int,
+    batch_sizes: tuple[int, ...],
+    distributed: bool = False,
+    cores: int | None = None,
+    onednn: bool = False,
 ) -> int:
     """The number of CPU devices for a run: ``cpu_devices`` if set (> 0); otherwise two
     when this process may use two or more cores and every batch size is even (each batch
     is split over the devices), else one. A multi-process run keeps one device per process
-    (its processes already divide the cores)."""
+    (its processes already divide the cores); so does a run whose convolutions go through
+    oneDNN (``onednn``: ``TrainConfig.cpu_bf16``), which threads each call over every core."""
     if cpu_devices > 0:
         return cpu_devices
     cores = _cores() if cores is None else cores
-    if distributed or cores < 2 or any(b % 2 for b in batch_sizes):
+    if distributed or onednn or cores < 2 or any(b % 2 for b in batch_sizes):
         return 1
     return 2
 
