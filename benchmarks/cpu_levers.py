@@ -100,13 +100,23 @@ ARG_LEVERS: dict[str, list[str]] = {
     "rbg": ["--dropout-prng", "rbg"],
     "unsafe_rbg": ["--dropout-prng", "unsafe_rbg"],
     "fold_bn": ["--fold-bn"],
+    # The project's GPU policy on the CPU: float32 parameters, bfloat16 activations and
+    # convolutions (XLA:CPU converts them to float32 and back: no AMX).
+    "bf16": ["--dtypes", "bfloat16"],
 }
 # Levers that are model fields (throughput.py --model, JAX only): ``auto_lowering`` lets
 # every 3x3 convolution take the machine's tuned lowering (python -m benchmarks.cpu_conv
 # tune; unet_jax.layers.lowering), e.g. conv_stem for the first layer.
 MODEL_LEVERS: dict[str, str] = {
     "auto_lowering": "lowering=auto",
+    # TrainConfig.cpu_bf16 (issue 32): the convolutions and up-convolutions in bfloat16 on
+    # AMX through oneDNN (unet_jax.layers.onednn), the rest float32; one device.
+    "onednn_bf16": "lowering=onednn,up_method=onednn",
+    "dropout8": "dropout_bits=8",
 }
+# PyTorch peers (eager, channels-last): float32, and bfloat16 autocast (float32 parameters,
+# oneDNN's AMX kernels for the convolutions): ``--torch-dtypes``.
+TORCH_DTYPES = ("float32", "bfloat16")
 PATHS = ("train_single", "train_scan", "infer")
 
 
@@ -193,42 +203,58 @@ def _summary(repeats: list[dict]) -> dict:
                 "ratio_max": max(ratios),
                 "repeats": len(ratios),
             }
+            bf16 = [r[path]["ratio_to_torch_bfloat16"] for r in repeats if "ratio_to_torch_bfloat16" in r.get(path, {})]
+            if bf16:
+                out[path].update(
+                    ratio_to_torch_bfloat16=round(statistics.median(bf16), 3),
+                    ratio_to_torch_bfloat16_min=min(bf16),
+                    ratio_to_torch_bfloat16_max=max(bf16),
+                )
     return out
 
 
 def _row_line(preset: str, name: str, row: dict, peer: dict) -> str:
-    cells = [
-        f"{_ips(row, p):6.1f} {row[p]['ratio_to_torch']:5.2f}x"
-        if _ips(row, p) and peer.get(p)
-        else f"{'error' if 'error' in row else '-':>13s}"
-        for p in PATHS
-    ]
+    cells = []
+    for p in PATHS:
+        if not (_ips(row, p) and peer.get(p)):
+            cells.append(f"{'error' if 'error' in row else '-':>13s}")
+            continue
+        bf16 = row[p].get("ratio_to_torch_bfloat16")
+        cells.append(f"{_ips(row, p):6.1f} {row[p]['ratio_to_torch']:5.2f}x" + (f" {bf16:5.2f}x" if bf16 else ""))
     return f"{preset:8s} {name:40s} " + " ".join(cells) + f"  load {row.get('load_average')}"
 
 
-def _measure(args: argparse.Namespace, preset: str, names: list[str], result: dict) -> None:
-    """Every repeat: PyTorch, then each variant; ratios against that repeat's PyTorch."""
-    rows = result["rows"].setdefault(preset, {"torch": [], **{n: {} for n in names}})
-    for repeat in range(args.repeats):
-        torch_row = _throughput(args, preset, "torch", "", [])
-        rows["torch"].append(torch_row)
-        peer = {
-            "train_single": _ips(torch_row, "train"),
-            "train_scan": _ips(torch_row, "train"),
-            "infer": _ips(torch_row, "infer"),
-        }
+def _torch_peers(args: argparse.Namespace, preset: str, rows: dict, repeat: int) -> dict[str, dict]:
+    """This repeat's PyTorch rows, one per ``--torch-dtypes`` entry: {dtype: {path: img/s}}."""
+    peers = {}
+    for dtype in args.torch_dtypes:
+        torch_row = _throughput(args, preset, "torch", "", ["--dtypes", dtype])
+        rows["torch" if dtype == "float32" else f"torch_{dtype}"].append(torch_row)
+        peers[dtype] = {p: _ips(torch_row, "train" if p.startswith("train") else "infer") for p in PATHS}
         print(
-            f"{preset:8s} {f'torch (eager, channels-last) #{repeat + 1}':40s} "
-            + " ".join(f"{(peer[p] or 0):13.1f}" for p in PATHS)
+            f"{preset:8s} {f'torch {dtype} (eager, channels-last) #{repeat + 1}':40s} "
+            + " ".join(f"{(peers[dtype][p] or 0):13.1f}" for p in PATHS)
             + f"  load {torch_row.get('load_average')}",
             flush=True,
         )
+    return peers
+
+
+def _measure(args: argparse.Namespace, preset: str, names: list[str], result: dict) -> None:
+    """Every repeat: PyTorch (each of ``--torch-dtypes``), then each variant; ratios against
+    that repeat's PyTorch (``ratio_to_torch``: float32; ``ratio_to_torch_bfloat16``)."""
+    peers_keys = {"torch" if d == "float32" else f"torch_{d}": [] for d in args.torch_dtypes}
+    rows = result["rows"].setdefault(preset, {**peers_keys, **{n: {} for n in names}})
+    for repeat in range(args.repeats):
+        peers = _torch_peers(args, preset, rows, repeat)
+        peer = peers.get("float32", {})
         for name in names:
             flags, extra = variant(name)
             row = _throughput(args, preset, "jax", flags, extra, variant_model(name, args.model))
             for path in PATHS:
-                if _ips(row, path) and peer[path]:
-                    row[path]["ratio_to_torch"] = round(_ips(row, path) / peer[path], 3)
+                for dtype, key in (("float32", "ratio_to_torch"), ("bfloat16", "ratio_to_torch_bfloat16")):
+                    if _ips(row, path) and peers.get(dtype, {}).get(path):
+                        row[path][key] = round(_ips(row, path) / peers[dtype][path], 3)
             entry = rows[name]
             entry.update(xla_flags=flags, args=extra, model=variant_model(name, args.model))
             entry.setdefault("repeats", []).append(row)
@@ -248,9 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jax-paths", default="single,scan", help="throughput.py's: single, scan or both")
     ap.add_argument("--modes", default="train,infer", help="throughput.py's: train, infer or both")
     ap.add_argument("--repeats", type=int, default=1, help="PyTorch and every variant this many times")
+    ap.add_argument(
+        "--torch-dtypes",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["float32"],
+        help=f"PyTorch peers, float32 first (of {TORCH_DTYPES}; bfloat16: autocast)",
+    )
     ap.add_argument("--timeout-s", type=float, default=1200)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.torch_dtypes[0] != "float32" or set(args.torch_dtypes) - set(TORCH_DTYPES):
+        ap.error(f"--torch-dtypes: float32 first, then some of {TORCH_DTYPES}; got {args.torch_dtypes}")
     names = args.variants.split(",")
     for name in names:
         variant(name)  # fails early on an unknown name

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from unet_jax.config import TrainConfig
+from unet_jax.inference import load, predict_probabilities, with_cpu_bf16
 from unet_jax.layers import Conv2D, ConvTranspose2D, onednn, reference
 from unet_jax.layers.layers import resolve_transpose_padding
 from unet_jax.models.build import build_model
@@ -157,3 +158,27 @@ def test_cpu_bf16_on_where_onednn_cannot_run_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="libdnnl-dev"):
         build_model(config)
     assert build_model(dataclasses.replace(config, cpu_bf16="auto")).lowering == "lax"
+
+
+def test_the_bundled_model_predicts_within_bfloat16_rounding_of_float32():
+    loaded = load()
+    assert with_cpu_bf16(loaded, "off") is loaded
+    fast = with_cpu_bf16(loaded, "on")
+    assert (fast.model.lowering, fast.model.up_method) == ("onednn", "onednn")
+    assert fast.variables is loaded.variables and loaded.model.lowering == "lax"
+    images = np.random.default_rng(0).integers(0, 256, (2, *loaded.input_size, loaded.config.channels), np.uint8)
+    want = predict_probabilities(loaded, images, 2)
+    got = predict_probabilities(fast, images, 2)
+    # Probabilities, not logits: bfloat16's rounding moves them by a few thousandths.
+    assert float(np.max(np.abs(got - want))) < 0.05
+
+
+def test_a_first_layer_stays_in_float32():
+    # The image itself (8-bit pixels) is not rounded to bfloat16: fewer input channels than
+    # MIN_CHANNELS keep XLA's float32 convolution, to float32's accuracy.
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    layer = Conv2D(8, 3, lowering="onednn")
+    variables = Conv2D(8, 3).init(jax.random.PRNGKey(1), x)
+    assert 1 < onednn.MIN_CHANNELS
+    want = Conv2D(8, 3).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(layer.apply(variables, x)), np.asarray(want), rtol=1e-6, atol=1e-6)

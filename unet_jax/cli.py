@@ -425,15 +425,24 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="the model's own output (its config's threshold, no gate, no post-processing, no TTA) "
         "instead of the checkpoint's tuned inference recipe",
     )
+    p.add_argument(
+        "--cpu-bf16",
+        choices=("off", "auto", "on"),
+        default="off",
+        help="the U-Net's convolutions in bfloat16 on the CPU's AMX units through oneDNN (needs g++ and "
+        "libdnnl-dev; auto: where the CPU has AMX); masks within bfloat16 rounding of float32's",
+    )
 
 
 def _load_model(args: argparse.Namespace):
     # Deferred: pulls in optax and Orbax (keeps --help fast).
-    from unet_jax.inference import load, with_tuned_lowering
+    from unet_jax.inference import load, with_cpu_bf16, with_tuned_lowering
 
     # None: the bundled model. On the CPU, a tuned lowering table picks each layer's fastest
-    # convolution (+7-9% images/s at batch 1-2: benchmarks/results/cpu_levers_quiet_predict_b*.json).
-    return with_tuned_lowering(load(args.checkpoint))
+    # convolution (+7-9% images/s at batch 1-2: benchmarks/results/cpu_levers_quiet_predict_b*.json);
+    # --cpu-bf16 takes oneDNN's bfloat16 convolutions instead (issue 32).
+    loaded = load(args.checkpoint)
+    return with_cpu_bf16(loaded, args.cpu_bf16) if args.cpu_bf16 != "off" else with_tuned_lowering(loaded)
 
 
 def _run_predict(args: argparse.Namespace) -> int:

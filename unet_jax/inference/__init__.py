@@ -41,6 +41,7 @@ from unet_jax.inference.model import (
     restore_variables,
     save_recipe,
     unreadable_checkpoint,
+    with_cpu_bf16,
     with_tuned_lowering,
 )
 from unet_jax.inference.recipe import (
@@ -108,6 +109,7 @@ __all__ = [
     "NO_RECIPE",
     "LoadedModel",
     "load",
+    "with_cpu_bf16",
     "with_tuned_lowering",
     "bundled_path",
     "is_exported",

@@ -39,6 +39,7 @@ from unet_jax._keys import key_problems
 from unet_jax.config import TrainConfig, config_from_dict
 from unet_jax.inference.recipe import RAW, InferenceRecipe
 from unet_jax.inference.storage import from_stored
+from unet_jax.layers import onednn
 from unet_jax.layers.lowering import load_table
 from unet_jax.models import abstract_variables, build_model
 
@@ -51,6 +52,7 @@ __all__ = [
     "NO_RECIPE",
     "LoadedModel",
     "load",
+    "with_cpu_bf16",
     "with_tuned_lowering",
     "bundled_path",
     "is_exported",
@@ -169,6 +171,18 @@ def with_tuned_lowering(loaded: LoadedModel) -> LoadedModel:
     if jax.default_backend() != "cpu" or getattr(loaded.model, "lowering", None) != "lax" or load_table() is None:
         return loaded
     return dataclasses.replace(loaded, model=loaded.model.clone(lowering="auto"))
+
+
+def with_cpu_bf16(loaded: LoadedModel, setting: str) -> LoadedModel:
+    """``loaded`` with its U-Net convolutions and up-convolutions in bfloat16 on the CPU's
+    AMX units through oneDNN (:func:`unet_jax.layers.onednn.use_onednn`: ``'on'``,
+    ``'auto'`` where the CPU has AMX and oneDNN builds; ``'off'`` returns ``loaded``), for
+    a model with those fields. The same parameters; outputs within bfloat16 rounding
+    (the bundled model's masks: experiments/RESULTS.md, "bfloat16 on the CPU's matrix units")."""
+    if not onednn.use_onednn(setting):
+        return loaded
+    fields = {k: "onednn" for k in ("lowering", "up_method") if hasattr(loaded.model, k)}
+    return dataclasses.replace(loaded, model=loaded.model.clone(**fields)) if fields else loaded
 
 
 def _load_orbax(step_dir: Path, expect: dict[str, Any] | None) -> LoadedModel:

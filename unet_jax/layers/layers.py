@@ -401,7 +401,8 @@ class Conv2D(nn.Module):
         ``'onednn'`` (bfloat16 on the CPU's AMX units through oneDNN,
         :func:`unet_jax.layers.onednn.conv_bf16`: inputs and kernel rounded to bfloat16,
         float32 accumulation, the output cast to the input's dtype; reverse mode only; an
-        optional build that needs ``g++`` and ``libdnnl-dev``). The non-lax lowerings work
+        optional build that needs ``g++`` and ``libdnnl-dev``; a layer with fewer than
+        ``onednn.MIN_CHANNELS`` input channels, a network's first, stays on ``'lax'``). The non-lax lowerings work
         on NHWC: with ``layout='NCHW'`` the input and output are transposed around them.
         A forced lowering that cannot compute the layer
         (grouped convolution; Winograd with another kernel or stride) is a ValueError.
@@ -461,8 +462,9 @@ class Conv2D(nn.Module):
             return _add_bias(depthwise_conv(x, w, strides, _int_pairs(pads)), b, self.layout)
         explicit = use_explicit_grad(self.gradient, self.layout, groups, _layer_label("Conv2D", self.name))
         x, w, b = _kernel_and_bias(self, kernel, x, groups)
-        if lowering == lowerings.ONEDNN:
+        if lowering == lowerings.ONEDNN and channels >= onednn.MIN_CHANNELS:
             return _add_bias(_onednn_conv(x, w, strides, pads, self.layout), b, self.layout)
+        lowering = "lax" if lowering == lowerings.ONEDNN else lowering
         if lowering != "lax":
             # The lowerings are written on NHWC; NCHW pays two transposes for them.
             if self.layout == "NCHW":

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "MIN_CHANNELS",
     "available",
     "build",
     "buildable",
@@ -57,6 +58,11 @@ TARGETS["ConvBwdWeights"] = "unet_jax_onednn_conv_bwd_weights"
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 INSTALL_HINT = "apt-get install -y g++ libdnnl-dev"
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
+# Conv2D(lowering="onednn") keeps layers with fewer input channels than this on XLA in
+# float32: a network's first layer, whose input is the image itself (8-bit pixels; bfloat16
+# keeps 8 significant bits, so rounding it costs the most accuracy) and whose few channels
+# give the matrix units almost nothing to do.
+MIN_CHANNELS = 8
 
 
 def cache_dir() -> Path:
